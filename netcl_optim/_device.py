@@ -1,0 +1,134 @@
+"""Device layer: the default context and queue, one memory pool per queue, host/device copies."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import optree
+import pyopencl as cl
+import pyopencl.array as cla
+import pyopencl.tools as cl_tools
+
+Array = cla.Array
+
+_lock = threading.Lock()
+_default_queue: cl.CommandQueue | None = None
+_pools: dict[cl.CommandQueue, cl_tools.MemoryPool] = {}
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def default_queue() -> cl.CommandQueue:
+    """The library's default in-order queue, created on first use.
+
+    ``PYOPENCL_CTX`` chooses the device as in pyopencl; without it the first device of the
+    first platform is used, with no prompt.
+    """
+    global _default_queue
+    with _lock:
+        if _default_queue is None:
+            if os.environ.get("PYOPENCL_CTX"):
+                ctx = cl.create_some_context(interactive=False)
+            else:
+                platforms = cl.get_platforms()
+                if not platforms:
+                    raise RuntimeError(
+                        "no OpenCL platform found: install netcl_optim[cpu] (pyopencl[pocl]) "
+                        "for a CPU device, or a GPU vendor's OpenCL driver"
+                    )
+                devices = [d for p in platforms for d in p.get_devices()]
+                if not devices:
+                    raise RuntimeError("OpenCL platforms found, but no devices")
+                ctx = cl.Context([devices[0]])
+            _default_queue = cl.CommandQueue(ctx)
+        return _default_queue
+
+
+def set_default_queue(queue: cl.CommandQueue) -> None:
+    """Use ``queue`` (in-order) wherever the library needs a queue and none is given."""
+    global _default_queue
+    if queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE:
+        raise ValueError("netcl_optim needs an in-order command queue")
+    with _lock:
+        _default_queue = queue
+
+
+def allocator(queue: cl.CommandQueue) -> cl_tools.MemoryPool:
+    """The memory pool of ``queue`` (one per queue: a shared pool gave wrong results)."""
+    pool = _pools.get(queue)
+    if pool is None:
+        with _lock:
+            pool = _pools.get(queue)
+            if pool is None:
+                pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(queue))
+                _pools[queue] = pool
+    return pool
+
+
+def has_fp64(device: cl.Device) -> bool:
+    return "cl_khr_fp64" in device.extensions or device.double_fp_config != 0
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """Arithmetic type of a storage dtype: half is storage only, math is float32."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def state_dtype(dtype: np.dtype) -> np.dtype:
+    """Dtype of optimizer state for parameters of ``dtype`` (float32 for half parameters)."""
+    return compute_dtype(dtype)
+
+
+def check_float_dtype(dtype: np.dtype, queue: cl.CommandQueue, where: str) -> None:
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: dtype {dtype} is not supported (float16, float32, float64)")
+    if dtype == np.float64 and not has_fp64(queue.device):
+        raise TypeError(f"{where}: float64 needs a device with cl_khr_fp64 ({queue.device.name})")
+
+
+def _is_array_leaf(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, cla.Array, float, int)) and not isinstance(
+        x, bool
+    )
+
+
+def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
+    """Copy every leaf of ``tree`` (numpy arrays or numbers) to the device.
+
+    Leaves keep their dtype (Python floats become float32); device arrays already on
+    ``queue``'s context pass through. ``None`` leaves stay ``None``.
+    """
+    queue = queue or default_queue()
+    pool = allocator(queue)
+
+    def one(x: Any) -> Any:
+        if isinstance(x, cla.Array):
+            if x.context != queue.context:
+                raise ValueError("to_device: array belongs to another OpenCL context")
+            return x
+        a = np.asarray(x)
+        if a.dtype == np.float64 and isinstance(x, float):
+            a = a.astype(np.float32)
+        if a.dtype.kind == "f":
+            check_float_dtype(a.dtype, queue, "to_device")
+        return cla.to_device(queue, np.ascontiguousarray(a), allocator=pool)
+
+    return optree.tree_map(one, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Copy every device array leaf of ``tree`` to a numpy array (a host sync)."""
+    return optree.tree_map(lambda x: x.get() if isinstance(x, cla.Array) else x, tree)
+
+
+def queue_of(*trees: Any) -> cl.CommandQueue:
+    """The queue of the first device array found in ``trees``, else the default queue."""
+    for tree in trees:
+        for leaf in optree.tree_leaves(tree):
+            if isinstance(leaf, cla.Array) and leaf.queue is not None:
+                return leaf.queue
+    return default_queue()

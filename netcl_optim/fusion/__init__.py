@@ -1,0 +1,1 @@
+"""Kernel fusion: fragments -> generated kernels -> launches over (packed) trees."""

@@ -1,0 +1,148 @@
+"""Fragments -> the OpenCL C source of one fused kernel (strings only; no device needed)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from .._base import Fragment
+
+_CTYPE = {np.dtype(np.float16): "half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def ctype(dtype: np.dtype) -> str:
+    return _CTYPE[np.dtype(dtype)]
+
+
+def preamble(real: str, uses_double: bool) -> str:
+    lines = ["#pragma OPENCL FP_CONTRACT OFF"]
+    if uses_double:
+        lines.append("#pragma OPENCL EXTENSION cl_khr_fp64 : enable")
+    lines += [
+        f"typedef {real} real;",
+        "#define SQRT(x) " + ("__builtin_sqrt(x)" if real == "double" else "__builtin_sqrtf(x)"),
+        "/* torch's lerp: exact at both ends */",
+        "#define LERP(a, b, w) ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load(storage: str, ptr: str, index: str) -> str:
+    if storage == "half":
+        return f"vload_half({index}, {ptr})"
+    return f"{ptr}[{index}]"
+
+
+def store(storage: str, ptr: str, index: str, value: str) -> str:
+    if storage == "half":
+        return f"vstore_half_rte({value}, {index}, {ptr});"
+    return f"{ptr}[{index}] = {value};"
+
+
+class KernelSpec(NamedTuple):
+    """What one fused kernel is: it is built once per context for each distinct spec."""
+
+    fragments: tuple[tuple, ...]  # Fragment.key of each part
+    dtype: np.dtype  # storage dtype of updates and params
+    mode: str  # "pure": fresh outputs; "inplace": slots (and params) written in place
+    apply: bool  # write p + u to the params instead of u to a new updates buffer
+    needs_params: bool
+    acc: str  # C type of reduction results: "double" where the device has fp64, else "float"
+
+
+class Arg(NamedTuple):
+    name: str
+    kind: str  # "buffer", "offset" or "scalar"
+
+
+def kernel_name(spec: KernelSpec) -> str:
+    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
+    return f"netcl_fused_{digest}"
+
+
+def fused_source(
+    fragments: Sequence[Fragment], spec: KernelSpec
+) -> tuple[str, str, list[Arg]]:
+    """The kernel source, its name and its argument list for ``fragments`` under ``spec``.
+
+    Arguments, in order: updates, params (when read), output (unless params are updated
+    in place), each part's slots (in; out too when pure), each part's reduction buffer,
+    then each part's scalars. Buffers come with an element offset, so the kernel serves a
+    whole packed tree or one leaf alike.
+    """
+    storage = ctype(spec.dtype)
+    real = "double" if storage == "double" else "float"
+    slot_t = real
+    name = kernel_name(spec)
+    args: list[Arg] = []
+    params: list[str] = []
+
+    def buffer(arg: str, ctype_: str, const: bool) -> None:
+        q = "const " if const else ""
+        params.append(f"__global {q}{ctype_} *restrict {arg}, const long {arg}_off")
+        args.append(Arg(arg, "buffer"))
+        args.append(Arg(arg + "_off", "offset"))
+
+    inplace_params = spec.mode == "inplace" and spec.apply
+    buffer("u_in", storage, True)
+    if spec.needs_params or spec.apply:
+        buffer("p_in", storage, not inplace_params)
+    if not inplace_params:
+        buffer("out", storage, False)
+    for k, frag in enumerate(fragments):
+        for slot in frag.slots:
+            if spec.mode == "pure":
+                buffer(f"{slot}_{k}_in", slot_t, True)
+                buffer(f"{slot}_{k}_out", slot_t, False)
+            else:
+                buffer(f"{slot}_{k}", slot_t, False)
+    for k, frag in enumerate(fragments):
+        if frag.reduction is not None:
+            params.append(f"__global const {spec.acc} *restrict red_{k}")
+            args.append(Arg(f"red_{k}", "buffer"))
+    for k, frag in enumerate(fragments):
+        for s in frag.scalars:
+            params.append(f"const real {s}_{k}")
+            args.append(Arg(f"{s}_{k}", "scalar"))
+
+    body = ["    const long i = get_global_id(0);"]
+    body.append(f"    real u = {load(storage, 'u_in', 'u_in_off + i')};")
+    if spec.needs_params or spec.apply:
+        body.append(f"    const real p = {load(storage, 'p_in', 'p_in_off + i')};")
+    for k, frag in enumerate(fragments):
+        body.append(f"    {{ /* {frag.name} */")
+        for s in frag.scalars:
+            body.append(f"        const real {s} = {s}_{k};")
+        if frag.reduction is not None:
+            for j, out in enumerate(frag.reduction.outputs):
+                body.append(f"        const real {out} = (real)red_{k}[{j}];")
+        for slot in frag.slots:
+            src = f"{slot}_{k}_in" if spec.mode == "pure" else f"{slot}_{k}"
+            body.append(f"        real {slot} = {src}[{src}_off + i];")
+        for line in frag.source.strip("\n").splitlines():
+            body.append("        " + line.strip())
+        for slot in frag.slots:
+            dst = f"{slot}_{k}_out" if spec.mode == "pure" else f"{slot}_{k}"
+            body.append(f"        {dst}[{dst}_off + i] = {slot};")
+        body.append("    }")
+    if spec.apply:
+        dst = "p_in" if inplace_params else "out"
+        body.append("    " + store(storage, dst, f"{dst}_off + i", "p + u"))
+    else:
+        body.append("    " + store(storage, "out", "out_off + i", "u"))
+
+    title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
+    src = (
+        f"//CL// {name}: {title or 'copy'}\n"
+        + preamble(real, "double" in (real, spec.acc))
+        + f"__kernel void {name}(\n    "
+        + ",\n    ".join(params)
+        + ")\n{\n"
+        + "\n".join(body)
+        + "\n}\n"
+    )
+    return src, name, args

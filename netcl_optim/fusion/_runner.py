@@ -1,0 +1,372 @@
+"""Run fused fragments over pytrees: one launch per dtype for packed trees, else one per leaf."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import optree
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._base import Fragment, GradientTransformation, Part
+from .._device import allocator, check_float_dtype, default_queue, has_fp64, state_dtype
+from .._packing import contiguous_run, element_offset, layout
+from ._codegen import KernelSpec
+from ._programs import finish_kernel, fused_kernel, reduce_kernel
+
+_SPLIT = 256  # big launches are split so the main part's size has a good local size
+
+
+def _path_names(tree: Any) -> list[str]:
+    paths, _, _ = optree.tree_flatten_with_path(tree)
+    return ["root" + "".join(f"[{k!r}]" for k in path) for path in paths]
+
+
+def flatten_like(tree: Any, treedef: optree.PyTreeSpec, what: str, ref: str) -> list[Any]:
+    """Leaves of ``tree``, which must have the structure ``treedef``."""
+    leaves, other = optree.tree_flatten(tree)
+    if other != treedef:
+        raise ValueError(
+            f"{what} has a different tree structure from {ref}:\n  {what}: {other}\n"
+            f"  {ref}: {treedef}"
+        )
+    return leaves
+
+
+def _check_leaves(
+    u: list[Any], others: Sequence[tuple[str, list[Any], Callable[[np.dtype], np.dtype]]],
+    tree: Any, queue: cl.CommandQueue,
+) -> None:
+    """Every leaf is a C-contiguous float array on ``queue``'s context, shaped like ``u``'s."""
+    ctx = queue.context
+    names: list[str] | None = None
+    checked: set[np.dtype] = set()
+    for i, x in enumerate(u):
+        bad = None
+        if not isinstance(x, cla.Array):
+            bad = f"is a {type(x).__name__}, not a pyopencl.array.Array"
+        elif x.context != ctx:
+            bad = "belongs to another OpenCL context"
+        elif x.dtype not in checked:
+            check_float_dtype(x.dtype, queue, "updates")
+            checked.add(x.dtype)
+        if bad is None and not x.flags.c_contiguous:
+            bad = "is not C-contiguous"
+        for what, leaves, dtype_of in others:
+            if bad is not None:
+                break
+            y = leaves[i]
+            if not isinstance(y, cla.Array):
+                bad = f"has a {type(y).__name__} in {what}, not a pyopencl.array.Array"
+            elif y.context != ctx:
+                bad = f"has an array in {what} from another OpenCL context"
+            elif y.shape != x.shape:
+                bad = f"has shape {y.shape} in {what} but {x.shape} in updates"
+            elif y.dtype != dtype_of(x.dtype):
+                bad = f"has dtype {y.dtype} in {what}, expected {dtype_of(x.dtype)}"
+            elif not y.flags.c_contiguous:
+                bad = f"is not C-contiguous in {what}"
+        if bad is not None:
+            names = names or _path_names(tree)
+            raise (TypeError if "dtype" in bad or "not a" in bad else ValueError)(
+                f"leaf {names[i]} {bad}"
+            )
+
+
+def acc_ctype(queue: cl.CommandQueue) -> str:
+    return "double" if has_fp64(queue.device) else "float"
+
+
+def _launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
+    if n >= 4 * _SPLIT and n % _SPLIT:
+        main = n - n % _SPLIT
+        kernel(queue, (main,), None, *args)
+        kernel(queue, (n - main,), None, *args, global_offset=(main,))
+    else:
+        kernel(queue, (n,), None, *args)
+
+
+# ---------------------------------------------------------------------------- reductions
+
+
+def reduce_leaves(
+    queue: cl.CommandQueue,
+    leaves: Sequence[cla.Array],
+    op: str,
+    finish: str,
+    s0: float = 0.0,
+    pw: float = 2.0,
+) -> cla.Array:
+    """Reduce all ``leaves`` to a small device array (see ``Reduction``): no host sync."""
+    acc = acc_ctype(queue)
+    acc_dtype = np.float64 if acc == "double" else np.float32
+    ctx = queue.context
+    by_dtype: dict[np.dtype, list[cla.Array]] = {}
+    for x in leaves:
+        if x.size:
+            by_dtype.setdefault(x.dtype, []).append(x)
+    runs: list[tuple[np.dtype, Any, int, int]] = []  # dtype, buffer, offset, n
+    for dtype, xs in by_dtype.items():
+        packed = contiguous_run(xs)
+        if packed is not None:
+            runs.append((dtype, packed[0], packed[1], sum(x.size for x in xs)))
+        else:
+            runs.extend((dtype, x.base_data, element_offset(x), x.size) for x in xs)
+    total = sum(r[3] for r in runs)
+    chunk = max(4096, -(-total // 512))
+    counts = [-(-r[3] // chunk) for r in runs]
+    pool = allocator(queue)
+    partials = cla.empty(queue, (max(sum(counts), 1),), acc_dtype, allocator=pool)
+    out = cla.empty(queue, (2,), acc_dtype, allocator=pool)
+    p_off = 0
+    for (dtype, base, off, n), count in zip(runs, counts, strict=True):
+        kernel = reduce_kernel(ctx, op, dtype, acc)
+        kernel(queue, (count,), (1,), base, off, n, chunk, partials.base_data, p_off, pw)
+        p_off += count
+    finish_kernel(ctx, op, finish, acc)(
+        queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------- fused parts
+
+
+def run_parts(
+    parts: Sequence[Part],
+    updates: Any,
+    params: Any,
+    *,
+    apply: bool,
+    inplace: bool,
+) -> tuple[Any, list[tuple[Any, ...]]]:
+    """Run ``parts`` (fused) over ``updates``; return the output tree and new slot trees.
+
+    The output is the new updates, or, with ``apply``, the new params (``p + u``). Pure mode
+    writes every output to fresh packed buffers; in place, slots and params are updated
+    where they are (the stateful layer's ``step_``).
+    """
+    if not parts and not apply:
+        return updates, []
+    u_leaves, treedef = optree.tree_flatten(updates)
+    queue = _queue_of_leaves(u_leaves)
+    needs_params = apply or any(p.fragment.needs_params for p in parts)
+    others: list[tuple[str, list[Any], Callable]] = []
+    p_leaves: list[Any] = []
+    if needs_params:
+        if params is None:
+            names = [p.fragment.name for p in parts if p.fragment.needs_params] or ["apply"]
+            raise ValueError(f"{names[0]} needs params: call update(updates, state, params)")
+        p_leaves = flatten_like(params, treedef, "params", "updates")
+        others.append(("params", p_leaves, lambda d: d))
+    slot_leaves: list[list[list[Any]]] = []
+    for part in parts:
+        per_part = []
+        for name, tree in zip(part.fragment.slots, part.slots, strict=True):
+            leaves = flatten_like(tree, treedef, f"state.{name}", "updates")
+            others.append((f"state.{name} of {part.fragment.name}", leaves, state_dtype))
+            per_part.append(leaves)
+        slot_leaves.append(per_part)
+    _check_leaves(u_leaves, others, updates, queue)
+
+    acc = acc_ctype(queue)
+    ctx = queue.context
+    fragments = [p.fragment for p in parts]
+    keys = tuple(f.key for f in fragments)
+    # reductions: the segment's first part may reduce over the incoming updates
+    red_bufs: dict[int, cla.Array] = {}
+    for k, part in enumerate(parts):
+        red = part.fragment.reduction
+        if red is not None:
+            if k != 0:
+                raise AssertionError("a reduction must start a segment")
+            values = dict(zip(part.fragment.scalars, part.scalars, strict=True))
+            s0 = float(values.get(red.scalars[0], 0.0)) if red.scalars else 0.0
+            pw = float(values.get("norm_type", 2.0))
+            red_bufs[k] = reduce_leaves(queue, u_leaves, red.op, red.finish, s0, pw)
+
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for i, x in enumerate(u_leaves):
+        by_dtype.setdefault(x.dtype, []).append(i)
+
+    n_leaves = len(u_leaves)
+    out_leaves: list[Any] = [None] * n_leaves
+    new_slot_leaves = [[[None] * n_leaves for _ in per] for per in slot_leaves]
+    inplace_params = inplace and apply
+    mode = "inplace" if inplace else "pure"
+    for dtype, idx in by_dtype.items():
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
+        kernel, _ = fused_kernel(ctx, fragments, spec)
+        shapes = tuple(u_leaves[i].shape for i in idx)
+        lay = layout(shapes, dtype)
+        # roles: (leaves of this group, is it read-write in place)
+        roles: list[list[cla.Array]] = [[u_leaves[i] for i in idx]]
+        if needs_params:
+            roles.append([p_leaves[i] for i in idx])
+        if inplace_params:
+            outs = roles[-1]
+        else:
+            _, outs = lay.allocate(queue)
+            roles.append(outs)
+        for i, o in zip(idx, outs, strict=True):
+            out_leaves[i] = o
+        slot_lay = layout(shapes, state_dtype(dtype)) if mode == "pure" else None
+        for k, per in enumerate(slot_leaves):
+            for s, leaves in enumerate(per):
+                ins = [leaves[i] for i in idx]
+                roles.append(ins)
+                if mode == "pure":
+                    _, news = slot_lay.allocate(queue)
+                    roles.append(news)
+                else:
+                    news = ins
+                for i, o in zip(idx, news, strict=True):
+                    new_slot_leaves[k][s][i] = o
+        tail: list[Any] = [red_bufs[k].base_data for k in sorted(red_bufs)]
+        for part in parts:
+            tail.extend(part.scalars)
+        runs = [contiguous_run(r) for r in roles]
+        if all(r is not None for r in runs):
+            total = lay.total
+            if total:
+                args = []
+                for base, off in runs:
+                    args += [base, off]
+                _launch(kernel, queue, total, args + tail)
+        else:
+            for j, size in enumerate(lay.sizes):
+                if not size:
+                    continue
+                args = []
+                for r in roles:
+                    a = r[j]
+                    args += [a.base_data, element_offset(a)]
+                _launch(kernel, queue, size, args + tail)
+
+    out = optree.tree_unflatten(treedef, out_leaves)
+    new_slots = [
+        tuple(optree.tree_unflatten(treedef, leaves) for leaves in per) for per in new_slot_leaves
+    ]
+    return out, new_slots
+
+
+def _queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
+    for x in leaves:
+        if isinstance(x, cla.Array) and x.queue is not None:
+            return x.queue
+    return default_queue()
+
+
+# ---------------------------------------------------------------------------- chains
+
+
+def _flatten(tx: GradientTransformation, state: Any) -> tuple[list[tuple[Any, Any]], Callable]:
+    """A chain's leaf transforms with their states, and how to rebuild the chain's state."""
+    from ..transforms._combining import ChainPlan
+
+    plan = tx.fragment
+    if isinstance(plan, ChainPlan):
+        items: list[tuple[Any, Any]] = []
+        rebuilds = []
+        child_states = plan.child_states(state)
+        for child, child_state in zip(plan.children, child_states, strict=True):
+            sub_items, sub_rebuild = _flatten(child, child_state)
+            rebuilds.append((len(items), len(sub_items), sub_rebuild))
+            items.extend(sub_items)
+
+        def rebuild(news: list[Any]) -> Any:
+            return plan.make_state([rb(news[s : s + n]) for s, n, rb in rebuilds])
+
+        return items, rebuild
+    return [(tx, state)], lambda news: news[0]
+
+
+def execute(
+    tx: GradientTransformation,
+    updates: Any,
+    state: Any,
+    params: Any,
+    *,
+    apply: bool,
+    inplace: bool,
+    extra_args: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Run ``tx`` over ``updates``: each run of fusible transforms is one kernel (per dtype,
+    per reduction); opaque transforms run their own ``update``. With ``apply`` the result is
+    the new params."""
+    items, rebuild = _flatten(tx, state)
+    new_states: list[Any] = [None] * len(items)
+    u = updates
+    i, n = 0, len(items)
+    applied = False
+    while i < n:
+        child, child_state = items[i]
+        if child.fragment is None:
+            u, new_states[i] = child.update(u, child_state, params, **extra_args)
+            i += 1
+            continue
+        parts: list[Part] = []
+        owners = []
+        j = i
+        while j < n and items[j][0].fragment is not None:
+            ps, rb = items[j][0].fragment.plan(items[j][1], extra_args)
+            owners.append((j, rb, len(parts), len(ps)))
+            parts.extend(ps)
+            j += 1
+        last = j == n
+        segments = _segments(parts)
+        new_slots: list[tuple[Any, ...]] = []
+        for s, seg in enumerate(segments):
+            final = last and s == len(segments) - 1
+            u, seg_slots = run_parts(seg, u, params, apply=apply and final, inplace=inplace)
+            applied = applied or (apply and final)
+            new_slots.extend(seg_slots)
+        for k, rb, start, count in owners:
+            new_states[k] = rb(new_slots[start : start + count])
+        i = j
+    if apply and not applied:
+        u, _ = run_parts([], u, params, apply=True, inplace=inplace)
+    return u, rebuild(new_states)
+
+
+def _segments(parts: list[Part]) -> list[list[Part]]:
+    """Split before every part with a reduction: its input must be materialised first."""
+    segments: list[list[Part]] = [[]]
+    for part in parts:
+        if part.fragment.reduction is not None and segments[-1]:
+            segments.append([])
+        segments[-1].append(part)
+    return segments
+
+
+def init_slots(params: Any, count: int) -> list[Any]:
+    """``count`` zeroed state trees shaped like ``params``, each packed in one buffer per dtype."""
+    leaves, treedef = optree.tree_flatten(params)
+    if not leaves:
+        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
+    queue = _queue_of_leaves(leaves)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, cla.Array):
+            raise TypeError(
+                f"init: leaf {_path_names(params)[i]} is a {type(x).__name__}, "
+                "not a pyopencl.array.Array (use netcl_optim.to_device)"
+            )
+        check_float_dtype(x.dtype, queue, f"init: leaf {_path_names(params)[i]}")
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        by_dtype.setdefault(x.dtype, []).append(i)
+    trees = []
+    for _ in range(count):
+        out: list[Any] = [None] * len(leaves)
+        for dtype, idx in by_dtype.items():
+            views = layout(tuple(leaves[i].shape for i in idx), state_dtype(dtype)).zeros(queue)
+            for i, v in zip(idx, views, strict=True):
+                out[i] = v
+        trees.append(optree.tree_unflatten(treedef, out))
+    return trees
+
+
+def fragment_of(tx: GradientTransformation) -> Fragment | None:
+    return tx.fragment if isinstance(tx.fragment, Fragment) else None

@@ -1,0 +1,1 @@
+"""Gradient transformations (optax names and meaning)."""

@@ -1,0 +1,45 @@
+"""clip and clip_by_global_norm (device-side norm, no host sync)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._base import EmptyState, Fragment, GradientTransformation, Reduction, check_non_negative
+from ._combining import elementwise
+
+_CLIP = "u = u < -max_delta ? -max_delta : (u > max_delta ? max_delta : u);"
+_CLIP_BY_NORM = "u = u * clip_coef;"
+
+GLOBAL_NORM = Reduction("sumsq", "clip", outputs=("global_norm", "clip_coef"), scalars=("max_norm",))
+
+
+def clip(max_delta: float) -> GradientTransformation:
+    """Clamp every element of the updates to ``[-max_delta, max_delta]`` (NaN stays NaN)."""
+    check_non_negative(max_delta=max_delta)
+    value = (float(max_delta),)
+    return elementwise(
+        Fragment("clip", _CLIP, scalars=("max_delta",), host_step=lambda s, **_: (value, s))
+    )
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale the updates by ``min(1, max_norm / (global_norm + 1e-6))`` (torch's coefficient,
+    always multiplied; a zero norm is fine).
+
+    Device:
+      One sum-of-squares reduction (a partials launch per packed run or leaf, then one
+      finishing launch) leaves the norm and coefficient in a device buffer; the scaling is
+      fused into the next kernel. No host sync.
+    """
+    check_non_negative(max_norm=max_norm)
+    value = (float(max_norm),)
+
+    def host_step(state: EmptyState, **_: Any):
+        return value, state
+
+    return elementwise(
+        Fragment(
+            "clip_by_global_norm", _CLIP_BY_NORM, scalars=("max_norm",), host_step=host_step,
+            reduction=GLOBAL_NORM,
+        )
+    )

@@ -1,0 +1,31 @@
+"""apply_updates, step (pure update+apply in one kernel) and step_ (in place, stateful layer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._base import GradientTransformation, OptState
+from ..fusion._runner import execute, run_parts
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``p + u`` for every leaf, cast to the param's dtype, into a fresh packed buffer."""
+    new_params, _ = run_parts([], updates, params, apply=True, inplace=False)
+    return new_params
+
+
+def step(
+    tx: GradientTransformation, params: Any, grads: Any, state: OptState, **extra_args: Any
+) -> tuple[Any, OptState]:
+    """``update`` + ``apply_updates`` as one kernel: every byte moves once. Pure: returns
+    ``(new_params, new_state)`` in fresh buffers and leaves its inputs untouched."""
+    return execute(tx, grads, state, params, apply=True, inplace=False, extra_args=extra_args)
+
+
+def step_(
+    tx: GradientTransformation, params: Any, grads: Any, state: OptState, **extra_args: Any
+) -> OptState:
+    """In place: update ``params`` and the state's slots where they are; returns the new
+    state (whose slot arrays are the same objects). For the stateful layer."""
+    _, new_state = execute(tx, grads, state, params, apply=True, inplace=True, extra_args=extra_args)
+    return new_state

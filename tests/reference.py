@@ -1,0 +1,489 @@
+"""Plain NumPy float64 reference implementations: the spec the device kernels are tested against.
+
+Written from torch's single-tensor for-loops (``torch/optim/{sgd,adam,adamw,rmsprop}.py``), the
+Adam paper and optax's transform definitions, following ``shared/reference/semantics.md``
+(sections b.1-b.4, b.7, b.10). Nothing here is derived from a netcl kernel.
+
+Two families:
+
+* **torch-style rules** ``sgd``, ``adam``, ``adamw``, ``rmsprop``: one parameter array at a time,
+  ``rule(p, g, state, **hp) -> (new_p, state)``; ``state`` is a dict with torch's key names
+  (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``),
+  mutated in place and also returned. ``run_trajectory`` runs one over a gradient sequence.
+* **optax-semantics transforms** ``scale``, ``trace``, ``scale_by_adam``, ... returning a
+  ``Transform(init, update)`` pair. They work on a single array or on any optree pytree of
+  arrays (``None`` is an empty subtree), since a bare ``numpy.ndarray`` is a one-leaf tree.
+  States are plain dicts (counts as Python ints) and tuples (for ``chain``).
+  ``sgd_tx``, ``momentum_tx``, ``adam_tx``, ``adamw_tx`` and ``rmsprop_tx`` are the functional
+  optimizers as chains (also reachable as ``functional.sgd`` etc.); they equal the torch-style
+  rules for a constant learning rate.
+
+All maths is float64. ``run_transform(..., storage_dtype=...)`` emulates low-precision storage by
+rounding the updates and the params to the storage dtype at step boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import optree
+
+F64 = np.float64
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.array(x, dtype=F64, copy=True)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """optree.tree_map with ``None`` as an empty subtree (the library's tree semantics)."""
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=False)
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    return optree.tree_leaves(tree, none_is_leaf=False)
+
+
+def tree_f64(tree: Any) -> Any:
+    return tree_map(_f64, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-style rules (one parameter, torch state keys)
+# ---------------------------------------------------------------------------------------------
+
+
+def sgd(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.SGD, single-tensor path. The first momentum step is undamped (buf = g)."""
+    p, g = _f64(p), _f64(g)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = g.copy()
+        else:
+            buf = momentum * buf + (1 - dampening) * g
+        state["momentum_buffer"] = buf
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, state
+
+
+def _adam_core(p, g, state, *, lr, b1, b2, eps):
+    if "step" not in state:
+        state["step"] = 0
+        state["exp_avg"] = np.zeros_like(p)
+        state["exp_avg_sq"] = np.zeros_like(p)
+    state["step"] += 1
+    t = state["step"]
+    m = state["exp_avg"] + (1 - b1) * (g - state["exp_avg"])  # torch: lerp_(g, 1 - b1)
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    bc1 = 1 - b1**t
+    bc2 = 1 - b2**t
+    denom = np.sqrt(v) / math.sqrt(bc2) + eps  # eps added after bias correction
+    return p - (lr / bc1) * m / denom, state
+
+
+def adam(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    lr: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Adam: coupled L2 weight decay (g += wd * p)."""
+    p, g = _f64(p), _f64(g)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    return _adam_core(p, g, state, lr=lr, b1=b1, b2=b2, eps=eps)
+
+
+def adamw(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    lr: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.AdamW: decoupled weight decay, p *= 1 - lr * wd before the moments."""
+    p, g = _f64(p), _f64(g)
+    p = p * (1 - lr * weight_decay)
+    return _adam_core(p, g, state, lr=lr, b1=b1, b2=b2, eps=eps)
+
+
+def rmsprop(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    lr: float,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.RMSprop: eps outside the sqrt, no bias correction, buffers start at zero."""
+    p, g = _f64(p), _f64(g)
+    if "step" not in state:
+        state["step"] = 0
+        state["square_avg"] = np.zeros_like(p)
+        if momentum > 0:
+            state["momentum_buffer"] = np.zeros_like(p)
+        if centered:
+            state["grad_avg"] = np.zeros_like(p)
+    state["step"] += 1
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    v = alpha * state["square_avg"] + (1 - alpha) * g * g
+    state["square_avg"] = v
+    if centered:
+        gavg = state["grad_avg"] + (1 - alpha) * (g - state["grad_avg"])  # lerp
+        state["grad_avg"] = gavg
+        denom = np.sqrt(v - gavg * gavg) + eps
+    else:
+        denom = np.sqrt(v) + eps
+    if momentum > 0:
+        buf = momentum * state["momentum_buffer"] + g / denom
+        state["momentum_buffer"] = buf
+        return p - lr * buf, state
+    return p - lr * g / denom, state
+
+
+TORCH_RULES: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {
+    "sgd": sgd,
+    "adam": adam,
+    "adamw": adamw,
+    "rmsprop": rmsprop,
+}
+
+
+def run_trajectory(
+    rule: Callable[..., tuple[np.ndarray, dict]], p0: Any, grads_seq: Sequence[Any], **hp: Any
+) -> list[np.ndarray]:
+    """Run a torch-style rule from ``p0`` over ``grads_seq``; the params after each step."""
+    p, state, out = _f64(p0), {}, []
+    for g in grads_seq:
+        p, state = rule(p, g, state, **hp)
+        out.append(p.copy())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# optax-semantics transforms (single array or pytree; float64)
+# ---------------------------------------------------------------------------------------------
+
+
+class Transform(NamedTuple):
+    """A reference transform: ``init(params) -> state``, ``update(u, state, params=None)``."""
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+
+
+def _zeros(params: Any) -> Any:
+    return tree_map(lambda x: np.zeros(np.shape(x), F64), params)
+
+
+def identity() -> Transform:
+    return Transform(lambda params: (), lambda u, state, params=None: (tree_f64(u), state))
+
+
+def scale(step_size: float) -> Transform:
+    """u -> step_size * u (stateless)."""
+
+    def update(u, state, params=None):
+        return tree_map(lambda x: step_size * _f64(x), u), state
+
+    return Transform(lambda params: (), update)
+
+
+def scale_by_schedule(step_size_fn: Callable[[int], float]) -> Transform:
+    """u -> step_size_fn(count) * u; count starts at 0, so the first update uses fn(0)."""
+
+    def update(u, state, params=None):
+        s = float(step_size_fn(state["count"]))
+        return tree_map(lambda x: s * _f64(x), u), {"count": state["count"] + 1}
+
+    return Transform(lambda params: {"count": 0}, update)
+
+
+def scale_by_learning_rate(
+    learning_rate: float | Callable[[int], float], flip_sign: bool = True
+) -> Transform:
+    """u -> -lr * u (or +lr * u without flip_sign); lr may be a schedule of the count."""
+    sign = -1.0 if flip_sign else 1.0
+    if callable(learning_rate):
+        return scale_by_schedule(lambda count: sign * learning_rate(count))
+    return scale(sign * learning_rate)
+
+
+def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Transform:
+    """Heavy-ball momentum; the trace starts at 0 so the first trace is g (undamped, as torch).
+
+    t_1 = g;  t_k = decay * t_{k-1} + (1 - dampening) * g;  update = g + decay * t (nesterov) or t.
+    """
+
+    def init(params):
+        return {"count": 0, "trace": _zeros(params)}
+
+    def update(u, state, params=None):
+        first = state["count"] == 0
+        damp = 1.0 if first else 1.0 - dampening
+
+        def leaf(g, t):
+            g = _f64(g)
+            return decay * t + damp * g
+
+        new_t = tree_map(leaf, u, state["trace"])
+        if nesterov:
+            out = tree_map(lambda g, t: _f64(g) + decay * t, u, new_t)
+        else:
+            out = tree_map(np.copy, new_t)
+        return out, {"count": state["count"] + 1, "trace": new_t}
+
+    return Transform(init, update)
+
+
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> Transform:
+    """u = mhat / (sqrt(vhat + eps_root) + eps), torch's eps placement (eps after bias correction)."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * _f64(g), u, state["mu"])
+        nu = tree_map(lambda g, v: b2 * v + (1 - b2) * _f64(g) ** 2, u, state["nu"])
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        out = tree_map(lambda m, v: (m / bc1) / (np.sqrt(v / bc2 + eps_root) + eps), mu, nu)
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> Transform:
+    """torch RMSprop's scaling: u = g / (sqrt(v [- gavg^2]) + eps); no bias correction."""
+
+    def init(params):
+        state = {"nu": _zeros(params)}
+        if centered:
+            state["mu"] = _zeros(params)
+        return state
+
+    def update(u, state, params=None):
+        nu = tree_map(lambda g, v: alpha * v + (1 - alpha) * _f64(g) ** 2, u, state["nu"])
+        new = {"nu": nu}
+        if centered:
+            mu = tree_map(lambda g, m: alpha * m + (1 - alpha) * _f64(g), u, state["mu"])
+            new["mu"] = mu
+            out = tree_map(lambda g, v, m: _f64(g) / (np.sqrt(v - m * m) + eps), u, nu, mu)
+        else:
+            out = tree_map(lambda g, v: _f64(g) / (np.sqrt(v) + eps), u, nu)
+        return out, new
+
+    return Transform(init, update)
+
+
+def add_decayed_weights(weight_decay: float) -> Transform:
+    """u -> u + wd * p; needs params."""
+
+    def update(u, state, params=None):
+        if params is None:
+            raise ValueError("add_decayed_weights needs params")
+        return tree_map(lambda g, p: _f64(g) + weight_decay * _f64(p), u, params), state
+
+    return Transform(lambda params: (), update)
+
+
+def clip(max_delta: float) -> Transform:
+    """Element-wise clamp to [-max_delta, max_delta]."""
+
+    def update(u, state, params=None):
+        return tree_map(lambda g: np.clip(_f64(g), -max_delta, max_delta), u), state
+
+    return Transform(lambda params: (), update)
+
+
+def global_norm(tree: Any) -> float:
+    """sqrt of the sum of squares over every leaf (0.0 for an empty tree)."""
+    return math.sqrt(sum(float(np.sum(_f64(x) ** 2)) for x in tree_leaves(tree)))
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch's clip_grad_norm_ coefficient: min(1, max_norm / (norm + 1e-6))."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def clip_tree_by_global_norm(tree: Any, max_norm: float) -> Any:
+    """Every leaf times the torch coefficient (always multiplied, no branch)."""
+    coef = clip_coefficient(global_norm(tree), max_norm)
+    return tree_map(lambda x: _f64(x) * coef, tree)
+
+
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """The transform form of ``clip_tree_by_global_norm`` (torch coefficient, see b.7)."""
+
+    def update(u, state, params=None):
+        return clip_tree_by_global_norm(u, max_norm), state
+
+    return Transform(lambda params: (), update)
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """(p + u).astype(p.dtype), leaf by leaf."""
+    return tree_map(
+        lambda p, u: (np.asarray(p) + np.asarray(u)).astype(np.asarray(p).dtype), params, updates
+    )
+
+
+def chain(*txs: Transform) -> Transform:
+    """Left-to-right composition; the state is the tuple of the inner states."""
+
+    def init(params):
+        return tuple(t.init(params) for t in txs)
+
+    def update(u, state, params=None):
+        new_states = []
+        for t, s in zip(txs, state, strict=True):
+            u, s = t.update(u, s, params)
+            new_states.append(s)
+        return u, tuple(new_states)
+
+    return Transform(init, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional optimizers: optax chains, numerically torch
+# ---------------------------------------------------------------------------------------------
+
+
+def sgd_tx(
+    learning_rate: float | Callable[[int], float],
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> Transform:
+    """[add_decayed_weights(wd)] + [trace(momentum, nesterov, dampening)] + lr.
+
+    No trace when momentum == 0: torch then ignores dampening entirely.
+    """
+    parts = []
+    if weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    if momentum:
+        parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
+    parts.append(scale_by_learning_rate(learning_rate))
+    return chain(*parts)
+
+
+def momentum_tx(
+    learning_rate: float | Callable[[int], float],
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> Transform:
+    return sgd_tx(learning_rate, momentum, 0.0, weight_decay, nesterov)
+
+
+def adam_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """[add_decayed_weights(wd)] (coupled L2) + scale_by_adam + lr."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
+def adamw_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> Transform:
+    """scale_by_adam + add_decayed_weights + lr: u = -lr (adam + wd p), torch's AdamW."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_adam(b1, b2, eps), *parts, scale_by_learning_rate(learning_rate))
+
+
+def rmsprop_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> Transform:
+    """[add_decayed_weights] + scale_by_rms + [trace(momentum)] + lr (torch for constant lr)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    parts.append(scale_by_rms(alpha, eps, centered))
+    if momentum:
+        parts.append(trace(momentum))
+    parts.append(scale_by_learning_rate(learning_rate))
+    return chain(*parts)
+
+
+functional = types.SimpleNamespace(
+    sgd=sgd_tx, momentum=momentum_tx, adam=adam_tx, adamw=adamw_tx, rmsprop=rmsprop_tx
+)
+
+
+def _round(tree: Any, dtype: Any) -> Any:
+    if dtype is None:
+        return tree
+    return tree_map(lambda x: _f64(np.asarray(x).astype(dtype)), tree)
+
+
+def run_transform(
+    tx: Transform,
+    params0: Any,
+    grads_seq: Sequence[Any],
+    *,
+    storage_dtype: Any = None,
+) -> tuple[list[Any], list[Any], Any]:
+    """Run ``tx`` + ``apply_updates`` from ``params0`` over ``grads_seq``.
+
+    Returns (params after each step, updates of each step, final state), all float64. With
+    ``storage_dtype`` the updates and the params are rounded to it after every step, as a
+    device that stores them in that dtype would.
+    """
+    params = _round(tree_f64(params0), storage_dtype)
+    state = tx.init(params)
+    ps, us = [], []
+    for g in grads_seq:
+        u, state = tx.update(tree_f64(g), state, params)
+        u = _round(u, storage_dtype)
+        params = _round(apply_updates(params, u), storage_dtype)
+        ps.append(params)
+        us.append(u)
+    return ps, us, state
