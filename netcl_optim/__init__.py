@@ -18,6 +18,7 @@ from ._device import to_device as to_device
 from ._device import to_host as to_host
 from ._packing import pack as pack
 from .fusion._programs import clear_kernel_caches as clear_kernel_caches
+from .fusion._runner import count_launches as count_launches
 from .transforms._adaptive import ScaleByAdamState as ScaleByAdamState
 from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState

@@ -66,10 +66,12 @@ class Layout:
 
     def views(self, flat: cla.Array) -> list[cla.Array]:
         """Per-leaf views of ``flat`` (a 1-D array of ``total`` elements)."""
-        base = flat.base_data
-        shift = flat.offset
+        return self.views_of(flat.queue, flat.base_data, flat.offset)
+
+    def views_of(self, queue: cl.CommandQueue, base: Any, shift: int = 0) -> list[cla.Array]:
+        """Per-leaf views of the buffer ``base`` from byte ``shift`` on."""
         out = []
-        for template in self._templates_for(flat.queue):
+        for template in self._templates_for(queue):
             a = cla.Array.__new__(cla.Array)
             d = dict(template)
             d["base_data"] = base
@@ -80,13 +82,16 @@ class Layout:
             out.append(a)
         return out
 
-    def allocate(self, queue: cl.CommandQueue) -> tuple[cla.Array, list[cla.Array]]:
-        flat = cla.empty(queue, (max(self.total, 1),), self.dtype, allocator=allocator(queue))
-        return flat, self.views(flat)
+    def allocate(self, queue: cl.CommandQueue) -> tuple[Any, list[cla.Array]]:
+        """A fresh buffer from ``queue``'s pool and its per-leaf views."""
+        buffer = allocator(queue)(max(self.total, 1) * self.dtype.itemsize)
+        return buffer, self.views_of(queue, buffer)
 
     def zeros(self, queue: cl.CommandQueue) -> list[cla.Array]:
-        flat, views = self.allocate(queue)
-        flat.fill(0)
+        buffer, views = self.allocate(queue)
+        cl.enqueue_fill_buffer(
+            queue, buffer, np.zeros(1, self.dtype), 0, max(self.total, 1) * self.dtype.itemsize
+        )
         return views
 
 

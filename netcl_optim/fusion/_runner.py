@@ -79,7 +79,38 @@ def acc_ctype(queue: cl.CommandQueue) -> str:
     return "double" if has_fp64(queue.device) else "float"
 
 
+class LaunchCounter:
+    """Counts kernel launches while active (see :func:`count_launches`)."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+        self.kernels: list[str] = []
+
+
+_counters: list[LaunchCounter] = []
+
+
+def _count(name: str, launches: int = 1) -> None:
+    for c in _counters:
+        c.launches += launches
+        c.kernels.append(name)
+
+
+class count_launches:  # noqa: N801 (used as a context manager, like a function)
+    """``with count_launches() as c: ...`` counts this library's kernel launches in the block."""
+
+    def __enter__(self) -> LaunchCounter:
+        self.counter = LaunchCounter()
+        _counters.append(self.counter)
+        return self.counter
+
+    def __exit__(self, *exc: object) -> None:
+        _counters.remove(self.counter)
+
+
 def _launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
+    if _counters:
+        _count(kernel.function_name)
     if n >= 4 * _SPLIT and n % _SPLIT:
         main = n - n % _SPLIT
         kernel(queue, (main,), None, *args)
@@ -123,9 +154,14 @@ def reduce_leaves(
     p_off = 0
     for (dtype, base, off, n), count in zip(runs, counts, strict=True):
         kernel = reduce_kernel(ctx, op, dtype, acc)
+        if _counters:
+            _count(kernel.function_name)
         kernel(queue, (count,), (1,), base, off, n, chunk, partials.base_data, p_off, pw)
         p_off += count
-    finish_kernel(ctx, op, finish, acc)(
+    finisher = finish_kernel(ctx, op, finish, acc)
+    if _counters:
+        _count(finisher.function_name)
+    finisher(
         queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw
     )
     return out

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m netcl_optim.examples.quickstart``, ``...examples.digits``."""
