@@ -30,10 +30,14 @@ from .transforms._combining import chain as chain
 from .transforms._combining import elementwise as elementwise
 from .transforms._combining import identity as identity
 from .transforms._combining import named_chain as named_chain
+from .transforms._hyperparams import InjectHyperparamsState as InjectHyperparamsState
+from .transforms._hyperparams import inject_hyperparams as inject_hyperparams
 from .transforms._masking import MaskedState as MaskedState
 from .transforms._masking import masked as masked
 from .transforms._momentum import TraceState as TraceState
 from .transforms._momentum import trace as trace
+from .transforms._plateau import ReduceLROnPlateauState as ReduceLROnPlateauState
+from .transforms._plateau import reduce_on_plateau as reduce_on_plateau
 from .transforms._scaling import ScaleByScheduleState as ScaleByScheduleState
 from .transforms._scaling import scale as scale
 from .transforms._scaling import scale_by_learning_rate as scale_by_learning_rate

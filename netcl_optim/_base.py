@@ -113,7 +113,7 @@ class Part(NamedTuple):
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) or hasattr(x, "__float__")
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) or hasattr(x, "__float__")
 
 
 def _check(kwargs: dict[str, Any], ok: Callable[[float], bool], what: str) -> None:

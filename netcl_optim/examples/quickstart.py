@@ -22,14 +22,18 @@ def main(steps: int = 200) -> float:
     for _ in range(steps):
         host = no.to_host(params)
         err = x @ host["w"] + host["b"] - y
-        grads = {"w": (x.T @ err / len(x)).astype(np.float32),
-                 "b": np.array([err.mean()], np.float32)}
+        grads = {
+            "w": (x.T @ err / len(x)).astype(np.float32),
+            "b": np.array([err.mean()], np.float32),
+        }
         params, state = no.step(tx, params, no.to_device(grads), state)
     host = no.to_host(params)
     loss = float(np.mean((x @ host["w"] + host["b"] - y) ** 2))
     print(f"device: {no.default_queue().device.name.strip()}")
-    print(f"loss after {steps} AdamW steps: {loss:.2e}; max |w - w*| = "
-          f"{np.abs(host['w'] - true_w).max():.2e}")
+    print(
+        f"loss after {steps} AdamW steps: {loss:.2e}; max |w - w*| = "
+        f"{np.abs(host['w'] - true_w).max():.2e}"
+    )
     return loss
 
 

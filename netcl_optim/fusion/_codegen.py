@@ -10,7 +10,11 @@ import numpy as np
 
 from .._base import Fragment
 
-_CTYPE = {np.dtype(np.float16): "half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_CTYPE = {
+    np.dtype(np.float16): "half",
+    np.dtype(np.float32): "float",
+    np.dtype(np.float64): "double",
+}
 
 
 def ctype(dtype: np.dtype) -> str:
@@ -64,9 +68,7 @@ def kernel_name(spec: KernelSpec) -> str:
     return f"netcl_fused_{digest}"
 
 
-def fused_source(
-    fragments: Sequence[Fragment], spec: KernelSpec
-) -> tuple[str, str, list[Arg]]:
+def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, str, list[Arg]]:
     """The kernel source, its name and its argument list for ``fragments`` under ``spec``.
 
     Arguments, in order: updates, params (when read), output (unless params are updated

@@ -36,8 +36,10 @@ def flatten_like(tree: Any, treedef: optree.PyTreeSpec, what: str, ref: str) -> 
 
 
 def _check_leaves(
-    u: list[Any], others: Sequence[tuple[str, list[Any], Callable[[np.dtype], np.dtype]]],
-    tree: Any, queue: cl.CommandQueue,
+    u: list[Any],
+    others: Sequence[tuple[str, list[Any], Callable[[np.dtype], np.dtype]]],
+    tree: Any,
+    queue: cl.CommandQueue,
 ) -> None:
     """Every leaf is a C-contiguous float array on ``queue``'s context, shaped like ``u``'s."""
     ctx = queue.context
@@ -96,7 +98,7 @@ def _count(name: str, launches: int = 1) -> None:
         c.kernels.append(name)
 
 
-class count_launches:  # noqa: N801 (used as a context manager, like a function)
+class count_launches:
     """``with count_launches() as c: ...`` counts this library's kernel launches in the block."""
 
     def __enter__(self) -> LaunchCounter:
@@ -161,9 +163,7 @@ def reduce_leaves(
     finisher = finish_kernel(ctx, op, finish, acc)
     if _counters:
         _count(finisher.function_name)
-    finisher(
-        queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw
-    )
+    finisher(queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw)
     return out
 
 

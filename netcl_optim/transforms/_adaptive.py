@@ -5,22 +5,28 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, check_non_negative, check_positive, \
-    check_unit_interval
+from .._base import (
+    Fragment,
+    GradientTransformation,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 from ._combining import elementwise
 
 # torch: exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2);
-# denom = sqrt(v) / sqrt(bc2) + eps; update = (m / bc1) / denom
+# denom = sqrt(v) / sqrt(bc2) + eps; update = (m / bc1) / denom (reciprocals from the host:
+# one division per element keeps the kernel memory-bound even in cache)
 _ADAM = """
 mu = LERP(mu, u, one_minus_b1);
 nu = nu * b2 + one_minus_b2 * u * u;
-u = (mu / bc1) / (SQRT(nu) / sqrt_bc2 + eps);
+u = (mu * inv_bc1) / (SQRT(nu) * inv_sqrt_bc2 + eps);
 """
 # optax with eps_root: sqrt(nu_hat + eps_root) + eps
 _ADAM_EPS_ROOT = """
 mu = LERP(mu, u, one_minus_b1);
 nu = nu * b2 + one_minus_b2 * u * u;
-u = (mu / bc1) / (SQRT(nu / bc2 + eps_root) + eps);
+u = (mu * inv_bc1) / (SQRT(nu * inv_bc2 + eps_root) + eps);
 """
 
 
@@ -51,15 +57,23 @@ def scale_by_adam(
         t = state.count + 1
         bc1 = 1.0 - b1**t
         bc2 = 1.0 - b2**t
-        values = (1.0 - b1, b2, 1.0 - b2, bc1, bc2, math.sqrt(bc2), eps, eps_root)
+        values = (1.0 - b1, b2, 1.0 - b2, 1.0 / bc1, 1.0 / bc2, 1.0 / math.sqrt(bc2), eps, eps_root)
         return values, state._replace(count=t)
 
     fragment = Fragment(
         "scale_by_adam",
         _ADAM_EPS_ROOT if eps_root else _ADAM,
         slots=("mu", "nu"),
-        scalars=("one_minus_b1", "b2", "one_minus_b2", "bc1", "bc2", "sqrt_bc2", "eps",
-                 "eps_root"),
+        scalars=(
+            "one_minus_b1",
+            "b2",
+            "one_minus_b2",
+            "inv_bc1",
+            "inv_bc2",
+            "inv_sqrt_bc2",
+            "eps",
+            "eps_root",
+        ),
         host_step=host_step,
     )
     return elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
@@ -91,7 +105,9 @@ class ScaleByRStdDevState(NamedTuple):
     nu: Any
 
 
-def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False) -> GradientTransformation:
+def scale_by_rms(
+    alpha: float = 0.99, eps: float = 1e-8, centered: bool = False
+) -> GradientTransformation:
     """RMSProp's scaling (torch): ``v <- alpha v + (1-alpha) g^2``, ``u <- g / (sqrt(v) + eps)``;
     ``centered`` keeps ``m <- alpha m + (1-alpha) g`` and uses ``sqrt(v - m^2) + eps``.
     No bias correction; buffers start at zero. See :func:`rmsprop`.
@@ -102,12 +118,18 @@ def scale_by_rms(alpha: float = 0.99, eps: float = 1e-8, centered: bool = False)
     scalars = ("alpha", "one_minus_alpha", "eps")
     if centered:
         fragment = Fragment(
-            "scale_by_stddev", _RMS_CENTERED, slots=("mu", "nu"), scalars=scalars,
+            "scale_by_stddev",
+            _RMS_CENTERED,
+            slots=("mu", "nu"),
+            scalars=scalars,
             host_step=lambda state, **_: (values, state),
         )
         return elementwise(fragment, init=lambda mu, nu: ScaleByRStdDevState(mu=mu, nu=nu))
     fragment = Fragment(
-        "scale_by_rms", _RMS, slots=("nu",), scalars=scalars,
+        "scale_by_rms",
+        _RMS,
+        slots=("nu",),
+        scalars=scalars,
         host_step=lambda state, **_: (values, state),
     )
     return elementwise(fragment, init=lambda nu: ScaleByRmsState(nu=nu))

@@ -10,7 +10,9 @@ from ._combining import elementwise
 _CLIP = "u = u < -max_delta ? -max_delta : (u > max_delta ? max_delta : u);"
 _CLIP_BY_NORM = "u = u * clip_coef;"
 
-GLOBAL_NORM = Reduction("sumsq", "clip", outputs=("global_norm", "clip_coef"), scalars=("max_norm",))
+GLOBAL_NORM = Reduction(
+    "sumsq", "clip", outputs=("global_norm", "clip_coef"), scalars=("max_norm",)
+)
 
 
 def clip(max_delta: float) -> GradientTransformation:
@@ -39,7 +41,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     return elementwise(
         Fragment(
-            "clip_by_global_norm", _CLIP_BY_NORM, scalars=("max_norm",), host_step=host_step,
+            "clip_by_global_norm",
+            _CLIP_BY_NORM,
+            scalars=("max_norm",),
+            host_step=host_step,
             reduction=GLOBAL_NORM,
         )
     )

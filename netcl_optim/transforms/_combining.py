@@ -69,7 +69,9 @@ def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransform
     tx: GradientTransformation
 
     def update(updates: Any, state: OptState, params: Any = None, **extra_args: Any):
-        return execute(tx, updates, state, params, apply=False, inplace=False, extra_args=extra_args)
+        return execute(
+            tx, updates, state, params, apply=False, inplace=False, extra_args=extra_args
+        )
 
     tx = GradientTransformation(init, update, plan)
     return tx
@@ -127,7 +129,9 @@ def elementwise(
     tx: GradientTransformation
 
     def update(updates: Any, state: OptState, params: Any = None, **extra_args: Any):
-        return execute(tx, updates, state, params, apply=False, inplace=False, extra_args=extra_args)
+        return execute(
+            tx, updates, state, params, apply=False, inplace=False, extra_args=extra_args
+        )
 
     tx = GradientTransformation(init_fn, update, fragment)
     return tx

@@ -27,7 +27,9 @@ def _mask_leaves(mask: Any, tree: Any, treedef: optree.PyTreeSpec) -> list[bool]
 
 def _select(tree: Any, keep: list[bool]) -> Any:
     leaves, treedef = optree.tree_flatten(tree)
-    return optree.tree_unflatten(treedef, [x if k else None for x, k in zip(leaves, keep, strict=True)])
+    return optree.tree_unflatten(
+        treedef, [x if k else None for x, k in zip(leaves, keep, strict=True)]
+    )
 
 
 def masked(

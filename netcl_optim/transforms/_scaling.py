@@ -8,8 +8,8 @@ from .._base import (
     EmptyState,
     Fragment,
     GradientTransformation,
-    Schedule,
     ScalarOrSchedule,
+    Schedule,
     check_finite,
 )
 from ._combining import elementwise
@@ -66,5 +66,10 @@ def scale_by_learning_rate(
     return scale(sign * float(learning_rate))
 
 
-__all__ = ["EmptyState", "ScaleByScheduleState", "scale", "scale_by_learning_rate",
-           "scale_by_schedule"]
+__all__ = [
+    "EmptyState",
+    "ScaleByScheduleState",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+]

@@ -27,5 +27,7 @@ def step_(
 ) -> OptState:
     """In place: update ``params`` and the state's slots where they are; returns the new
     state (whose slot arrays are the same objects). For the stateful layer."""
-    _, new_state = execute(tx, grads, state, params, apply=True, inplace=True, extra_args=extra_args)
+    _, new_state = execute(
+        tx, grads, state, params, apply=True, inplace=True, extra_args=extra_args
+    )
     return new_state

@@ -32,7 +32,10 @@ def add_decayed_weights(
 
     tx = elementwise(
         Fragment(
-            "add_decayed_weights", _DECAY, scalars=("weight_decay",), host_step=host_step,
+            "add_decayed_weights",
+            _DECAY,
+            scalars=("weight_decay",),
+            host_step=host_step,
             needs_params=True,
         ),
         init=lambda: AddDecayedWeightsState(count=0),

@@ -1,0 +1,119 @@
+"""inject_hyperparams: hyperparameters in the state, schedules evaluated per step, still fused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .._base import Fragment, GradientTransformation, OptState
+from ..fusion._runner import execute
+from ._combining import ChainPlan
+
+
+class InjectHyperparamsState(NamedTuple):
+    """``hyperparams``: the value of each numeric hyperparameter used by the last update (after
+    ``init``, the value the first update will use); write a number there between steps to
+    change it. ``count``: updates so far, the argument of the schedules."""
+
+    count: int
+    hyperparams: dict[str, float]
+    inner_state: Any
+
+
+def _is_numeric(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fusible(tx: GradientTransformation) -> bool:
+    f = tx.fragment
+    if isinstance(f, ChainPlan):
+        return f.fusible
+    return isinstance(f, Fragment) or hasattr(f, "plan")
+
+
+def _signature(tx: GradientTransformation) -> tuple:
+    """The structure of a transform's state, as far as the fragments tell it."""
+    f = tx.fragment
+    if isinstance(f, ChainPlan):
+        return tuple(_signature(c) for c in f.children)
+    if isinstance(f, Fragment):
+        return (f.name, f.slots)
+    return (type(f).__name__,)
+
+
+@dataclass(frozen=True, eq=False)
+class _InjectPlan:
+    factory: Callable[..., GradientTransformation]
+    static: dict[str, Any]
+    schedules: dict[str, Callable[[int], float]]
+    initial: dict[str, float]
+    signature: tuple
+
+    def make(self, hps: dict[str, float]) -> GradientTransformation:
+        inner = self.factory(**self.static, **hps)
+        if _signature(inner) != self.signature:
+            moved = [k for k, v in hps.items() if (v == 0) != (self.initial.get(k, 0) == 0)]
+            raise ValueError(
+                f"inject_hyperparams: setting {', '.join(moved) or 'a hyperparameter'} to or "
+                "from 0 changes the optimizer's structure (and its state); construct it with "
+                "a nonzero value instead"
+            )
+        return inner
+
+    def values(self, state: InjectHyperparamsState) -> dict[str, float]:
+        hps = dict(state.hyperparams)
+        for name, fn in self.schedules.items():
+            hps[name] = float(fn(state.count))
+        return hps
+
+    def plan(self, state: InjectHyperparamsState, extra_args: dict[str, Any]):
+        hps = self.values(state)
+        inner = self.make(hps)
+        parts, rebuild_inner = inner.fragment.plan(state.inner_state, extra_args)
+
+        def rebuild(new_slots: list[tuple[Any, ...]]) -> InjectHyperparamsState:
+            return InjectHyperparamsState(state.count + 1, hps, rebuild_inner(new_slots))
+
+        return list(parts), rebuild
+
+
+def inject_hyperparams(
+    factory: Callable[..., GradientTransformation],
+) -> Callable[..., GradientTransformation]:
+    """Wrap an optimizer factory so its numeric hyperparameters live in the state.
+
+    ``inject_hyperparams(adam)(learning_rate=schedule, b1=0.9)``: numbers and schedules
+    (callables of the step count) become ``state.hyperparams`` entries, evaluated on the host
+    each step (a schedule at the update count, from 0); other arguments (bools, masks) are
+    static. Hyperparameters are kernel arguments, so changing them never rebuilds a kernel,
+    and the wrapped chain still fuses into one kernel.
+    """
+
+    def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
+        if args:
+            raise TypeError("inject_hyperparams: pass hyperparameters by keyword")
+        static = {k: v for k, v in kwargs.items() if not (_is_numeric(v) or callable(v))}
+        numeric = {k: float(v) for k, v in kwargs.items() if _is_numeric(v)}
+        schedules = {k: v for k, v in kwargs.items() if callable(v)}
+        initial = {**numeric, **{k: float(fn(0)) for k, fn in schedules.items()}}
+        probe = factory(**static, **initial)  # validates the arguments once, up front
+        plan = _InjectPlan(factory, static, schedules, initial, _signature(probe))
+
+        def init(params: Any) -> OptState:
+            return InjectHyperparamsState(0, dict(initial), probe.init(params))
+
+        def update(updates: Any, state: InjectHyperparamsState, params: Any = None, **extra: Any):
+            if tx.fragment is not None:
+                return execute(
+                    tx, updates, state, params, apply=False, inplace=False, extra_args=extra
+                )
+            hps = plan.values(state)
+            inner = plan.make(hps)
+            new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            return new_updates, InjectHyperparamsState(state.count + 1, hps, inner_state)
+
+        tx = GradientTransformation(init, update, plan if _fusible(probe) else None)
+        return tx
+
+    return wrapped
