@@ -52,3 +52,11 @@ def cl_queue():
         return cl.CommandQueue(ctx)
     no = pytest.importorskip("netcl_optim")
     return no.default_queue()
+
+
+def pytest_configure(config):
+    # hypothesis' failure report imports mypy_extensions, which warns on import; with
+    # filterwarnings = error that warning would replace the real failure by an INTERNALERROR.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )

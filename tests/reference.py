@@ -459,9 +459,12 @@ functional = types.SimpleNamespace(
 
 
 def _round(tree: Any, dtype: Any) -> Any:
+    """Round every leaf to ``dtype`` (one dtype, or a tree of dtypes shaped like ``tree``)."""
     if dtype is None:
         return tree
-    return tree_map(lambda x: _f64(np.asarray(x).astype(dtype)), tree)
+    if isinstance(dtype, (np.dtype, type)):
+        return tree_map(lambda x: _f64(np.asarray(x).astype(dtype)), tree)
+    return tree_map(lambda x, d: _f64(np.asarray(x).astype(d)), tree, dtype)
 
 
 def run_transform(
@@ -474,8 +477,8 @@ def run_transform(
     """Run ``tx`` + ``apply_updates`` from ``params0`` over ``grads_seq``.
 
     Returns (params after each step, updates of each step, final state), all float64. With
-    ``storage_dtype`` the updates and the params are rounded to it after every step, as a
-    device that stores them in that dtype would.
+    ``storage_dtype`` (one dtype, or a tree of dtypes shaped like the params) the updates and the
+    params are rounded to it after every step, as a device that stores them so would.
     """
     params = _round(tree_f64(params0), storage_dtype)
     state = tx.init(params)

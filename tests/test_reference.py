@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
-
-import reference as ref
 
 RNG = np.random.default_rng(20240611)
 

@@ -29,7 +29,8 @@ def preamble(real: str, uses_double: bool) -> str:
         f"typedef {real} real;",
         "#define SQRT(x) " + ("__builtin_sqrt(x)" if real == "double" else "__builtin_sqrtf(x)"),
         "/* torch's lerp: exact at both ends */",
-        "#define LERP(a, b, w) ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))",
+        "#define LERP(a, b, w) \\",
+        "    ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))",
         "",
     ]
     return "\n".join(lines)

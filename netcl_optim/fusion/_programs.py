@@ -145,7 +145,11 @@ __kernel void {name}(__global const {acc} *restrict partials, const long count,
                      __global {acc} *restrict out, const {acc} s0, const {acc} pw)
 {{
     {acc} t = {zero};
-    for (long k = 0; k < count; k++) {{ const {acc} a = t; const {acc} b = partials[k]; t = {combine}; }}
+    for (long k = 0; k < count; k++) {{
+        const {acc} a = t;
+        const {acc} b = partials[k];
+        t = {combine};
+    }}
 {tail}
 }}
 """
