@@ -87,14 +87,20 @@ _reduce: dict[tuple, cl.Kernel] = {}
 
 def _stage1_source(op: str, storage: str, acc: str) -> tuple[str, str]:
     real = "double" if storage == "double" else "float"
+    # 8 lanes for float and half; 4 for double: PoCL returns only the low half of a double8
+    # from vload8 on CPUs without AVX-512 (seen on PoCL 3.0).
+    width = 4 if real == "double" else 8
     vec, one, combine = _OPS[op]
+    vec = vec.replace("real8", "realv")
     name = f"netcl_reduce_{op}_{storage}"
-    load8 = "vload_half8(0, x_base + k)" if storage == "half" else "vload8(0, x_base + k)"
+    load_v = (
+        f"vload_half{width}(0, x_base + k)" if storage == "half" else f"vload{width}(0, x_base + k)"
+    )
     load1 = "vload_half(k, x_base)" if storage == "half" else "x_base[k]"
-    lanes = "".join(f"    b = v.s{j}; r = {combine};\n" for j in range(1, 8))
+    lanes = "".join(f"        b = v.s{j}; a = r; r = {combine};\n" for j in range(1, width))
     src = f"""//CL// {name}: one partial per work-item over a contiguous chunk
 {preamble(real, "double" in (real, acc))}
-typedef {real}8 real8;
+typedef {real}{width} realv;
 __kernel void {name}(__global const {storage} *restrict x_base, const long x_off, const long n,
                      const long chunk, __global {acc} *restrict partials, const long p_off,
                      const real pw)
@@ -102,15 +108,16 @@ __kernel void {name}(__global const {storage} *restrict x_base, const long x_off
     const long w = get_global_id(0);
     long k = x_off + w * chunk;
     const long stop = x_off + min(w * chunk + chunk, n);
-    real8 a = (real8)(0);
-    for (; k + 8 <= stop; k += 8) {{
-        const real8 x = {load8};
+    realv a = (realv)(0);
+    for (; k + {width} <= stop; k += {width}) {{
+        const realv x = {load_v};
         a = {vec};
     }}
-    const real8 v = a;
+    const realv v = a;
     real r = v.s0, b;
-    {{ real a;
-{lanes.replace("r = ", "a = r; r = ")}    }}
+    {{
+        real a;
+{lanes}    }}
     for (; k < stop; k++) {{
         const real x = {load1};
         const real a = r;
