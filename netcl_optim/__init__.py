@@ -3,6 +3,7 @@ with a torch-like stateful API on top."""
 
 from __future__ import annotations
 
+from . import schedules as schedules
 from ._alias import adam as adam
 from ._alias import adamw as adamw
 from ._alias import momentum as momentum
@@ -12,6 +13,8 @@ from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
 from ._base import Reduction as Reduction
+from ._checkpoint import load as load
+from ._checkpoint import save as save
 from ._device import default_queue as default_queue
 from ._device import set_default_queue as set_default_queue
 from ._device import to_device as to_device
@@ -19,6 +22,37 @@ from ._device import to_host as to_host
 from ._packing import pack as pack
 from .fusion._programs import clear_kernel_caches as clear_kernel_caches
 from .fusion._runner import count_launches as count_launches
+from .schedules import Schedule as Schedule
+from .schedules import constant_schedule as constant_schedule
+from .schedules import cosine_decay_schedule as cosine_decay_schedule
+from .schedules import cosine_onecycle_schedule as cosine_onecycle_schedule
+from .schedules import exponential_decay as exponential_decay
+from .schedules import join_schedules as join_schedules
+from .schedules import linear_onecycle_schedule as linear_onecycle_schedule
+from .schedules import linear_schedule as linear_schedule
+from .schedules import piecewise_constant_schedule as piecewise_constant_schedule
+from .schedules import piecewise_interpolate_schedule as piecewise_interpolate_schedule
+from .schedules import polynomial_schedule as polynomial_schedule
+from .schedules import sgdr_schedule as sgdr_schedule
+from .schedules import warmup_constant_schedule as warmup_constant_schedule
+from .schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
+from .stateful import SGD as SGD
+from .stateful import Adam as Adam
+from .stateful import AdamW as AdamW
+from .stateful import CosineAnnealingLR as CosineAnnealingLR
+from .stateful import ExponentialLR as ExponentialLR
+from .stateful import LambdaLR as LambdaLR
+from .stateful import LinearLR as LinearLR
+from .stateful import LRScheduler as LRScheduler
+from .stateful import Momentum as Momentum
+from .stateful import MultiStepLR as MultiStepLR
+from .stateful import OneCycleLR as OneCycleLR
+from .stateful import Optimizer as Optimizer
+from .stateful import Parameter as Parameter
+from .stateful import ReduceLROnPlateau as ReduceLROnPlateau
+from .stateful import RMSProp as RMSProp
+from .stateful import StepLR as StepLR
+from .stateful import WarmupCosine as WarmupCosine
 from .transforms._adaptive import ScaleByAdamState as ScaleByAdamState
 from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState

@@ -115,7 +115,9 @@ def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
             a = a.astype(np.float32)
         if a.dtype.kind == "f":
             check_float_dtype(a.dtype, queue, "to_device")
-        return cla.to_device(queue, np.ascontiguousarray(a), allocator=pool)
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        return cla.to_device(queue, a, allocator=pool)
 
     return optree.tree_map(one, tree)
 

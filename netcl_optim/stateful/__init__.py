@@ -1,0 +1,41 @@
+"""The torch-like stateful layer: Parameter, the optimizers and the LR schedulers."""
+
+from __future__ import annotations
+
+from ._lr_scheduler import CosineAnnealingLR as CosineAnnealingLR
+from ._lr_scheduler import ExponentialLR as ExponentialLR
+from ._lr_scheduler import LambdaLR as LambdaLR
+from ._lr_scheduler import LinearLR as LinearLR
+from ._lr_scheduler import LRScheduler as LRScheduler
+from ._lr_scheduler import MultiStepLR as MultiStepLR
+from ._lr_scheduler import OneCycleLR as OneCycleLR
+from ._lr_scheduler import ReduceLROnPlateau as ReduceLROnPlateau
+from ._lr_scheduler import StepLR as StepLR
+from ._lr_scheduler import WarmupCosine as WarmupCosine
+from ._optimizer import Optimizer as Optimizer
+from ._optimizers import SGD as SGD
+from ._optimizers import Adam as Adam
+from ._optimizers import AdamW as AdamW
+from ._optimizers import Momentum as Momentum
+from ._optimizers import RMSProp as RMSProp
+from ._parameter import Parameter as Parameter
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "CosineAnnealingLR",
+    "ExponentialLR",
+    "LRScheduler",
+    "LambdaLR",
+    "LinearLR",
+    "Momentum",
+    "MultiStepLR",
+    "OneCycleLR",
+    "Optimizer",
+    "Parameter",
+    "RMSProp",
+    "ReduceLROnPlateau",
+    "StepLR",
+    "WarmupCosine",
+]
