@@ -40,6 +40,7 @@ class Layout:
             acc += n
         self.offsets = tuple(offsets)
         self.total = acc
+        self.strides = [_c_strides(s, self.dtype.itemsize) for s in shapes]
         self._templates: dict[cl.CommandQueue, list[dict[str, Any]]] = {}
 
     def _templates_for(self, queue: cl.CommandQueue) -> list[dict[str, Any]]:
@@ -107,19 +108,20 @@ def element_offset(a: cla.Array) -> int:
     return a.offset // item
 
 
-def contiguous_run(arrays: list[cla.Array]) -> tuple[Any, int] | None:
-    """``(base buffer, element offset)`` if ``arrays`` lie back to back in one buffer."""
+def contiguous_run(arrays: list[cla.Array], lay: Layout | None = None) -> tuple[Any, int] | None:
+    """``(base buffer, element offset)`` if ``arrays`` lie back to back in one buffer (in the
+    order of ``lay``, whose shapes they have), else ``None``."""
     first = arrays[0]
     base = first.base_data
     item = first.dtype.itemsize
-    expect = first.offset
-    for a in arrays:
-        if a.base_data is not base or a.offset != expect:
-            return None
-        expect += a.size * item
-    if first.offset % item:
+    start = first.offset
+    if start % item or [a.base_data for a in arrays].count(base) != len(arrays):
         return None
-    return base, first.offset // item
+    if lay is None:
+        lay = layout(tuple(a.shape for a in arrays), first.dtype)
+    if [a.offset for a in arrays] != [start + o * item for o in lay.offsets]:
+        return None
+    return base, start // item
 
 
 def is_c_contiguous(a: cla.Array) -> bool:

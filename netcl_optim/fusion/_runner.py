@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,75 @@ def _check_leaves(
             raise (TypeError if "dtype" in bad or "not a" in bad else ValueError)(
                 f"leaf {names[i]} {bad}"
             )
+
+
+@lru_cache(maxsize=65536)
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, acc = [], itemsize
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def _all_valid(
+    u: list[Any], others: Sequence[tuple[str, list[Any], Callable]], queue: cl.CommandQueue
+) -> bool:
+    """The common case of :func:`_check_leaves`, as list comparisons (no per-leaf branches).
+    ``False`` means "look closer", not necessarily an error."""
+    try:
+        shapes = [x.shape for x in u]
+        dtypes = [x.dtype for x in u]
+        kinds = set(dtypes)
+        if not kinds <= _OK_DTYPES or (_F64 in kinds and not has_fp64(queue.device)):
+            return False
+        if len(kinds) == 1:
+            strides = layout(tuple(shapes), dtypes[0]).strides
+        else:
+            strides = [_c_strides(s, d.itemsize) for s, d in zip(shapes, dtypes, strict=True)]
+        if [x.strides for x in u] != strides:
+            return False
+        ctx = queue.context
+        if not _same_context([u, *(leaves for _, leaves, _ in others)], ctx):
+            return False
+        for _, leaves, dtype_of in others:
+            if [y.shape for y in leaves] != shapes:
+                return False
+            want = dtypes if dtype_of is _same else [dtype_of(d) for d in dtypes]
+            if [y.dtype for y in leaves] != want:
+                return False
+            if want is not dtypes and len(kinds) == 1:
+                want_strides = layout(tuple(shapes), want[0]).strides
+            elif want is dtypes:
+                want_strides = strides
+            else:
+                want_strides = [
+                    _c_strides(s, d.itemsize) for s, d in zip(shapes, want, strict=True)
+                ]
+            if [y.strides for y in leaves] != want_strides:
+                return False
+        return True
+    except (AttributeError, TypeError):
+        return False
+
+
+def _same_context(roles: Sequence[list[Any]], ctx: cl.Context) -> bool:
+    for leaves in roles:
+        contexts = [x.context for x in leaves]
+        if contexts.count(ctx) != len(contexts):  # identity first, then ==
+            return False
+    return True
+
+
+def _same(dtype: np.dtype) -> np.dtype:
+    return dtype
+
+
+_state_dtype = lru_cache(maxsize=None)(state_dtype)
+
+
+_OK_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_F64 = np.dtype(np.float64)
 
 
 def acc_ctype(queue: cl.CommandQueue) -> str:
@@ -196,16 +266,17 @@ def run_parts(
             names = [p.fragment.name for p in parts if p.fragment.needs_params] or ["apply"]
             raise ValueError(f"{names[0]} needs params: call update(updates, state, params)")
         p_leaves = flatten_like(params, treedef, "params", "updates")
-        others.append(("params", p_leaves, lambda d: d))
+        others.append(("params", p_leaves, _same))
     slot_leaves: list[list[list[Any]]] = []
     for part in parts:
         per_part = []
         for name, tree in zip(part.fragment.slots, part.slots, strict=True):
             leaves = flatten_like(tree, treedef, f"state.{name}", "updates")
-            others.append((f"state.{name} of {part.fragment.name}", leaves, state_dtype))
+            others.append((f"state.{name} of {part.fragment.name}", leaves, _state_dtype))
             per_part.append(leaves)
         slot_leaves.append(per_part)
-    _check_leaves(u_leaves, others, updates, queue)
+    if not _all_valid(u_leaves, others, queue):
+        _check_leaves(u_leaves, others, updates, queue)
 
     acc = acc_ctype(queue)
     ctx = queue.context
@@ -223,54 +294,62 @@ def run_parts(
             pw = float(values.get("norm_type", 2.0))
             red_bufs[k] = reduce_leaves(queue, u_leaves, red.op, red.finish, s0, pw)
 
-    by_dtype: dict[np.dtype, list[int]] = {}
-    for i, x in enumerate(u_leaves):
-        by_dtype.setdefault(x.dtype, []).append(i)
+    by_dtype = _group_by_dtype(u_leaves)
+    single = len(by_dtype) == 1
 
     n_leaves = len(u_leaves)
     out_leaves: list[Any] = [None] * n_leaves
     new_slot_leaves = [[[None] * n_leaves for _ in per] for per in slot_leaves]
     inplace_params = inplace and apply
     mode = "inplace" if inplace else "pure"
+    tail_scalars: list[Any] = []
+    for part in parts:
+        tail_scalars.extend(part.scalars)
+
+    def pick(leaves: list[Any], idx: list[int]) -> list[Any]:
+        return leaves if single else [leaves[i] for i in idx]
+
+    def place(dst: list[Any], idx: list[int], src: list[Any]) -> None:
+        if single:
+            dst[:] = src
+        else:
+            for i, o in zip(idx, src, strict=True):
+                dst[i] = o
+
     for dtype, idx in by_dtype.items():
         spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
         kernel, _ = fused_kernel(ctx, fragments, spec)
-        shapes = tuple(u_leaves[i].shape for i in idx)
-        lay = layout(shapes, dtype)
-        # roles: (leaves of this group, is it read-write in place)
-        roles: list[list[cla.Array]] = [[u_leaves[i] for i in idx]]
+        group_u = pick(u_leaves, idx)
+        lay = layout(tuple([x.shape for x in group_u]), dtype)
+        roles: list[list[cla.Array]] = [group_u]
         if needs_params:
-            roles.append([p_leaves[i] for i in idx])
+            roles.append(pick(p_leaves, idx))
         if inplace_params:
             outs = roles[-1]
         else:
             _, outs = lay.allocate(queue)
             roles.append(outs)
-        for i, o in zip(idx, outs, strict=True):
-            out_leaves[i] = o
-        slot_lay = layout(shapes, state_dtype(dtype)) if mode == "pure" else None
+        place(out_leaves, idx, outs)
+        slot_lay = layout(lay.shapes, state_dtype(dtype))
         for k, per in enumerate(slot_leaves):
             for s, leaves in enumerate(per):
-                ins = [leaves[i] for i in idx]
+                ins = pick(leaves, idx)
                 roles.append(ins)
                 if mode == "pure":
                     _, news = slot_lay.allocate(queue)
                     roles.append(news)
                 else:
                     news = ins
-                for i, o in zip(idx, news, strict=True):
-                    new_slot_leaves[k][s][i] = o
+                place(new_slot_leaves[k][s], idx, news)
         tail: list[Any] = [red_bufs[k].base_data for k in sorted(red_bufs)]
-        for part in parts:
-            tail.extend(part.scalars)
-        runs = [contiguous_run(r) for r in roles]
-        if all(r is not None for r in runs):
-            total = lay.total
-            if total:
+        tail.extend(tail_scalars)
+        runs = [contiguous_run(r, lay if r[0].dtype == dtype else slot_lay) for r in roles]
+        if None not in runs:
+            if lay.total:
                 args = []
                 for base, off in runs:
                     args += [base, off]
-                _launch(kernel, queue, total, args + tail)
+                _launch(kernel, queue, lay.total, args + tail)
         else:
             for j, size in enumerate(lay.sizes):
                 if not size:
@@ -286,6 +365,16 @@ def run_parts(
         tuple(optree.tree_unflatten(treedef, leaves) for leaves in per) for per in new_slot_leaves
     ]
     return out, new_slots
+
+
+def _group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
+    dtypes = [x.dtype for x in leaves]
+    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
+        return {dtypes[0]: list(range(len(dtypes)))}
+    groups: dict[np.dtype, list[int]] = {}
+    for i, d in enumerate(dtypes):
+        groups.setdefault(d, []).append(i)
+    return groups
 
 
 def _queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
