@@ -68,8 +68,15 @@ def allocator(queue: cl.CommandQueue) -> cl_tools.MemoryPool:
     return pool
 
 
+_fp64: dict[cl.Device, bool] = {}
+
+
 def has_fp64(device: cl.Device) -> bool:
-    return "cl_khr_fp64" in device.extensions or device.double_fp_config != 0
+    """Whether ``device`` does float64 arithmetic (cl_khr_fp64), cached per device."""
+    ok = _fp64.get(device)
+    if ok is None:
+        ok = _fp64[device] = "cl_khr_fp64" in device.extensions or device.double_fp_config != 0
+    return ok
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:

@@ -96,7 +96,7 @@ def _all_valid(
         shapes = [x.shape for x in u]
         dtypes = [x.dtype for x in u]
         kinds = set(dtypes)
-        if not kinds <= _OK_DTYPES or (_F64 in kinds and not has_fp64(queue.device)):
+        if not kinds <= _OK_DTYPES or (_F64 in kinds and acc_ctype(queue) != "double"):
             return False
         if len(kinds) == 1:
             strides = layout(tuple(shapes), dtypes[0]).strides
@@ -147,8 +147,15 @@ _OK_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 _F64 = np.dtype(np.float64)
 
 
+_acc: dict[cl.CommandQueue, str] = {}
+
+
 def acc_ctype(queue: cl.CommandQueue) -> str:
-    return "double" if has_fp64(queue.device) else "float"
+    """C type of reduction results on ``queue``'s device."""
+    acc = _acc.get(queue)
+    if acc is None:
+        acc = _acc[queue] = "double" if has_fp64(queue.device) else "float"
+    return acc
 
 
 class LaunchCounter:
@@ -387,12 +394,18 @@ def _queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
 # ---------------------------------------------------------------------------- chains
 
 
+_chain_plan_type: type | None = None
+
+
 def _flatten(tx: GradientTransformation, state: Any) -> tuple[list[tuple[Any, Any]], Callable]:
     """A chain's leaf transforms with their states, and how to rebuild the chain's state."""
-    from ..transforms._combining import ChainPlan
+    global _chain_plan_type
+    if _chain_plan_type is None:
+        from ..transforms._combining import ChainPlan  # (it imports this module)
 
+        _chain_plan_type = ChainPlan
     plan = tx.fragment
-    if isinstance(plan, ChainPlan):
+    if isinstance(plan, _chain_plan_type):
         items: list[tuple[Any, Any]] = []
         rebuilds = []
         child_states = plan.child_states(state)
