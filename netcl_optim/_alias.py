@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import GradientTransformation, ScalarOrSchedule, check_non_negative, check_positive
+from ._base import (
+    GradientTransformation,
+    ScalarOrSchedule,
+    ScheduledValue,
+    check_non_negative,
+    check_positive,
+)
 from .transforms._adaptive import scale_by_adam, scale_by_rms
 from .transforms._combining import chain
 from .transforms._momentum import trace
@@ -13,7 +19,10 @@ from .transforms._weight_decay import add_decayed_weights
 
 
 def _check_lr(learning_rate: ScalarOrSchedule) -> None:
-    if not callable(learning_rate):
+    """lr > 0 when given by the user; a scheduled value (see ``inject_hyperparams``) may be 0."""
+    if isinstance(learning_rate, ScheduledValue):
+        check_non_negative(learning_rate=learning_rate)
+    elif not callable(learning_rate):
         check_positive(learning_rate=learning_rate)
 
 

@@ -112,6 +112,12 @@ class Part(NamedTuple):
 # ---------------------------------------------------------------------------- validation
 
 
+class ScheduledValue(float):
+    """A hyperparameter value that came from a schedule or from the optimizer's state, not
+    from the user's constructor call: a learning rate there may be 0 (a warmup starts at 0),
+    while a constructor rejects it."""
+
+
 def _is_number(x: Any) -> bool:
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) or hasattr(x, "__float__")
 

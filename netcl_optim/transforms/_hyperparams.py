@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, OptState
+from .._base import Fragment, GradientTransformation, OptState, ScheduledValue
 from ..fusion._runner import execute
 from ._combining import ChainPlan
 
@@ -51,7 +51,7 @@ class _InjectPlan:
     signature: tuple
 
     def make(self, hps: dict[str, float]) -> GradientTransformation:
-        inner = self.factory(**self.static, **hps)
+        inner = self.factory(**self.static, **{k: ScheduledValue(v) for k, v in hps.items()})
         if _signature(inner) != self.signature:
             moved = [k for k, v in hps.items() if (v == 0) != (self.initial.get(k, 0) == 0)]
             raise ValueError(
@@ -97,7 +97,10 @@ def inject_hyperparams(
         numeric = {k: float(v) for k, v in kwargs.items() if _is_numeric(v)}
         schedules = {k: v for k, v in kwargs.items() if callable(v)}
         initial = {**numeric, **{k: float(fn(0)) for k, fn in schedules.items()}}
-        probe = factory(**static, **initial)  # validates the arguments once, up front
+        # validates the arguments once, up front; scheduled values may be 0 (a warmup's start)
+        probe = factory(
+            **static, **numeric, **{k: ScheduledValue(fn(0)) for k, fn in schedules.items()}
+        )
         plan = _InjectPlan(factory, static, schedules, initial, _signature(probe))
 
         def init(params: Any) -> OptState:

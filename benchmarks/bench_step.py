@@ -1,0 +1,902 @@
+"""Time one optimizer step against the memory-bandwidth limit of the OpenCL device.
+
+Run from anywhere (``netcl_optim`` must be importable)::
+
+    python benchmarks/bench_step.py                 # full run: several minutes
+    python benchmarks/bench_step.py --quick         # Adam and SGD-momentum at 1M and tree160
+    python benchmarks/bench_step.py --optimizers adam,adamw --sizes 10M --json r.json --png r.png
+
+For each (optimizer, size) group every variant is set up, warmed up (kernel builds, jit
+compiles), then timed in interleaved round-robin blocks, each block ending with a sync. The table
+gives the median and min ms per step over blocks, GB/s (the optimizer's minimum bytes per param
+times n over the median time) and the percentage of the "limit": a plain OpenCL kernel that moves
+exactly those bytes in place with trivial math, timed in the same blocks. Calls per block are
+chosen per variant from one probe step (a block takes ~50 ms; 20 ms with --quick). The max|dp|
+column compares each variant's params after the (equal) warm-up steps with those of ``step``.
+
+Variants: ``limit``; ``limit (out of place)`` (the same kernel writing to a second set of
+buffers: the floor of a pure step, which cannot write in place); ``stateful``
+(``netcl_optim.stateful``, in place); ``step`` (pure ``no.step`` on packed trees: one launch);
+``step (per leaf)`` (trees only: separate arrays, one launch per leaf); ``update+apply``
+(``tx.update`` then ``no.apply_updates``: two launches); torch ``fused=True`` (``foreach`` where
+torch has no fused kernel); optax under ``jax.jit`` with donated params and state. Only the
+device-side step is timed: gradients are set once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+import netcl_optim as no
+from netcl_optim._device import allocator
+from netcl_optim.fusion._programs import build
+
+LR = 1e-3
+WEIGHT_DECAY = 1e-2
+FLOAT32 = 4  # bytes
+FULL_SIZES = ("1M", "10M", "50M", "tree160")
+ALL_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+
+
+def optional(name: str) -> Any:
+    """The module ``name``, or None when it cannot be imported."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer as each library spells it. ``slots``: state buffers per param."""
+
+    name: str
+    slots: int
+    functional: Callable[[], Any]
+    stateful: Callable[[Any, list], Any]  # (netcl_optim.stateful, params) -> optimizer
+    torch_cls: str
+    torch_kwargs: dict
+    torch_fused: bool  # torch 2.x has CPU fused SGD, Adam and AdamW, not RMSprop
+    optax: Callable[[Any], Any]  # (optax) -> GradientTransformation
+
+    @property
+    def bytes_per_param(self) -> int:
+        """Read g; read and write p and every slot (float32)."""
+        return FLOAT32 * (1 + 2 * (1 + self.slots))
+
+    @property
+    def roles(self) -> str:
+        slots = {0: "", 1: ", buf", 2: ", m, v", 3: ", sq, gavg, buf"}[self.slots]
+        return f"read g; read+write p{slots}"
+
+
+OPTIMIZERS = {
+    "sgd": OptimizerSpec(
+        name="sgd",
+        slots=0,
+        functional=lambda: no.sgd(LR),
+        stateful=lambda m, ps: m.SGD(ps, lr=LR),
+        torch_cls="SGD",
+        torch_kwargs={},
+        torch_fused=True,
+        optax=lambda optax: optax.sgd(LR),
+    ),
+    "momentum": OptimizerSpec(
+        name="sgd-momentum",
+        slots=1,
+        functional=lambda: no.sgd(LR, momentum=0.9),
+        stateful=lambda m, ps: m.SGD(ps, lr=LR, momentum=0.9),
+        torch_cls="SGD",
+        torch_kwargs={"momentum": 0.9},
+        torch_fused=True,
+        optax=lambda optax: optax.sgd(LR, momentum=0.9),
+    ),
+    "adam": OptimizerSpec(
+        name="adam",
+        slots=2,
+        functional=lambda: no.adam(LR),
+        stateful=lambda m, ps: m.Adam(ps, lr=LR),
+        torch_cls="Adam",
+        torch_kwargs={},
+        torch_fused=True,
+        optax=lambda optax: optax.adam(LR),
+    ),
+    "adamw": OptimizerSpec(
+        name="adamw",
+        slots=2,
+        functional=lambda: no.adamw(LR, weight_decay=WEIGHT_DECAY),
+        stateful=lambda m, ps: m.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY),
+        torch_cls="AdamW",
+        torch_kwargs={"weight_decay": WEIGHT_DECAY},
+        torch_fused=True,
+        optax=lambda optax: optax.adamw(LR, weight_decay=WEIGHT_DECAY),
+    ),
+    "rmsprop": OptimizerSpec(
+        name="rmsprop-centered-momentum",
+        slots=3,
+        functional=lambda: no.rmsprop(LR, alpha=0.99, eps=1e-8, centered=True, momentum=0.9),
+        stateful=lambda m, ps: m.RMSProp(
+            ps, lr=LR, alpha=0.99, eps=1e-8, centered=True, momentum=0.9
+        ),
+        torch_cls="RMSprop",
+        torch_kwargs={"alpha": 0.99, "eps": 1e-8, "centered": True, "momentum": 0.9},
+        torch_fused=False,
+        optax=lambda optax: optax.rmsprop(
+            LR, decay=0.99, eps=1e-8, eps_in_sqrt=False, centered=True, momentum=0.9
+        ),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- problems
+
+
+def gpt_shapes(layers: int = 13, d: int = 240, vocab: int = 2048, context: int = 256) -> list:
+    """A GPT-like tree: 160 leaves, 9,567,120 params, matrices of 57,600-491,520 elements and
+    vectors of 240-960 (13 blocks of 12 leaves, token and position embeddings, final norm)."""
+    attention = [(d,), (d,)] + [(d, d)] * 4  # layer norm weight and bias; q, k, v, out
+    mlp = [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # norm; up, bias; down, bias
+    block = attention + mlp
+    return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]
+
+
+SIZES: dict[str, list] = {
+    "10K": [(10_000,)],
+    "1M": [(1_000_000,)],
+    "10M": [(10_000_000,)],
+    "50M": [(50_000_000,)],
+    "tree160": gpt_shapes(),
+    "tree5": [(40, 30), (30,), (7, 11), (300,), (1,)],  # for --smoke: per-leaf paths
+}
+
+
+@dataclass
+class Problem:
+    """Host params and grads: float32 leaves that are views of two flat arrays."""
+
+    size: str
+    shapes: list
+    flat_params: np.ndarray
+    flat_grads: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.flat_params.size
+
+    def leaves(self, flat: np.ndarray) -> list[np.ndarray]:
+        out, start = [], 0
+        for shape in self.shapes:
+            count = int(np.prod(shape))
+            out.append(flat[start : start + count].reshape(shape))
+            start += count
+        return out
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        return self.leaves(self.flat_params)
+
+    @property
+    def grads(self) -> list[np.ndarray]:
+        return self.leaves(self.flat_grads)
+
+
+def make_problem(size: str, seed: int = 0) -> Problem:
+    shapes = SIZES[size]
+    n = sum(int(np.prod(s)) for s in shapes)
+    rng = np.random.default_rng(seed)
+    params = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    grads = rng.standard_normal(n, dtype=np.float32) * np.float32(0.01)
+    return Problem(size, shapes, params, grads)
+
+
+# ---------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    """One way to run a step: ``setup`` allocates, ``run`` enqueues one step, ``sync`` waits."""
+
+    label: str
+
+    def setup(self, problem: Problem) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        raise NotImplementedError
+
+    def params_host(self) -> np.ndarray | None:
+        """The current params, flat on the host (None where the maths is not the optimizer's)."""
+        return None
+
+
+def _limit_source(slots: int, out_of_place: bool = False) -> tuple[str, str]:
+    """A plain kernel that reads g and p and the slots, adds ``a * g`` and writes them back
+    (in place), or to separate outputs (``out_of_place``, as a pure step does)."""
+    name = f"netcl_bench_limit_{slots}" + ("_oop" if out_of_place else "")
+    roles = ["p"] + [f"s{k}" for k in range(slots)]
+    if out_of_place:
+        ins = [f"__global const float *restrict {r}" for r in roles]
+        outs = [f"__global float *restrict {r}_out" for r in roles]
+        body = [f"    {r}_out[i] = {r}[i] + x;" for r in roles]
+    else:
+        ins, outs = [f"__global float *restrict {r}" for r in roles], []
+        body = [f"    {r}[i] = {r}[i] + x;" for r in roles]
+    args = ",\n    ".join(["__global const float *restrict g", *ins, *outs, "const float a"])
+    where = "to new buffers" if out_of_place else "in place"
+    src = (
+        f"//CL// {name}: read g, {', '.join(roles)}; write {', '.join(roles)} {where}\n"
+        "#pragma OPENCL FP_CONTRACT OFF\n"
+        f"__kernel void {name}(\n    {args})\n{{\n"
+        "    const size_t i = get_global_id(0);\n"
+        "    const float x = a * g[i];\n" + "\n".join(body) + "\n}\n"
+    )
+    return src, name
+
+
+@dataclass
+class LimitVariant(Variant):
+    """Plain kernel, one work-item per element, no bounds check, one buffer per role.
+
+    In place (the limit), or ``out_of_place``: outputs to a second set of buffers, the two
+    sets swapping roles every step, as the pure step's pooled outputs do.
+    """
+
+    queue: cl.CommandQueue = None
+    slots: int = 0
+    out_of_place: bool = False
+    kernel: Any = field(default=None, init=False)
+
+    def setup(self, problem: Problem) -> None:
+        q = self.queue
+        src, name = _limit_source(self.slots, self.out_of_place)
+        n_buffers = (2 + self.slots) + (1 + self.slots) * self.out_of_place
+        self.kernel = build(q.context, src, name, [None] * n_buffers + [np.float32])
+        self.grads = cla.to_device(q, problem.flat_grads)
+        self.state = [cla.to_device(q, problem.flat_params)]
+        self.state += [cla.zeros(q, problem.n, np.float32) for _ in range(self.slots)]
+        self.outputs = [cla.empty_like(a) for a in self.state] if self.out_of_place else []
+        self.n = problem.n
+
+    def run(self) -> None:
+        buffers = [self.grads, *self.state, *self.outputs]
+        self.kernel(self.queue, (self.n,), None, *[b.data for b in buffers], np.float32(LR))
+        if self.out_of_place:
+            self.state, self.outputs = self.outputs, self.state
+
+    def sync(self) -> None:
+        self.queue.finish()
+
+
+def _to_device(queue: cl.CommandQueue, arrays: list[np.ndarray], packed: bool) -> list:
+    leaves = no.to_device(list(arrays), queue)
+    return no.pack(leaves, queue) if packed else leaves
+
+
+def _flat_host(arrays: Sequence[Any]) -> np.ndarray:
+    return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+
+@dataclass
+class OursVariant(Variant):
+    """Shared parts of our variants: device params and grads, packed or one array per leaf."""
+
+    queue: cl.CommandQueue = None
+    spec: OptimizerSpec = None
+    packed: bool = True
+    params: Any = field(default=None, init=False)
+
+    def setup(self, problem: Problem) -> None:
+        self.params = _to_device(self.queue, problem.params, self.packed)
+        self.grads = _to_device(self.queue, problem.grads, self.packed)
+
+    def sync(self) -> None:
+        self.queue.finish()
+
+    def params_host(self) -> np.ndarray:
+        return _flat_host([p.get() for p in self.params])
+
+
+@dataclass
+class StatefulVariant(OursVariant):
+    """``netcl_optim.stateful``: Parameters over packed views, grads set once, ``opt.step()``."""
+
+    module: Any = None
+
+    def setup(self, problem: Problem) -> None:
+        super().setup(problem)
+        self.parameters = [self.module.Parameter(p) for p in self.params]
+        for param, grad in zip(self.parameters, self.grads, strict=True):
+            param.grad = grad
+        self.optimizer = self.spec.stateful(self.module, self.parameters)
+
+    def run(self) -> None:
+        self.optimizer.step()
+
+    def params_host(self) -> np.ndarray:
+        return _flat_host([p.data.get() for p in self.parameters])
+
+
+@dataclass
+class StepVariant(OursVariant):
+    """Pure ``no.step``: update and apply in one kernel, outputs in fresh buffers."""
+
+    def setup(self, problem: Problem) -> None:
+        super().setup(problem)
+        self.tx = self.spec.functional()
+        self.state = self.tx.init(self.params)
+
+    def run(self) -> None:
+        self.params, self.state = no.step(self.tx, self.params, self.grads, self.state)
+
+
+@dataclass
+class UpdateApplyVariant(StepVariant):
+    """``tx.update`` then ``no.apply_updates``: two kernels, the updates go through memory."""
+
+    def run(self) -> None:
+        updates, self.state = self.tx.update(self.grads, self.state, self.params)
+        self.params = no.apply_updates(self.params, updates)
+
+
+@dataclass
+class TorchVariant(Variant):
+    """torch.optim with ``fused=True`` (or ``foreach=True``), one tensor per leaf."""
+
+    torch: Any = None
+    spec: OptimizerSpec = None
+
+    def setup(self, problem: Problem) -> None:
+        torch = self.torch
+        self.params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in problem.params]
+        for p, g in zip(self.params, problem.grads, strict=True):
+            p.grad = torch.from_numpy(g.copy())
+        mode = {"fused": True} if self.spec.torch_fused else {"foreach": True}
+        cls = getattr(torch.optim, self.spec.torch_cls)
+        self.optimizer = cls(self.params, lr=LR, **self.spec.torch_kwargs, **mode)
+
+    def run(self) -> None:
+        self.optimizer.step()
+
+    def sync(self) -> None:
+        pass  # torch's CPU ops are synchronous
+
+    def params_host(self) -> np.ndarray:
+        return _flat_host([p.detach().numpy() for p in self.params])
+
+
+@dataclass
+class OptaxVariant(Variant):
+    """optax under ``jax.jit``, params and state donated, ``block_until_ready`` to sync."""
+
+    jax: Any = None
+    optax: Any = None
+    spec: OptimizerSpec = None
+
+    def setup(self, problem: Problem) -> None:
+        jax, optax = self.jax, self.optax
+        self.params = [jax.numpy.array(a, copy=True) for a in problem.params]
+        self.grads = [jax.numpy.array(a, copy=True) for a in problem.grads]
+        tx = self.spec.optax(optax)
+        self.state = tx.init(self.params)
+
+        def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+
+    def run(self) -> None:
+        self.params, self.state = self.step(self.params, self.state, self.grads)
+
+    def sync(self) -> None:
+        self.jax.block_until_ready(self.params)
+
+    def params_host(self) -> np.ndarray:
+        return _flat_host([np.asarray(p) for p in self.params])
+
+
+@dataclass
+class Libraries:
+    """The optional libraries found: None where not installed."""
+
+    stateful: Any = None
+    torch: Any = None
+    jax: Any = None
+    optax: Any = None
+
+    @classmethod
+    def load(cls) -> Libraries:
+        jax = optional("jax")
+        return cls(
+            stateful=optional("netcl_optim.stateful"),
+            torch=optional("torch"),
+            jax=jax,
+            optax=optional("optax") if jax is not None else None,
+        )
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.stateful is None:
+            out.append("stateful: netcl_optim.stateful not importable, column skipped")
+        if self.torch is None:
+            out.append("torch: not installed, column skipped")
+        if self.optax is None:
+            out.append("optax: jax or optax not installed, column skipped")
+        return out
+
+
+def make_variants(
+    spec: OptimizerSpec, problem: Problem, queue: cl.CommandQueue, libs: Libraries
+) -> list[Variant]:
+    variants: list[Variant] = [
+        LimitVariant("limit", queue=queue, slots=spec.slots),
+        LimitVariant("limit (out of place)", queue=queue, slots=spec.slots, out_of_place=True),
+    ]
+    if libs.stateful is not None:
+        variants.append(StatefulVariant("stateful", queue=queue, spec=spec, module=libs.stateful))
+    variants.append(StepVariant("step", queue=queue, spec=spec))
+    if len(problem.shapes) > 1:
+        variants.append(StepVariant("step (per leaf)", queue=queue, spec=spec, packed=False))
+    variants.append(UpdateApplyVariant("update+apply", queue=queue, spec=spec))
+    if libs.torch is not None:
+        label = "torch fused" if spec.torch_fused else "torch foreach"
+        variants.append(TorchVariant(label, torch=libs.torch, spec=spec))
+    if libs.optax is not None:
+        variants.append(OptaxVariant("optax jit", jax=libs.jax, optax=libs.optax, spec=spec))
+    return variants
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Row:
+    optimizer: str
+    size: str
+    n: int
+    variant: str
+    bytes_per_param: int
+    median_ms: float
+    min_ms: float
+    gbps: float
+    pct_of_limit: float | None
+    max_abs_diff: float | None  # params after warm-up against the "step" variant's
+
+
+def warm_up(variants: list[Variant], steps: int) -> None:
+    """``steps`` untimed steps each: kernel builds, jit compiles, first-touch of buffers."""
+    for v in variants:
+        for _ in range(steps):
+            v.run()
+        v.sync()
+
+
+def final_diffs(variants: list[Variant]) -> dict[str, float | None]:
+    """Max |params - params of "step"| per variant; call when all took the same steps."""
+    by_label = {v.label: v for v in variants}
+    reference = by_label["step"].params_host()
+    out: dict[str, float | None] = {}
+    for v in variants:
+        host = v.params_host()
+        out[v.label] = None if host is None else float(np.max(np.abs(host - reference)))
+    return out
+
+
+def calls_per_block(v: Variant, target_s: float) -> int:
+    """Calls per timed block so that a block takes ~``target_s`` (1 to 50), from one probe."""
+    v.sync()
+    t0 = time.perf_counter()
+    v.run()
+    v.sync()
+    return max(1, min(50, round(target_s / (time.perf_counter() - t0))))
+
+
+def time_round_robin(
+    variants: list[Variant], rounds: int, target_s: float, calls: int | None = None
+) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one sample per block; blocks interleaved, each
+    starting and ending with a sync."""
+    per_variant = {v.label: calls or calls_per_block(v, target_s) for v in variants}
+    samples: dict[str, list[float]] = {v.label: [] for v in variants}
+    for r in range(rounds):
+        shift = r % len(variants)
+        for v in variants[shift:] + variants[:shift]:
+            n = per_variant[v.label]
+            v.sync()
+            time.sleep(0.005)  # let other libraries' spinning worker threads go idle
+            t0 = time.perf_counter()
+            for _ in range(n):
+                v.run()
+            v.sync()
+            samples[v.label].append((time.perf_counter() - t0) / n)
+    return samples
+
+
+def run_group(
+    spec: OptimizerSpec,
+    size: str,
+    queue: cl.CommandQueue,
+    libs: Libraries,
+    rounds: int,
+    warmup: int = 3,
+    target_s: float = 0.05,
+    calls: int | None = None,
+) -> list[Row]:
+    """Set up, warm up, check and time every variant of one (optimizer, size); free them."""
+    problem = make_problem(size)
+    variants = []
+    for v in make_variants(spec, problem, queue, libs):
+        try:
+            v.setup(problem)
+            variants.append(v)
+        except Exception as exc:  # e.g. a torch build without a fused kernel
+            print(f"  {spec.name}/{size}: {v.label} skipped: {type(exc).__name__}: {exc}")
+    warm_up(variants, warmup)
+    diffs = final_diffs(variants)
+    samples = time_round_robin(variants, rounds, target_s, calls)
+    limit = statistics.median(samples["limit"])
+    rows = []
+    for label, times in samples.items():
+        median = statistics.median(times)
+        rows.append(
+            Row(
+                optimizer=spec.name,
+                size=size,
+                n=problem.n,
+                variant=label,
+                bytes_per_param=spec.bytes_per_param,
+                median_ms=median * 1e3,
+                min_ms=min(times) * 1e3,
+                gbps=spec.bytes_per_param * problem.n / median / 1e9,
+                pct_of_limit=100 * limit / median,
+                max_abs_diff=diffs[label],
+            )
+        )
+    del variants, problem
+    gc.collect()
+    allocator(queue).free_held()
+    return rows
+
+
+# ---------------------------------------------------------------------------- fixed costs
+
+
+def _tiny_tree(queue: cl.CommandQueue) -> tuple[list, list]:
+    host = [np.full((30, 30), 0.5, np.float32), np.full(100, 0.5, np.float32)]
+    return _to_device(queue, host, True), _to_device(queue, host, True)
+
+
+def _dispatch_steps(queue: cl.CommandQueue, libs: Libraries) -> dict[str, Callable[[], None]]:
+    """Zero-argument callables that each run one Adam step on a 1000-element tree."""
+    out: dict[str, Callable[[], None]] = {}
+    src, name = _limit_source(2)
+    kernel = build(queue.context, src, name, [None] * 4 + [np.float32])
+    bufs = [cla.zeros(queue, 1000, np.float32).data for _ in range(4)]
+    out["plain kernel launch (limit, Adam bytes)"] = lambda: kernel(
+        queue, (1000,), None, *bufs, np.float32(LR)
+    )
+    if libs.stateful is not None:
+        params, grads = _tiny_tree(queue)
+        parameters = [libs.stateful.Parameter(p) for p in params]
+        for p, g in zip(parameters, grads, strict=True):
+            p.grad = g
+        out["stateful Adam.step()"] = libs.stateful.Adam(parameters, lr=LR).step
+    params, grads = _tiny_tree(queue)
+    tx = no.adam(LR)
+    box = [params, tx.init(params)]
+
+    def pure_step() -> None:
+        box[0], box[1] = no.step(tx, box[0], grads, box[1])
+
+    out["no.step(adam)"] = pure_step
+    return out
+
+
+def dispatch_costs(queue: cl.CommandQueue, libs: Libraries, calls: int) -> list[dict]:
+    """µs per call of ``calls`` steps, with one ``finish()`` at the end vs after every call."""
+    rows = []
+    for label, fn in _dispatch_steps(queue, libs).items():
+        for _ in range(5):
+            fn()
+        queue.finish()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        queue.finish()
+        t1 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            queue.finish()
+        t2 = time.perf_counter()
+        rows.append(
+            {
+                "what": label,
+                "calls": calls,
+                "us_no_finish": (t1 - t0) / calls * 1e6,
+                "us_finish_each": (t2 - t1) / calls * 1e6,
+            }
+        )
+    return rows
+
+
+_FIRST_STEP_SCRIPT = """
+import json, sys, time
+import numpy as np
+t0 = time.perf_counter()
+import netcl_optim as no
+t1 = time.perf_counter()
+queue = no.default_queue()
+host = [np.full((30, 30), 0.5, np.float32), np.full(100, 0.5, np.float32)]
+params = no.pack(no.to_device(host, queue))
+grads = no.pack(no.to_device(host, queue))
+if sys.argv[1] == "stateful":
+    from netcl_optim.stateful import Adam, Parameter
+    ps = [Parameter(p) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    step = Adam(ps, lr=1e-3).step
+else:
+    tx = no.adam(1e-3)
+    box = [params, tx.init(params)]
+    def step():
+        box[0], box[1] = no.step(tx, box[0], grads, box[1])
+queue.finish()
+t2 = time.perf_counter()
+step()
+queue.finish()
+t3 = time.perf_counter()
+step()
+queue.finish()
+t4 = time.perf_counter()
+ms = lambda a, b: round((b - a) * 1e3, 2)
+print(json.dumps({"import_ms": ms(t0, t1), "init_ms": ms(t1, t2), "first_step_ms": ms(t2, t3),
+                  "second_step_ms": ms(t3, t4)}))
+"""
+
+
+def _first_step_once(api: str, env: dict[str, str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP_SCRIPT, api],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def first_step_costs(libs: Libraries, stateful: bool = True) -> list[dict]:
+    """Import, init and first Adam step of a new chain in fresh processes: PoCL's kernel cache
+    warm (second of two runs) and cold (``POCL_CACHE_DIR`` a fresh temporary directory), for
+    the functional API and (``stateful``, when importable) the stateful one."""
+    apis = ["functional"] + (["stateful"] if stateful and libs.stateful is not None else [])
+    rows = []
+    for api in apis:
+        env = dict(os.environ)
+        _first_step_once(api, env)
+        rows.append({"api": api, "cache": "warm", **_first_step_once(api, env)})
+        with tempfile.TemporaryDirectory(prefix="pocl-cold-") as cold:
+            rows.append(
+                {
+                    "api": api,
+                    "cache": "cold",
+                    **_first_step_once(api, {**env, "POCL_CACHE_DIR": cold}),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def machine_info(queue: cl.CommandQueue) -> dict:
+    device = queue.device
+    versions = {}
+    for name in ("numpy", "torch", "jax", "optax"):
+        module = sys.modules.get(name)
+        versions[name] = getattr(module, "__version__", None) if module else None
+    return {
+        "device": device.name,
+        "platform": device.platform.version,
+        "driver": device.driver_version,
+        "pyopencl": cl.VERSION_TEXT,
+        "netcl_optim": no.__version__,
+        "python": platform.python_version(),
+        "nproc": len(os.sched_getaffinity(0)),
+        **versions,
+    }
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (
+        f"{'optimizer':<26} {'size':>8} {'variant':<20} {'B/p':>4} {'median ms':>10} "
+        f"{'min ms':>9} {'GB/s':>7} {'% limit':>8} {'max|dp|':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pct = "" if r.pct_of_limit is None else f"{r.pct_of_limit:.0f}%"
+        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}"
+        lines.append(
+            f"{r.optimizer:<26} {r.size:>8} {r.variant:<20} {r.bytes_per_param:>4} "
+            f"{r.median_ms:>10.3f} {r.min_ms:>9.3f} {r.gbps:>7.1f} {pct:>8} {diff:>9}"
+        )
+    return "\n".join(lines)
+
+
+def format_fixed(dispatch: list[dict], first: list[dict]) -> str:
+    lines = [
+        "Python dispatch, 1000-element tree (us per call):",
+        f"  {'what':<42} {'no finish':>10} {'finish each':>12}",
+    ]
+    for d in dispatch:
+        lines.append(f"  {d['what']:<42} {d['us_no_finish']:>10.1f} {d['us_finish_each']:>12.1f}")
+    if first:
+        lines.append("First Adam step of a new chain in a new process (ms):")
+        lines.append(
+            f"  {'api':<11} {'cache':<6} {'import':>8} {'init':>8} {'1st step':>9} {'2nd step':>9}"
+        )
+        for f in first:
+            lines.append(
+                f"  {f['api']:<11} {f['cache']:<6} {f['import_ms']:>8.1f} {f['init_ms']:>8.1f} "
+                f"{f['first_step_ms']:>9.1f} {f['second_step_ms']:>9.1f}"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Bars of % of limit (median) per variant, grouped by size; one panel per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = list(dict.fromkeys(r.optimizer for r in rows))
+    order = ["limit", "limit (out of place)", "stateful", "step", "step (per leaf)", "update+apply"]
+    labels = sorted(
+        dict.fromkeys(r.variant for r in rows),
+        key=lambda v: order.index(v) if v in order else len(order),
+    )
+    colors = {label: f"C{k}" for k, label in enumerate(labels)}
+    pct = {(r.optimizer, r.size, r.variant): r.pct_of_limit or 0.0 for r in rows}
+    top = max(110.0, *pct.values()) * 1.05
+    width = 0.8 / len(labels)
+    fig, axes = plt.subplots(
+        len(optimizers), 1, figsize=(10, 2.4 * len(optimizers) + 1), squeeze=False
+    )
+    for ax, opt in zip(axes[:, 0], optimizers, strict=True):
+        sizes = list(dict.fromkeys(r.size for r in rows if r.optimizer == opt))
+        for j, label in enumerate(labels):
+            at = [
+                (i, pct[(opt, size, label)])
+                for i, size in enumerate(sizes)
+                if (opt, size, label) in pct
+            ]
+            xs = [i + (j - (len(labels) - 1) / 2) * width for i, _ in at]
+            ax.bar(xs, [y for _, y in at], width, color=colors[label], label=label)
+        ax.axhline(100, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_ylim(0, top)
+        ax.set_ylabel("% of limit")
+        ax.set_title(opt, fontsize=9, loc="left")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncols=min(5, len(labels)), fontsize=8)
+    fig.suptitle("One step, median, as % of a plain kernel moving the same bytes in place")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Adam and SGD-momentum at 1M and tree160, fewer rounds, < 1 min",
+    )
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--optimizers", help=f"comma-separated, from {','.join(OPTIMIZERS)}")
+    parser.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}")
+    parser.add_argument("--rounds", type=int, help="timed blocks per variant (7; quick 3)")
+    parser.add_argument(
+        "--no-fixed-costs",
+        action="store_true",
+        help="skip the dispatch and new-process measurements",
+    )
+    parser.add_argument("--json", help="write all results to this path")
+    parser.add_argument("--png", help="write a bar chart of %% of limit to this path")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        defaults = ("adam", "tree5,10K", 1)
+    elif args.quick:
+        defaults = ("momentum,adam", "1M,tree160", 3)
+    else:
+        defaults = (",".join(ALL_OPTIMIZERS), ",".join(FULL_SIZES), 7)
+    args.optimizers = (args.optimizers or defaults[0]).split(",")
+    args.sizes = (args.sizes or defaults[1]).split(",")
+    args.rounds = args.rounds or defaults[2]
+    for name in args.optimizers:
+        if name not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {name!r}: choose from {', '.join(OPTIMIZERS)}")
+    for size in args.sizes:
+        if size not in SIZES:
+            parser.error(f"unknown size {size!r}: choose from {', '.join(SIZES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    queue = no.default_queue()
+    libs = Libraries.load()
+    info = machine_info(queue)
+    print("  ".join(f"{k}: {v}" for k, v in info.items()))
+    for note in libs.notes():
+        print("note:", note)
+    print("bytes per param (float32):")
+    for name in args.optimizers:
+        spec = OPTIMIZERS[name]
+        print(f"  {spec.name:<26} {spec.bytes_per_param:>3} B  ({spec.roles})")
+    timing: dict[str, Any] = {"target_s": 0.02 if args.quick else 0.05}
+    if args.smoke:
+        timing = {"warmup": 1, "calls": 2}
+    rows: list[Row] = []
+    for name in args.optimizers:
+        for size in args.sizes:
+            group = run_group(OPTIMIZERS[name], size, queue, libs, args.rounds, **timing)
+            table = format_table(group)
+            print(table.split("\n", 2)[2] if rows else table, flush=True)
+            rows += group
+    dispatch, first = [], []
+    if not args.no_fixed_costs:
+        calls = 20 if args.smoke else 500 if args.quick else 2000
+        dispatch = dispatch_costs(queue, libs, calls)
+        first = [] if args.smoke else first_step_costs(libs, stateful=not args.quick)
+        print(format_fixed(dispatch, first))
+    print()
+    print(format_table(rows))
+    result = {
+        "machine": info,
+        "notes": libs.notes(),
+        "rounds": args.rounds,
+        "rows": [asdict(r) for r in rows],
+        "dispatch": dispatch,
+        "first_step": first,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.png:
+        plot(rows, args.png)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Smoke test of benchmarks/bench_step.py at a tiny size: it runs, and its rows make sense.
+
+No timing assertions: only that every number is positive and that our variants end on the same
+params (they all take the same number of steps from the same start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyopencl")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_step"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_step", None)
+
+
+@pytest.fixture(scope="module")
+def smoke(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = bench.main(["--smoke", "--json", str(out / "r.json"), "--png", str(out / "r.png")])
+    return result, out
+
+
+def test_bytes_per_param(bench):
+    got = {name: spec.bytes_per_param for name, spec in bench.OPTIMIZERS.items()}
+    assert got == {"sgd": 12, "momentum": 20, "adam": 28, "adamw": 28, "rmsprop": 36}
+
+
+def test_gpt_tree_shape(bench):
+    shapes = bench.gpt_shapes()
+    sizes = [math.prod(s) for s in shapes]
+    assert len(shapes) == 160
+    assert 9_400_000 < sum(sizes) < 9_800_000
+    assert all(57_000 <= n <= 491_520 for s, n in zip(shapes, sizes, strict=True) if len(s) == 2)
+    assert all(240 <= n <= 960 for s, n in zip(shapes, sizes, strict=True) if len(s) == 1)
+
+
+def test_rows_positive(smoke):
+    result, _ = smoke
+    rows = result["rows"]
+    assert {r["size"] for r in rows} == {"10K", "tree5"}
+    labels = {r["variant"] for r in rows}
+    assert {"limit", "limit (out of place)", "step", "update+apply", "step (per leaf)"} <= labels
+    for r in rows:
+        for key in ("median_ms", "min_ms", "gbps", "pct_of_limit"):
+            assert r[key] > 0, (r["variant"], key)
+        assert r["min_ms"] <= r["median_ms"]
+    for d in result["dispatch"]:
+        assert d["us_no_finish"] > 0 and d["us_finish_each"] > 0
+
+
+def test_our_variants_agree(smoke):
+    """Pure, per-leaf and update+apply are bitwise equal; the stateful layer matches closely;
+    torch and optax agree to float32 rounding."""
+    for r in smoke[0]["rows"]:
+        diff = r["max_abs_diff"]
+        if r["variant"] in ("step", "step (per leaf)", "update+apply"):
+            assert diff == 0.0, r
+        elif r["variant"].startswith("limit"):
+            assert diff is None
+        else:
+            assert diff < 1e-6, r
+
+
+def test_outputs_written(smoke):
+    result, out = smoke
+    assert json.loads((out / "r.json").read_text())["rows"] == result["rows"]
+    assert (out / "r.png").stat().st_size > 1000
