@@ -1,0 +1,241 @@
+"""Gradient all-reduce (functional and in place) and parameter broadcast over MPI.
+
+The whole tree travels as one packed host buffer per dtype: one collective per dtype per
+step, whatever the number of leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import optree
+import pyopencl.array as cla
+
+from .._base import EmptyState, GradientTransformation, OptState
+from .._device import queue_of
+from .._packing import layout
+from ._comm import (
+    agree,
+    by_dtype,
+    check_device_leaves,
+    download,
+    get_comm,
+    in_place,
+    path_names,
+    raw,
+    signature,
+    upload,
+    upload_fresh,
+)
+
+
+def _reduce_host(comm: Any, host: np.ndarray, average: bool) -> np.ndarray:
+    """Sum ``host`` over all ranks in place (float16 travels as float32), then divide by the
+    number of ranks if ``average``. Returns the result in ``host``'s dtype."""
+    size = comm.Get_size()
+    work = host.astype(np.float32) if host.dtype == np.float16 else host
+    if work.size:
+        comm.Allreduce(in_place(), work)
+        if average:
+            np.divide(work, work.dtype.type(size), out=work)
+    if work is not host:
+        host[...] = work  # round to half once, the same way on every rank
+    return host
+
+
+def _check_average(average: Any) -> bool:
+    if not isinstance(average, (bool, np.bool_)):
+        raise TypeError(f"Invalid average: {average!r} (must be a bool)")
+    return bool(average)
+
+
+def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
+    """The sum (``average=False``) or mean over all ranks of a pytree of device arrays.
+
+    Pure: the result is a fresh packed tree (one buffer per dtype, views per leaf) with
+    ``tree``'s structure; ``tree`` is not modified. The mean is the float sum divided by the
+    number of ranks (float16 is summed and divided in float32, then rounded once). Every
+    rank gets the same bits. With one rank, ``tree`` itself is returned.
+
+    Raises:
+      ValueError: on every rank, when the ranks' trees differ in structure, shapes or
+        dtypes (checked before the data moves: a mismatch cannot hang).
+
+    Device:
+      One device-to-host copy per dtype if the leaves are packed (else one per leaf), one
+      host-to-device copy per dtype. MPI: one Allgather of a 16-byte tree digest, then one
+      in-place Allreduce per dtype.
+    """
+    comm = get_comm(comm)
+    average = _check_average(average)
+
+    def local() -> tuple[Any, Any]:
+        leaves, treedef = optree.tree_flatten(tree)
+        queue = queue_of(leaves)
+        check_device_leaves(leaves, queue, "allreduce")
+        staged = []
+        if comm.Get_size() > 1:
+            for dtype, idx in by_dtype(leaves).items():
+                xs = [leaves[i] for i in idx]
+                lay = layout(tuple(x.shape for x in xs), dtype)
+                staged.append((idx, lay, download(queue, xs, lay)))
+        return signature(treedef, leaves), (leaves, treedef, queue, staged)
+
+    leaves, treedef, queue, staged = agree(comm, "allreduce", local, names=lambda: path_names(tree))
+    if comm.Get_size() == 1 or not leaves:
+        return tree
+    out = list(leaves)
+    for idx, lay, host in staged:
+        _reduce_host(comm, host, average)
+        for i, v in zip(idx, upload_fresh(queue, lay, host), strict=True):
+            out[i] = v
+    return optree.tree_unflatten(treedef, out)
+
+
+def allreduce_gradients(comm: Any = None, average: bool = True) -> GradientTransformation:
+    """A transform that replaces the updates by their mean (or sum) over all ranks.
+
+    Put it first in a chain, so that every rank applies the same update::
+
+        tx = chain(allreduce_gradients(), adam(1e-3))
+
+    Opaque (no fragment): the rest of the chain still fuses into one kernel. Pure: ``update``
+    returns fresh packed arrays. See :func:`allreduce` for the error on mismatched trees.
+
+    Device:
+      Per step: one device-to-host copy per dtype (per leaf if the updates are not packed),
+      one host-to-device copy per dtype. MPI: a 16-byte Allgather (tree check) and one
+      in-place Allreduce per dtype.
+    """
+    comm = get_comm(comm)
+    average = _check_average(average)
+
+    def init(params: Any) -> EmptyState:
+        return EmptyState()
+
+    def update(
+        updates: Any, state: OptState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, OptState]:
+        return allreduce(updates, comm, average), state
+
+    return GradientTransformation(init, update)
+
+
+def _param_list(parameters: Any, attr: str, what: str) -> list[Any]:
+    if hasattr(parameters, attr) and not isinstance(parameters, cla.Array):
+        return [parameters]
+    if isinstance(parameters, cla.Array) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"{what}: parameters must be an iterable of objects with .{attr}, "
+            f"got {type(parameters).__name__}"
+        )
+    params = list(parameters)
+    for i, p in enumerate(params):
+        if isinstance(p, cla.Array) or not hasattr(p, attr):
+            raise TypeError(f"{what}: parameters[{i}] ({type(p).__name__}) has no .{attr}")
+    return params
+
+
+def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool = True) -> None:
+    """In place: replace every parameter's ``.grad`` by its mean (or sum) over all ranks.
+
+    For the stateful API: call it between the backward pass and ``optimizer.step()``.
+    Parameters whose ``.grad`` is ``None`` are skipped (they must be ``None`` on every rank).
+    Grads that are views of one packed buffer (``zero_grad(set_to_none=False)``) move in
+    one copy each way.
+
+    Device:
+      One device-to-host and one host-to-device copy per dtype if the grads are packed (one
+      per grad otherwise). MPI: a 16-byte Allgather (tree check) and one in-place Allreduce
+      per dtype.
+    """
+    comm = get_comm(comm)
+    average = _check_average(average)
+
+    count = [0]
+
+    def local() -> tuple[Any, Any]:
+        params = _param_list(parameters, "grad", "allreduce_grads_")
+        grads = [p.grad for p in params]
+        count[0] = len(grads)
+        present = [g for g in grads if g is not None]
+        queue = queue_of(present)
+        check_device_leaves(present, queue, "allreduce_grads_")
+        staged = []
+        if comm.Get_size() > 1:
+            for dtype, idx in by_dtype(grads).items():
+                xs = [grads[i] for i in idx]
+                lay = layout(tuple(x.shape for x in xs), dtype)
+                staged.append((xs, lay, download(queue, xs, lay)))
+        return signature(f"{len(grads)} parameters", grads), (queue, staged)
+
+    def names() -> list[str]:
+        return [f"parameters[{i}].grad" for i in range(count[0])]
+
+    queue, staged = agree(comm, "allreduce_grads_", local, names=names)
+    for xs, lay, host in staged:
+        upload(queue, xs, lay, _reduce_host(comm, host, average))
+
+
+def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
+    """Make every rank's parameters equal to rank ``root``'s.
+
+    ``params`` is either a pytree of device arrays, for which a fresh packed tree holding
+    root's values is returned on every rank (pure), or a list of objects with ``.data``
+    (e.g. :class:`~netcl_optim.stateful.Parameter`), whose ``.data`` is overwritten in place
+    on the other ranks (the list is returned).
+
+    Device:
+      On root one device-to-host copy per dtype (per leaf if not packed); on every rank one
+      host-to-device copy per dtype. MPI: a 16-byte Allgather (tree check) and one Bcast
+      per dtype.
+    """
+    comm = get_comm(comm)
+    size = comm.Get_size()
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < size:
+        raise ValueError(f"Invalid root: {root!r} (must be a rank in [0, {size}))")
+    rank = comm.Get_rank()
+    objects = (
+        isinstance(params, (list, tuple))
+        and len(params) > 0
+        and all(hasattr(p, "data") and not isinstance(p, cla.Array) for p in params)
+    )
+
+    def local() -> tuple[Any, Any]:
+        if objects:
+            leaves = [p.data for p in params]
+            text = f"{len(leaves)} parameters"
+        else:
+            leaves, treedef = optree.tree_flatten(params)
+            text = str(treedef)
+        queue = queue_of(leaves)
+        check_device_leaves(leaves, queue, "broadcast_parameters")
+        return signature(text, leaves), (leaves, None if objects else treedef, queue)
+
+    def names() -> list[str]:
+        if objects:
+            return [f"parameters[{i}].data" for i in range(len(params))]
+        return path_names(params)
+
+    leaves, treedef, queue = agree(comm, "broadcast_parameters", local, names=names)
+    out = list(leaves)
+    for dtype, idx in by_dtype(leaves).items():
+        xs = [leaves[i] for i in idx]
+        lay = layout(tuple(x.shape for x in xs), dtype)
+        if rank == root:
+            host = download(queue, xs, lay)
+        else:
+            host = np.empty(lay.total, dtype)
+        if size > 1 and lay.total:
+            comm.Bcast(raw(host), root=root)
+        if objects:
+            if rank != root:
+                upload(queue, xs, lay, host)
+        else:
+            for i, v in zip(idx, upload_fresh(queue, lay, host), strict=True):
+                out[i] = v
+    if objects:
+        return params
+    return optree.tree_unflatten(treedef, out)

@@ -1,0 +1,140 @@
+"""ZeRO stage 1: sharded optimizers equal unsharded ones bit for bit (functional and stateful),
+with ~1/N of the optimizer state per rank. Slices cut through leaves; trees mix dtypes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from _util import COMM, RANK, bits_equal, check, log, run
+
+import netcl_optim as no
+import netcl_optim.distributed as dist
+from netcl_optim.stateful import SGD, AdamW, Parameter
+
+SHAPES = {
+    "a": ((37,), np.float32),
+    "b": ((5, 7), np.float32),
+    "c": ((0,), np.float32),
+    "d": ((13,), np.float32),
+    "e": ((9,), np.float64),
+    "h": ((11,), np.float16),
+}
+
+
+def draw(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {k: rng.standard_normal(s).astype(t) for k, (s, t) in SHAPES.items()}
+
+
+def equal(a: dict, b: dict, keys: Any = None) -> bool:
+    a, b = no.to_host(a), no.to_host(b)
+    return all(bits_equal(a[k], b[k]) for k in (keys or a))
+
+
+def functional(name: str, tx: no.GradientTransformation, packed: bool, steps: int = 6) -> None:
+    rng = np.random.default_rng(1)
+    init = no.to_device(draw(rng))
+    if packed:
+        init = no.pack(init)
+    grng = np.random.default_rng(10 + RANK)  # different grads on every rank
+    ar = dist.allreduce_gradients(comm=COMM)
+    stx = dist.shard_optimizer(tx, COMM)
+    via_update = no.chain(ar, stx)  # gathers the updates
+    p_ref = p_upd = p_apply = p_step = init
+    s_ref, s_apply = tx.init(init), tx.init(init)
+    s_upd, s_step = via_update.init(init), stx.init(init)
+    for step in range(steps):
+        g = no.to_device(draw(grng))
+        if packed:
+            g = no.pack(g)
+        mean = dist.allreduce(g, COMM)
+        p_ref, s_ref = no.step(tx, p_ref, mean, s_ref)
+        u, s_apply = tx.update(mean, s_apply, p_apply)
+        p_apply = no.apply_updates(p_apply, u)
+        p_upd, s_upd = no.step(via_update, p_upd, g, s_upd)
+        p_step, s_step = dist.sharded_step(stx, p_step, mean, s_step)
+        where = f"{name} ({'packed' if packed else 'per leaf'}) step {step}"
+        check(equal(p_step, p_ref), f"{where}: sharded_step != step")
+        check(equal(p_upd, p_apply), f"{where}: update + apply != unsharded update + apply")
+        check(equal(p_upd, p_ref, ["a", "b", "c", "d", "e"]), f"{where}: f32/f64 != step")
+    full, mine = dist.state_nbytes(s_ref), dist.state_nbytes(s_step)
+    every = COMM.allgather(mine)
+    check(sum(every) == full, f"{name}: shard states {every} do not add up to {full}")
+    check(max(every) - min(every) <= 16 * len(SHAPES), f"{name}: unbalanced shards {every}")
+    if packed and name == "adamw":
+        log(f"functional adamw state: {mine} bytes on this rank, {full} unsharded")
+
+
+def stateful(cls: type, kwargs: dict, groups_kwargs: list[dict], steps: int = 8) -> None:
+    rng = np.random.default_rng(2)
+    init = draw(rng)
+    keys = list(SHAPES)
+    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
+
+    def groups(ps: list) -> list[dict]:
+        return [{"params": ps[:3], **groups_kwargs[0]}, {"params": ps[3:], **groups_kwargs[1]}]
+
+    ref = cls(groups(ref_ps), **kwargs)
+    zero = dist.ZeroRedundancyOptimizer(cls, groups(zero_ps), comm=COMM, **kwargs)
+    grng = np.random.default_rng(20 + RANK)
+    for step in range(steps):
+        hg = draw(grng)
+        if step % 2:
+            zero.zero_grad(set_to_none=False)  # packed grads: slices are views
+            for p, k in zip(zero_ps, keys, strict=True):
+                if p.grad.size:  # (pyopencl's set() rejects some empty arrays' strides)
+                    p.grad.set(hg[k])
+        else:
+            for p, k in zip(zero_ps, keys, strict=True):
+                p.grad = no.to_device(hg[k])
+        if step == 5:  # group 1 without grads: skipped by both
+            for p in zero_ps[3:]:
+                p.grad = None
+        if step == 3:  # an LR change through param_groups reaches the shards
+            for opt in (ref, zero):
+                opt.param_groups[0]["lr"] *= 0.5
+        dist.allreduce_grads_(zero_ps, COMM)
+        for p, q in zip(ref_ps, zero_ps, strict=True):
+            p.grad = None if q.grad is None else q.grad.copy()
+        ref.step()
+        zero.step()
+        for i, (p, q) in enumerate(zip(ref_ps, zero_ps, strict=True)):
+            check(
+                bits_equal(p.data.get(), q.data.get()),
+                f"{cls.__name__} step {step}: param {keys[i]} differs from the unsharded step",
+            )
+        zero.zero_grad()
+    full, mine = dist.state_nbytes(ref), zero.state_nbytes()
+    every = COMM.allgather(mine)
+    check(sum(every) == full, f"{cls.__name__}: shard states {every} do not add up to {full}")
+    log(f"stateful {cls.__name__} state: {mine} bytes on this rank, {full} unsharded")
+
+
+def main() -> None:
+    sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
+    cases = {
+        "adamw": no.adamw(1e-2, weight_decay=0.1),
+        "sgd_nesterov": no.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        "rmsprop": no.rmsprop(1e-2, centered=True, momentum=0.5),
+        "inject_adam": no.inject_hyperparams(no.adam)(learning_rate=sched, b1=0.8),
+    }
+    for name, tx in cases.items():
+        functional(name, tx, packed=True)
+    functional("adamw", cases["adamw"], packed=False)
+    # clipping on the full (all-reduced) grads, before the sharded optimizer
+    clip = no.chain(no.clip_by_global_norm(0.5), no.adam(1e-2))
+    sharded = no.chain(no.clip_by_global_norm(0.5), dist.shard_optimizer(no.adam(1e-2), COMM))
+    p1 = p2 = no.pack(no.to_device(draw(np.random.default_rng(3))))
+    s1, s2 = clip.init(p1), sharded.init(p2)
+    for step in range(4):
+        g = dist.allreduce(no.to_device(draw(np.random.default_rng(30 + RANK + step))), COMM)
+        p1, s1 = no.step(clip, p1, g, s1)
+        p2, s2 = no.step(sharded, p2, g, s2)
+        check(equal(p1, p2, ["a", "b", "c", "d", "e"]), f"clip then shard, step {step}")
+    stateful(AdamW, {"lr": 3e-3, "weight_decay": 0.05}, [{"lr": 1e-2}, {"weight_decay": 0.0}])
+    stateful(SGD, {"lr": 0.05, "momentum": 0.9}, [{}, {"nesterov": True}])
+    log("sharded == unsharded, bit for bit")
+
+
+run(main)
