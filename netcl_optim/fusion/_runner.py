@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -172,7 +173,7 @@ _counters: list[LaunchCounter] = []
 def _count(name: str, launches: int = 1) -> None:
     for c in _counters:
         c.launches += launches
-        c.kernels.append(name)
+        c.kernels.extend([name] * launches)
 
 
 class count_launches:
@@ -188,14 +189,19 @@ class count_launches:
 
 
 def _launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
-    if _counters:
-        _count(kernel.function_name)
+    """Enqueue ``n`` work-items with no bounds check in the kernel: a size that is not a
+    multiple of 256 runs as a multiple of 256 plus a tail at a global offset, so the runtime
+    can pick a good local size for the bulk (a prime size would get work-groups of one)."""
     if n >= 4 * _SPLIT and n % _SPLIT:
         main = n - n % _SPLIT
         kernel(queue, (main,), None, *args)
         kernel(queue, (n - main,), None, *args, global_offset=(main,))
+        launched = 2
     else:
         kernel(queue, (n,), None, *args)
+        launched = 1
+    if _counters:
+        _count(kernel.function_name, launched)
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -282,24 +288,34 @@ def run_parts(
             others.append((f"state.{name} of {part.fragment.name}", leaves, _state_dtype))
             per_part.append(leaves)
         slot_leaves.append(per_part)
+    fragments = [p.fragment for p in parts]
+    keys = tuple(f.key for f in fragments)
+    # In place (the stateful layer), the same arrays come back every step: their validation
+    # and launch plan are cached, keyed by identity. The entry holds weak references: an id
+    # is only trusted while its array is alive, and a stale entry keeps no memory alive.
+    cache_key = None
+    if inplace and apply:
+        roles_ids = [tuple(map(id, u_leaves)), tuple(map(id, p_leaves))]
+        for per in slot_leaves:
+            roles_ids.extend(tuple(map(id, leaves)) for leaves in per)
+        cache_key = (queue, keys, tuple(roles_ids))
+        hit = _plans.get(cache_key)
+        if hit is not None:
+            objs = [r() for r in hit[0]]
+            if None not in objs:
+                tail_hit: list[Any] = _reduce_parts(parts, u_leaves, queue)
+                for part in parts:
+                    tail_hit.extend(part.scalars)
+                for kernel, n, template in hit[1]:
+                    args = [objs[a].base_data if type(a) is _Leaf else a for a in template]
+                    _launch(kernel, queue, n, args + tail_hit)
+                return params, [part.slots for part in parts]
     if not _all_valid(u_leaves, others, queue):
         _check_leaves(u_leaves, others, updates, queue)
 
     acc = acc_ctype(queue)
     ctx = queue.context
-    fragments = [p.fragment for p in parts]
-    keys = tuple(f.key for f in fragments)
-    # reductions: the segment's first part may reduce over the incoming updates
-    red_bufs: dict[int, cla.Array] = {}
-    for k, part in enumerate(parts):
-        red = part.fragment.reduction
-        if red is not None:
-            if k != 0:
-                raise AssertionError("a reduction must start a segment")
-            values = dict(zip(part.fragment.scalars, part.scalars, strict=True))
-            s0 = float(values.get(red.scalars[0], 0.0)) if red.scalars else 0.0
-            pw = float(values.get("norm_type", 2.0))
-            red_bufs[k] = reduce_leaves(queue, u_leaves, red.op, red.finish, s0, pw)
+    red_tail = _reduce_parts(parts, u_leaves, queue)
 
     by_dtype = _group_by_dtype(u_leaves)
     single = len(by_dtype) == 1
@@ -323,6 +339,8 @@ def run_parts(
             for i, o in zip(idx, src, strict=True):
                 dst[i] = o
 
+    tail = red_tail + tail_scalars
+    launches: list[tuple[cl.Kernel, int, list[Any]]] = []
     for dtype, idx in by_dtype.items():
         spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
         kernel, _ = fused_kernel(ctx, fragments, spec)
@@ -348,15 +366,13 @@ def run_parts(
                 else:
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
-        tail: list[Any] = [red_bufs[k].base_data for k in sorted(red_bufs)]
-        tail.extend(tail_scalars)
         runs = [contiguous_run(r, lay if r[0].dtype == dtype else slot_lay) for r in roles]
         if None not in runs:
             if lay.total:
                 args = []
                 for base, off in runs:
                     args += [base, off]
-                _launch(kernel, queue, lay.total, args + tail)
+                launches.append((kernel, lay.total, args))
         else:
             for j, size in enumerate(lay.sizes):
                 if not size:
@@ -365,13 +381,51 @@ def run_parts(
                 for r in roles:
                     a = r[j]
                     args += [a.base_data, element_offset(a)]
-                _launch(kernel, queue, size, args + tail)
+                launches.append((kernel, size, args))
+    for kernel, n, args in launches:
+        _launch(kernel, queue, n, args + tail)
+    if cache_key is not None:
+        if len(_plans) >= 64:
+            _plans.clear()
+        # the plan keeps no buffer alive: a buffer argument is the index of a leaf using it
+        leaves = [*u_leaves, *p_leaves, *(x for per in slot_leaves for ls in per for x in ls)]
+        index = {}
+        for i, x in enumerate(leaves):
+            index.setdefault(id(x.base_data), i)
+        templates = [
+            (kernel, n, [_Leaf(index[id(a)]) if i % 2 == 0 else a for i, a in enumerate(args)])
+            for kernel, n, args in launches
+        ]
+        _plans[cache_key] = ([weakref.ref(x) for x in leaves], templates)
 
     out = optree.tree_unflatten(treedef, out_leaves)
     new_slots = [
         tuple(optree.tree_unflatten(treedef, leaves) for leaves in per) for per in new_slot_leaves
     ]
     return out, new_slots
+
+
+class _Leaf(int):
+    """In a cached launch plan: the buffer of the i-th leaf."""
+
+
+_plans: dict[tuple, tuple[list[weakref.ref], list[tuple[cl.Kernel, int, list[Any]]]]] = {}
+
+
+def _reduce_parts(parts: Sequence[Part], u_leaves: list[Any], queue: cl.CommandQueue) -> list:
+    """Run the reduction that starts a segment, if any; its result buffer leads the tail of
+    the fused kernel's arguments."""
+    tail: list[Any] = []
+    for k, part in enumerate(parts):
+        red = part.fragment.reduction
+        if red is not None:
+            if k != 0:
+                raise AssertionError("a reduction must start a segment")
+            values = dict(zip(part.fragment.scalars, part.scalars, strict=True))
+            s0 = float(values.get(red.scalars[0], 0.0)) if red.scalars else 0.0
+            pw = float(values.get("norm_type", 2.0))
+            tail.append(reduce_leaves(queue, u_leaves, red.op, red.finish, s0, pw).base_data)
+    return tail
 
 
 def _group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
