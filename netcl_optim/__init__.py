@@ -20,6 +20,11 @@ from ._device import set_default_queue as set_default_queue
 from ._device import to_device as to_device
 from ._device import to_host as to_host
 from ._packing import pack as pack
+from .amp import DynamicLossScaleState as DynamicLossScaleState
+from .amp import dynamic_loss_scale as dynamic_loss_scale
+from .amp import loss_scale_of as loss_scale_of
+from .amp import scale_loss as scale_loss
+from .amp import unscale_grads as unscale_grads
 from .fusion._programs import clear_kernel_caches as clear_kernel_caches
 from .fusion._runner import count_launches as count_launches
 from .schedules import Schedule as Schedule
@@ -53,6 +58,9 @@ from .stateful import ReduceLROnPlateau as ReduceLROnPlateau
 from .stateful import RMSProp as RMSProp
 from .stateful import StepLR as StepLR
 from .stateful import WarmupCosine as WarmupCosine
+from .stateful._clip import clip_grad_norm as clip_grad_norm
+from .stateful._clip import clip_grad_norm_device as clip_grad_norm_device
+from .stateful._grad_scaler import AMPGradScaler as AMPGradScaler
 from .transforms._adaptive import ScaleByAdamState as ScaleByAdamState
 from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState
@@ -80,5 +88,14 @@ from .transforms._update import apply_updates as apply_updates
 from .transforms._update import step as step
 from .transforms._weight_decay import AddDecayedWeightsState as AddDecayedWeightsState
 from .transforms._weight_decay import add_decayed_weights as add_decayed_weights
+from .transforms._wrappers import ApplyIfFiniteState as ApplyIfFiniteState
+from .transforms._wrappers import MultiSteps as MultiSteps
+from .transforms._wrappers import MultiStepsState as MultiStepsState
+from .transforms._wrappers import PartitionState as PartitionState
+from .transforms._wrappers import apply_if_finite as apply_if_finite
+from .transforms._wrappers import multi_transform as multi_transform
+from .transforms._wrappers import partition as partition
+from .transforms._wrappers import weight_decay_mask as weight_decay_mask
+from .transforms._wrappers import zero_nans as zero_nans
 
 __version__ = "0.1.0"

@@ -87,6 +87,8 @@ _reduce: dict[tuple, cl.Kernel] = {}
 
 def _stage1_source(op: str, storage: str, acc: str) -> tuple[str, str]:
     real = "double" if storage == "double" else "float"
+    if acc == "double" and real == "float" and op != "maxabs":
+        return _stage1_blocked_source(op, storage)
     # 8 lanes for float and half; 4 for double: PoCL returns only the low half of a double8
     # from vload8 on CPUs without AVX-512 (seen on PoCL 3.0).
     width = 4 if real == "double" else 8
@@ -124,6 +126,64 @@ __kernel void {name}(__global const {storage} *restrict x_base, const long x_off
         r = {one};
     }}
     partials[p_off + w] = ({acc})r;
+}}
+"""
+    return src, name
+
+
+def _stage1_blocked_source(op: str, storage: str) -> tuple[str, str]:
+    """Stage 1 of a sum over float or half data on an fp64 device: float lanes over blocks of
+    64 elements, blocks added in double. Float lanes over a whole chunk were off by up to
+    ~3e-6 relative (thousands of terms per lane), enough to break "clipped norm <= max_norm
+    (1 + 1e-6)" and host/device clipping agreement; blocks bound that by ~8 ulp, and the
+    loop ran faster than the unblocked one on PoCL. ``sumpow`` (rare p-norms) computes in
+    double lanes: ``|x|**p`` underflows float for small ``x``."""
+    vec, one, _ = _OPS[op]
+    vec = vec.replace("real8", "realv")
+    lane, w = ("double", 4) if op == "sumpow" else ("float", 8)
+    name = f"netcl_reduce_{op}_{storage}"
+    load_v = f"vload_half{w}(0, x_base + k)" if storage == "half" else f"vload{w}(0, x_base + k)"
+    load1 = "vload_half(k, x_base)" if storage == "half" else "x_base[k]"
+    if lane == "double":
+        load_v, load1 = f"convert_double4({load_v})", f"(double){load1}"
+        add = "lo += a;"
+    else:
+        add = "lo += convert_double4(a.lo);\n        hi += convert_double4(a.hi);"
+    src = f"""//CL// {name}: one partial per work-item over a contiguous chunk, blocks in double
+{preamble(lane, True)}
+typedef {lane}{w} realv;
+__kernel void {name}(__global const {storage} *restrict x_base, const long x_off, const long n,
+                     const long chunk, __global double *restrict partials, const long p_off,
+                     const float pw_in)
+{{
+    const real pw = (real)pw_in;
+    const long w = get_global_id(0);
+    long k = x_off + w * chunk;
+    const long stop = x_off + min(w * chunk + chunk, n);
+    double4 lo = (double4)(0), hi = (double4)(0);
+    while (k + {8 * w} <= stop) {{
+        realv a = (realv)(0);
+        for (int j = 0; j < 8; j++, k += {w}) {{
+            const realv x = {load_v};
+            a = {vec};
+        }}
+        {add}
+    }}
+    {{
+        realv a = (realv)(0);
+        for (; k + {w} <= stop; k += {w}) {{
+            const realv x = {load_v};
+            a = {vec};
+        }}
+        {add}
+    }}
+    double r = ((lo.s0 + lo.s1) + (lo.s2 + lo.s3)) + ((hi.s0 + hi.s1) + (hi.s2 + hi.s3));
+    for (; k < stop; k++) {{
+        const real x = {load1};
+        const real a = 0;
+        r = r + (double)({one});
+    }}
+    partials[p_off + w] = r;
 }}
 """
     return src, name

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ._clip import clip_grad_norm as clip_grad_norm
+from ._clip import clip_grad_norm_device as clip_grad_norm_device
+from ._grad_scaler import AMPGradScaler as AMPGradScaler
 from ._lr_scheduler import CosineAnnealingLR as CosineAnnealingLR
 from ._lr_scheduler import ExponentialLR as ExponentialLR
 from ._lr_scheduler import LambdaLR as LambdaLR
@@ -22,6 +25,7 @@ from ._parameter import Parameter as Parameter
 
 __all__ = [
     "SGD",
+    "AMPGradScaler",
     "Adam",
     "AdamW",
     "CosineAnnealingLR",
@@ -38,4 +42,6 @@ __all__ = [
     "ReduceLROnPlateau",
     "StepLR",
     "WarmupCosine",
+    "clip_grad_norm",
+    "clip_grad_norm_device",
 ]

@@ -65,8 +65,8 @@ class AMPGradScaler:
     doubles it (``growth_factor``) after ``growth_interval`` finite steps in a row.
 
     Unlike torch, float16 gradients may be unscaled: half is a storage type here, the
-    product is computed in float32 and rounded back to half (values below ``2**-24`` after
-    unscaling flush to zero; keep float32 master weights if that matters).
+    product is computed in float32 and rounded back to half (unscaled values below ``2**-14``
+    become subnormal, below ``2**-25`` zero; keep float32 grads if that matters).
 
     Args:
       init_scale: initial scale (2**16).
@@ -173,19 +173,24 @@ class AMPGradScaler:
         if not self._enabled:
             return
         if new_scale is not None:
-            if isinstance(new_scale, cla.Array):
-                if new_scale.size != 1:
-                    raise ValueError("new_scale should be a float or a 1-element array")
-                new_scale = new_scale.get().reshape(())[()]
-            self._scale = float(np.float32(new_scale))
+            value = new_scale.get() if isinstance(new_scale, cla.Array) else np.asarray(new_scale)
+            if value.size != 1 or value.dtype.kind not in "fiu":
+                raise ValueError(
+                    f"new_scale should be a float or a 1-element array, got {new_scale!r}"
+                )
+            self._scale = float(np.float32(value.reshape(-1)[0]))
         else:
             recorded = [s for s in self._per_optimizer.values() if s.found is not None]
             if not recorded:
                 raise RuntimeError("No inf checks were recorded prior to update.")
             found = any([s.read() for s in recorded])
             self._scale, self._growth_tracker = next_scale(
-                self._scale, self._growth_tracker, found, self._growth_factor,
-                self._backoff_factor, self._growth_interval,
+                self._scale,
+                self._growth_tracker,
+                found,
+                self._growth_factor,
+                self._backoff_factor,
+                self._growth_interval,
             )
         self._per_optimizer = {}
 

@@ -1,0 +1,449 @@
+"""Dynamic loss scaling: scale the loss, unscale the gradients with a fused finiteness check,
+adjust the scale (torch.amp.GradScaler's rule), functionally and for the stateful scaler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache
+from typing import Any, NamedTuple
+
+import numpy as np
+import optree
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._base import EmptyState, GradientTransformation, OptState
+from .._device import allocator, check_float_dtype, queue_of
+from .._packing import contiguous_run, element_offset, layout
+from ..fusion._codegen import ctype, preamble
+from ..fusion._programs import build
+from ..fusion._runner import _count, _counters, _launch
+from ..transforms._wrappers import noop_updates
+
+# ---------------------------------------------------------------------------- kernels
+
+_CHUNK_MIN = 4096  # elements per work-item at least (a multiple of 8)
+_WORKERS = 512  # work-items per launch at most, beyond _CHUNK_MIN * _WORKERS elements
+
+
+def _unscale_source(storage: str, inplace: bool) -> tuple[str, str]:
+    """``y = x * inv_scale`` over one contiguous chunk per work-item (vectors of 8, or 4 for
+    double: PoCL mishandles double8 without AVX-512), and ``found[0] = 1`` from every
+    work-item that saw a non-finite *input* (torch checks the scaled values). All writers
+    store the same value, as torch's CUDA kernel does."""
+    real = "double" if storage == "double" else "float"
+    w = 4 if real == "double" else 8
+    mode = "inplace" if inplace else "pure"
+    name = f"netcl_unscale_{mode}_{storage}"
+    mask = f"long{w}" if real == "double" else f"int{w}"
+    if storage == "half":
+        load_v, load1 = f"vload_half{w}(0, x + k)", "vload_half(k, x)"
+        store_v = f"vstore_half{w}_rte(v * inv_scale, 0, y + k);"
+        store1 = "vstore_half_rte(v * inv_scale, k, y);"
+    else:
+        load_v, load1 = f"vload{w}(0, x + k)", "x[k]"
+        store_v = f"vstore{w}(v * inv_scale, 0, y + k);"
+        store1 = "y[k] = v * inv_scale;"
+    if inplace:
+        buffers = f"__global {storage} *x_base, const long x_off"
+        rebase = (
+            "    __global const {s} *x = x_base + x_off;\n    __global {s} *y = x_base + x_off;"
+        )
+    else:
+        buffers = (
+            f"__global const {storage} *restrict x_base, const long x_off,\n"
+            f"    __global {storage} *restrict y_base, const long y_off"
+        )
+        rebase = (
+            "    __global const {s} *restrict x = x_base + x_off;\n"
+            "    __global {s} *restrict y = y_base + y_off;"
+        )
+    src = f"""//CL// {name}: x * inv_scale in chunks; found[0] = 1 if any input is not finite
+{preamble(real, real == "double")}
+__kernel void {name}(
+    {buffers},
+    const long n, const long chunk, __global float *restrict found, const real inv_scale)
+{{
+{rebase.format(s=storage)}
+    long k = get_global_id(0) * chunk;
+    const long stop = min(k + chunk, n);
+    {mask} bad_v = ({mask})(0);
+    for (; k + {w} <= stop; k += {w}) {{
+        const {real}{w} v = {load_v};
+        bad_v |= isnan(v - v);
+        {store_v}
+    }}
+    int bad = any(bad_v);
+    for (; k < stop; k++) {{
+        const real v = {load1};
+        bad |= isnan(v - v);
+        {store1}
+    }}
+    if (bad) found[0] = 1.0f;
+}}
+"""
+    return src, name
+
+
+def _scale_source(storage: str) -> tuple[str, str]:
+    """``y = x * s``, one work-item per element (loss scaling of device arrays)."""
+    real = "double" if storage == "double" else "float"
+    name = f"netcl_scale_{storage}"
+    if storage == "half":
+        body = "vstore_half_rte(vload_half(x_off + i, x) * s, y_off + i, y);"
+    else:
+        body = "y[y_off + i] = x[x_off + i] * s;"
+    src = f"""//CL// {name}: y = x * s
+{preamble(real, real == "double")}
+__kernel void {name}(__global const {storage} *restrict x, const long x_off,
+                     __global {storage} *restrict y, const long y_off, const real s)
+{{
+    const long i = get_global_id(0);
+    {body}
+}}
+"""
+    return src, name
+
+
+@cache
+def _sources(kind: str, storage: str, inplace: bool) -> tuple[str, str, tuple]:
+    real = np.float64 if storage == "double" else np.float32
+    if kind == "unscale":
+        src, name = _unscale_source(storage, inplace)
+        n_buf = 1 if inplace else 2
+        dts = (None, np.int64) * n_buf + (np.int64, np.int64, None, real)
+    else:
+        src, name = _scale_source(storage)
+        dts = (None, np.int64, None, np.int64, real)
+    return src, name, dts
+
+
+def _kernel(queue: cl.CommandQueue, kind: str, dtype: np.dtype, inplace: bool = False) -> Any:
+    src, name, dts = _sources(kind, ctype(dtype), inplace)
+    return build(queue.context, src, name, list(dts))
+
+
+def _chunk(n: int) -> int:
+    per_worker = -(-n // _WORKERS)
+    return max(_CHUNK_MIN, -(-per_worker // 8) * 8)
+
+
+def _check_grads(leaves: Sequence[Any], where: str) -> cl.CommandQueue:
+    queue = queue_of(leaves)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, cla.Array):
+            raise TypeError(f"{where}: leaf {i} is a {type(x).__name__}, not a device array")
+        check_float_dtype(x.dtype, queue, where)
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{where}: leaf {i} is not C-contiguous")
+    return queue
+
+
+def new_flag(queue: cl.CommandQueue) -> cla.Array:
+    """A one-element float32 device array holding 0 (a fill command, no kernel, no sync)."""
+    flag = cla.empty(queue, (1,), np.float32, allocator=allocator(queue))
+    cl.enqueue_fill_buffer(queue, flag.base_data, np.float32(0), flag.offset, 4)
+    return flag
+
+
+def _by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
+    groups: dict[np.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(x.dtype, []).append(i)
+    return groups
+
+
+def _unscale_run(
+    queue: cl.CommandQueue,
+    kernel: Any,
+    x: Any,
+    x_off: int,
+    y: Any | None,
+    y_off: int,
+    n: int,
+    found: cla.Array,
+    inv_scale: float,
+) -> None:
+    if not n:
+        return
+    chunk = _chunk(n)
+    bufs = [x, x_off] if y is None else [x, x_off, y, y_off]
+    if _counters:
+        _count(kernel.function_name)
+    kernel(queue, (-(-n // chunk),), (1,), *bufs, n, chunk, found.base_data, inv_scale)
+
+
+def unscale_grads_(grads: Sequence[cla.Array], inv_scale: float, found: cla.Array) -> None:
+    """In place: ``g *= inv_scale`` for every array of ``grads`` (all elements, even when
+    some are not finite, as torch), and ``found[0] = 1`` if any *input* element is not
+    finite; ``found`` (from :func:`new_flag`) is left untouched otherwise.
+
+    float16 grads are allowed: the product is computed in float32 and rounded to half
+    (unscaled values below 2**-14 become subnormal, below 2**-25 zero).
+
+    Device:
+      One launch per dtype for grads that lie back to back in one buffer (a packed set),
+      else one per non-empty array. No allocation, no host sync.
+    """
+    grads = list(grads)
+    if not grads:
+        return
+    queue = _check_grads(grads, "unscale_grads_")
+    for dtype, idx in _by_dtype(grads).items():
+        kernel = _kernel(queue, "unscale", dtype, inplace=True)
+        xs = [grads[i] for i in idx]
+        run = contiguous_run(xs)
+        if run is not None:
+            _unscale_run(
+                queue, kernel, run[0], run[1], None, 0, sum(x.size for x in xs), found, inv_scale
+            )
+        else:
+            for x in xs:
+                _unscale_run(
+                    queue, kernel, x.base_data, element_offset(x), None, 0, x.size, found, inv_scale
+                )
+
+
+def unscale_grads(grads: Any, scale: float) -> tuple[Any, cla.Array]:
+    """Pure: ``(grads / scale, found_inf)`` with ``found_inf`` a one-element float32 device
+    array, 1.0 if any element of ``grads`` is not finite. ``grads`` is any pytree of device
+    arrays; the result has its structure, packed in one fresh buffer per dtype.
+
+    The multiplier is torch's ``float32(1 / float64(scale))``.
+
+    Device:
+      One launch per dtype (packed input) or per leaf, one fill; no host sync.
+    """
+    leaves, treedef = optree.tree_flatten(grads)
+    queue = _check_grads(leaves, "unscale_grads")
+    found = new_flag(queue)
+    inv = inverse_scale(scale)
+    out: list[Any] = [None] * len(leaves)
+    for dtype, idx in _by_dtype(leaves).items():
+        kernel = _kernel(queue, "unscale", dtype)
+        xs = [leaves[i] for i in idx]
+        lay = layout(tuple(x.shape for x in xs), dtype)
+        buffer, views = lay.allocate(queue)
+        for i, v in zip(idx, views, strict=True):
+            out[i] = v
+        run = contiguous_run(xs)
+        if run is not None:
+            _unscale_run(queue, kernel, run[0], run[1], buffer, 0, lay.total, found, inv)
+        else:
+            for x, v in zip(xs, views, strict=True):
+                _unscale_run(
+                    queue,
+                    kernel,
+                    x.base_data,
+                    element_offset(x),
+                    v.base_data,
+                    element_offset(v),
+                    x.size,
+                    found,
+                    inv,
+                )
+    return optree.tree_unflatten(treedef, out), found
+
+
+def inverse_scale(scale: float) -> float:
+    """torch's unscaling multiplier: ``float32(1 / float64(scale))``."""
+    with np.errstate(all="ignore"):
+        return float(np.float32(1.0 / np.float64(scale)))
+
+
+def _scale_leaf(x: Any, scale: float) -> Any:
+    if isinstance(x, cla.Array):
+        check_float_dtype(x.dtype, x.queue, "scale_loss")
+        queue = x.queue
+        y = cla.empty(queue, x.shape, x.dtype, allocator=allocator(queue))
+        if x.size:
+            if not x.flags.c_contiguous:
+                raise ValueError("scale_loss: the loss array is not C-contiguous")
+            kernel = _kernel(queue, "scale", x.dtype)
+            args = [x.base_data, element_offset(x), y.base_data, element_offset(y), scale]
+            _launch(kernel, queue, x.size, args)
+        return y
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.ndarray, np.generic)):
+        raise ValueError(
+            "outputs must be a number, a numpy array, a pyopencl array or a pytree of them, "
+            f"got {type(x).__name__}"
+        )
+    if isinstance(x, (int, float)):
+        return x * scale
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise ValueError(f"outputs must be floating point, got dtype {a.dtype}")
+    compute = np.float64 if a.dtype == np.float64 else np.float32
+    with np.errstate(over="ignore"):
+        y = (a.astype(compute) * compute(scale)).astype(a.dtype)
+    return y if isinstance(x, np.ndarray) else y[()]
+
+
+def scale_outputs(outputs: Any, scale: float) -> Any:
+    """``outputs * scale`` for a number, a numpy array, a device array or a pytree of them;
+    dtypes are kept (half is computed in float32). Device arrays get a fresh array (one
+    launch each, no host sync)."""
+    return optree.tree_map(lambda x: _scale_leaf(x, scale), outputs)
+
+
+# ---------------------------------------------------------------------------- the scale rule
+
+
+def check_scaler_args(
+    init_scale: float, growth_factor: float, backoff_factor: float, growth_interval: int
+) -> None:
+    """ValueError naming the argument (torch asserts ``growth_factor > 1`` and
+    ``backoff_factor < 1``; we also need a finite ``init_scale > 0``, ``0 < backoff_factor``
+    and an integer ``growth_interval >= 1``)."""
+    try:
+        ok = 0 < float(init_scale) < math.inf
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(init_scale, bool):
+        raise ValueError(f"Invalid init_scale: {init_scale!r} (must be a finite number > 0)")
+    if not growth_factor > 1.0:
+        raise ValueError(f"Invalid growth_factor: {growth_factor!r} (must be > 1.0)")
+    if not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (must be in (0, 1))")
+    if (
+        isinstance(growth_interval, bool)
+        or not isinstance(growth_interval, (int, np.integer))
+        or growth_interval < 1
+    ):
+        raise ValueError(f"Invalid growth_interval: {growth_interval!r} (must be an int >= 1)")
+
+
+def next_scale(
+    scale: float,
+    growth_tracker: int,
+    found_inf: bool,
+    growth_factor: float,
+    backoff_factor: float,
+    growth_interval: int,
+) -> tuple[float, int]:
+    """torch's ``_amp_update_scale_``: back off (and reset the tracker) after a non-finite
+    step; after ``growth_interval`` finite steps in a row grow the scale (kept when the
+    grown float32 value would overflow) and reset the tracker. The scale is a float32
+    value, as torch keeps it."""
+    with np.errstate(over="ignore"):
+        if found_inf:
+            return float(np.float32(scale * backoff_factor)), 0
+        successful = growth_tracker + 1
+        if successful == growth_interval:
+            grown = float(np.float32(scale * growth_factor))
+            return (grown if math.isfinite(grown) else scale), 0
+        return scale, successful
+
+
+# ---------------------------------------------------------------------------- functional
+
+
+class DynamicLossScaleState(NamedTuple):
+    """Loss scale (a float32 value on the host), finite steps since its last change, whether
+    the last update's gradients were all finite, and the wrapped transform's state."""
+
+    scale: float
+    growth_tracker: int
+    last_finite: bool
+    inner_state: Any
+
+
+def dynamic_loss_scale(
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+    *,
+    inner: GradientTransformation | None = None,
+) -> GradientTransformation:
+    """Dynamic loss scaling for mixed precision, the functional counterpart of
+    :class:`AMPGradScaler` (torch.amp.GradScaler's rule).
+
+    Scale the loss with :func:`scale_loss` ``(loss, state)`` before differentiating; the
+    transform's ``update`` then
+
+    1. unscales the incoming gradients by ``float32(1 / scale)`` and checks them for inf/NaN
+       (one fused kernel);
+    2. if all are finite, runs ``inner`` on the unscaled gradients (or returns them when
+       ``inner`` is None); else returns zero updates and keeps ``inner``'s state untouched
+       (as :func:`apply_if_finite`);
+    3. adjusts the scale: ``scale * backoff_factor`` after a non-finite step, ``scale *
+       growth_factor`` after ``growth_interval`` finite steps in a row.
+
+    Pass the whole optimizer as ``inner`` (``dynamic_loss_scale(inner=adam(1e-3))``): used
+    bare at the head of a chain, a skipped step still advances the transforms after it
+    (they see zeros). Zero updates are ``-0.0``, so applying them leaves every parameter
+    bit-identical. Defaults as torch.
+
+    Device:
+      One unscale-and-check launch per dtype (packed gradients) or per leaf into fresh
+      buffers, then **one host read** of the 4-byte found-inf flag per update (torch reads
+      it too, in ``GradScaler.step``): the decision to run ``inner`` is made on the host.
+      The scale and counters are host numbers: no other sync.
+    """
+    check_scaler_args(init_scale, growth_factor, backoff_factor, growth_interval)
+    start = float(np.float32(init_scale))
+
+    def init(params: Any) -> DynamicLossScaleState:
+        inner_state = EmptyState() if inner is None else inner.init(params)
+        return DynamicLossScaleState(start, 0, True, inner_state)
+
+    def update(
+        updates: Any, state: DynamicLossScaleState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, OptState]:
+        if not optree.tree_leaves(updates):
+            finite = True
+            new, inner_state = updates, state.inner_state
+            if inner is not None:
+                new, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        else:
+            unscaled, found = unscale_grads(updates, state.scale)
+            finite = not bool(found.get()[0])  # the one host read
+            if not finite:
+                new, inner_state = noop_updates(updates), state.inner_state
+            elif inner is None:
+                new, inner_state = unscaled, state.inner_state
+            else:
+                new, inner_state = inner.update(unscaled, state.inner_state, params, **extra_args)
+        scale, tracker = next_scale(
+            state.scale,
+            state.growth_tracker,
+            not finite,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+        )
+        return new, DynamicLossScaleState(scale, tracker, finite, inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, DynamicLossScaleState)
+
+
+def loss_scale_of(state: Any) -> float:
+    """The current loss scale: ``state`` is a :class:`DynamicLossScaleState`, any optimizer
+    state containing one (a chain's tuple, ...), or a number. No device access."""
+    if isinstance(state, (int, float)) and not isinstance(state, bool):
+        return float(state)
+    found = [
+        x for x in optree.tree_leaves(state, is_leaf=_is_state, none_is_leaf=False) if _is_state(x)
+    ]
+    if not found:
+        raise ValueError("loss_scale_of: no DynamicLossScaleState in the given state")
+    if len(found) > 1:
+        raise ValueError(
+            "loss_scale_of: the state holds several DynamicLossScaleStates; pass the one to use"
+        )
+    return found[0].scale
+
+
+def scale_loss(loss: Any, state: Any) -> Any:
+    """``loss * scale``: ``loss`` a number, a numpy array, a device array or a pytree of
+    them; ``state`` as for :func:`loss_scale_of`. Dtypes are kept.
+
+    Device: one launch per device array (into a fresh array); no host sync.
+    """
+    return scale_outputs(loss, loss_scale_of(state))
