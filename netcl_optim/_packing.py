@@ -14,7 +14,9 @@ import pyopencl.array as cla
 from ._device import allocator, check_float_dtype, queue_of
 
 
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+@lru_cache(maxsize=65536)
+def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Byte strides of a C-contiguous array (as pyopencl computes them)."""
     strides, acc = [], itemsize
     for dim in reversed(shape):
         strides.append(acc)
@@ -40,7 +42,7 @@ class Layout:
             acc += n
         self.offsets = tuple(offsets)
         self.total = acc
-        self.strides = [_c_strides(s, self.dtype.itemsize) for s in shapes]
+        self.strides = [c_strides(s, self.dtype.itemsize) for s in shapes]
         self._templates: dict[cl.CommandQueue, list[dict[str, Any]]] = {}
 
     def _templates_for(self, queue: cl.CommandQueue) -> list[dict[str, Any]]:
@@ -53,7 +55,7 @@ class Layout:
                     "context": queue.context,
                     "shape": shape,
                     "dtype": self.dtype,
-                    "strides": _c_strides(shape, item),
+                    "strides": c_strides(shape, item),
                     "nbytes": size * item,
                     "size": size,
                     "allocator": allocator(queue),

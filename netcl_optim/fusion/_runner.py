@@ -12,8 +12,9 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import Fragment, GradientTransformation, Part
+from .._base import GradientTransformation, Part
 from .._device import allocator, check_float_dtype, default_queue, has_fp64, state_dtype
+from .._packing import c_strides as _c_strides
 from .._packing import contiguous_run, element_offset, layout
 from ._codegen import KernelSpec
 from ._programs import finish_kernel, fused_kernel, reduce_kernel
@@ -77,15 +78,6 @@ def _check_leaves(
             raise (TypeError if "dtype" in bad or "not a" in bad else ValueError)(
                 f"leaf {names[i]} {bad}"
             )
-
-
-@lru_cache(maxsize=65536)
-def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides, acc = [], itemsize
-    for dim in reversed(shape):
-        strides.append(acc)
-        acc *= max(dim, 1)
-    return tuple(reversed(strides))
 
 
 def _all_valid(
@@ -558,7 +550,3 @@ def init_slots(params: Any, count: int) -> list[Any]:
                 out[i] = v
         trees.append(optree.tree_unflatten(treedef, out))
     return trees
-
-
-def fragment_of(tx: GradientTransformation) -> Fragment | None:
-    return tx.fragment if isinstance(tx.fragment, Fragment) else None
