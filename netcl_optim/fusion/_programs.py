@@ -12,7 +12,8 @@ from .._base import Fragment
 from ._codegen import Arg, KernelSpec, ctype, fused_source, preamble
 
 _lock = threading.Lock()
-_kernels: dict[tuple[cl.Context, str], cl.Kernel] = {}
+_kernels: dict[tuple[cl.Context, str, str], cl.Kernel] = {}
+_programs: dict[tuple[cl.Context, str], cl.Program] = {}
 _fused: dict[tuple[cl.Context, KernelSpec], tuple[cl.Kernel, list[Arg]]] = {}
 build_count = 0  # programs built in this process (tests check it stops growing)
 
@@ -22,16 +23,19 @@ def _arg_dtypes(args: Sequence[Arg], real: np.dtype) -> list:
 
 
 def build(context: cl.Context, source: str, name: str, arg_dtypes: list) -> cl.Kernel:
-    """The kernel ``name`` of ``source``, built on first use in ``context``."""
+    """The kernel ``name`` of ``source``, built on first use in ``context`` (a program with
+    several kernels is built once)."""
     global build_count
-    key = (context, source)
+    key = (context, source, name)
     kernel = _kernels.get(key)
     if kernel is None:
         with _lock:
             kernel = _kernels.get(key)
             if kernel is None:
-                program = cl.Program(context, source).build()
-                build_count += 1
+                program = _programs.get((context, source))
+                if program is None:
+                    program = _programs[(context, source)] = cl.Program(context, source).build()
+                    build_count += 1
                 kernel = getattr(program, name)
                 kernel.set_scalar_arg_dtypes(arg_dtypes)
                 _kernels[key] = kernel
@@ -59,6 +63,7 @@ def kernel_source(fragments: Sequence[Fragment], spec: KernelSpec) -> str:
 def clear_kernel_caches() -> None:
     with _lock:
         _kernels.clear()
+        _programs.clear()
         _fused.clear()
         _reduce.clear()
 
