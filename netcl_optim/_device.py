@@ -106,7 +106,7 @@ def _is_array_leaf(x: Any) -> bool:
 def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """Copy every leaf of ``tree`` (numpy arrays or numbers) to the device.
 
-    Leaves keep their dtype (Python floats become float32); device arrays already on
+    Leaves keep their dtype (Python floats become float32, numpy scalars keep theirs); device arrays already on
     ``queue``'s context pass through. ``None`` leaves stay ``None``.
     """
     queue = queue or default_queue()
@@ -118,7 +118,7 @@ def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
                 raise ValueError("to_device: array belongs to another OpenCL context")
             return x
         a = np.asarray(x)
-        if a.dtype == np.float64 and isinstance(x, float):
+        if type(x) is float:  # a Python float (not np.float64, a subclass) becomes float32
             a = a.astype(np.float32)
         if a.dtype.kind == "f":
             check_float_dtype(a.dtype, queue, "to_device")

@@ -47,7 +47,7 @@ def cl_queue():
         import pyopencl as cl
         from pyopencl.tools import get_test_platforms_and_devices
 
-        platform, devices = get_test_platforms_and_devices()[0]
+        _, devices = get_test_platforms_and_devices()[0]
         ctx = cl.Context([devices[0]])
         return cl.CommandQueue(ctx)
     no = pytest.importorskip("netcl_optim")

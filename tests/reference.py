@@ -271,7 +271,7 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Trans
 def scale_by_adam(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
 ) -> Transform:
-    """u = mhat / (sqrt(vhat + eps_root) + eps), torch's eps placement (eps after bias correction)."""
+    """u = mhat / (sqrt(vhat + eps_root) + eps): torch's eps, added after bias correction."""
 
     def init(params):
         return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
@@ -358,7 +358,9 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 def apply_updates(params: Any, updates: Any) -> Any:
     """(p + u).astype(p.dtype), leaf by leaf."""
     return tree_map(
-        lambda p, u: (np.asarray(p) + np.asarray(u)).astype(np.asarray(p).dtype), params, updates
+        lambda p, u: np.asarray(np.asarray(p) + np.asarray(u), dtype=np.asarray(p).dtype),
+        params,
+        updates,
     )
 
 
@@ -461,7 +463,7 @@ functional = types.SimpleNamespace(
 def _round(tree: Any, dtype: Any) -> Any:
     """Round every leaf to ``dtype`` (one dtype, or a tree of dtypes shaped like ``tree``)."""
     if dtype is None:
-        return tree
+        return tree_f64(tree)  # also turns numpy scalars (0-d arithmetic) back into arrays
     if isinstance(dtype, (np.dtype, type)):
         return tree_map(lambda x: _f64(np.asarray(x).astype(dtype)), tree)
     return tree_map(lambda x, d: _f64(np.asarray(x).astype(d)), tree, dtype)

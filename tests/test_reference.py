@@ -386,13 +386,15 @@ def _optax_pairs(optax):
     sched = lambda c: 0.1 / (1.0 + c)  # noqa: E731
     return [
         ("scale", optax.scale(-0.3), ref.scale(-0.3)),
-        ("scale_by_learning_rate", optax.scale_by_learning_rate(0.05), ref.scale_by_learning_rate(0.05)),
+        ("scale_by_learning_rate", optax.scale_by_learning_rate(0.05),
+         ref.scale_by_learning_rate(0.05)),
         ("scale_by_learning_rate-schedule", optax.scale_by_learning_rate(sched),
          ref.scale_by_learning_rate(sched)),
         ("scale_by_schedule", optax.scale_by_schedule(sched), ref.scale_by_schedule(sched)),
         ("trace", optax.trace(0.9), ref.trace(0.9)),
         ("trace-nesterov", optax.trace(0.8, nesterov=True), ref.trace(0.8, nesterov=True)),
-        ("scale_by_adam", optax.scale_by_adam(0.9, 0.999, 1e-8), ref.scale_by_adam(0.9, 0.999, 1e-8)),
+        ("scale_by_adam", optax.scale_by_adam(0.9, 0.999, 1e-8),
+         ref.scale_by_adam(0.9, 0.999, 1e-8)),
         ("scale_by_adam-eps_root", optax.scale_by_adam(0.8, 0.9, 1e-4, eps_root=1e-6),
          ref.scale_by_adam(0.8, 0.9, 1e-4, eps_root=1e-6)),
         ("scale_by_rms", optax.scale_by_rms(0.95, 1e-6, eps_in_sqrt=False),

@@ -18,7 +18,12 @@ def step(
     tx: GradientTransformation, params: Any, grads: Any, state: OptState, **extra_args: Any
 ) -> tuple[Any, OptState]:
     """``update`` + ``apply_updates`` as one kernel: every byte moves once. Pure: returns
-    ``(new_params, new_state)`` in fresh buffers and leaves its inputs untouched."""
+    ``(new_params, new_state)`` in fresh buffers and leaves its inputs untouched.
+
+    Bit for bit the same as ``update`` then ``apply_updates`` for float32 and float64. For
+    float16 storage the update stays in float32 and ``p + u`` is rounded once, where
+    ``update`` rounds the update to float16 first: the results may differ by that rounding.
+    """
     return execute(tx, grads, state, params, apply=True, inplace=False, extra_args=extra_args)
 
 
