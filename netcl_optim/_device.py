@@ -106,8 +106,8 @@ def _is_array_leaf(x: Any) -> bool:
 def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """Copy every leaf of ``tree`` (numpy arrays or numbers) to the device.
 
-    Leaves keep their dtype (Python floats become float32, numpy scalars keep theirs); device arrays already on
-    ``queue``'s context pass through. ``None`` leaves stay ``None``.
+    Leaves keep their dtype (Python floats become float32, numpy scalars keep theirs);
+    device arrays already on ``queue``'s context pass through. ``None`` leaves stay ``None``.
     """
     queue = queue or default_queue()
     pool = allocator(queue)
