@@ -27,9 +27,25 @@ def _path_names(tree: Any) -> list[str]:
     return ["root" + "".join(f"[{k!r}]" for k in path) for path in paths]
 
 
+@lru_cache(maxsize=1024)
+def _list_spec(n: int) -> optree.PyTreeSpec:
+    return optree.tree_structure(list(range(n)))
+
+
+def _flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
+    """``optree.tree_flatten``, with a shortcut for a plain list of device arrays (what the
+    stateful layer passes every step)."""
+    if type(tree) is list and set(map(type, tree)) == _ARRAY_ONLY:
+        return tree, _list_spec(len(tree))
+    return optree.tree_flatten(tree)
+
+
+_ARRAY_ONLY = {cla.Array}
+
+
 def flatten_like(tree: Any, treedef: optree.PyTreeSpec, what: str, ref: str) -> list[Any]:
     """Leaves of ``tree``, which must have the structure ``treedef``."""
-    leaves, other = optree.tree_flatten(tree)
+    leaves, other = _flatten(tree)
     if other != treedef:
         raise ValueError(
             f"{what} has a different tree structure from {ref}:\n  {what}: {other}\n"
@@ -261,7 +277,7 @@ def run_parts(
     """
     if not parts and not apply:
         return updates, []
-    u_leaves, treedef = optree.tree_flatten(updates)
+    u_leaves, treedef = _flatten(updates)
     queue = _queue_of_leaves(u_leaves)
     needs_params = apply or any(p.fragment.needs_params for p in parts)
     others: list[tuple[str, list[Any], Callable]] = []
@@ -294,7 +310,7 @@ def run_parts(
         hit = _plans.get(cache_key)
         if hit is not None:
             objs = [r() for r in hit[0]]
-            if None not in objs:
+            if _NONE_TYPE not in set(map(type, objs)):  # (`None in` calls Array.__eq__)
                 tail_hit: list[Any] = _reduce_parts(parts, u_leaves, queue)
                 for part in parts:
                     tail_hit.extend(part.scalars)
@@ -397,6 +413,9 @@ def run_parts(
     return out, new_slots
 
 
+_NONE_TYPE = type(None)
+
+
 class _Leaf(int):
     """In a cached launch plan: the buffer of the i-th leaf."""
 
@@ -443,7 +462,9 @@ def _queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
 _chain_plan_type: type | None = None
 
 
-def _flatten(tx: GradientTransformation, state: Any) -> tuple[list[tuple[Any, Any]], Callable]:
+def _flatten_chain(
+    tx: GradientTransformation, state: Any
+) -> tuple[list[tuple[Any, Any]], Callable]:
     """A chain's leaf transforms with their states, and how to rebuild the chain's state."""
     global _chain_plan_type
     if _chain_plan_type is None:
@@ -456,7 +477,7 @@ def _flatten(tx: GradientTransformation, state: Any) -> tuple[list[tuple[Any, An
         rebuilds = []
         child_states = plan.child_states(state)
         for child, child_state in zip(plan.children, child_states, strict=True):
-            sub_items, sub_rebuild = _flatten(child, child_state)
+            sub_items, sub_rebuild = _flatten_chain(child, child_state)
             rebuilds.append((len(items), len(sub_items), sub_rebuild))
             items.extend(sub_items)
 
@@ -480,7 +501,7 @@ def execute(
     """Run ``tx`` over ``updates``: each run of fusible transforms is one kernel (per dtype,
     per reduction); opaque transforms run their own ``update``. With ``apply`` the result is
     the new params."""
-    items, rebuild = _flatten(tx, state)
+    items, rebuild = _flatten_chain(tx, state)
     new_states: list[Any] = [None] * len(items)
     u = updates
     i, n = 0, len(items)

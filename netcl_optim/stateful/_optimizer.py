@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ import pyopencl.array as cla
 
 from .._base import GradientTransformation
 from .._device import check_float_dtype, queue_of, state_dtype
-from .._packing import contiguous_run, layout, pack
+from .._packing import c_strides, contiguous_run, layout, pack
 from ..transforms._adaptive import ScaleByAdamState, ScaleByRmsState, ScaleByRStdDevState
 from ..transforms._combining import ChainPlan, chain
 from ..transforms._momentum import TraceState
@@ -186,6 +187,9 @@ def check_betas(betas: Any, prefix: str = "") -> None:
 # ---------------------------------------------------------------------------- param groups
 
 
+_NONE_TYPE = type(None)
+
+
 class _Group:
     """Internal record of one param group: packed views, per-param counts, named buffers."""
 
@@ -196,6 +200,9 @@ class _Group:
         self.data = [p.data for p in params]  # the packed views: identity is the fast check
         self.shapes = [d.shape for d in self.data]
         self.dtypes = [d.dtype for d in self.data]
+        self.strides = [
+            c_strides(s, d.itemsize) for s, d in zip(self.shapes, self.dtypes, strict=True)
+        ]
         self.context = self.data[0].context if n else None
         self.steps = [0] * n
         self.counts: dict[str, list[int]] = {}
@@ -463,6 +470,29 @@ class Optimizer:
             self._plans.popitem(last=False)
         return plan
 
+    @staticmethod
+    def _members_fast(rec: _Group) -> list[int] | None:
+        """The common case of :meth:`_members` as list comparisons: every param has a grad,
+        ``.data`` is still the packed view, and every grad is a C-contiguous device array
+        shaped, typed and placed like its param. ``None``: check one by one."""
+        params = rec.params
+        grads = [p.grad for p in params]
+        if _NONE_TYPE in set(map(type, grads)):
+            return None
+        if not all(map(operator.is_, [p.data for p in params], rec.data)):
+            return None
+        try:
+            if [g.shape for g in grads] != rec.shapes or [g.dtype for g in grads] != rec.dtypes:
+                return None
+            if [g.strides for g in grads] != rec.strides:
+                return None
+            contexts = [g.context for g in grads]
+        except AttributeError:
+            return None
+        if contexts.count(rec.context) != len(contexts):
+            return None
+        return list(range(len(params)))
+
     def _members(self, group: Mapping[str, Any], rec: _Group, gi: int) -> list[int]:
         """Indices of the group's params with a grad, all checked (raises before any launch)."""
         params = group["params"]
@@ -472,6 +502,9 @@ class Optimizer:
             raise ValueError(
                 f"param_groups[{gi}]['params'] was changed: use add_param_group to add parameters"
             )
+        fast = self._members_fast(rec)
+        if fast is not None:
+            return fast
         members = []
         views = rec.grad_views
         for i, p in enumerate(rec.params):
