@@ -354,6 +354,15 @@ class StepVariant(OursVariant):
 
 
 @dataclass
+class DonatedStepVariant(StepVariant):
+    """``no.step(..., donate=True)``: the functional step writing into the donated params and
+    state (as optax under ``jax.jit`` with ``donate_argnums``)."""
+
+    def run(self) -> None:
+        self.params, self.state = no.step(self.tx, self.params, self.grads, self.state, donate=True)
+
+
+@dataclass
 class UpdateApplyVariant(StepVariant):
     """``tx.update`` then ``no.apply_updates``: two kernels, the updates go through memory."""
 
@@ -459,6 +468,7 @@ def make_variants(
     if libs.stateful is not None:
         variants.append(StatefulVariant("stateful", queue=queue, spec=spec, module=libs.stateful))
     variants.append(StepVariant("step", queue=queue, spec=spec))
+    variants.append(DonatedStepVariant("step (donate)", queue=queue, spec=spec))
     if len(problem.shapes) > 1:
         variants.append(StepVariant("step (per leaf)", queue=queue, spec=spec, packed=False))
     variants.append(UpdateApplyVariant("update+apply", queue=queue, spec=spec))

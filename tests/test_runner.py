@@ -158,3 +158,23 @@ def test_learning_rate_changes_never_rebuild_a_kernel():
     for _ in range(5):
         params, state = no.step(tx, params, grads, state)
     assert _programs.build_count == before
+
+
+def test_donated_step_equals_pure_step_and_reuses_the_buffers():
+    shapes = [(40, 3), (7,)]
+    p0 = _tree(shapes)
+    tx = no.chain(no.clip_by_global_norm(1.0), no.adamw(1e-2))
+    pure_p = no.to_device(p0)
+    pure_s = tx.init(pure_p)
+    don_p = no.pack(no.to_device(p0))
+    don_s = tx.init(don_p)
+    for _ in range(4):
+        g = _tree(shapes)
+        pure_p, pure_s = no.step(tx, pure_p, no.to_device(g), pure_s)
+        new_p, new_s = no.step(tx, don_p, no.pack(no.to_device(g)), don_s, donate=True)
+        assert all(a is b for a, b in zip(new_p, don_p, strict=True))
+        mu_old, mu_new = don_s[1][0].mu, new_s[1][0].mu
+        assert all(a is b for a, b in zip(mu_new, mu_old, strict=True))
+        don_p, don_s = new_p, new_s
+    for a, b in zip(no.to_host(pure_p), no.to_host(don_p), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -15,16 +15,27 @@ def apply_updates(params: Any, updates: Any) -> Any:
 
 
 def step(
-    tx: GradientTransformation, params: Any, grads: Any, state: OptState, **extra_args: Any
+    tx: GradientTransformation,
+    params: Any,
+    grads: Any,
+    state: OptState,
+    *,
+    donate: bool = False,
+    **extra_args: Any,
 ) -> tuple[Any, OptState]:
     """``update`` + ``apply_updates`` as one kernel: every byte moves once. Pure: returns
     ``(new_params, new_state)`` in fresh buffers and leaves its inputs untouched.
+
+    ``donate=True`` (like ``jax.jit``'s ``donate_argnums``) lets the step write the new
+    params and state into the buffers of ``params`` and ``state``, which the caller must not
+    use afterwards: the step then moves no more bytes than the stateful ``step()`` (a pure
+    step also pays for writing to fresh memory, ~1.4-1.7x the traffic on a CPU).
 
     Bit for bit the same as ``update`` then ``apply_updates`` for float32 and float64. For
     float16 storage the update stays in float32 and ``p + u`` is rounded once, where
     ``update`` rounds the update to float16 first: the results may differ by that rounding.
     """
-    return execute(tx, grads, state, params, apply=True, inplace=False, extra_args=extra_args)
+    return execute(tx, grads, state, params, apply=True, inplace=donate, extra_args=extra_args)
 
 
 def step_(
