@@ -696,3 +696,16 @@ def test_plateau_matches_torch_over_100_steps(kwargs):
         got.append(sched.get_last_lr())
     assert got == want  # the same float operations in the same order: bitwise
     assert len({tuple(lrs) for lrs in got}) >= 3  # the sequence really reduces
+
+
+def test_plateau_get_lr_is_the_current_lr_of_every_group():
+    opt = FakeOptimizer((0.1, 0.02))
+    sched = ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    sched.step(1.0)
+    sched.step(2.0)  # bad epoch with patience 0: halve
+    assert sched.get_lr() == [0.05, 0.01] == sched.get_last_lr()
+
+
+def test_the_scheduler_base_class_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        LRScheduler(FakeOptimizer())

@@ -29,6 +29,7 @@ optimizer's state too, as with torch. A computed learning rate that is not finit
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import numbers
@@ -94,7 +95,7 @@ def _per_group(name: str, value: Any, n: int, check: Callable[[str, Any], float]
     return [check(name, value)] * n
 
 
-class LRScheduler:
+class LRScheduler(abc.ABC):
     """Base class: closed-form learning rate per param group as a function of ``last_epoch``.
 
     Subclasses implement :meth:`get_lr`, which returns the learning rates at ``last_epoch``
@@ -131,9 +132,9 @@ class LRScheduler:
         self._last_lr: list[float] = [float(group["lr"]) for group in groups]
         self.step()  # the initial step: last_epoch -1 -> 0
 
+    @abc.abstractmethod
     def get_lr(self) -> list[float]:
         """The learning rate of every param group at ``last_epoch`` (closed form)."""
-        raise NotImplementedError
 
     def get_last_lr(self) -> list[float]:
         """The learning rates written by the latest step, one per param group (a copy)."""
@@ -641,7 +642,8 @@ class ReduceLROnPlateau(LRScheduler):
         return self.cooldown_counter > 0
 
     def get_lr(self) -> list[float]:
-        raise NotImplementedError("ReduceLROnPlateau has no closed form; use get_last_lr()")
+        """The current learning rate of every param group (a plateau has no closed form)."""
+        return [float(group["lr"]) for group in _groups(self.optimizer)]
 
     def step(self, metrics: Any) -> None:  # type: ignore[override]
         """Record one epoch's metric and reduce the lr after more than ``patience`` bad epochs.

@@ -9,6 +9,7 @@ hyperparameters, assembles the chain's state from the buffers and the counts, an
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import numbers
@@ -287,7 +288,7 @@ def _as_param_groups(params: Any) -> list[Mapping[str, Any]]:
     return items
 
 
-class Optimizer:
+class Optimizer(abc.ABC):
     """Base class of the stateful optimizers (torch.optim's contract).
 
     Subclasses set ``_hyper`` (the group keys the chain depends on), ``_state_keys`` (torch
@@ -327,11 +328,13 @@ class Optimizer:
 
     # ------------------------------------------------------------------ subclass hooks
 
+    @abc.abstractmethod
     def _build(self, group: Mapping[str, Any]) -> GradientTransformation:
-        raise NotImplementedError
+        """The functional optimizer (an ``_alias`` chain) for the group's hyperparameters."""
 
+    @abc.abstractmethod
     def _validate(self, group: Mapping[str, Any], prefix: str, positive_lr: bool) -> None:
-        raise NotImplementedError
+        """Raise ValueError naming the first invalid hyperparameter of ``group``."""
 
     def _normalize(self, group: dict[str, Any]) -> dict[str, Any]:
         if isinstance(group.get("betas"), list):
