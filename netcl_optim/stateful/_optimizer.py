@@ -22,13 +22,11 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import GradientTransformation
+from .._base import GradientTransformation, ScheduledValue
 from .._device import check_float_dtype, queue_of, state_dtype
 from .._packing import c_strides, contiguous_run, layout, pack
 from ..transforms._adaptive import ScaleByAdamState, ScaleByRmsState, ScaleByRStdDevState
-from ..transforms._combining import ChainPlan, chain
 from ..transforms._momentum import TraceState
-from ..transforms._scaling import scale_by_learning_rate
 from ..transforms._update import step_
 
 # (functional state type, slot field) -> torch's state key
@@ -111,19 +109,10 @@ def _assemble(node: Any, slots: Mapping[str, list], counts: Mapping[str | None, 
 def with_lr(
     factory: Callable[..., GradientTransformation], lr: Any, *args: Any
 ) -> GradientTransformation:
-    """``factory(lr, *args)``, also for ``lr == 0`` (a scheduler's warmup start).
-
-    The functional aliases require ``lr > 0``; for 0 the alias is built with lr 1 and its
-    final ``scale_by_learning_rate`` replaced: the same state structure and kernel.
-    """
-    lr = float(lr)
-    if lr > 0:
-        return factory(lr, *args)
-    tx = factory(1.0, *args)
-    plan = tx.fragment
-    if not isinstance(plan, ChainPlan):  # pragma: no cover - the aliases are chains
-        raise TypeError("expected a chain ending in scale_by_learning_rate")
-    return chain(*plan.children[:-1], scale_by_learning_rate(0.0))
+    """``factory(lr, *args)``, also for ``lr == 0``: a group's lr was validated when set, and
+    a scheduler may drive it to 0 (a warmup's start), which the aliases accept from a
+    :class:`ScheduledValue`."""
+    return factory(ScheduledValue(float(lr)), *args)
 
 
 def _freeze(v: Any) -> Any:
