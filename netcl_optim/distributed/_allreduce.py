@@ -45,6 +45,16 @@ def _reduce_host(comm: Any, host: np.ndarray, average: bool) -> np.ndarray:
     return host
 
 
+def _stage(queue: Any, leaves: list[Any]) -> list[tuple[list[int], Any, np.ndarray]]:
+    """Copy the leaves to one packed host buffer per dtype: ``(indices, layout, host)``."""
+    staged = []
+    for dtype, idx in by_dtype(leaves).items():
+        xs = [leaves[i] for i in idx]
+        lay = layout(tuple(x.shape for x in xs), dtype)
+        staged.append((idx, lay, download(queue, xs, lay)))
+    return staged
+
+
 def _check_average(average: Any) -> bool:
     if not isinstance(average, (bool, np.bool_)):
         raise TypeError(f"Invalid average: {average!r} (must be a bool)")
@@ -75,12 +85,7 @@ def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
         leaves, treedef = optree.tree_flatten(tree)
         queue = queue_of(leaves)
         check_device_leaves(leaves, queue, "allreduce")
-        staged = []
-        if comm.Get_size() > 1:
-            for dtype, idx in by_dtype(leaves).items():
-                xs = [leaves[i] for i in idx]
-                lay = layout(tuple(x.shape for x in xs), dtype)
-                staged.append((idx, lay, download(queue, xs, lay)))
+        staged = _stage(queue, leaves) if comm.Get_size() > 1 else []
         return signature(treedef, leaves), (leaves, treedef, queue, staged)
 
     leaves, treedef, queue, staged = agree(comm, "allreduce", local, names=lambda: path_names(tree))
@@ -163,19 +168,15 @@ def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool 
         present = [g for g in grads if g is not None]
         queue = queue_of(present)
         check_device_leaves(present, queue, "allreduce_grads_")
-        staged = []
-        if comm.Get_size() > 1:
-            for dtype, idx in by_dtype(grads).items():
-                xs = [grads[i] for i in idx]
-                lay = layout(tuple(x.shape for x in xs), dtype)
-                staged.append((xs, lay, download(queue, xs, lay)))
-        return signature(f"{len(grads)} parameters", grads), (queue, staged)
+        staged = _stage(queue, grads) if comm.Get_size() > 1 else []
+        return signature(f"{len(grads)} parameters", grads), (queue, grads, staged)
 
     def names() -> list[str]:
         return [f"parameters[{i}].grad" for i in range(count[0])]
 
-    queue, staged = agree(comm, "allreduce_grads_", local, names=names)
-    for xs, lay, host in staged:
+    queue, grads, staged = agree(comm, "allreduce_grads_", local, names=names)
+    for idx, lay, host in staged:
+        xs = [grads[i] for i in idx]
         upload(queue, xs, lay, _reduce_host(comm, host, average))
 
 
