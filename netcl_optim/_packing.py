@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -90,13 +91,6 @@ class Layout:
         buffer = allocator(queue)(max(self.total, 1) * self.dtype.itemsize)
         return buffer, self.views_of(queue, buffer)
 
-    def zeros(self, queue: cl.CommandQueue) -> list[cla.Array]:
-        buffer, views = self.allocate(queue)
-        cl.enqueue_fill_buffer(
-            queue, buffer, np.zeros(1, self.dtype), 0, max(self.total, 1) * self.dtype.itemsize
-        )
-        return views
-
 
 @lru_cache(maxsize=4096)
 def layout(shapes: tuple[tuple[int, ...], ...], dtype: np.dtype) -> Layout:
@@ -130,6 +124,29 @@ def is_c_contiguous(a: cla.Array) -> bool:
     return a.flags.c_contiguous
 
 
+def allocate_like(
+    leaves: list[cla.Array],
+    queue: cl.CommandQueue,
+    dtype_of: Callable[[np.dtype], np.dtype] = lambda dtype: dtype,
+    fill: float | None = None,
+) -> list[cla.Array]:
+    """Fresh arrays shaped like ``leaves`` (dtype ``dtype_of(leaf.dtype)``), packed back to
+    back in one pool buffer per dtype; filled with ``fill`` (one fill command per buffer)."""
+    groups: dict[np.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(x.dtype, []).append(i)
+    out: list[Any] = [None] * len(leaves)
+    for dtype, idx in groups.items():
+        lay = layout(tuple(leaves[i].shape for i in idx), dtype_of(dtype))
+        buffer, views = lay.allocate(queue)
+        if fill is not None and lay.total:
+            pattern = np.array(fill, dtype=lay.dtype)
+            cl.enqueue_fill_buffer(queue, buffer, pattern, 0, lay.total * lay.dtype.itemsize)
+        for i, view in zip(idx, views, strict=True):
+            out[i] = view
+    return out
+
+
 def pack(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """Copy the device-array leaves of ``tree`` into one buffer per dtype; return the views.
 
@@ -138,28 +155,21 @@ def pack(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """
     queue = queue or queue_of(tree)
     leaves, treedef = optree.tree_flatten(tree)
-    by_dtype: dict[np.dtype, list[int]] = {}
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, cla.Array):
             raise TypeError(f"pack: leaf {i} is a {type(leaf).__name__}, not a device array")
         check_float_dtype(leaf.dtype, queue, "pack")
         if not is_c_contiguous(leaf):
             raise ValueError(f"pack: leaf {i} is not C-contiguous")
-        by_dtype.setdefault(leaf.dtype, []).append(i)
-    out = list(leaves)
-    for dtype, idx in by_dtype.items():
-        lay = layout(tuple(leaves[i].shape for i in idx), dtype)
-        _, views = lay.allocate(queue)
-        for i, view in zip(idx, views, strict=True):
-            src = leaves[i]
-            if src.size:
-                cl.enqueue_copy(
-                    queue,
-                    view.base_data,
-                    src.base_data,
-                    byte_count=src.nbytes,
-                    src_offset=src.offset,
-                    dst_offset=view.offset,
-                )
-            out[i] = view
+    out = allocate_like(leaves, queue)
+    for src, view in zip(leaves, out, strict=True):
+        if src.size:
+            cl.enqueue_copy(
+                queue,
+                view.base_data,
+                src.base_data,
+                byte_count=src.nbytes,
+                src_offset=src.offset,
+                dst_offset=view.offset,
+            )
     return optree.tree_unflatten(treedef, out)

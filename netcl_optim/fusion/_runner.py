@@ -14,8 +14,8 @@ import pyopencl.array as cla
 
 from .._base import GradientTransformation, Part
 from .._device import allocator, check_float_dtype, default_queue, has_fp64, state_dtype
+from .._packing import allocate_like, contiguous_run, element_offset, layout
 from .._packing import c_strides as _c_strides
-from .._packing import contiguous_run, element_offset, layout
 from ._codegen import KernelSpec
 from ._programs import finish_kernel, fused_kernel, reduce_kernel
 
@@ -559,15 +559,7 @@ def init_slots(params: Any, count: int) -> list[Any]:
                 "not a pyopencl.array.Array (use netcl_optim.to_device)"
             )
         check_float_dtype(x.dtype, queue, f"init: leaf {_path_names(params)[i]}")
-    by_dtype: dict[np.dtype, list[int]] = {}
-    for i, x in enumerate(leaves):
-        by_dtype.setdefault(x.dtype, []).append(i)
-    trees = []
-    for _ in range(count):
-        out: list[Any] = [None] * len(leaves)
-        for dtype, idx in by_dtype.items():
-            views = layout(tuple(leaves[i].shape for i in idx), state_dtype(dtype)).zeros(queue)
-            for i, v in zip(idx, views, strict=True):
-                out[i] = v
-        trees.append(optree.tree_unflatten(treedef, out))
-    return trees
+    return [
+        optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=0.0))
+        for _ in range(count)
+    ]

@@ -7,12 +7,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import optree
-import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import Fragment, GradientTransformation, OptState, Part
 from .._device import check_float_dtype, queue_of
-from .._packing import layout
+from .._packing import allocate_like
 from ..fusion._runner import execute, init_slots, reduce_leaves, run_parts
 from ._combining import ChainPlan, elementwise
 from ._masking import MaskedState, masked
@@ -32,22 +31,11 @@ def noop_updates(updates: Any) -> Any:
     if not leaves:
         return updates
     queue = queue_of(leaves)
-    groups: dict[np.dtype, list[int]] = {}
     for i, x in enumerate(leaves):
         if not isinstance(x, cla.Array):
             raise TypeError(f"leaf {i} is a {type(x).__name__}, not a pyopencl.array.Array")
         check_float_dtype(x.dtype, queue, "updates")
-        groups.setdefault(x.dtype, []).append(i)
-    out: list[Any] = [None] * len(leaves)
-    for dtype, idx in groups.items():
-        lay = layout(tuple(leaves[i].shape for i in idx), dtype)
-        buffer, views = lay.allocate(queue)
-        if lay.total:
-            pattern = np.array(-0.0, dtype=dtype)
-            cl.enqueue_fill_buffer(queue, buffer, pattern, 0, lay.total * dtype.itemsize)
-        for i, v in zip(idx, views, strict=True):
-            out[i] = v
-    return optree.tree_unflatten(treedef, out)
+    return optree.tree_unflatten(treedef, allocate_like(leaves, queue, fill=-0.0))
 
 
 def all_finite_host(updates: Any) -> bool:
