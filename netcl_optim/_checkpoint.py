@@ -145,11 +145,10 @@ def _place(tree: Any, queue: cl.CommandQueue) -> Any:
         by_dtype.setdefault(p.host.dtype, []).append(p)
     for dtype, ps in by_dtype.items():
         lay = layout(tuple(p.host.shape for p in ps), dtype)
-        buffer, views = lay.allocate(queue)
-        flat = np.concatenate([p.host.ravel() for p in ps]) if lay.total else None
-        if flat is not None:
-            cl.enqueue_copy(queue, buffer, flat, is_blocking=True)
-        for p, v in zip(ps, views, strict=True):
+        block = lay.allocate(queue)
+        if lay.total:
+            block.upload(queue, np.concatenate([p.host.ravel() for p in ps]))
+        for p, v in zip(ps, block.views, strict=True):
             placed[id(p)] = v
 
     def rebuild(x: Any) -> Any:

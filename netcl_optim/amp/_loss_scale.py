@@ -224,14 +224,15 @@ def unscale_grads(grads: Any, scale: float) -> tuple[Any, cla.Array]:
         kernel = _kernel(queue, "unscale", dtype)
         xs = [leaves[i] for i in idx]
         lay = layout(tuple(x.shape for x in xs), dtype)
-        buffer, views = lay.allocate(queue)
-        for i, v in zip(idx, views, strict=True):
+        block = lay.allocate(queue)
+        for i, v in zip(idx, block.views, strict=True):
             out[i] = v
         run = contiguous_run(xs)
         if run is not None:
-            _unscale_run(queue, kernel, run[0], run[1], buffer, 0, lay.total, found, inv)
+            start = block.offset // dtype.itemsize
+            _unscale_run(queue, kernel, run[0], run[1], block.buffer, start, lay.total, found, inv)
         else:
-            for x, v in zip(xs, views, strict=True):
+            for x, v in zip(xs, block.views, strict=True):
                 _unscale_run(
                     queue,
                     kernel,

@@ -248,7 +248,6 @@ def upload(queue: cl.CommandQueue, xs: Sequence[cla.Array], lay: Layout, host: n
 
 def upload_fresh(queue: cl.CommandQueue, lay: Layout, host: np.ndarray) -> list[cla.Array]:
     """A fresh packed buffer (from the queue's pool) holding ``host``; its per-leaf views."""
-    buffer, views = lay.allocate(queue)
-    if lay.total:
-        cl.enqueue_copy(queue, buffer, host, is_blocking=True)
-    return views
+    block = lay.allocate(queue)
+    block.upload(queue, host)
+    return block.views

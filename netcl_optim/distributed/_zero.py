@@ -21,7 +21,7 @@ import pyopencl.array as cla
 
 from .._base import Fragment, GradientTransformation
 from .._device import queue_of
-from .._packing import Layout, contiguous_run, layout, pack
+from .._packing import Block, Layout, contiguous_run, layout, pack
 from ..fusion._runner import flatten_like
 from ..transforms._combining import ChainPlan
 from ..transforms._hyperparams import _InjectPlan
@@ -141,7 +141,7 @@ def _slice_view(queue: cl.CommandQueue, sh: _DtypeShard, base: Any, elem_off: in
 
 
 def _flat_slice(
-    queue: cl.CommandQueue, xs: list[cla.Array], sh: _DtypeShard, into: Any = None
+    queue: cl.CommandQueue, xs: list[cla.Array], sh: _DtypeShard, into: Block | None = None
 ) -> cla.Array:
     """This rank's slice of the leaves ``xs`` as a 1-D array: a view if they are packed,
     else a copy of the overlapping parts (into the buffer ``into``, or a fresh one; ``None``
@@ -150,20 +150,17 @@ def _flat_slice(
     if run is not None:
         return _slice_view(queue, sh, run[0], run[1])
     item = sh.lay.dtype.itemsize
-    if into is None:
-        into, (view,) = sh.slice_layout().allocate(queue)
-    else:
-        (view,) = sh.slice_layout().views_of(queue, into)
+    (view,) = (into if into is not None else sh.slice_layout().allocate(queue)).views
     for x, o, n in zip(xs, sh.lay.offsets, sh.lay.sizes, strict=True):
         a, b = max(o, sh.lo), min(o + n, sh.hi)
         if x is not None and a < b:
             cl.enqueue_copy(
                 queue,
-                into,
+                view.base_data,
                 x.base_data,
                 byte_count=(b - a) * item,
                 src_offset=x.offset + (a - o) * item,
-                dst_offset=(a - sh.lo) * item,
+                dst_offset=view.offset + (a - sh.lo) * item,
             )
     return view
 
@@ -253,9 +250,9 @@ class _Sharded:
                 views = sh.lay.views_of(queue, part.base_data, part.offset)
             else:
                 host = _gather_host(self.comm, queue, sh, part)
-                buffer, views = sh.lay.allocate(queue)
-                if sh.lay.total:
-                    cl.enqueue_copy(queue, buffer, host, is_blocking=True)
+                block = sh.lay.allocate(queue)
+                block.upload(queue, host)
+                views = block.views
             for i, v in zip(sh.idx, views, strict=True):
                 new[i] = v
         return optree.tree_unflatten(treedef, new)
@@ -445,9 +442,8 @@ class _FlatDtype:
         self.base = base
         self.elem_off = elem_off
         self.host = np.empty(sh.lay.total, sh.lay.dtype)  # staging for the Allgatherv
-        self.grad_slice: Any = None  # buffer for copied grad slices (unpacked grads)
-        self.grad_buffer: Any = None  # packed full grads (zero_grad(set_to_none=False))
-        self.grad_views: list[cla.Array] | None = None
+        self.grad_slice: Block | None = None  # copied grad slices (unpacked grads)
+        self.grad_block: Block | None = None  # packed full grads (zero_grad(set_to_none=False))
         # per group: (group index, shard Parameter, [a, b) in slice coordinates)
         self.parts: list[tuple[int, Any, int, int]] = []
 
@@ -644,7 +640,7 @@ class ZeroRedundancyOptimizer:
                 base, off = run
             else:
                 if flat.grad_slice is None:
-                    flat.grad_slice, _ = sh.slice_layout().allocate(queue)
+                    flat.grad_slice = sh.slice_layout().allocate(queue)
                 gslice = _flat_slice(queue, grads, sh, flat.grad_slice)
                 base, off = gslice.base_data, gslice.offset // sh.lay.dtype.itemsize - sh.lo
             for gi, shard, a, b in flat.parts:
@@ -670,16 +666,10 @@ class ZeroRedundancyOptimizer:
             return
         for flat in self._flats:
             sh = flat.sh
-            if flat.grad_views is None:
-                flat.grad_buffer, flat.grad_views = sh.lay.allocate(self._queue)
-            cl.enqueue_fill_buffer(
-                self._queue,
-                flat.grad_buffer,
-                np.zeros(1, sh.lay.dtype),
-                0,
-                max(sh.lay.total, 1) * sh.lay.dtype.itemsize,
-            )
-            for i, v in zip(sh.idx, flat.grad_views, strict=True):
+            if flat.grad_block is None:
+                flat.grad_block = sh.lay.allocate(self._queue)
+            flat.grad_block.fill(self._queue, 0)
+            for i, v in zip(sh.idx, flat.grad_block.views, strict=True):
                 if self._params[i].grad is not v:
                     self._params[i].grad = v
 

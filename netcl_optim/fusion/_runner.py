@@ -360,7 +360,7 @@ def run_parts(
         if inplace_params:
             outs = roles[-1]
         else:
-            _, outs = lay.allocate(queue)
+            outs = lay.allocate(queue).views
             roles.append(outs)
         place(out_leaves, idx, outs)
         slot_lay = layout(lay.shapes, state_dtype(dtype))
@@ -369,7 +369,7 @@ def run_parts(
                 ins = pick(leaves, idx)
                 roles.append(ins)
                 if mode == "pure":
-                    _, news = slot_lay.allocate(queue)
+                    news = slot_lay.allocate(queue).views
                     roles.append(news)
                 else:
                     news = ins

@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import GradientTransformation, ScheduledValue
 from .._device import check_float_dtype, queue_of, state_dtype
-from .._packing import c_strides, contiguous_run, layout, pack
+from .._packing import Block, c_strides, contiguous_run, layout, pack
 from ..transforms._adaptive import ScaleByAdamState, ScaleByRmsState, ScaleByRStdDevState
 from ..transforms._momentum import TraceState
 from ..transforms._update import step_
@@ -197,49 +196,43 @@ class _Group:
         self.steps = [0] * n
         self.counts: dict[str, list[int]] = {}
         self.bufs: dict[str, list[cla.Array]] = {}
-        self.flats: dict[str, list[tuple[Any, np.ndarray, int]]] = {}
+        self.blocks: dict[str, list[Block]] = {}
         self.grad_views: list[cla.Array] | None = None
-        self.grad_flats: list[tuple[Any, np.ndarray, int]] = []
+        self.grad_blocks: list[Block] = []
 
-    def _allocate(self, dtype_of: Callable[[np.dtype], np.dtype]) -> tuple[list, list]:
-        """Zeroed views packed per dtype, and the ``(buffer, fill value, bytes)`` of each
-        packed buffer (for :meth:`_zero`)."""
+    def _allocate(self, dtype_of: Callable[[np.dtype], np.dtype]) -> tuple[list, list[Block]]:
+        """Zeroed views packed per dtype, and the packed block of each dtype."""
         views: list[Any] = [None] * len(self.params)
-        flats = []
+        blocks = []
         by_dtype: dict[np.dtype, list[int]] = {}
         for i, d in enumerate(self.dtypes):
             by_dtype.setdefault(d, []).append(i)
         for dtype, idx in by_dtype.items():
             lay = layout(tuple(self.shapes[i] for i in idx), dtype_of(dtype))
-            buffer, vs = lay.allocate(self.queue)
-            flat = (buffer, np.zeros(1, lay.dtype), max(lay.total, 1) * lay.dtype.itemsize)
-            self._zero(flat)
-            flats.append(flat)
-            for i, v in zip(idx, vs, strict=True):
+            block = lay.allocate(self.queue)
+            block.fill(self.queue, 0)
+            blocks.append(block)
+            for i, v in zip(idx, block.views, strict=True):
                 views[i] = v
-        return views, flats
-
-    def _zero(self, flat: tuple[Any, np.ndarray, int]) -> None:
-        buffer, zero, nbytes = flat
-        cl.enqueue_fill_buffer(self.queue, buffer, zero, 0, nbytes)
+        return views, blocks
 
     def ensure(self, key: str) -> None:
         """Create the zeroed state buffer ``key`` (packed per dtype) if it is missing."""
         if key not in self.bufs:
-            self.bufs[key], self.flats[key] = self._allocate(state_dtype)
+            self.bufs[key], self.blocks[key] = self._allocate(state_dtype)
             self.counts[key] = [0] * len(self.params)
 
     def ensure_grads(self) -> None:
         if self.grad_views is None:
-            self.grad_views, self.grad_flats = self._allocate(lambda d: d)
+            self.grad_views, self.grad_blocks = self._allocate(lambda d: d)
 
     def reset(self) -> None:
         """Forget all state (counts 0, buffers zeroed, as freshly created)."""
         self.steps = [0] * len(self.params)
-        for key, flats in self.flats.items():
+        for key, blocks in self.blocks.items():
             self.counts[key] = [0] * len(self.params)
-            for flat in flats:
-                self._zero(flat)
+            for block in blocks:
+                block.fill(self.queue, 0)
 
     def has_state(self, i: int) -> bool:
         return self.steps[i] > 0 or any(c[i] for c in self.counts.values())
@@ -613,8 +606,8 @@ class Optimizer(abc.ABC):
             for p, v in zip(rec.params, rec.grad_views, strict=True):
                 if p.grad is not v:
                     p.grad = v
-            for flat in rec.grad_flats:
-                rec._zero(flat)
+            for block in rec.grad_blocks:
+                block.fill(rec.queue, 0)
 
     # ------------------------------------------------------------------ state
 
