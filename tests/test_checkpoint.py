@@ -19,7 +19,7 @@ from netcl_optim._checkpoint import load, save
 from netcl_optim._packing import contiguous_run
 from netcl_optim.fusion._runner import count_launches
 
-SHAPES = [(3, 4), (5,), (2, 1, 3)]
+SHAPES = [(3, 4), (5,), (2, 1, 3), ()]  # a 0-d leaf too
 
 
 class Pair(NamedTuple):

@@ -28,7 +28,7 @@ from netcl_optim import stateful as S
 from netcl_optim._packing import contiguous_run
 from netcl_optim.fusion._runner import count_launches
 
-SHAPES = [(3, 4), (5,), (2, 3, 2), (1,)]
+SHAPES = [(3, 4), (5,), (2, 3, 2), (1,), ()]  # a 0-d leaf too
 
 
 def dev(x, queue):
@@ -63,7 +63,7 @@ def run_reference(row_cls, hyper, p0, grads_seq):
 def assert_bitwise(got, want):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (a, b)
+        assert np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)), (a, b)
 
 
 # ---------------------------------------------------------------------------- numerics

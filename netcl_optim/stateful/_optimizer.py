@@ -754,7 +754,7 @@ class Optimizer(abc.ABC):
                 raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {rec.shapes[i]}")
             if a.dtype.kind not in "fiu":
                 raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
-            arrays[k] = np.ascontiguousarray(a, dtype=state_dtype(rec.dtypes[i]))
+            arrays[k] = np.require(a, dtype=state_dtype(rec.dtypes[i]), requirements="C")
         if entry and self._required_keys:
             missing = [k for k in ("step", *self._required_keys) if entry.get(k) is None]
             if missing:
