@@ -81,3 +81,13 @@ def test_outputs_written(smoke):
     result, out = smoke
     assert json.loads((out / "r.json").read_text())["rows"] == result["rows"]
     assert (out / "r.png").stat().st_size > 1000
+
+
+def test_buffer_spacing_script_runs():
+    path = BENCH.parent / "buffer_spacing.py"
+    spec = importlib.util.spec_from_file_location("buffer_spacing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = module.main(["--n", "4096", "--rounds", "2"])
+    assert set(times) == {"plain", "pool bins", "pool bins, staggered"}
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in times.values())
