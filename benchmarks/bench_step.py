@@ -623,11 +623,40 @@ def _dispatch_steps(queue: cl.CommandQueue, libs: Libraries) -> dict[str, Callab
         box[0], box[1] = no.step(tx, box[0], grads, box[1])
 
     out["no.step(adam)"] = pure_step
+    own_params, _ = _tiny_tree(queue)
+    donated = [own_params, tx.init(own_params)]
+
+    def donated_step() -> None:
+        donated[0], donated[1] = no.step(tx, donated[0], grads, donated[1], donate=True)
+
+    out["no.step(adam, donate=True)"] = donated_step
     return out
 
 
+def _python_only_us(fn: Callable[[], None], queue: cl.CommandQueue, calls: int) -> float | None:
+    """µs per call of ``fn`` with our kernel launches replaced by a no-op: the Python part of
+    the dispatch. None for a callable that does not launch through the runner."""
+    from netcl_optim.fusion import _runner
+
+    launched = []
+    real = _runner._launch
+    _runner._launch = lambda *args, **kwargs: launched.append(1)
+    try:
+        fn()
+        if not launched:
+            return None
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls * 1e6
+    finally:
+        _runner._launch = real
+        queue.finish()
+
+
 def dispatch_costs(queue: cl.CommandQueue, libs: Libraries, calls: int) -> list[dict]:
-    """µs per call of ``calls`` steps, with one ``finish()`` at the end vs after every call."""
+    """µs per call of ``calls`` steps, with one ``finish()`` at the end vs after every call,
+    and of the Python part alone (launches stubbed)."""
     rows = []
     for label, fn in _dispatch_steps(queue, libs).items():
         for _ in range(5):
@@ -648,6 +677,7 @@ def dispatch_costs(queue: cl.CommandQueue, libs: Libraries, calls: int) -> list[
                 "calls": calls,
                 "us_no_finish": (t1 - t0) / calls * 1e6,
                 "us_finish_each": (t2 - t1) / calls * 1e6,
+                "us_python_only": _python_only_us(fn, queue, calls),
             }
         )
     return rows
@@ -761,10 +791,15 @@ def format_table(rows: list[Row]) -> str:
 def format_fixed(dispatch: list[dict], first: list[dict]) -> str:
     lines = [
         "Python dispatch, 1000-element tree (us per call):",
-        f"  {'what':<42} {'no finish':>10} {'finish each':>12}",
+        f"  {'what':<42} {'no finish':>10} {'finish each':>12} {'Python only':>12}",
     ]
     for d in dispatch:
-        lines.append(f"  {d['what']:<42} {d['us_no_finish']:>10.1f} {d['us_finish_each']:>12.1f}")
+        py = d.get("us_python_only")
+        py_text = "-" if py is None else f"{py:.1f}"
+        lines.append(
+            f"  {d['what']:<42} {d['us_no_finish']:>10.1f} {d['us_finish_each']:>12.1f} "
+            f"{py_text:>12}"
+        )
     if first:
         lines.append("First Adam step of a new chain in a new process (ms):")
         lines.append(

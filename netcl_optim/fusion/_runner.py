@@ -354,27 +354,31 @@ def run_parts(
         kernel, _ = fused_kernel(ctx, fragments, spec)
         group_u = pick(u_leaves, idx)
         lay = layout(tuple([x.shape for x in group_u]), dtype)
-        roles: list[list[cla.Array]] = [group_u]
-        if needs_params:
-            roles.append(pick(p_leaves, idx))
-        if inplace_params:
-            outs = roles[-1]
-        else:
-            outs = lay.allocate(queue).views
-            roles.append(outs)
-        place(out_leaves, idx, outs)
         slot_lay = layout(lay.shapes, state_dtype(dtype))
+        roles: list[list[cla.Array]] = []
+        runs: list[tuple[Any, int] | None] = []  # (buffer, element offset) of a packed role
+
+        def add_input(leaves: list[cla.Array], lay_: Any) -> None:
+            roles.append(leaves)
+            runs.append(contiguous_run(leaves, lay_))
+
+        def add_fresh(lay_: Any) -> list[cla.Array]:
+            block = lay_.allocate(queue)
+            roles.append(block.views)
+            runs.append((block.buffer, block.offset // lay_.dtype.itemsize))
+            return block.views
+
+        add_input(group_u, lay)
+        if needs_params:
+            add_input(pick(p_leaves, idx), lay)
+        outs = roles[-1] if inplace_params else add_fresh(lay)
+        place(out_leaves, idx, outs)
         for k, per in enumerate(slot_leaves):
             for s, leaves in enumerate(per):
                 ins = pick(leaves, idx)
-                roles.append(ins)
-                if mode == "pure":
-                    news = slot_lay.allocate(queue).views
-                    roles.append(news)
-                else:
-                    news = ins
+                add_input(ins, slot_lay)
+                news = add_fresh(slot_lay) if mode == "pure" else ins
                 place(new_slot_leaves[k][s], idx, news)
-        runs = [contiguous_run(r, lay if r[0].dtype == dtype else slot_lay) for r in roles]
         if None not in runs:
             if lay.total:
                 args = []
