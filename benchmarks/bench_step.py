@@ -17,7 +17,8 @@ column compares each variant's params after the (equal) warm-up steps with those
 Variants: ``limit``; ``limit (out of place)`` (the same kernel writing to a second set of
 buffers: the floor of a pure step, which cannot write in place); ``stateful``
 (``netcl_optim.stateful``, in place); ``step`` (pure ``no.step`` on packed trees: one launch);
-``step (per leaf)`` (trees only: separate arrays, one launch per leaf); ``update+apply``
+``step (donate)`` (``donate=True``: into the donated buffers); ``step (per leaf)`` and
+``step (per leaf, donate)`` (trees only: separate arrays, one launch per leaf); ``update+apply``
 (``tx.update`` then ``no.apply_updates``: two launches); torch ``fused=True`` (``foreach`` where
 torch has no fused kernel); optax under ``jax.jit`` with donated params and state. Only the
 device-side step is timed: gradients are set once.
@@ -471,6 +472,9 @@ def make_variants(
     variants.append(DonatedStepVariant("step (donate)", queue=queue, spec=spec))
     if len(problem.shapes) > 1:
         variants.append(StepVariant("step (per leaf)", queue=queue, spec=spec, packed=False))
+        variants.append(
+            DonatedStepVariant("step (per leaf, donate)", queue=queue, spec=spec, packed=False)
+        )
     variants.append(UpdateApplyVariant("update+apply", queue=queue, spec=spec))
     if libs.torch is not None:
         label = "torch fused" if spec.torch_fused else "torch foreach"
@@ -821,7 +825,16 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     optimizers = list(dict.fromkeys(r.optimizer for r in rows))
-    order = ["limit", "limit (out of place)", "stateful", "step", "step (per leaf)", "update+apply"]
+    order = [
+        "limit",
+        "limit (out of place)",
+        "stateful",
+        "step",
+        "step (donate)",
+        "step (per leaf)",
+        "step (per leaf, donate)",
+        "update+apply",
+    ]
     labels = sorted(
         dict.fromkeys(r.variant for r in rows),
         key=lambda v: order.index(v) if v in order else len(order),
