@@ -91,3 +91,17 @@ def test_buffer_spacing_script_runs():
     times = module.main(["--n", "4096", "--rounds", "2"])
     assert set(times) == {"plain", "pool bins", "pool bins, staggered"}
     assert all(len(ts) == 2 and min(ts) > 0 for ts in times.values())
+
+
+def test_summary_table_from_the_json(smoke):
+    _, out = smoke
+    path = BENCH.parent / "summarize.py"
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main([str(out / "r.json")])
+    lines = text.splitlines()
+    rows = json.loads((out / "r.json").read_text())["rows"]
+    groups = {(r["optimizer"], r["size"]) for r in rows}
+    assert len(lines) == 2 + len(groups)
+    assert all(line.startswith("| ") and line.count("|") == 12 for line in lines[2:])

@@ -14,7 +14,7 @@ import pyopencl.array as cla
 
 from .._base import GradientTransformation, Part
 from .._device import allocator, check_float_dtype, default_queue, has_fp64, state_dtype
-from .._packing import allocate_like, contiguous_run, element_offset, layout
+from .._packing import Layout, allocate_like, contiguous_run, element_offset, layout
 from .._packing import c_strides as _c_strides
 from ._codegen import KernelSpec
 from ._programs import finish_kernel, fused_kernel, reduce_kernel
@@ -349,25 +349,27 @@ def run_parts(
 
     tail = red_tail + tail_scalars
     launches: list[tuple[cl.Kernel, int, list[Any]]] = []
+    roles: list[list[cla.Array]] = []  # per dtype group: the arrays of each kernel argument
+    runs: list[tuple[Any, int] | None] = []  # their (buffer, element offset) where packed
+
+    def add_input(leaves: list[cla.Array], lay_: Layout) -> None:
+        roles.append(leaves)
+        runs.append(contiguous_run(leaves, lay_))
+
+    def add_fresh(lay_: Layout) -> list[cla.Array]:
+        block = lay_.allocate(queue)
+        roles.append(block.views)
+        runs.append((block.buffer, block.offset // lay_.dtype.itemsize))
+        return block.views
+
     for dtype, idx in by_dtype.items():
         spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
         kernel, _ = fused_kernel(ctx, fragments, spec)
         group_u = pick(u_leaves, idx)
         lay = layout(tuple([x.shape for x in group_u]), dtype)
         slot_lay = layout(lay.shapes, state_dtype(dtype))
-        roles: list[list[cla.Array]] = []
-        runs: list[tuple[Any, int] | None] = []  # (buffer, element offset) of a packed role
-
-        def add_input(leaves: list[cla.Array], lay_: Any) -> None:
-            roles.append(leaves)
-            runs.append(contiguous_run(leaves, lay_))
-
-        def add_fresh(lay_: Any) -> list[cla.Array]:
-            block = lay_.allocate(queue)
-            roles.append(block.views)
-            runs.append((block.buffer, block.offset // lay_.dtype.itemsize))
-            return block.views
-
+        roles.clear()
+        runs.clear()
         add_input(group_u, lay)
         if needs_params:
             add_input(pick(p_leaves, idx), lay)

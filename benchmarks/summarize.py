@@ -1,0 +1,87 @@
+"""The README's Performance table from a ``bench_step.py --json`` file.
+
+    python benchmarks/summarize.py benchmarks/results/bench_step.json
+
+Cells are the median step time as % of the limit kernel's (same run, same blocks). The two
+ratios compare like with like: the stateful ``step()`` with torch's optimizer object, and the
+donated functional ``no.step`` with optax under ``jax.jit`` with donated buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _pct(cells: dict, variant: str) -> str:
+    row = cells.get(variant)
+    if row is None:
+        return "-"
+    return f"{row['pct_of_limit']:.0f}%"
+
+
+def _ratio(cells: dict, slow: str, fast: str) -> str:
+    a, b = cells.get(slow), cells.get(fast)
+    if a is None or b is None:
+        return "-"
+    return f"{a['median_ms'] / b['median_ms']:.2f}x"
+
+
+def table(result: dict) -> str:
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in result["rows"]:
+        groups.setdefault((row["optimizer"], row["size"]), {})[row["variant"]] = row
+    head = [
+        "optimizer",
+        "size",
+        "stateful `step()`",
+        "`no.step` donate",
+        "`no.step` pure (out-of-place floor)",
+        "per leaf, donate",
+        "update+apply / `no.step`",
+        "torch",
+        "optax jit+donate",
+        "stateful vs torch",
+        "donate vs optax",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (optimizer, size), cells in groups.items():
+        torch_label = "torch fused" if "torch fused" in cells else "torch foreach"
+        torch = _pct(cells, torch_label)
+        if torch_label == "torch foreach" and torch != "-":
+            torch += " (foreach)"
+        pure = f"{_pct(cells, 'step')} ({_pct(cells, 'limit (out of place)')})"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    optimizer,
+                    size,
+                    _pct(cells, "stateful"),
+                    _pct(cells, "step (donate)"),
+                    pure,
+                    _pct(cells, "step (per leaf, donate)"),
+                    _ratio(cells, "update+apply", "step"),
+                    torch,
+                    _pct(cells, "optax jit"),
+                    _ratio(cells, torch_label, "stateful"),
+                    _ratio(cells, "optax jit", "step (donate)"),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json_path")
+    args = parser.parse_args(argv)
+    with open(args.json_path) as f:
+        text = table(json.load(f))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
