@@ -187,7 +187,10 @@ def pack(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """Copy the device-array leaves of ``tree`` into one buffer per dtype; return the views.
 
     The result has ``tree``'s structure. A packed tree (params, grads, or optimizer state
-    from ``init``) lets a whole-model step run as one kernel launch.
+    from ``init``) lets a whole-model step run as one kernel launch. Each leaf is a view at
+    an offset into its buffer (a large buffer's first leaf too, see ``stagger_bytes``): a
+    custom kernel takes ``leaf.base_data`` and ``leaf.offset``, since pyopencl's
+    ``Array.data`` refuses a view with an offset.
     """
     queue = queue or queue_of(tree)
     leaves, treedef = optree.tree_flatten(tree)
