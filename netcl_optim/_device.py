@@ -68,6 +68,30 @@ def allocator(queue: cl.CommandQueue) -> cl_tools.MemoryPool:
     return pool
 
 
+_side_queues: dict[cl.CommandQueue, cl.CommandQueue | None] = {}
+_OUT_OF_ORDER = cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE
+
+
+def side_queue(queue: cl.CommandQueue) -> cl.CommandQueue | None:
+    """An out-of-order queue beside ``queue``, for many independent launches (per-leaf
+    kernels), or ``None`` where they are better left in order.
+
+    Only CPU devices get one: PoCL's in-order queue spends ~8 us between commands, which an
+    out-of-order queue of ready commands avoids (``benchmarks/per_leaf_launches.py``). It
+    allocates nothing: buffers still come from ``queue``'s pool.
+    """
+    if queue in _side_queues:
+        return _side_queues[queue]
+    with _lock:
+        if queue not in _side_queues:
+            device = queue.device
+            side = None
+            if device.type & cl.device_type.CPU and device.queue_properties & _OUT_OF_ORDER:
+                side = cl.CommandQueue(queue.context, device, properties=_OUT_OF_ORDER)
+            _side_queues[queue] = side
+    return _side_queues[queue]
+
+
 _fp64: dict[cl.Device, bool] = {}
 
 

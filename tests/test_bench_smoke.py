@@ -93,6 +93,16 @@ def test_buffer_spacing_script_runs():
     assert all(len(ts) == 2 and min(ts) > 0 for ts in times.values())
 
 
+def test_per_leaf_launches_script_runs():
+    path = BENCH.parent / "per_leaf_launches.py"
+    spec = importlib.util.spec_from_file_location("per_leaf_launches", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = module.main(["--leaves", "6", "--rounds", "2", "--roles", "1"])
+    assert len(times) == 6 and "one launch" in times
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in times.values())
+
+
 def test_summary_table_from_the_json(smoke):
     _, out = smoke
     path = BENCH.parent / "summarize.py"

@@ -13,13 +13,21 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import GradientTransformation, Part
-from .._device import allocator, check_float_dtype, default_queue, has_fp64, state_dtype
+from .._device import (
+    allocator,
+    check_float_dtype,
+    default_queue,
+    has_fp64,
+    side_queue,
+    state_dtype,
+)
 from .._packing import Layout, allocate_like, contiguous_run, element_offset, layout
 from .._packing import c_strides as _c_strides
 from ._codegen import KernelSpec
 from ._programs import finish_kernel, fused_kernel, reduce_kernel
 
 _SPLIT = 256  # big launches are split so the main part's size has a good local size
+SIDE_QUEUE_FROM = 16  # independent launches in one step that go to the side queue (CPU)
 
 
 def _path_names(tree: Any) -> list[str]:
@@ -212,6 +220,51 @@ def _launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) 
         _count(kernel.function_name, launched)
 
 
+def _launch_all(
+    queue: cl.CommandQueue, launches: list[tuple[cl.Kernel, int, list[Any]]], independent: bool
+) -> None:
+    """Enqueue ``launches`` after ``queue``'s earlier work and before its later work.
+
+    Many ``independent`` launches (no two touch the same memory) go to the device's side
+    queue: PoCL runs ready commands of an out-of-order queue back to back, where its in-order
+    queue spends ~8 us between them. They must be ready when enqueued (waiting on an event
+    costs as much again), so the host first waits for ``queue``; ``queue`` then waits for them
+    with a barrier, and the step stays asynchronous from there.
+    """
+    side = side_queue(queue) if independent and len(launches) >= SIDE_QUEUE_FROM else None
+    if side is None:
+        for kernel, n, args in launches:
+            _launch(kernel, queue, n, args)
+        return
+    queue.finish()
+    for kernel, n, args in launches:
+        _launch(kernel, side, n, args)
+    cl.enqueue_barrier(queue, wait_for=[cl.enqueue_marker(side)])
+    side.flush()
+
+
+def _leaves_disjoint(columns: Sequence[Sequence[cla.Array]]) -> bool:
+    """Whether the leaves at different indices of ``columns`` (one list of leaves per kernel
+    argument) touch disjoint memory, so that their launches may run in any order. A tree
+    holding one array twice (tied weights) is the case that matters."""
+    spans = sorted(
+        (id(x.base_data), x.offset, x.offset + x.nbytes, j)
+        for column in columns
+        for j, x in enumerate(column)
+        if x.nbytes
+    )
+    base = None
+    open_ends: dict[int, int] = {}  # leaf index -> end of its spans still open
+    for b, start, end, j in spans:
+        if b != base:
+            base, open_ends = b, {}
+        open_ends = {k: e for k, e in open_ends.items() if e > start}
+        if any(k != j for k in open_ends):
+            return False
+        open_ends[j] = max(open_ends.get(j, 0), end)
+    return True
+
+
 # ---------------------------------------------------------------------------- reductions
 
 
@@ -314,9 +367,13 @@ def run_parts(
                 tail_hit: list[Any] = _reduce_parts(parts, u_leaves, queue)
                 for part in parts:
                     tail_hit.extend(part.scalars)
-                for kernel, n, template in hit[1]:
-                    args = [objs[a].base_data if type(a) is _Leaf else a for a in template]
-                    _launch(kernel, queue, n, args + tail_hit)
+                planned = [
+                    (kernel, n, [objs[a].base_data if type(a) is _Leaf else a for a in template])
+                    for kernel, n, template in hit[1]
+                ]
+                for _, _, args in planned:
+                    args += tail_hit
+                _launch_all(queue, planned, hit[2])
                 return params, [part.slots for part in parts]
     if not _all_valid(u_leaves, others, queue):
         _check_leaves(u_leaves, others, updates, queue)
@@ -396,8 +453,15 @@ def run_parts(
                     a = r[j]
                     args += [a.base_data, element_offset(a)]
                 launches.append((kernel, size, args))
-    for kernel, n, args in launches:
-        _launch(kernel, queue, n, args + tail)
+    # Pure, every output is fresh; in place, the tree's leaves must not share memory.
+    independent = len(launches) > 1 and (
+        not inplace
+        or (
+            cache_key is not None
+            and _leaves_disjoint([u_leaves, p_leaves, *(ls for per in slot_leaves for ls in per)])
+        )
+    )
+    _launch_all(queue, [(kernel, n, args + tail) for kernel, n, args in launches], independent)
     if cache_key is not None:
         if len(_plans) >= 64:
             _plans.clear()
@@ -410,7 +474,7 @@ def run_parts(
             (kernel, n, [_Leaf(index[id(a)]) if i % 2 == 0 else a for i, a in enumerate(args)])
             for kernel, n, args in launches
         ]
-        _plans[cache_key] = ([weakref.ref(x) for x in leaves], templates)
+        _plans[cache_key] = ([weakref.ref(x) for x in leaves], templates, independent)
 
     out = optree.tree_unflatten(treedef, out_leaves)
     new_slots = [
@@ -426,7 +490,7 @@ class _Leaf(int):
     """In a cached launch plan: the buffer of the i-th leaf."""
 
 
-_plans: dict[tuple, tuple[list[weakref.ref], list[tuple[cl.Kernel, int, list[Any]]]]] = {}
+_plans: dict[tuple, tuple[list[weakref.ref], list[tuple[cl.Kernel, int, list[Any]]], bool]] = {}
 
 
 def _reduce_parts(parts: Sequence[Part], u_leaves: list[Any], queue: cl.CommandQueue) -> list:
