@@ -21,37 +21,111 @@ _pools: dict[cl.CommandQueue, cl_tools.MemoryPool] = {}
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+_INSTALL = (
+    "pip install \"netcl_optim[cpu]\" for PoCL's CPU device, or install a GPU vendor's OpenCL "
+    "driver"
+)
+
+
+def _platforms() -> list[cl.Platform]:
+    """Every OpenCL platform; a RuntimeError that says how to get one if there is none."""
+    try:
+        platforms, reason, cause = cl.get_platforms(), "the ICD loader lists none", None
+    except cl.Error as e:  # the ICD loader's clGetPlatformIDs fails with PLATFORM_NOT_FOUND_KHR
+        platforms, reason, cause = [], str(e), e
+    if platforms:
+        return platforms
+    vendors = os.environ.get("OCL_ICD_VENDORS")
+    if vendors is not None:
+        reason += f"; OCL_ICD_VENDORS={vendors!r} tells the loader where to look for drivers"
+    raise RuntimeError(f"no OpenCL platform found ({reason}). To get one: {_INSTALL}") from cause
+
+
+def _devices(platform: cl.Platform) -> list[cl.Device]:
+    try:
+        return platform.get_devices()
+    except cl.Error:  # clGetDeviceIDs fails with DEVICE_NOT_FOUND on a platform without devices
+        return []
+
+
+def _kind(device: cl.Device) -> str:
+    for flag, name in ((cl.device_type.GPU, "GPU"), (cl.device_type.CPU, "CPU")):
+        if device.type & flag:
+            return name
+    return "accelerator"
+
+
+def _inventory(platforms: list[cl.Platform]) -> str:
+    """The platforms and devices found, with the indices ``PYOPENCL_CTX`` takes."""
+    lines = []
+    for i, platform in enumerate(platforms):
+        devices = _devices(platform)
+        lines.append(f"  [{i}] {platform.name.strip()}" + ("" if devices else " (no devices)"))
+        lines += [f"    [{i}:{j}] {d.name.strip()} ({_kind(d)})" for j, d in enumerate(devices)]
+    return "\n".join(lines)
+
+
+def _default_context() -> cl.Context:
+    platforms = _platforms()
+    spec = os.environ.get("PYOPENCL_CTX")
+    if spec:
+        try:
+            return cl.create_some_context(interactive=False)
+        except (cl.Error, RuntimeError) as e:
+            first = next(
+                (f"{i}:0" for i, p in enumerate(platforms) if _devices(p)), "<platform>:<device>"
+            )
+            raise RuntimeError(
+                f"Invalid PYOPENCL_CTX: {spec!r} (must select available OpenCL devices as "
+                f"'<platform>[:<device>]', each an index or part of a name; pyopencl: {e}). "
+                f"Found:\n{_inventory(platforms)}\nSet e.g. PYOPENCL_CTX={first}, unset it to "
+                f"use the first device, or, for a device not listed, {_INSTALL}"
+            ) from e
+    devices = [d for p in platforms for d in _devices(p)]
+    if not devices:
+        raise RuntimeError(
+            f"no OpenCL device found; platforms:\n{_inventory(platforms)}\nTo get one: {_INSTALL}"
+        )
+    return cl.Context([devices[0]])
+
+
 def default_queue() -> cl.CommandQueue:
     """The library's default in-order queue, created on first use.
 
     ``PYOPENCL_CTX`` chooses the device as in pyopencl; without it the first device of the
     first platform is used, with no prompt.
+
+    Raises:
+      RuntimeError: no OpenCL platform or device, or a ``PYOPENCL_CTX`` that selects none;
+        the message lists the platforms and devices found and how to fix it. Nothing is
+        cached, so a later call tries again.
     """
     global _default_queue
     with _lock:
         if _default_queue is None:
-            if os.environ.get("PYOPENCL_CTX"):
-                ctx = cl.create_some_context(interactive=False)
-            else:
-                platforms = cl.get_platforms()
-                if not platforms:
-                    raise RuntimeError(
-                        "no OpenCL platform found: install netcl_optim[cpu] (pyopencl[pocl]) "
-                        "for a CPU device, or a GPU vendor's OpenCL driver"
-                    )
-                devices = [d for p in platforms for d in p.get_devices()]
-                if not devices:
-                    raise RuntimeError("OpenCL platforms found, but no devices")
-                ctx = cl.Context([devices[0]])
-            _default_queue = cl.CommandQueue(ctx)
+            _default_queue = cl.CommandQueue(_default_context())
         return _default_queue
 
 
-def set_default_queue(queue: cl.CommandQueue) -> None:
-    """Use ``queue`` (in-order) wherever the library needs a queue and none is given."""
+def set_default_queue(queue: cl.CommandQueue | None) -> None:
+    """Use ``queue`` (in-order) wherever the library needs a queue and none is given.
+
+    ``None`` resets: the next :func:`default_queue` creates a new queue as on first use
+    (e.g. after changing ``PYOPENCL_CTX``). Arrays keep the queue they were created on.
+
+    Raises:
+      TypeError: ``queue`` is neither a ``pyopencl.CommandQueue`` nor ``None``.
+      ValueError: an out-of-order queue.
+    """
     global _default_queue
-    if queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE:
-        raise ValueError("netcl_optim needs an in-order command queue")
+    if queue is not None:
+        if not isinstance(queue, cl.CommandQueue):
+            raise TypeError(
+                f"Invalid queue: {queue!r} (must be a pyopencl.CommandQueue, or None to reset "
+                "to the default)"
+            )
+        if queue.properties & cl.command_queue_properties.OUT_OF_ORDER_EXEC_MODE_ENABLE:
+            raise ValueError("netcl_optim needs an in-order command queue")
     with _lock:
         _default_queue = queue
 
@@ -121,36 +195,61 @@ def check_float_dtype(dtype: np.dtype, queue: cl.CommandQueue, where: str) -> No
         raise TypeError(f"{where}: float64 needs a device with cl_khr_fp64 ({queue.device.name})")
 
 
-def _is_array_leaf(x: Any) -> bool:
-    return isinstance(x, (np.ndarray, np.generic, cla.Array, float, int)) and not isinstance(
-        x, bool
-    )
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    return "root" + "".join(f"[{k!r}]" for k in path)
+
+
+def _host_leaf(x: Any, path: tuple[Any, ...], queue: cl.CommandQueue) -> np.ndarray:
+    """Leaf ``x`` (at ``path``) as the C-contiguous numpy array ``to_device`` copies."""
+    a = np.asarray(x)
+    if type(x) is float:  # a Python float (not np.float64, a subclass) becomes float32
+        a = a.astype(np.float32)
+    if a.dtype.kind == "c":
+        raise TypeError(
+            f"to_device: leaf {_leaf_name(path)} has complex dtype {a.dtype}: netcl_optim works "
+            "on real numbers; pass the real and imaginary parts as two float arrays"
+        )
+    if a.dtype.kind not in "biuf":
+        raise TypeError(
+            f"to_device: leaf {_leaf_name(path)} has dtype {a.dtype} (from "
+            f"{type(x).__name__}): leaves must be numpy arrays or numbers of a bool, integer "
+            "or float dtype"
+        )
+    if a.dtype.kind == "f":
+        check_float_dtype(a.dtype, queue, f"to_device: leaf {_leaf_name(path)}")
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+    return a
 
 
 def to_device(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     """Copy every leaf of ``tree`` (numpy arrays or numbers) to the device.
 
-    Leaves keep their dtype (Python floats become float32, numpy scalars keep theirs);
-    device arrays already on ``queue``'s context pass through. ``None`` leaves stay ``None``.
+    Leaves keep their dtype (Python floats become float32, numpy scalars keep theirs), which
+    must be bool, integer or float (float16/32/64; float64 needs cl_khr_fp64). Device arrays
+    already on ``queue``'s context pass through. ``None`` leaves stay ``None``.
+
+    Raises:
+      TypeError: a leaf of another dtype (complex, str, bytes, object, datetime, structured).
+      ValueError: a device array of another OpenCL context.
+
+    Errors name the leaf (``root['w']``); every leaf is checked before anything is copied.
     """
     queue = queue or default_queue()
+    paths, leaves, treedef = optree.tree_flatten_with_path(tree)
+    host = []
+    for path, x in zip(paths, leaves, strict=True):
+        if not isinstance(x, cla.Array):
+            x = _host_leaf(x, path, queue)
+        elif x.context != queue.context:
+            raise ValueError(
+                f"to_device: leaf {_leaf_name(path)} belongs to another OpenCL context"
+            )
+        host.append(x)
     pool = allocator(queue)
-
-    def one(x: Any) -> Any:
-        if isinstance(x, cla.Array):
-            if x.context != queue.context:
-                raise ValueError("to_device: array belongs to another OpenCL context")
-            return x
-        a = np.asarray(x)
-        if type(x) is float:  # a Python float (not np.float64, a subclass) becomes float32
-            a = a.astype(np.float32)
-        if a.dtype.kind == "f":
-            check_float_dtype(a.dtype, queue, "to_device")
-        if not a.flags.c_contiguous:
-            a = a.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
-        return cla.to_device(queue, a, allocator=pool)
-
-    return optree.tree_map(one, tree)
+    return treedef.unflatten(
+        [x if isinstance(x, cla.Array) else cla.to_device(queue, x, allocator=pool) for x in host]
+    )
 
 
 def to_host(tree: Any) -> Any:

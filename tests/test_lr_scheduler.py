@@ -122,9 +122,16 @@ def test_a_param_group_added_later_is_an_error_not_a_silent_skip():
     assert sched.last_epoch == 0
 
 
+class _NanAtTwo(LRScheduler):
+    def get_lr(self) -> list[float]:
+        return [
+            math.nan if self.last_epoch == 2 else b / (self.last_epoch + 1) for b in self.base_lrs
+        ]
+
+
 def test_non_finite_computed_lr_raises_and_changes_nothing():
     opt = FakeOptimizer()
-    sched = LambdaLR(opt, lr_lambda=lambda e: math.nan if e == 2 else 1.0 / (e + 1))
+    sched = _NanAtTwo(opt)
     sched.step()
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match="lr=nan"):
@@ -530,6 +537,58 @@ def test_invalid_arguments_raise_value_error_naming_them(cls, kwargs, name):
 def test_non_callable_lr_lambda_is_a_type_error():
     with pytest.raises(TypeError, match="lr_lambda"):
         LambdaLR(FakeOptimizer(), lr_lambda=0.5)
+
+
+@pytest.mark.parametrize(
+    ("factor", "error"),
+    [
+        (-0.5, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (-math.inf, ValueError),
+        ("0.5", TypeError),
+        (None, TypeError),
+        (1j, TypeError),
+        ([0.5], TypeError),
+    ],
+)
+def test_lambda_lr_bad_factor_raises_at_the_scheduler_step_and_changes_nothing(factor, error):
+    opt = FakeOptimizer()
+    fns = [lambda e: 1.0, lambda e: factor if e == 2 else 1.0 / (e + 1)]
+    sched = LambdaLR(opt, lr_lambda=fns)
+    sched.step()
+    groups, state = [dict(g) for g in opt.param_groups], sched.state_dict()
+    with pytest.raises(error, match=r"Invalid lr_lambda\(2\) of param_groups\[1\]: ") as info:
+        sched.step()
+    assert repr(factor) in str(info.value) and "a finite number >= 0" in str(info.value)
+    assert opt.param_groups == groups and sched.state_dict() == state
+    assert sched.get_last_lr() == [g["lr"] for g in groups]
+
+
+def test_lambda_lr_bad_factor_at_construction_leaves_the_optimizer_unchanged():
+    opt = FakeOptimizer()
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=r"Invalid lr_lambda\(0\) of param_groups\[0\]: -1"):
+        LambdaLR(opt, lr_lambda=lambda e: -1)
+    assert opt.param_groups == groups  # no initial_lr left behind
+
+
+def test_lambda_lr_accepts_numeric_factors_of_any_real_type():
+    np = pytest.importorskip("numpy")
+    for factor in (True, 0, 2, np.float32(0.5), np.int64(3), np.array(0.25)):
+        sched = LambdaLR(FakeOptimizer(), lr_lambda=lambda e, f=factor: f)
+        assert sched.get_last_lr() == [b * float(factor) for b in BASES]
+
+
+@pytest.mark.parametrize("metrics", ["x", None, [1.0, 2.0], 1j, object()])
+def test_plateau_metric_that_is_not_a_number_raises_and_changes_nothing(metrics):
+    sched = ReduceLROnPlateau(FakeOptimizer(), patience=0)
+    sched.step(1.0)
+    before = sched.state_dict()
+    with pytest.raises(TypeError, match=r"Invalid metrics: .* \(must be a real number"):
+        sched.step(metrics)
+    assert sched.state_dict() == before
+    assert sched.get_last_lr() == list(BASES)
 
 
 # ---------------------------------------------------------------------------- properties

@@ -30,6 +30,7 @@ optimizer's state too, as with torch. A computed learning rate that is not finit
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import math
 import numbers
@@ -111,15 +112,19 @@ class LRScheduler(abc.ABC):
     Raises:
       ValueError: ``last_epoch < -1``.
       KeyError: resuming without ``initial_lr`` in a group.
+
+    If the initial step fails, the ``initial_lr`` entries it added are removed again.
     """
 
     def __init__(self, optimizer: SupportsParamGroups, last_epoch: int = -1) -> None:
         groups = _groups(optimizer)
         last_epoch = _check_int("last_epoch", last_epoch, -1)
         self.optimizer = optimizer
+        added: list[dict[str, Any]] = []
         if last_epoch == -1:
-            for group in groups:
-                group.setdefault("initial_lr", group["lr"])
+            added = [group for group in groups if "initial_lr" not in group]
+            for group in added:
+                group["initial_lr"] = group["lr"]
         else:
             for i, group in enumerate(groups):
                 if "initial_lr" not in group:
@@ -130,7 +135,12 @@ class LRScheduler(abc.ABC):
         self.base_lrs: list[float] = [float(group["initial_lr"]) for group in groups]
         self.last_epoch = last_epoch
         self._last_lr: list[float] = [float(group["lr"]) for group in groups]
-        self.step()  # the initial step: last_epoch -1 -> 0
+        try:
+            self.step()  # the initial step: last_epoch -1 -> 0
+        except BaseException:
+            for group in added:  # a failed construction leaves the optimizer as it was
+                del group["initial_lr"]
+            raise
 
     @abc.abstractmethod
     def get_lr(self) -> list[float]:
@@ -181,6 +191,20 @@ class LRScheduler(abc.ABC):
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
+def _lambda_factor(value: Any, epoch: int, group: int) -> float:
+    """``value``, returned by ``lr_lambda(epoch)`` for param group ``group``, as a factor."""
+    factor = None
+    if not isinstance(value, (str, bytes)):
+        with contextlib.suppress(TypeError, ValueError):
+            factor = float(value)
+    if factor is not None and math.isfinite(factor) and factor >= 0:
+        return factor
+    raise (TypeError if factor is None else ValueError)(
+        f"Invalid lr_lambda({epoch}) of param_groups[{group}]: {value!r} "
+        "(must be a finite number >= 0, the factor of the base lr)"
+    )
+
+
 class LambdaLR(LRScheduler):
     """``lr = base_lr * lr_lambda(last_epoch)``.
 
@@ -192,6 +216,11 @@ class LambdaLR(LRScheduler):
 
     Raises:
       ValueError: a list of the wrong length. TypeError: a non-callable ``lr_lambda``.
+
+    Every factor must be a finite real number >= 0 (a Python or numpy number, or a 0-d
+    array; not a string): otherwise :meth:`step` (and construction, which performs the
+    initial step) raises ``ValueError`` (negative, nan, inf) or ``TypeError`` (not a real
+    number) naming the epoch, the param group and the value, and changes nothing.
 
     ``state_dict()`` saves the ``__dict__`` of callable objects, not plain functions or
     lambdas (as torch).
@@ -217,9 +246,10 @@ class LambdaLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
+        epoch = self.last_epoch
         return [
-            base * float(fn(self.last_epoch))
-            for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)
+            base * _lambda_factor(fn(epoch), epoch, i)
+            for i, (fn, base) in enumerate(zip(self.lr_lambdas, self.base_lrs, strict=True))
         ]
 
     def state_dict(self) -> dict[str, Any]:
@@ -652,9 +682,18 @@ class ReduceLROnPlateau(LRScheduler):
           metrics: the monitored value (anything ``float()`` accepts, e.g. a 0-d array).
 
         Raises:
+          TypeError: ``float(metrics)`` fails (not a real number).
           ValueError: ``metrics`` is nan, or the infinity that would be best for ever.
+
+        The scheduler and the optimizer are unchanged when it raises.
         """
-        current = float(metrics)
+        try:
+            current = float(metrics)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"Invalid metrics: {metrics!r} (must be a real number, e.g. a float or a 0-d "
+                "array; the scheduler is unchanged)"
+            ) from None
         if math.isnan(current) or current == -self.mode_worse:
             raise ValueError(
                 f"Invalid metrics: {metrics!r} (ReduceLROnPlateau(mode={self.mode!r}) needs a "
