@@ -39,6 +39,26 @@ class GradientTransformation(NamedTuple):
     fragment: Any = None
 
 
+def as_transform(tx: Any, what: str = "tx") -> GradientTransformation:
+    """``tx`` as a :class:`GradientTransformation`: itself; what its
+    ``gradient_transformation()`` returns (``MultiSteps``, fusible when its inner optimizer
+    is); or, for any other object with ``init`` and ``update``, an opaque transform of them.
+    ``what`` names ``tx`` in the TypeError raised for anything else."""
+    if isinstance(tx, GradientTransformation):
+        return tx
+    convert = getattr(tx, "gradient_transformation", None)
+    if callable(convert):
+        converted = convert()
+        if isinstance(converted, GradientTransformation):
+            return converted
+    if callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
+        return GradientTransformation(tx.init, tx.update)
+    raise TypeError(
+        f"{what} is a {type(tx).__name__}, not a transform (a GradientTransformation, or an "
+        "object with init and update)"
+    )
+
+
 class EmptyState(NamedTuple):
     """State of a stateless transform."""
 

@@ -6,7 +6,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._base import EmptyState, Fragment, GradientTransformation, OptState, Part
+from .._base import EmptyState, Fragment, GradientTransformation, OptState, Part, as_transform
+from .._state_check import (
+    DictSpec,
+    NamedTupleSpec,
+    Spec,
+    TupleSpec,
+    fragment_spec,
+    register,
+    spec_of,
+)
 from ..fusion._runner import execute, init_slots
 
 
@@ -50,19 +59,12 @@ class ChainPlan:
 
         return parts, rebuild
 
-
-def _check_transforms(txs: Sequence[Any]) -> None:
-    for i, tx in enumerate(txs):
-        if not isinstance(tx, GradientTransformation):
-            if hasattr(tx, "init") and hasattr(tx, "update"):
-                continue
-            raise TypeError(f"chain: argument {i} is a {type(tx).__name__}, not a transform")
-
-
-def _as_transform(tx: Any) -> GradientTransformation:
-    if isinstance(tx, GradientTransformation):
-        return tx
-    return GradientTransformation(tx.init, tx.update)
+    def state_spec(self) -> Spec:
+        """The chain's state: a tuple (a dict for :func:`named_chain`) of its children's."""
+        specs = [spec_of(c) for c in self.children]
+        if self.names is None:
+            return TupleSpec(specs)
+        return DictSpec(dict(zip(self.names, specs, strict=True)))
 
 
 def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransformation:
@@ -74,7 +76,7 @@ def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransform
         )
 
     tx = GradientTransformation(init, update, plan)
-    return tx
+    return register(tx, plan.state_spec)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -85,8 +87,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
       packed tree); a reduction (global norm) starts a new run; opaque transforms in between
       run their own ``update``.
     """
-    _check_transforms(transforms)
-    children = tuple(_as_transform(t) for t in transforms)
+    children = tuple(as_transform(t, f"chain: argument {i}") for i, t in enumerate(transforms))
     plan = ChainPlan(children)
     return _make(plan, lambda params: tuple(c.init(params) for c in children))
 
@@ -96,8 +97,7 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
     names = tuple(name for name, _ in transforms)
     if len(set(names)) != len(names):
         raise ValueError(f"named_chain: duplicate names in {names}")
-    _check_transforms([t for _, t in transforms])
-    children = tuple(_as_transform(t) for _, t in transforms)
+    children = tuple(as_transform(t, f"named_chain: {name!r}") for name, t in transforms)
     plan = ChainPlan(children, names)
     return _make(
         plan, lambda params: {n: c.init(params) for n, c in zip(names, children, strict=True)}
@@ -113,7 +113,8 @@ def identity() -> GradientTransformation:
     def update(updates: Any, state: OptState, params: Any = None, **extra_args: Any):
         return updates, state
 
-    return GradientTransformation(init, update, Fragment("identity", ""))
+    tx = GradientTransformation(init, update, Fragment("identity", ""))
+    return register(tx, lambda: NamedTupleSpec(EmptyState))
 
 
 def elementwise(
@@ -134,4 +135,4 @@ def elementwise(
         )
 
     tx = GradientTransformation(init_fn, update, fragment)
-    return tx
+    return register(tx, lambda: fragment_spec(fragment, init))

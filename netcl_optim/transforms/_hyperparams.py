@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, OptState, ScheduledValue
+from .._base import Fragment, GradientTransformation, OptState, ScheduledValue, as_transform
+from .._state_check import DictSpec, NamedTupleSpec, Spec, check_state, register, spec_of
 from ..fusion._runner import execute
 from ._combining import ChainPlan
 
@@ -51,7 +52,10 @@ class _InjectPlan:
     signature: tuple
 
     def make(self, hps: dict[str, float]) -> GradientTransformation:
-        inner = self.factory(**self.static, **{k: ScheduledValue(v) for k, v in hps.items()})
+        inner = as_transform(
+            self.factory(**self.static, **{k: ScheduledValue(v) for k, v in hps.items()}),
+            "inject_hyperparams: the factory's result",
+        )
         if _signature(inner) != self.signature:
             moved = [k for k, v in hps.items() if (v == 0) != (self.initial.get(k, 0) == 0)]
             raise ValueError(
@@ -78,6 +82,15 @@ class _InjectPlan:
         return list(parts), rebuild
 
 
+def _state_spec(initial: dict[str, float], probe: GradientTransformation) -> Spec:
+    """What ``init`` makes: every injected hyperparameter (more may be written in) and the
+    inner optimizer's state."""
+    hyperparams = DictSpec(dict.fromkeys(initial), exact=False)
+    return NamedTupleSpec(
+        InjectHyperparamsState, {"hyperparams": hyperparams, "inner_state": spec_of(probe)}
+    )
+
+
 def inject_hyperparams(
     factory: Callable[..., GradientTransformation],
 ) -> Callable[..., GradientTransformation]:
@@ -98,8 +111,11 @@ def inject_hyperparams(
         schedules = {k: v for k, v in kwargs.items() if callable(v)}
         initial = {**numeric, **{k: float(fn(0)) for k, fn in schedules.items()}}
         # validates the arguments once, up front; scheduled values may be 0 (a warmup's start)
-        probe = factory(
-            **static, **numeric, **{k: ScheduledValue(fn(0)) for k, fn in schedules.items()}
+        probe = as_transform(
+            factory(
+                **static, **numeric, **{k: ScheduledValue(fn(0)) for k, fn in schedules.items()}
+            ),
+            "inject_hyperparams: the factory's result",
         )
         plan = _InjectPlan(factory, static, schedules, initial, _signature(probe))
 
@@ -111,12 +127,13 @@ def inject_hyperparams(
                 return execute(
                     tx, updates, state, params, apply=False, inplace=False, extra_args=extra
                 )
+            check_state(tx, state)
             hps = plan.values(state)
             inner = plan.make(hps)
             new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
             return new_updates, InjectHyperparamsState(state.count + 1, hps, inner_state)
 
         tx = GradientTransformation(init, update, plan if _fusible(probe) else None)
-        return tx
+        return register(tx, lambda: _state_spec(initial, probe))
 
     return wrapped

@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 
 import optree
 
-from .._base import GradientTransformation, OptState
+from .._base import GradientTransformation, OptState, as_transform
+from .._state_check import check_state, register, wrapper
 
 
 class MaskedState(NamedTuple):
@@ -37,6 +38,7 @@ def masked(
 ) -> GradientTransformation:
     """Apply ``inner`` where ``mask`` (a pytree of bools like the params, or a callable of
     the params returning one) is True; other updates pass through unchanged (not zeroed)."""
+    inner = as_transform(inner, "masked: inner")
 
     def init(params: Any) -> OptState:
         _, treedef = optree.tree_flatten(params)
@@ -44,6 +46,7 @@ def masked(
         return MaskedState(inner.init(_select(params, keep)))
 
     def update(updates: Any, state: MaskedState, params: Any = None, **extra_args: Any):
+        check_state(tx, state)
         leaves, treedef = optree.tree_flatten(updates)
         keep = _mask_leaves(mask, params if params is not None else updates, treedef)
         sub_params = None if params is None else _select(params, keep)
@@ -54,4 +57,5 @@ def masked(
         out = [n if k else u for u, n, k in zip(leaves, new_leaves, keep, strict=True)]
         return optree.tree_unflatten(treedef, out), MaskedState(new_inner)
 
-    return GradientTransformation(init, update)
+    tx = GradientTransformation(init, update)
+    return register(tx, wrapper(MaskedState, "inner_state", inner))

@@ -9,9 +9,10 @@ import numpy as np
 import optree
 import pyopencl.array as cla
 
-from .._base import Fragment, GradientTransformation, OptState, Part
+from .._base import Fragment, GradientTransformation, OptState, Part, as_transform
 from .._device import check_float_dtype, queue_of
 from .._packing import allocate_like
+from .._state_check import DictSpec, NamedTupleSpec, check_state, register, wrapper, wrapper_spec
 from ..fusion._runner import execute, init_slots, reduce_leaves, run_parts
 from ._combining import ChainPlan, elementwise
 from ._masking import MaskedState, masked
@@ -88,6 +89,7 @@ def apply_if_finite(
             f"Invalid max_consecutive_errors: {max_consecutive_errors!r} (must be an int >= 0)"
         )
     limit = int(max_consecutive_errors)
+    inner = as_transform(inner, "apply_if_finite: inner")
 
     def init(params: Any) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(0, True, 0, inner.init(params))
@@ -95,6 +97,7 @@ def apply_if_finite(
     def update(
         updates: Any, state: ApplyIfFiniteState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, OptState]:
+        check_state(tx, state)
         finite = all_finite_host(updates)
         count = 0 if finite else state.notfinite_count + 1
         if finite or count > limit:
@@ -104,7 +107,8 @@ def apply_if_finite(
         total = state.total_notfinite + (0 if finite else 1)
         return new, ApplyIfFiniteState(count, finite, total, inner_state)
 
-    return GradientTransformation(init, update)
+    tx = GradientTransformation(init, update)
+    return register(tx, wrapper(ApplyIfFiniteState, "inner_state", inner))
 
 
 # ---------------------------------------------------------------------------- zero_nans
@@ -157,7 +161,10 @@ def partition(
     Device: each label's transform runs its own launches over its leaves (one per packed
     run of them, else per leaf); no host sync beyond the inner transforms'.
     """
-    transforms = dict(transforms)
+    transforms = {
+        label: as_transform(tx, f"partition: transforms[{label!r}]")
+        for label, tx in transforms.items()
+    }
 
     def init(params: Any) -> PartitionState:
         labels = _labels(param_labels, params)
@@ -179,6 +186,7 @@ def partition(
     def update(
         updates: Any, state: PartitionState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, OptState]:
+        check_state(partition_tx, state)
         labels = _labels(param_labels, updates)
         new_states = {}
         for label, tx in transforms.items():
@@ -187,7 +195,16 @@ def partition(
             )
         return updates, PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    partition_tx = GradientTransformation(init, update)
+    return register(partition_tx, lambda: _partition_spec(transforms))
+
+
+def _partition_spec(transforms: dict[Hashable, GradientTransformation]) -> NamedTupleSpec:
+    """What partition's ``init`` makes: a MaskedState of each transform's state per label."""
+    inner = {
+        label: wrapper_spec(MaskedState, "inner_state", tx) for label, tx in transforms.items()
+    }
+    return NamedTupleSpec(PartitionState, {"inner_states": DictSpec(inner)})
 
 
 multi_transform = partition
@@ -272,7 +289,9 @@ class MultiSteps:
     Mini-steps return zero updates (``-0.0``: applying them leaves the params bit-identical)
     and leave the inner state untouched; the ``k``-th returns the inner update and resets
     the accumulator to zero. The accumulator is float32 for half and float32 params.
-    ``has_updated(state)`` tells whether the last call emitted an update.
+    ``has_updated(state)`` tells whether the last call emitted an update. It goes wherever
+    a transform goes (``step``, ``chain``, ``apply_if_finite``, ...), as
+    :meth:`gradient_transformation`.
 
     Device:
       One kernel per step (per dtype, packed): the accumulation, fused with the inner
@@ -286,8 +305,7 @@ class MultiSteps:
         every_k_schedule: int | Callable[[int], int],
         use_grad_mean: bool = True,
     ) -> None:
-        if not isinstance(opt, GradientTransformation):
-            opt = GradientTransformation(opt.init, opt.update)
+        opt = as_transform(opt, "MultiSteps: opt")
         if not callable(every_k_schedule):
             _check_k(every_k_schedule)
         self._opt = opt
@@ -300,7 +318,10 @@ class MultiSteps:
             scalars=("count", "emit"),
         )
         plan = _MultiStepsPlan(self) if _is_fusible(opt) else None
-        self._tx = GradientTransformation(self.init, self.update, plan)
+        self._tx = register(
+            GradientTransformation(self.init, self.update, plan),
+            wrapper(MultiStepsState, "inner_opt_state", opt),
+        )
 
     @property
     def inner_opt(self) -> GradientTransformation:
@@ -332,6 +353,7 @@ class MultiSteps:
                 inplace=False,
                 extra_args=extra_args,
             )
+        check_state(self._tx, state)
         emit, part = self._acc_part(state)
         out, (new_slots,) = run_parts([part], updates, params, apply=False, inplace=False)
         if not emit:
