@@ -1,13 +1,17 @@
 """netcl_optim.distributed: in-process unit tests (a fake two-rank communicator whose peer
 mirrors this rank, and ``MPI.COMM_SELF``), and real 2-rank runs of ``tests/mpi_scripts/``
-under ``mpiexec`` (each with a timeout, so that a hang fails instead of blocking CI)."""
+under ``mpiexec -n 2 python -m mpi4py`` (each with a timeout, so that a hang fails instead
+of blocking CI); the failure tests run some without ``-m mpi4py``, to check that the
+library alone ends every rank."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +46,8 @@ class FakeComm:
     """Rank ``rank`` of ``size`` whose peers pass exactly what this rank passes (identical
     replicas): a sum is ``size`` times the input, a gather repeats this rank's digest. Peers'
     parts of an Allgatherv are left NaN (to check this rank's slice only). ``peer`` maps this
-    rank's signature to the peers' (a mismatch)."""
+    rank's ``(call, signature, error)`` to the peer's (a mismatch). ``Abort`` is recorded
+    and returns."""
 
     def __init__(self, size: int = 2, rank: int = 0, peer: Any = None) -> None:
         self.size, self.rank, self.peer = size, rank, peer
@@ -84,6 +89,9 @@ class FakeComm:
 
     def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
         self.calls.append("Bcast")
+
+    def Abort(self, errorcode: int = 0) -> None:
+        self.calls.append("Abort")
 
 
 def tree_host(seed: int = 0, half: bool = True) -> dict[str, np.ndarray]:
@@ -204,12 +212,69 @@ def test_broadcast_parameters(MPI):
 
 def test_a_peer_with_another_shape_gets_a_clear_error(MPI):
     def peer(obj: Any) -> Any:
-        (text, leaves), note = obj
-        return (text, (((4, 4), "float32"), *leaves[1:])), note
+        what, (text, leaves), note = obj
+        return what, (text, (((4, 4), "float32"), *leaves[1:])), note
 
     grads = no.to_device({"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"rank 1: root\['b'\] is float32\[4, 4\] against"):
         dist.allreduce(grads, FakeComm(peer=peer))
+
+
+@pytest.mark.parametrize(
+    "call, other",
+    [
+        (lambda t, c: dist.allreduce(t, c), "broadcast_parameters(root=0)"),
+        (lambda t, c: dist.broadcast_parameters(t, c), "broadcast_parameters(root=1)"),
+    ],
+    ids=["another-collective", "another-root"],
+)
+def test_a_peer_in_another_call_gets_a_clear_error(MPI, call, other):
+    """Ranks that call different collectives (or broadcast from different roots) would
+    otherwise hang or mix up their data."""
+    grads = no.to_device({"w": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=rf"rank 1: called {re.escape(other)} while rank 0"):
+        call(grads, FakeComm(peer=lambda obj: (other, *obj[1:])))
+
+
+def test_a_failure_after_the_data_moved_aborts(MPI, monkeypatch, capsys):
+    """Past the point of no return (the Allreduce is done), an error cannot be agreed on:
+    the job is aborted with a message naming the rank, the call and the error."""
+    import netcl_optim.distributed._allreduce as allreduce_module
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("simulated: device write failed")
+
+    monkeypatch.setattr(allreduce_module, "upload", broken)
+    ps = [Parameter(no.to_device(np.ones(3, np.float32)))]
+    ps[0].grad = no.to_device(np.ones(3, np.float32))
+    comm = FakeComm(rank=1)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dist.allreduce_grads_(ps, comm)
+    assert comm.calls == ["Allgather", "Allreduce", "Abort"]
+    err = capsys.readouterr().err
+    assert (
+        "netcl_optim.distributed: rank 1 of 2 failed in allreduce_grads_ after the data "
+        "started moving (RuntimeError: simulated: device write failed)"
+    ) in err
+
+
+def test_failures_before_the_agreement_change_nothing(MPI):
+    """The inner optimizer is built, and the parameters packed, before the ranks agree:
+    a failure leaves every parameter's ``.data`` as it was."""
+    ps = [Parameter(no.to_device(np.ones(3, np.float32))) for _ in range(2)]
+    before = [p.data for p in ps]
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        dist.ZeroRedundancyOptimizer(Adam, ps, comm=FakeComm(), lr=-1.0)
+    assert all(p.data is d for p, d in zip(ps, before, strict=True))
+    zero = dist.ZeroRedundancyOptimizer(Adam, ps, comm=FakeComm(), lr=1e-3)
+    for p in ps:
+        p.grad = no.to_device(np.ones(3, np.float32))
+    zero.param_groups[0]["lr"] = -1.0
+    comm = zero.comm
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        zero.step()
+    assert comm.calls == ["Allgather", "Allgather"]  # constructor, step: no Allgatherv
+    assert all((p.data.get() == 1).all() for p in ps)
 
 
 def test_argument_errors(MPI):
@@ -376,26 +441,44 @@ def _mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-def _run_mpi(args: list[str], n: int = 2, timeout: float = 120) -> str:
+def _launch(args: list[str], n: int = 2, timeout: float = 120) -> tuple[int, str]:
+    """``mpiexec -n n python *args``: the exit status and the output. A run that takes
+    longer than ``timeout`` fails the test; its whole process group (mpiexec and the ranks)
+    is killed, so that no rank is left spinning in a collective."""
     pytest.importorskip("mpi4py")
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec")
     env = dict(os.environ, POCL_MAX_PTHREAD_COUNT="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            [mpiexec, "-n", str(n), sys.executable, *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"mpiexec {' '.join(args)} hung for {timeout} s:\n{err.stdout}\n{err.stderr}")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{out}"
+    cmd = [mpiexec, "-n", str(n), sys.executable, *args]
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # mpiexec forwards it to the ranks
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} hung for {timeout} s:\n{out}")
+    return proc.returncode, out
+
+
+def _run_mpi(args: list[str], n: int = 2, timeout: float = 120) -> str:
+    """Run ``args`` under ``python -m mpi4py`` (an uncaught exception on any rank aborts the
+    job) and require success; returns the output."""
+    status, out = _launch(["-m", "mpi4py", *args], n, timeout)
+    assert status == 0, f"exit status {status}:\n{out}"
     return out
 
 
@@ -406,6 +489,38 @@ def test_two_ranks(script):
     stateful); mismatch: every kind of mismatch fails on every rank, and no rank hangs."""
     out = _run_mpi([str(SCRIPTS / f"{script}.py")])
     assert "OK: 0 failure(s) over 2 ranks" in out, out
+
+
+def test_a_failure_on_one_rank_inside_a_collective_raises_on_every_rank():
+    """An invalid lr in a ZeRO step, device memory exhausted in an all-reduce, a failed read
+    on the broadcast's root, each on one rank only: every rank raises (the others name the
+    failing rank), nothing changes, and the ranks stay in step (no hang)."""
+    out = _run_mpi([str(SCRIPTS / "failures.py"), "caught"], timeout=60)
+    assert "OK: 0 failure(s) over 2 ranks" in out, out
+
+
+def test_an_uncaught_failure_on_one_rank_ends_every_rank():
+    """Plain ``python`` (no ``-m mpi4py``): the library alone must make every rank exit."""
+    status, out = _launch([str(SCRIPTS / "failures.py"), "uncaught"], timeout=60)
+    assert status != 0, out
+    bad_lr = "ValueError: param_groups[0]: Invalid learning rate (lr): -1.0"
+    assert f"\n{bad_lr}" in out, out  # rank 1's own error
+    assert (
+        "ValueError: ZeroRedundancyOptimizer.step: another rank failed, so every rank raises: "
+        f"rank 1: failed: {bad_lr}"
+    ) in out, out  # rank 0's
+
+
+def test_a_failure_after_the_data_moved_aborts_the_job():
+    """Rank 1 fails writing back the all-reduced grads (rank 0 is already in the next
+    Allreduce) and the script catches it: the library aborts the whole job, saying why."""
+    status, out = _launch([str(SCRIPTS / "failures.py"), "abort"], timeout=60)
+    assert status != 0, out
+    assert "the job was not aborted" not in out and "continuing" not in out, out
+    assert (
+        "netcl_optim.distributed: rank 1 of 2 failed in allreduce_grads_ after the data "
+        "started moving (RuntimeError: simulated: device write failed)"
+    ) in out, out
 
 
 @pytest.mark.skipif(

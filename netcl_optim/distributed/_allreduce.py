@@ -1,7 +1,9 @@
 """Gradient all-reduce (functional and in place) and parameter broadcast over MPI.
 
 The whole tree travels as one packed host buffer per dtype: one collective per dtype per
-step, whatever the number of leaves.
+step, whatever the number of leaves. Everything that can fail on one rank (checks, the
+device-to-host copies, the output buffers' allocation) happens before the agreement
+(:func:`~._comm.agree`); only the data collectives and the copies back follow it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ._comm import (
     agree,
     by_dtype,
     check_device_leaves,
+    committed,
     download,
     get_comm,
     in_place,
@@ -27,7 +30,6 @@ from ._comm import (
     raw,
     signature,
     upload,
-    upload_fresh,
 )
 
 
@@ -72,6 +74,9 @@ def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
     Raises:
       ValueError: on every rank, when the ranks' trees differ in structure, shapes or
         dtypes (checked before the data moves: a mismatch cannot hang).
+      Exception: when the checks, the copy to the host or the output's allocation fail on
+        some ranks: those raise their error, the others a ValueError naming them (nothing
+        is changed). A failure after the data started moving aborts the job (MPI_Abort).
 
     Device:
       One device-to-host copy per dtype if the leaves are packed (else one per leaf), one
@@ -79,23 +84,28 @@ def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
       in-place Allreduce per dtype.
     """
     comm = get_comm(comm)
-    average = _check_average(average)
 
     def local() -> tuple[Any, Any]:
+        mean = _check_average(average)
         leaves, treedef = optree.tree_flatten(tree)
         queue = queue_of(leaves)
         check_device_leaves(leaves, queue, "allreduce")
-        staged = _stage(queue, leaves) if comm.Get_size() > 1 else []
-        return signature(treedef, leaves), (leaves, treedef, queue, staged)
+        staged = []
+        if comm.Get_size() > 1:
+            staged = [(i, lay, h, lay.allocate(queue)) for i, lay, h in _stage(queue, leaves)]
+        return signature(treedef, leaves), (mean, leaves, treedef, queue, staged)
 
-    leaves, treedef, queue, staged = agree(comm, "allreduce", local, names=lambda: path_names(tree))
+    mean, leaves, treedef, queue, staged = agree(
+        comm, "allreduce", local, names=lambda: path_names(tree)
+    )
     if comm.Get_size() == 1 or not leaves:
         return tree
     out = list(leaves)
-    for idx, lay, host in staged:
-        _reduce_host(comm, host, average)
-        for i, v in zip(idx, upload_fresh(queue, lay, host), strict=True):
-            out[i] = v
+    with committed(comm, "allreduce"):
+        for idx, _, host, block in staged:
+            block.upload(queue, _reduce_host(comm, host, mean))
+            for i, v in zip(idx, block.views, strict=True):
+                out[i] = v
     return optree.tree_unflatten(treedef, out)
 
 
@@ -107,7 +117,7 @@ def allreduce_gradients(comm: Any = None, average: bool = True) -> GradientTrans
         tx = chain(allreduce_gradients(), adam(1e-3))
 
     Opaque (no fragment): the rest of the chain still fuses into one kernel. Pure: ``update``
-    returns fresh packed arrays. See :func:`allreduce` for the error on mismatched trees.
+    returns fresh packed arrays. See :func:`allreduce` for the errors.
 
     Device:
       Per step: one device-to-host copy per dtype (per leaf if the updates are not packed),
@@ -151,17 +161,19 @@ def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool 
     Grads that are views of one packed buffer (``zero_grad(set_to_none=False)``) move in
     one copy each way.
 
+    Errors are raised on every rank, before any grad changes (see :func:`allreduce`); a
+    failure after the data started moving aborts the job (MPI_Abort).
+
     Device:
       One device-to-host and one host-to-device copy per dtype if the grads are packed (one
       per grad otherwise). MPI: a 16-byte Allgather (tree check) and one in-place Allreduce
       per dtype.
     """
     comm = get_comm(comm)
-    average = _check_average(average)
-
     count = [0]
 
     def local() -> tuple[Any, Any]:
+        mean = _check_average(average)
         params = _param_list(parameters, "grad", "allreduce_grads_")
         grads = [p.grad for p in params]
         count[0] = len(grads)
@@ -169,15 +181,20 @@ def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool 
         queue = queue_of(present)
         check_device_leaves(present, queue, "allreduce_grads_")
         staged = _stage(queue, grads) if comm.Get_size() > 1 else []
-        return signature(f"{len(grads)} parameters", grads), (queue, grads, staged)
+        return signature(f"{len(grads)} parameters", grads), (mean, queue, grads, staged)
 
     def names() -> list[str]:
         return [f"parameters[{i}].grad" for i in range(count[0])]
 
-    queue, grads, staged = agree(comm, "allreduce_grads_", local, names=names)
-    for idx, lay, host in staged:
-        xs = [grads[i] for i in idx]
-        upload(queue, xs, lay, _reduce_host(comm, host, average))
+    mean, queue, grads, staged = agree(comm, "allreduce_grads_", local, names=names)
+    with committed(comm, "allreduce_grads_"):
+        for idx, lay, host in staged:
+            upload(queue, [grads[i] for i in idx], lay, _reduce_host(comm, host, mean))
+
+
+def _check_root(root: Any, size: int) -> None:
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < size:
+        raise ValueError(f"Invalid root: {root!r} (must be a rank in [0, {size}))")
 
 
 def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
@@ -188,6 +205,10 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
     (e.g. :class:`~netcl_optim.stateful.Parameter`), whose ``.data`` is overwritten in place
     on the other ranks (the list is returned).
 
+    Raises on every rank, before anything changes, when the ranks pass different trees or
+    roots, or the checks, root's copy to the host or the allocation fail on some ranks (see
+    :func:`allreduce`); a failure after the data started moving aborts the job (MPI_Abort).
+
     Device:
       On root one device-to-host copy per dtype (per leaf if not packed); on every rank one
       host-to-device copy per dtype. MPI: a 16-byte Allgather (tree check) and one Bcast
@@ -195,9 +216,8 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
     """
     comm = get_comm(comm)
     size = comm.Get_size()
-    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < size:
-        raise ValueError(f"Invalid root: {root!r} (must be a rank in [0, {size}))")
     rank = comm.Get_rank()
+    what = f"broadcast_parameters(root={root!r})"
     objects = (
         isinstance(params, (list, tuple))
         and len(params) > 0
@@ -205,6 +225,7 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
     )
 
     def local() -> tuple[Any, Any]:
+        _check_root(root, size)
         if objects:
             leaves = [p.data for p in params]
             text = f"{len(leaves)} parameters"
@@ -213,30 +234,31 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
             text = str(treedef)
         queue = queue_of(leaves)
         check_device_leaves(leaves, queue, "broadcast_parameters")
-        return signature(text, leaves), (leaves, None if objects else treedef, queue)
+        staged = []
+        for dtype, idx in by_dtype(leaves).items():
+            xs = [leaves[i] for i in idx]
+            lay = layout(tuple(x.shape for x in xs), dtype)
+            host = download(queue, xs, lay) if rank == root else np.empty(lay.total, dtype)
+            staged.append((idx, xs, lay, host, None if objects else lay.allocate(queue)))
+        return signature(text, leaves), (leaves, None if objects else treedef, queue, staged)
 
     def names() -> list[str]:
         if objects:
             return [f"parameters[{i}].data" for i in range(len(params))]
         return path_names(params)
 
-    leaves, treedef, queue = agree(comm, "broadcast_parameters", local, names=names)
+    leaves, treedef, queue, staged = agree(comm, what, local, names=names)
     out = list(leaves)
-    for dtype, idx in by_dtype(leaves).items():
-        xs = [leaves[i] for i in idx]
-        lay = layout(tuple(x.shape for x in xs), dtype)
-        if rank == root:
-            host = download(queue, xs, lay)
-        else:
-            host = np.empty(lay.total, dtype)
-        if size > 1 and lay.total:
-            comm.Bcast(raw(host), root=root)
-        if objects:
-            if rank != root:
+    with committed(comm, what):
+        for idx, xs, lay, host, block in staged:
+            if size > 1 and lay.total:
+                comm.Bcast(raw(host), root=root)
+            if block is not None:
+                block.upload(queue, host)
+                for i, v in zip(idx, block.views, strict=True):
+                    out[i] = v
+            elif rank != root:
                 upload(queue, xs, lay, host)
-        else:
-            for i, v in zip(idx, upload_fresh(queue, lay, host), strict=True):
-                out[i] = v
     if objects:
         return params
     return optree.tree_unflatten(treedef, out)

@@ -1,4 +1,5 @@
-"""MPI plumbing: the lazy mpi4py import, tree signatures checked across ranks, host staging.
+"""MPI plumbing: the lazy mpi4py import, tree signatures and errors agreed across ranks,
+the abort after the point of no return, host staging.
 
 mpi4py is imported inside functions only, so ``import netcl_optim`` (and even
 ``import netcl_optim.distributed``) never needs it.
@@ -7,7 +8,11 @@ mpi4py is imported inside functions only, so ``import netcl_optim`` (and even
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,7 +40,7 @@ def get_comm(comm: Any = None) -> Any:
     MPI = mpi()
     if comm is None:
         return MPI.COMM_WORLD
-    for name in ("Get_rank", "Get_size", "Allgather", "Allgatherv", "Allreduce", "Bcast"):
+    for name in ("Get_rank", "Get_size", "Allgather", "Allgatherv", "Allreduce", "Bcast", "Abort"):
         if not hasattr(comm, name):
             raise TypeError(f"comm must be an mpi4py communicator, got {type(comm).__name__}")
     return comm
@@ -113,16 +118,19 @@ def agree(
     names: Names = None,
 ) -> T:
     """Run ``check()`` (validation, returning the signature every rank must share and a
-    context) then ``work(context)`` (local work: no collective), and return the work's result
-    once every rank has the same signature and none has raised.
+    context) then ``work(context)`` (local work: no collective, no change to the caller's
+    objects), and return the work's result once every rank has made the same call (``what``)
+    with the same signature and none has raised.
 
     Any error on any rank becomes an error on every rank, so that no rank is left waiting in
-    a later collective: when the signatures differ, every rank raises a ValueError naming the
-    ranks and the first leaf that differs; when only some ranks failed, they raise their own
-    exception and the others a ValueError quoting it.
+    a later collective: when the calls or signatures differ, every rank raises a ValueError
+    naming the ranks and the first leaf that differs; when only some ranks failed, they
+    raise their own exception and the others a ValueError naming the failing ranks and
+    quoting their errors. Everything that can fail before the data moves belongs in
+    ``check`` or ``work``; what follows the agreement runs under :func:`committed`.
 
-    MPI: one Allgather of a 16-byte digest (a second, of the signatures and errors, only
-    when they differ). Every rank must call it: it is a collective.
+    MPI: one Allgather of a 16-byte digest (a second, of the calls, signatures and errors,
+    only when they differ). Every rank must call it: it is a collective.
     """
     sig: Signature | None = None
     err: Exception | None = None
@@ -138,31 +146,69 @@ def agree(
             raise err
         return result
     note = None if err is None else f"{type(err).__name__}: {err}"
-    mine = _digest((sig, note))
+    mine = _digest((what, sig, note))
     every = np.empty((size, mine.size), np.uint8)
     comm.Allgather(mine, every)
     if (every == every[0]).all():
         if err is not None:
             raise err  # the same failure on every rank
         return result
-    sigs, notes = zip(*comm.allgather((sig, note)), strict=True)
+    whats, sigs, notes = zip(*comm.allgather((what, sig, note)), strict=True)
     if callable(names):
         names = names()
     lines = []
     for r in range(size):
-        if r and sigs[r] is not None and sigs[0] is not None and sigs[r] != sigs[0]:
+        if whats[r] != whats[0]:
+            lines.append(f"rank {r}: called {whats[r]} while rank 0 called {whats[0]}")
+        elif r and sigs[r] is not None and sigs[0] is not None and sigs[r] != sigs[0]:
             lines.append(f"rank {r}: {_describe(sigs[0], sigs[r], names)}")
         elif notes[r] is not None and (r == 0 or notes[r] != notes[0]):
             lines.append(f"rank {r}: failed: {notes[r]}")
-    rank = comm.Get_rank()
-    mismatch = ValueError(
-        f"{what}: the ranks disagree (every rank must pass the same tree structure, shapes and "
-        f"dtypes): {'; '.join(lines[:4])} (raised on rank {rank} of {size})"
-    )
+    calls_differ = any(w != whats[0] for w in whats)
     trees_differ = any(s != sigs[0] for s in sigs if s is not None) and sigs[0] is not None
-    if err is not None and (sig is None or not trees_differ):
+    if calls_differ or trees_differ:
+        head = (
+            "the ranks disagree (every rank must make the same call, with the same tree "
+            "structure, shapes and dtypes)"
+        )
+    else:
+        head = "another rank failed, so every rank raises"
+    mismatch = ValueError(
+        f"{what}: {head}: {'; '.join(lines[:4])} (raised on rank {comm.Get_rank()} of {size})"
+    )
+    if err is not None and not calls_differ and (sig is None or not trees_differ):
         raise err from mismatch
     raise mismatch from err
+
+
+@contextmanager
+def committed(comm: Any, what: str) -> Iterator[None]:
+    """The part of a collective call past the point of no return: after the agreement, once
+    the data moves or this rank's objects change. An error there on some ranks cannot be
+    agreed on (the others may already wait in the next collective, and the replicas
+    differ), so it aborts the whole job (``comm.Abort(1)``) after printing the traceback and
+    which rank failed in which call; this rank then exits. With one rank the error is
+    raised as usual."""
+    try:
+        yield
+    except Exception as exc:
+        if comm.Get_size() == 1:
+            raise
+        sys.stdout.flush()
+        traceback.print_exception(exc)
+        print(
+            f"netcl_optim.distributed: rank {comm.Get_rank()} of {comm.Get_size()} failed in "
+            f"{what} after the data started moving ({type(exc).__name__}: {exc}); the other "
+            "ranks cannot be told, so the job is aborted (MPI_Abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+        comm.Abort(1)
+        if isinstance(comm, mpi().Comm):
+            # MPICH's Abort returns while its process manager ends the job: this rank must
+            # not go on (its caller could catch the error and save out-of-step state)
+            os._exit(1)
+        raise  # a stand-in communicator
 
 
 def path_names(tree: Any) -> list[str]:
@@ -244,10 +290,3 @@ def upload(queue: cl.CommandQueue, xs: Sequence[cla.Array], lay: Layout, host: n
             )
     if last is not None:
         last.wait()
-
-
-def upload_fresh(queue: cl.CommandQueue, lay: Layout, host: np.ndarray) -> list[cla.Array]:
-    """A fresh packed buffer (from the queue's pool) holding ``host``; its per-leaf views."""
-    block = lay.allocate(queue)
-    block.upload(queue, host)
-    return block.views

@@ -23,6 +23,8 @@ from .._base import Fragment, GradientTransformation
 from .._device import queue_of
 from .._packing import Block, Layout, contiguous_run, layout, pack
 from ..fusion._runner import flatten_like
+from ..stateful import Parameter
+from ..stateful._optimizer import Optimizer
 from ..transforms._combining import ChainPlan
 from ..transforms._hyperparams import _InjectPlan
 from ..transforms._update import step as _step
@@ -30,6 +32,7 @@ from ._comm import (
     agree,
     by_dtype,
     check_device_leaves,
+    committed,
     get_comm,
     in_place,
     packed_run,
@@ -241,17 +244,28 @@ class _Sharded:
                 )
         return self._slices(p_leaves, plan, queue)
 
-    def _gather(self, out: dict[str, cla.Array], leaves: list[Any], treedef: Any, plan: Any) -> Any:
-        queue = queue_of(leaves)
+    def _outputs(self, out: dict[str, cla.Array], plan: Any, queue: Any) -> dict[str, Any]:
+        """Per dtype, the fresh buffer the gathered tree will fill (allocated before the
+        agreement), or ``None`` where this rank's slice is the whole tree (one rank)."""
+        single = self.comm.Get_size() == 1
+        blocks: dict[str, Any] = {}
+        for sh in plan:
+            whole = single and out[sh.name].size == sh.lay.total
+            blocks[sh.name] = None if whole else sh.lay.allocate(queue)
+        return blocks
+
+    def _gather(
+        self, queue: Any, leaves: list[Any], treedef: Any, plan: Any, out: Any, blocks: Any
+    ) -> Any:
+        """The full tree from every rank's slice ``out``, into ``blocks``: past the point of
+        no return (run it under :func:`committed`)."""
         new = list(leaves)
         for sh in plan:
-            part = out[sh.name]
-            if self.comm.Get_size() == 1 and part.size == sh.lay.total:
+            part, block = out[sh.name], blocks[sh.name]
+            if block is None:
                 views = sh.lay.views_of(queue, part.base_data, part.offset)
             else:
-                host = _gather_host(self.comm, queue, sh, part)
-                block = sh.lay.allocate(queue)
-                block.upload(queue, host)
+                block.upload(queue, _gather_host(self.comm, queue, sh, part))
                 views = block.views
             for i, v in zip(sh.idx, views, strict=True):
                 new[i] = v
@@ -284,12 +298,11 @@ class _Sharded:
             leaves, treedef, queue, plan, p = ctx
             u = self._slices(leaves, plan, queue)
             out, inner = self.tx.update(u, _inner(state), p, **extra_args)
-            return leaves, treedef, plan, out, inner
+            return (queue, leaves, treedef, plan, out, self._outputs(out, plan, queue)), inner
 
-        leaves, treedef, plan, out, inner = agree(
-            self.comm, what, check, work, lambda: path_names(updates)
-        )
-        return self._gather(out, leaves, treedef, plan), ShardState(inner)
+        gather, inner = agree(self.comm, what, check, work, lambda: path_names(updates))
+        with committed(self.comm, what):
+            return self._gather(*gather), ShardState(inner)
 
     def step(
         self, params: Any, grads: Any, state: ShardState, **extra_args: Any
@@ -307,12 +320,13 @@ class _Sharded:
             leaves, treedef, queue, plan, p = ctx
             g = self._slices(leaves, plan, queue)
             new_p, inner = _step(self.tx, p, g, _inner(state), **extra_args)
-            return optree.tree_leaves(params), treedef, plan, new_p, inner
+            p_leaves = optree.tree_leaves(params)
+            q = queue_of(p_leaves)
+            return (q, p_leaves, treedef, plan, new_p, self._outputs(new_p, plan, q)), inner
 
-        leaves, treedef, plan, out, inner = agree(
-            self.comm, what, check, work, lambda: path_names(grads)
-        )
-        return self._gather(out, leaves, treedef, plan), ShardState(inner)
+        gather, inner = agree(self.comm, what, check, work, lambda: path_names(grads))
+        with committed(self.comm, what):
+            return self._gather(*gather), ShardState(inner)
 
 
 def _inner(state: Any) -> Any:
@@ -342,6 +356,10 @@ def shard_optimizer(tx: GradientTransformation, comm: Any = None) -> GradientTra
     that of ``tx`` on the whole tree. Global-norm clipping belongs before it, on the full
     gradients: ``chain(allreduce_gradients(), clip_by_global_norm(1.0), shard_optimizer(tx))``.
 
+    A failure on some ranks (mismatched trees, bad input, ``tx`` itself, the allocation of
+    the result) raises on every rank before anything moves; a failure during the gather
+    aborts the job (see :mod:`netcl_optim.distributed`).
+
     Device:
       Per step, per dtype: the slices are views when the tree is packed (one device copy
       per leaf in the slice otherwise), ``tx``'s fused kernel over the slice, one
@@ -366,7 +384,7 @@ def sharded_step(
 
     Pure: returns ``(new_params, new_state)``; ``new_params`` is a fresh packed tree,
     bitwise what ``step`` of the unsharded optimizer gives, on every rank. ``grads`` must
-    be the same on every rank (all-reduced first).
+    be the same on every rank (all-reduced first). Errors as for :func:`shard_optimizer`.
 
     Device:
       Per dtype: one fused kernel over the slice, one device-to-host copy (the slice), one
@@ -487,6 +505,8 @@ class ZeroRedundancyOptimizer:
     (slices cut through parameters). ``param_groups`` holds the user's parameters and the
     hyperparameters (edit ``lr`` there, or through an LR scheduler); they are copied to
     ``optim`` (the local optimizer) at each step. ``state_dict()`` is this rank's shard.
+    The constructor builds everything (``opt_class`` too) before the ranks agree: a failure
+    on one rank raises on every rank, with no parameter changed.
 
     Device:
       Per step and dtype: the grad slice is a view when grads are packed
@@ -499,8 +519,6 @@ class ZeroRedundancyOptimizer:
     def __init__(
         self, opt_class: Callable[..., Any], params: Any, comm: Any = None, **kwargs: Any
     ) -> None:
-        from ..stateful import Parameter
-
         self.comm = get_comm(comm)
 
         def local() -> tuple[Any, Any]:
@@ -509,28 +527,62 @@ class ZeroRedundancyOptimizer:
             queue = queue_of(arrays)
             check_device_leaves(arrays, queue, "ZeroRedundancyOptimizer")
             sizes = tuple(len(g["params"]) for g in groups)
-            return signature(f"param groups of sizes {sizes}", arrays), (groups, queue)
+            return signature(f"param groups of sizes {sizes}", arrays), (groups, arrays, queue)
 
-        groups, queue = agree(self.comm, "ZeroRedundancyOptimizer", local)
+        def build(ctx: Any) -> Any:
+            groups, arrays, queue = ctx
+            return groups, queue, *self._build(opt_class, kwargs, groups, arrays, queue)
+
+        # everything is built (the inner optimizer too) before the ranks agree, so that a
+        # failure on one rank raises on every rank; the parameters change only after it
+        groups, queue, data, flats, optim = agree(
+            self.comm, "ZeroRedundancyOptimizer", local, build
+        )
         self._queue = queue
+        self._flats: list[_FlatDtype] = flats
         self._params: list[Any] = [p for g in groups for p in g["params"]]
+        for p, d in zip(self._params, data, strict=True):
+            if p.data is not d:
+                p.data = d  # the packed buffer's view (values unchanged)
+        self._data = data
         self._owner = [gi for gi, g in enumerate(groups) for _ in g["params"]]
         self._members = [
             [i for i, o in enumerate(self._owner) if o == gi] for gi in range(len(groups))
         ]
-        arrays = [p.data for p in self._params]
-        self._flats: list[_FlatDtype] = []
+        self.optim = optim
+        self.defaults = self.optim.defaults
+        self.param_groups: list[dict[str, Any]] = []
+        for g, ig in zip(groups, self.optim.param_groups, strict=True):
+            pg = {k: v for k, v in ig.items() if k != "params"}
+            pg["params"] = g["params"]
+            self.param_groups.append(pg)
+
+    def _build(
+        self,
+        opt_class: Callable[..., Any],
+        kwargs: dict[str, Any],
+        groups: list[dict[str, Any]],
+        arrays: list[cla.Array],
+        queue: cl.CommandQueue,
+    ) -> tuple[list[cla.Array], list[_FlatDtype], Any]:
+        """Pack each dtype's ``arrays`` into one buffer (unless they already are), cut this
+        rank's slice into one shard parameter per group, and build ``opt_class`` over them.
+        Returns each parameter's new ``.data``, the flat buffers and the optimizer; the
+        parameters themselves are left unchanged."""
+        owner = [gi for gi, g in enumerate(groups) for _ in g["params"]]
+        data = list(arrays)
+        flats: list[_FlatDtype] = []
         shard_params: list[list[Any]] = [[] for _ in groups]
         for sh in _plan_shards(arrays, self.comm):
             xs = [arrays[i] for i in sh.idx]
             if sh.lay.total == 0 or contiguous_run(xs) is None:
-                xs = pack(xs, queue)  # one buffer per dtype, .data rebound (values unchanged)
+                xs = pack(xs, queue)  # one buffer per dtype (values unchanged)
                 for i, x in zip(sh.idx, xs, strict=True):
-                    self._params[i].data = x
+                    data[i] = x
             base, off = xs[0].base_data, xs[0].offset // sh.lay.dtype.itemsize
             flat = _FlatDtype(sh, base, off)
             for gi in range(len(groups)):
-                ks = [k for k, i in enumerate(sh.idx) if self._owner[i] == gi]
+                ks = [k for k, i in enumerate(sh.idx) if owner[i] == gi]
                 if not ks:
                     continue
                 g_lo = sh.lay.offsets[ks[0]]
@@ -541,20 +593,13 @@ class ZeroRedundancyOptimizer:
                 shard = Parameter(view)
                 flat.parts.append((gi, shard, a, b))
                 shard_params[gi].append(shard)
-            self._flats.append(flat)
-        self._data = [p.data for p in self._params]
+            flats.append(flat)
         inner_groups = []
         for gi, g in enumerate(groups):
             ig = {k: v for k, v in g.items() if k != "params"}
             ig["params"] = shard_params[gi]
             inner_groups.append(ig)
-        self.optim = opt_class(inner_groups, **kwargs)
-        self.defaults = self.optim.defaults
-        self.param_groups: list[dict[str, Any]] = []
-        for g, ig in zip(groups, self.optim.param_groups, strict=True):
-            pg = {k: v for k, v in ig.items() if k != "params"}
-            pg["params"] = g["params"]
-            self.param_groups.append(pg)
+        return data, flats, opt_class(inner_groups, **kwargs)
 
     # ------------------------------------------------------------------ torch-like API
 
@@ -616,44 +661,69 @@ class ZeroRedundancyOptimizer:
         sig = signature(f"{len(grads)} parameters", grads)
         return sig, tuple(active)
 
+    def _check_hyperparameters(self, active: tuple[bool, ...]) -> None:
+        """Validate the hyperparameters of every group that steps, as the local optimizer's
+        step would before launching anything (a netcl_optim optimizer; others are trusted)."""
+        if isinstance(self.optim, Optimizer):
+            for gi, (group, on) in enumerate(zip(self.optim.param_groups, active, strict=True)):
+                if on:
+                    self.optim._plan(group, gi)  # builds (and caches) the group's chain
+
+    def _grad_source(self, flat: _FlatDtype) -> tuple[Any, int]:
+        """``(buffer, element offset of the flat grads)`` for ``flat``'s dtype: the packed
+        grads themselves, else this rank's slice copied into a scratch buffer."""
+        sh = flat.sh
+        grads = [self._params[i].grad for i in sh.idx]
+        run = packed_run(grads) if all(g is not None for g in grads) else None
+        if run is not None:
+            return run
+        if flat.grad_slice is None:
+            flat.grad_slice = sh.slice_layout().allocate(self._queue)
+        gslice = _flat_slice(self._queue, grads, sh, flat.grad_slice)
+        return gslice.base_data, gslice.offset // sh.lay.dtype.itemsize - sh.lo
+
     def step(self, closure: Any = None) -> Any:
         """One update of every group whose parameters have grads, sharded; returns
         ``closure()`` (called first) or ``None``. See the class docstring for the costs.
 
-        Raises (on every rank, before anything changes) when a rank's grads differ in
-        presence, shape or dtype from rank 0's, or fail the local checks."""
+        Raises on every rank, before anything changes, when a rank's grads differ in
+        presence, shape or dtype from rank 0's, fail the local checks, or a group that steps
+        has an invalid hyperparameter (e.g. a negative ``lr`` on one rank only): the failing
+        ranks raise their error, the others a ValueError naming them. A failure in the
+        update or the gather (the point of no return) aborts the job (MPI_Abort).
+        ``closure`` is the caller's code: if it raises on some ranks only, the others wait
+        here (run under ``python -m mpi4py``, see :mod:`netcl_optim.distributed`)."""
         loss = closure() if closure is not None else None
+        what = "ZeroRedundancyOptimizer.step"
 
         def local() -> tuple[Any, Any]:
             self._sync_hyperparameters()
-            return self._check_grads()
+            sig, active = self._check_grads()
+            self._check_hyperparameters(active)
+            return sig, active
 
-        active = agree(self.comm, "ZeroRedundancyOptimizer.step", local)
+        def work(active: tuple[bool, ...]) -> Any:
+            sources = [self._grad_source(flat) for flat in self._flats] if any(active) else []
+            return active, sources
+
+        active, sources = agree(self.comm, what, local, work)
         if not any(active):
             return loss
         queue = self._queue
-        for flat in self._flats:
-            sh = flat.sh
-            grads = [self._params[i].grad for i in sh.idx]
-            run = packed_run(grads) if all(g is not None for g in grads) else None
-            if run is not None:
-                base, off = run
-            else:
-                if flat.grad_slice is None:
-                    flat.grad_slice = sh.slice_layout().allocate(queue)
-                gslice = _flat_slice(queue, grads, sh, flat.grad_slice)
-                base, off = gslice.base_data, gslice.offset // sh.lay.dtype.itemsize - sh.lo
-            for gi, shard, a, b in flat.parts:
-                shard.grad = flat.view(queue, a, b, base, off + sh.lo) if active[gi] else None
-        try:
-            self.optim.step()
-        finally:
-            for flat in self._flats:
-                for _, shard, _, _ in flat.parts:
-                    shard.grad = None
-        if self.comm.Get_size() > 1:
-            for flat in self._flats:
-                flat.gather(self.comm, queue)
+        with committed(self.comm, what):
+            for flat, (base, off) in zip(self._flats, sources, strict=True):
+                for gi, shard, a, b in flat.parts:
+                    on = active[gi]
+                    shard.grad = flat.view(queue, a, b, base, off + flat.sh.lo) if on else None
+            try:
+                self.optim.step()
+            finally:
+                for flat in self._flats:
+                    for _, shard, _, _ in flat.parts:
+                        shard.grad = None
+            if self.comm.Get_size() > 1:
+                for flat in self._flats:
+                    flat.gather(self.comm, queue)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -1,7 +1,10 @@
 """The digits example, data parallel over MPI: each rank computes the gradient of its share of
 every batch, the gradients are averaged across ranks, and every rank takes the same step::
 
-    mpiexec -n 2 python -m netcl_optim.examples.digits_dp [digits options] [--zero]
+    mpiexec -n 2 python -m mpi4py -m netcl_optim.examples.digits_dp [digits options] [--zero]
+
+(``-m mpi4py`` aborts the whole job when a rank raises an uncaught exception; without it
+the other ranks would wait for the failed one forever.)
 
 It reuses :mod:`netcl_optim.examples.digits` (data, model, optimizers, schedule, options):
 the same run as ``python -m netcl_optim.examples.digits``, with the batch split across ranks.
@@ -45,7 +48,7 @@ __all__ = ["main", "run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = digits._parser()
-    p.prog = "mpiexec -n N python -m netcl_optim.examples.digits_dp"
+    p.prog = "mpiexec -n N python -m mpi4py -m netcl_optim.examples.digits_dp"
     p.description = "Data-parallel digits: each rank trains on its share of every batch."
     options = {o for a in p._actions for o in a.option_strings}
     if "--data-parallel" not in options:  # accepted, so digits' own flag can forward argv

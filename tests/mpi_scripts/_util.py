@@ -1,14 +1,17 @@
-"""Helpers for the scripts run under ``mpiexec -n 2 python tests/mpi_scripts/<script>.py``.
+"""Helpers for the scripts run under
+``mpiexec -n 2 python -m mpi4py tests/mpi_scripts/<script>.py``.
 
-A script records failures with :func:`check` and ends with :func:`finish`, which exits
-nonzero on every rank if any rank failed. An unexpected exception aborts all ranks at once
-(``MPI.COMM_WORLD.Abort``), so that no rank is left waiting in a collective.
+A script records failures with :func:`check` (or :func:`expect`) and ends with
+:func:`finish`, which exits nonzero on every rank if any rank failed. An unexpected exception
+aborts all ranks at once (``MPI.COMM_WORLD.Abort``, also what ``-m mpi4py`` does), so that
+no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +21,9 @@ os.environ.setdefault("POCL_MAX_PTHREAD_COUNT", "1")
 
 import numpy as np
 from mpi4py import MPI
+
+import netcl_optim as no
+import netcl_optim.distributed as dist
 
 COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
@@ -47,6 +53,24 @@ def bits_equal(a: Any, b: Any) -> bool:
 def same_on_all_ranks(a: Any) -> bool:
     digest = hashlib.sha256(bits(a)).hexdigest()
     return len(set(COMM.allgather(digest))) == 1
+
+
+def expect(name: str, fn: Callable[[], object], pattern: str, exc: type = ValueError) -> None:
+    """``fn()`` must raise ``exc`` with a message matching ``pattern`` on this rank; then a
+    correct collective must still work (the ranks are in step)."""
+    try:
+        fn()
+    except exc as err:
+        ok = re.search(pattern, str(err)) is not None
+        check(ok, f"{name}: message {str(err)!r} does not match {pattern!r}")
+        if RANK == 0 and ok:
+            log(f"{name}: {type(err).__name__}: {err}")
+    except Exception as err:
+        check(False, f"{name}: raised {type(err).__name__}: {err}, expected {exc.__name__}")
+    else:
+        check(False, f"{name}: no error")
+    total = dist.allreduce(no.to_device({"x": np.full(3, RANK + 1.0, np.float32)}), COMM, False)
+    check(np.array_equal(total["x"].get(), np.full(3, 3.0, np.float32)), f"{name}: out of step")
 
 
 def finish() -> None:
