@@ -4,7 +4,8 @@ adjust the scale (torch.amp.GradScaler's rule), functionally and for the statefu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -291,28 +292,91 @@ def scale_outputs(outputs: Any, scale: float) -> Any:
 # ---------------------------------------------------------------------------- the scale rule
 
 
+_F32_MIN = float(np.finfo(np.float32).tiny)  # 2**-126
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (a 0-d numpy array too; not a bool), else
+    None; an int too large for a float is inf."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _check_scale(name: str, value: Any) -> float:
+    x = _real(value)
+    with np.errstate(over="ignore"):
+        ok = x is not None and _F32_MIN <= x and float(np.float32(x)) <= _F32_MAX
+    if not ok:
+        raise ValueError(
+            f"Invalid {name}: {value!r} (must be a number in [{_F32_MIN:.8g}, {_F32_MAX:.8g}], "
+            "the normal float32 range: the scale is kept as a float32)"
+        )
+    return float(np.float32(x))
+
+
+def _check_growth_factor(name: str, value: Any) -> float:
+    x = _real(value)
+    if x is None or not 1.0 < x < math.inf:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 1.0)")
+    return x
+
+
+def _check_backoff_factor(name: str, value: Any) -> float:
+    x = _real(value)
+    if x is None or not 0.0 < x < 1.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number in (0, 1))")
+    return x
+
+
+def _check_count(name: str, value: Any, least: int) -> int:
+    x = value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < least:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {least})")
+    return int(x)
+
+
+_CHECKS: dict[str, Callable[[str, Any], float | int]] = {
+    "init_scale": _check_scale,
+    "scale": _check_scale,
+    "new_scale": _check_scale,
+    "growth_factor": _check_growth_factor,
+    "backoff_factor": _check_backoff_factor,
+    "growth_interval": lambda name, value: _check_count(name, value, 1),
+    "_growth_tracker": lambda name, value: _check_count(name, value, 0),
+}
+
+
+def check_scaler_value(name: str, value: Any) -> float | int:
+    """``value`` of the scaler setting ``name`` (``init_scale``, ``scale`` or ``new_scale``,
+    ``growth_factor``, ``backoff_factor``, ``growth_interval``, ``_growth_tracker``),
+    normalised (a scale becomes its float32 value), or ValueError ``Invalid <name>: <value>
+    (must be ...)``. The one check behind the constructors, setters, ``load_state_dict``
+    and ``update(new_scale)``.
+
+    A scale must be a normal float32 value: beyond ``3.4e38`` it would be inf (every step
+    skipped for good); below ``2**-126`` it is subnormal, and below ``2**-128`` the
+    unscaling multiplier ``1 / scale`` is inf."""
+    return _CHECKS[name](name, value)
+
+
 def check_scaler_args(
     init_scale: float, growth_factor: float, backoff_factor: float, growth_interval: int
-) -> None:
-    """ValueError naming the argument (torch asserts ``growth_factor > 1`` and
-    ``backoff_factor < 1``; we also need a finite ``init_scale > 0``, ``0 < backoff_factor``
-    and an integer ``growth_interval >= 1``)."""
-    try:
-        ok = 0 < float(init_scale) < math.inf
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or isinstance(init_scale, bool):
-        raise ValueError(f"Invalid init_scale: {init_scale!r} (must be a finite number > 0)")
-    if not growth_factor > 1.0:
-        raise ValueError(f"Invalid growth_factor: {growth_factor!r} (must be > 1.0)")
-    if not 0.0 < backoff_factor < 1.0:
-        raise ValueError(f"Invalid backoff_factor: {backoff_factor!r} (must be in (0, 1))")
-    if (
-        isinstance(growth_interval, bool)
-        or not isinstance(growth_interval, (int, np.integer))
-        or growth_interval < 1
-    ):
-        raise ValueError(f"Invalid growth_interval: {growth_interval!r} (must be an int >= 1)")
+) -> tuple[float, float, float, int]:
+    """The normalised arguments, each checked by :func:`check_scaler_value` (torch asserts
+    only ``growth_factor > 1`` and ``backoff_factor < 1``)."""
+    return (
+        float(check_scaler_value("init_scale", init_scale)),
+        float(check_scaler_value("growth_factor", growth_factor)),
+        float(check_scaler_value("backoff_factor", backoff_factor)),
+        int(check_scaler_value("growth_interval", growth_interval)),
+    )
 
 
 def next_scale(
@@ -375,7 +439,8 @@ def dynamic_loss_scale(
     Pass the whole optimizer as ``inner`` (``dynamic_loss_scale(inner=adam(1e-3))``): used
     bare at the head of a chain, a skipped step still advances the transforms after it
     (they see zeros). Zero updates are ``-0.0``, so applying them leaves every parameter
-    bit-identical. Defaults as torch.
+    bit-identical. Defaults as torch; the arguments are checked as
+    :class:`AMPGradScaler`'s (``init_scale`` a normal float32 value: ValueError otherwise).
 
     Device:
       One unscale-and-check launch per dtype (packed gradients) or per leaf into fresh
@@ -383,8 +448,9 @@ def dynamic_loss_scale(
       it too, in ``GradScaler.step``): the decision to run ``inner`` is made on the host.
       The scale and counters are host numbers: no other sync.
     """
-    check_scaler_args(init_scale, growth_factor, backoff_factor, growth_interval)
-    start = float(np.float32(init_scale))
+    start, growth_factor, backoff_factor, growth_interval = check_scaler_args(
+        init_scale, growth_factor, backoff_factor, growth_interval
+    )
 
     def init(params: Any) -> DynamicLossScaleState:
         inner_state = EmptyState() if inner is None else inner.init(params)

@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-parallel",
         action="store_true",
-        help="split every batch across MPI ranks (run under mpiexec -n N)",
+        help="split every batch across MPI ranks (run under mpiexec -n N python -m mpi4py)",
     )
     p.add_argument(
         "--zero",

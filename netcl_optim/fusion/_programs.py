@@ -1,4 +1,5 @@
-"""Build each kernel once per (context, source) and cache it, argument dtypes preset."""
+"""Build each kernel once per (context, source) and cache it, argument dtypes preset. Every
+program of the library is built here, with :func:`program_options`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ _lock = threading.Lock()
 _kernels: dict[tuple[cl.Context, str, str], cl.Kernel] = {}
 _programs: dict[tuple[cl.Context, str], cl.Program] = {}
 _fused: dict[tuple[cl.Context, KernelSpec], tuple[cl.Kernel, list[Arg]]] = {}
+_options: dict[cl.Context, tuple[str, ...]] = {}
 build_count = 0  # programs built in this process (tests check it stops growing)
 
 
@@ -22,9 +24,30 @@ def _arg_dtypes(args: Sequence[Arg], real: np.dtype) -> list:
     return [None if a.kind == "buffer" else np.int64 if a.kind == "offset" else real for a in args]
 
 
+CORRECTLY_ROUNDED_DIVIDE_SQRT = "-cl-fp32-correctly-rounded-divide-sqrt"
+
+
+def _correctly_rounded_divide_sqrt(device: cl.Device) -> bool:
+    """Whether ``device`` divides and takes square roots of float32 correctly rounded when
+    asked to (``CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT`` in its single_fp_config)."""
+    return bool(device.single_fp_config & cl.device_fp_config.CORRECTLY_ROUNDED_DIVIDE_SQRT)
+
+
+def program_options(context: cl.Context) -> tuple[str, ...]:
+    """The options every program is built with in ``context`` (queried once per context):
+    ``-cl-fp32-correctly-rounded-divide-sqrt`` where all its devices support it, so that
+    float32 division and sqrt round correctly (OpenCL otherwise allows 2.5 ulp for division
+    and 3 ulp for sqrt); none elsewhere."""
+    options = _options.get(context)
+    if options is None:
+        exact = all(_correctly_rounded_divide_sqrt(d) for d in context.devices)
+        options = _options[context] = (CORRECTLY_ROUNDED_DIVIDE_SQRT,) if exact else ()
+    return options
+
+
 def build(context: cl.Context, source: str, name: str, arg_dtypes: list) -> cl.Kernel:
-    """The kernel ``name`` of ``source``, built on first use in ``context`` (a program with
-    several kernels is built once)."""
+    """The kernel ``name`` of ``source``, built on first use in ``context`` with
+    :func:`program_options` (a program with several kernels is built once)."""
     global build_count
     key = (context, source, name)
     kernel = _kernels.get(key)
@@ -34,7 +57,9 @@ def build(context: cl.Context, source: str, name: str, arg_dtypes: list) -> cl.K
             if kernel is None:
                 program = _programs.get((context, source))
                 if program is None:
-                    program = _programs[(context, source)] = cl.Program(context, source).build()
+                    options = list(program_options(context))
+                    program = cl.Program(context, source).build(options=options)
+                    _programs[(context, source)] = program
                     build_count += 1
                 kernel = getattr(program, name)
                 kernel.set_scalar_arg_dtypes(arg_dtypes)
@@ -66,6 +91,7 @@ def clear_kernel_caches() -> None:
         _programs.clear()
         _fused.clear()
         _reduce.clear()
+        _options.clear()
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -88,6 +114,44 @@ _OPS = {
 }
 
 _reduce: dict[tuple, cl.Kernel] = {}
+
+# Sums that may overflow although the norm is finite. Each work-item leaves a pair
+# (partial, m): m is 0 unless its chunk's plain sum overflowed with every element finite; the
+# chunk is then summed again in the accumulator's type over ``|x| / m`` (m: its largest
+# magnitude, so the terms are at most 1), the pair meaning ``partial * m**p``. The finishing
+# launch rescales only when a pair has m != 0 or the plain sum overflowed, so ordinary inputs
+# take the plain path, bit for bit.
+# op: (y**p for a scaled magnitude y, the p-th root of t)
+_SUMS = {
+    "sumsq": ("{y} * {y}", "sqrt({t})"),
+    "sumabs": ("{y}", "{t}"),
+    "sumpow": ("pow({y}, pw)", "pow({t}, 1 / pw)"),
+}
+
+
+def _rescue(op: str, storage: str, acc: str) -> str:
+    """Stage 1, after the plain partial ``r``: the scale ``m`` of its pair, and for a sum,
+    an overflowed chunk redone scaled."""
+    if op not in _SUMS:
+        return f"    const {acc} m = 0;\n"
+    load = f"({acc})vload_half(j, x_base)" if storage == "half" else f"({acc})x_base[j]"
+    power = _SUMS[op][0].format(y="y")
+    return f"""    {acc} m = 0;
+    if (r == INFINITY) {{  /* a sum overflowed, or an element is inf */
+        const long start = x_off + w * chunk;
+        for (long j = start; j < stop; j++) m = fmax(m, fabs({load}));
+        if (m < INFINITY) {{  /* every element finite: the sum of (|x| / m)**p */
+            {acc} s = 0;
+            for (long j = start; j < stop; j++) {{
+                const {acc} y = fabs({load}) / m;
+                s = s + {power};
+            }}
+            r = s;
+        }} else {{
+            m = 0;
+        }}
+    }}
+"""
 
 
 def _stage1_source(op: str, storage: str, acc: str) -> tuple[str, str]:
@@ -130,7 +194,8 @@ __kernel void {name}(__global const {storage} *restrict x_base, const long x_off
         const real a = r;
         r = {one};
     }}
-    partials[p_off + w] = ({acc})r;
+{_rescue(op, storage, acc)}    partials[2 * (p_off + w)] = ({acc})r;
+    partials[2 * (p_off + w) + 1] = m;
 }}
 """
     return src, name
@@ -142,7 +207,8 @@ def _stage1_blocked_source(op: str, storage: str) -> tuple[str, str]:
     ~3e-6 relative (thousands of terms per lane), enough to break "clipped norm <= max_norm
     (1 + 1e-6)" and host/device clipping agreement; blocks bound that by ~8 ulp, and the
     loop ran faster than the unblocked one on PoCL. ``sumpow`` (rare p-norms) computes in
-    double lanes: ``|x|**p`` underflows float for small ``x``."""
+    double lanes: ``|x|**p`` underflows float for small ``x``. A float lane that overflows
+    (``|x| > 1.8e19`` squared) sends the chunk to :func:`_rescue`, in double."""
     vec, one, _ = _OPS[op]
     vec = vec.replace("real8", "realv")
     lane, w = ("double", 4) if op == "sumpow" else ("float", 8)
@@ -188,7 +254,8 @@ __kernel void {name}(__global const {storage} *restrict x_base, const long x_off
         const real a = 0;
         r = r + (double)({one});
     }}
-    partials[p_off + w] = r;
+{_rescue(op, storage, "double")}    partials[2 * (p_off + w)] = r;
+    partials[2 * (p_off + w) + 1] = m;
 }}
 """
     return src, name
@@ -196,31 +263,52 @@ __kernel void {name}(__global const {storage} *restrict x_base, const long x_off
 
 def _stage2_source(op: str, finish: str, acc: str) -> tuple[str, str]:
     combine = _OPS[op][2]
-    zero = "0"
     name = f"netcl_finish_{finish}_{op}"
+    flags, track = "", ""
+    if finish in ("clip", "norm") and op in _SUMS:
+        power, root = _SUMS[op]
+        flags = "\n    int scaled = 0, inf_part = 0;"
+        track = "\n        scaled |= partials[2 * k + 1] != 0;\n        inf_part |= b == INFINITY;"
+        norm = f"""    {acc} norm;
+    if (isnan(t) || inf_part || !(scaled || t == INFINITY)) {{
+        norm = {root.format(t="t")};
+    }} else {{  /* a sum overflowed: each pair's norm part, over the largest (M) */
+        {acc} M = 0;
+        for (long k = 0; k < count; k++) {{
+            const {acc} b = partials[2 * k], m = partials[2 * k + 1];
+            M = fmax(M, m != 0 ? m : {root.format(t="b")});
+        }}
+        {acc} u = 0;
+        for (long k = 0; k < count; k++) {{
+            const {acc} b = partials[2 * k], m = partials[2 * k + 1];
+            const {acc} y = (m != 0 ? m : {root.format(t="b")}) / M;
+            u = u + (m != 0 ? b : ({acc})1) * {power.format(y="y")};
+        }}
+        norm = M * {root.format(t="u")};
+    }}
+"""
+    else:
+        norm = f"    const {acc} norm = t;\n"
     if finish == "clip":
-        norm = {"sumsq": "sqrt(t)", "sumpow": "pow(t, 1 / pw)"}.get(op, "t")
-        tail = f"""    const {acc} norm = {norm};
-    const {acc} c = s0 / (norm + ({acc})1e-6);
+        tail = f"""{norm}    const {acc} c = s0 / (norm + ({acc})1e-6);
     out[0] = norm;
     out[1] = isnan(c) ? c : fmin(c, ({acc})1);"""
     elif finish == "norm":
-        norm = {"sumsq": "sqrt(t)", "sumpow": "pow(t, 1 / pw)"}.get(op, "t")
-        tail = f"    out[0] = {norm};"
+        tail = f"{norm}    out[0] = norm;"
     elif finish == "flag":
         tail = f"    out[0] = t > 0 ? ({acc})1 : ({acc})0;"
     else:
         raise ValueError(f"unknown reduction finish {finish!r}")
-    src = f"""//CL// {name}: one work-item combines the partials
+    src = f"""//CL// {name}: one work-item combines the (partial, scale) pairs
 {preamble(acc, acc == "double")}
 __kernel void {name}(__global const {acc} *restrict partials, const long count,
                      __global {acc} *restrict out, const {acc} s0, const {acc} pw)
 {{
-    {acc} t = {zero};
+    {acc} t = 0;{flags}
     for (long k = 0; k < count; k++) {{
         const {acc} a = t;
-        const {acc} b = partials[k];
-        t = {combine};
+        const {acc} b = partials[2 * k];
+        t = {combine};{track}
     }}
 {tail}
 }}

@@ -95,6 +95,18 @@ def _runs(grads: list[cla.Array]) -> list[tuple[np.dtype, Any, int, list[cla.Arr
 
 
 def _host_norm(values: list[np.ndarray], norm_type: float) -> float:
+    """The total norm of float64 ``values``. A sum that overflows while every element is
+    finite is summed again over ``|v| / m`` (``m``: the largest magnitude) and multiplied
+    by ``m``, as the device does, so only a norm beyond float64 is inf."""
+    total = _plain_norm(values, norm_type)
+    if total == math.inf and norm_type != math.inf:
+        largest = max(float(np.max(np.abs(v))) for v in values if v.size)
+        if largest < math.inf:
+            total = largest * _plain_norm([np.abs(v) / largest for v in values], norm_type)
+    return total
+
+
+def _plain_norm(values: list[np.ndarray], norm_type: float) -> float:
     if not values:
         return 0.0
     with np.errstate(all="ignore"):
@@ -124,8 +136,17 @@ def clip_grad_norm(
     does, branch-free: a zero norm is fine, a non-finite one gives a NaN or zero
     coefficient unless ``error_if_nonfinite`` raises RuntimeError first (grads untouched).
 
+    Large gradients: a sum (of squares, of ``|g|**p``) that overflows float64 while every
+    element is finite is summed again over ``|g| / m`` and multiplied by ``m`` (``m``: the
+    largest magnitude), so the norm is finite whenever float64 can hold it
+    (``[1e30, 1e30]`` has norm ``1.414e30`` and clips to ``0.707``). A norm beyond float64
+    (``~1.8e308``), or an inf element, gives ``total = inf``: the coefficient is 0, finite
+    grads become 0 and inf ones NaN (as in torch), unless ``error_if_nonfinite`` raises;
+    NaN anywhere gives NaN.
+
     ``parameters``: an object with ``.grad`` (a device array or ``None``) or an iterable
-    of them. Matches :func:`clip_grad_norm_device` to float32 rounding.
+    of them. Matches :func:`clip_grad_norm_device` to float32 rounding (to float64
+    rounding for float64 grads), large gradients included.
 
     Device:
       Reads the grads to the host and writes them back: one blocking copy each way per
@@ -201,6 +222,13 @@ def clip_grad_norm_device(
     Same rule as :func:`clip_grad_norm` (torch's ``clip_grad_norm_``), in place on every
     non-None ``.grad``. ``norm_type``: 2 (sum of squares), 1, ``inf`` (max abs) or any
     ``p > 0``.
+
+    Large gradients are handled as on the host: a chunk whose sum overflows is summed
+    again in the accumulator's type over ``|g| / m`` (``m``: the chunk's largest
+    magnitude), and the chunks are combined scaled alike; ordinary gradients take the plain
+    path, bit for bit. The norm is finite whenever the accumulator's type holds it:
+    float64, or float32 (``~3.4e38``) on a device without fp64. Beyond that it is inf,
+    with the same consequences as on the host.
 
     Device:
       One reduction for the whole set of grads (a partials launch per dtype when packed,

@@ -10,6 +10,7 @@ import pyopencl.array as cla
 
 from ..amp._loss_scale import (
     check_scaler_args,
+    check_scaler_value,
     inverse_scale,
     new_flag,
     next_scale,
@@ -42,6 +43,9 @@ class _OptimizerState:
         return self.found_host
 
 
+_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
 def _grads_of(optimizer: Any) -> list[cla.Array]:
     seen: set[int] = set()
     grads = []
@@ -69,11 +73,16 @@ class AMPGradScaler:
     become subnormal, below ``2**-25`` zero; keep float32 grads if that matters).
 
     Args:
-      init_scale: initial scale (2**16).
-      growth_factor: scale multiplier after ``growth_interval`` finite steps (2.0, > 1).
+      init_scale: initial scale (2**16), a normal float32 value (``2**-126`` to ``3.4e38``).
+      growth_factor: scale multiplier after ``growth_interval`` finite steps (2.0, > 1,
+        finite).
       backoff_factor: scale multiplier after a non-finite step (0.5, in (0, 1)).
-      growth_interval: finite steps in a row before growing (2000).
+      growth_interval: finite steps in a row before growing (2000, an int >= 1).
       enabled: when False every method is a no-op (``step`` just calls ``opt.step()``).
+
+    Every value is checked the same way wherever it comes in (constructor when enabled,
+    setters, ``load_state_dict``, ``update(new_scale)``): ValueError ``Invalid <name>: ...``
+    and the scaler unchanged.
 
     Device:
       ``unscale_`` is one fused unscale-and-check launch per dtype over a packed set of
@@ -94,8 +103,11 @@ class AMPGradScaler:
     ) -> None:
         self._enabled = bool(enabled)
         if self._enabled:
-            check_scaler_args(init_scale, growth_factor, backoff_factor, growth_interval)
-        self._scale = float(np.float32(init_scale))
+            init_scale, growth_factor, backoff_factor, growth_interval = check_scaler_args(
+                init_scale, growth_factor, backoff_factor, growth_interval
+            )
+        with np.errstate(over="ignore"):  # disabled: kept unchecked, as torch does
+            self._scale = float(np.float32(init_scale))
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)
         self._growth_interval = int(growth_interval)
@@ -178,7 +190,7 @@ class AMPGradScaler:
                 raise ValueError(
                     f"new_scale should be a float or a 1-element array, got {new_scale!r}"
                 )
-            self._scale = float(np.float32(value.reshape(-1)[0]))
+            self._scale = float(check_scaler_value("new_scale", value.reshape(-1)[0]))
         else:
             recorded = [s for s in self._per_optimizer.values() if s.found is not None]
             if not recorded:
@@ -202,19 +214,22 @@ class AMPGradScaler:
         return self._growth_factor
 
     def set_growth_factor(self, new_factor: float) -> None:
-        self._growth_factor = float(new_factor)
+        """Checked as in the constructor (a finite number > 1.0): ValueError, unchanged."""
+        self._growth_factor = float(check_scaler_value("growth_factor", new_factor))
 
     def get_backoff_factor(self) -> float:
         return self._backoff_factor
 
     def set_backoff_factor(self, new_factor: float) -> None:
-        self._backoff_factor = float(new_factor)
+        """Checked as in the constructor (in (0, 1)): ValueError, unchanged."""
+        self._backoff_factor = float(check_scaler_value("backoff_factor", new_factor))
 
     def get_growth_interval(self) -> int:
         return self._growth_interval
 
     def set_growth_interval(self, new_interval: int) -> None:
-        self._growth_interval = int(new_interval)
+        """Checked as in the constructor (an int >= 1): ValueError, unchanged."""
+        self._growth_interval = int(check_scaler_value("growth_interval", new_interval))
 
     def _get_growth_tracker(self) -> int:
         return self._growth_tracker if self._enabled else 0
@@ -236,7 +251,9 @@ class AMPGradScaler:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s values (no-op when disabled)."""
+        """Restore :meth:`state_dict`'s values (no-op when disabled), each checked as in the
+        constructor (``_growth_tracker``: an int >= 0). On any error (ValueError naming the
+        value or the missing keys) the scaler is left unchanged."""
         if not self._enabled:
             return
         if len(state_dict) == 0:
@@ -244,11 +261,18 @@ class AMPGradScaler:
                 "The source state dict is empty, possibly because it was saved "
                 "from a disabled instance of GradScaler."
             )
-        self._scale = float(np.float32(state_dict["scale"]))
-        self._growth_factor = float(state_dict["growth_factor"])
-        self._backoff_factor = float(state_dict["backoff_factor"])
-        self._growth_interval = int(state_dict["growth_interval"])
-        self._growth_tracker = int(state_dict["_growth_tracker"])
+        missing = [k for k in _STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"Invalid state dict: missing {', '.join(map(repr, missing))} "
+                f"(must have the keys {', '.join(map(repr, _STATE_KEYS))})"
+            )
+        scale, growth, backoff, interval, tracker = [
+            check_scaler_value(k, state_dict[k]) for k in _STATE_KEYS
+        ]
+        self._scale, self._growth_factor = float(scale), float(growth)
+        self._backoff_factor = float(backoff)
+        self._growth_interval, self._growth_tracker = int(interval), int(tracker)
 
     def __repr__(self) -> str:
         return (

@@ -28,6 +28,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale the updates by ``min(1, max_norm / (global_norm + 1e-6))`` (torch's coefficient,
     always multiplied; a zero norm is fine).
 
+    The norm is computed without overflow whenever the accumulator's type holds it
+    (float64, or float32 on a device without fp64), as in
+    :func:`~netcl_optim.clip_grad_norm_device`: large updates are clipped, not zeroed.
+    Beyond that range (or with an inf update) the norm is inf and the coefficient 0.
+
     Device:
       One sum-of-squares reduction (a partials launch per packed run or leaf, then one
       finishing launch) leaves the norm and coefficient in a device buffer; the scaling is
