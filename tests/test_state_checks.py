@@ -137,6 +137,16 @@ FOREIGN = {
         lambda: no.adam(0.1),
         r"expected ApplyIfFiniteState at state, got a tuple of 2",
     ),
+    "dynamic_loss_scale inner": (
+        lambda: no.dynamic_loss_scale(inner=no.adam(0.1)),
+        lambda: no.dynamic_loss_scale(inner=no.sgd(0.1, momentum=0.9)),
+        r"expected ScaleByAdamState at state\.inner_state\[0\], got TraceState",
+    ),
+    "bare->dynamic_loss_scale": (
+        lambda: no.dynamic_loss_scale(inner=no.adam(0.1)),
+        lambda: no.adam(0.1),
+        r"expected DynamicLossScaleState at state, got a tuple of 2",
+    ),
     "chain of wrappers": (
         lambda: no.chain(apply_if_finite(no.adam(0.1), 2), no.scale(1.0)),
         lambda: no.chain(apply_if_finite(no.rmsprop(0.1), 2), no.scale(1.0)),
@@ -310,3 +320,17 @@ def test_step_refuses_a_non_transform(q):
         no.step(5, params, params, ())
     with pytest.raises(TypeError, match=r"chain: argument 1 is a str, not a transform"):
         no.chain(no.scale(1.0), "adam")
+
+
+def test_distributed_transforms_check_their_state(q):
+    pytest.importorskip("mpi4py")
+    from netcl_optim.distributed import allreduce_gradients, shard_optimizer
+
+    params = no.pack(no.to_device(_host(0)))
+    grads = no.pack(no.to_device(_host(1)))
+    reduce_tx = allreduce_gradients()
+    with pytest.raises(ValueError, match=r"expected EmptyState at state, got TraceState"):
+        reduce_tx.update(grads, no.trace(0.9).init(params), params)
+    sharded = shard_optimizer(no.adam(0.1))
+    with pytest.raises(ValueError, match=r"expected ShardState at state\[0\], got a tuple of 2"):
+        no.step(no.chain(sharded), params, grads, (no.adam(0.1).init(params),))

@@ -17,6 +17,7 @@ import pyopencl.array as cla
 from .._base import EmptyState, GradientTransformation, OptState
 from .._device import allocator, check_float_dtype, queue_of
 from .._packing import contiguous_run, element_offset, layout
+from .._state_check import NamedTupleSpec, Spec, check_state, register, spec_of
 from ..fusion._codegen import ctype, preamble
 from ..fusion._programs import build
 from ..fusion._runner import _count, _counters, _launch
@@ -459,6 +460,7 @@ def dynamic_loss_scale(
     def update(
         updates: Any, state: DynamicLossScaleState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, OptState]:
+        check_state(tx, state)
         if not optree.tree_leaves(updates):
             finite = True
             new, inner_state = updates, state.inner_state
@@ -483,7 +485,12 @@ def dynamic_loss_scale(
         )
         return new, DynamicLossScaleState(scale, tracker, finite, inner_state)
 
-    return GradientTransformation(init, update)
+    def spec() -> Spec:
+        inner_spec = NamedTupleSpec(EmptyState) if inner is None else spec_of(inner)
+        return NamedTupleSpec(DynamicLossScaleState, {"inner_state": inner_spec})
+
+    tx = register(GradientTransformation(init, update), spec)
+    return tx
 
 
 def _is_state(x: Any) -> bool:

@@ -9,6 +9,7 @@ device-to-host copies, the output buffers' allocation) happens before the agreem
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyopencl.array as cla
 from .._base import EmptyState, GradientTransformation, OptState
 from .._device import queue_of
 from .._packing import layout
+from .._state_check import NamedTupleSpec, check_state, register
 from ._comm import (
     agree,
     by_dtype,
@@ -133,9 +135,11 @@ def allreduce_gradients(comm: Any = None, average: bool = True) -> GradientTrans
     def update(
         updates: Any, state: OptState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, OptState]:
+        check_state(tx, state)
         return allreduce(updates, comm, average), state
 
-    return GradientTransformation(init, update)
+    tx = register(GradientTransformation(init, update), partial(NamedTupleSpec, EmptyState))
+    return tx
 
 
 def _param_list(parameters: Any, attr: str, what: str) -> list[Any]:

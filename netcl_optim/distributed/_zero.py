@@ -22,6 +22,7 @@ import pyopencl.array as cla
 from .._base import Fragment, GradientTransformation
 from .._device import queue_of
 from .._packing import Block, Layout, contiguous_run, layout, pack
+from .._state_check import register, wrapper
 from ..fusion._runner import flatten_like
 from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
@@ -373,7 +374,9 @@ def shard_optimizer(tx: GradientTransformation, comm: Any = None) -> GradientTra
         )
     check_shardable(tx)
     impl = _Sharded(tx, comm)
-    return GradientTransformation(impl.init, impl.update)
+    return register(
+        GradientTransformation(impl.init, impl.update), wrapper(ShardState, "inner_state", tx)
+    )
 
 
 def sharded_step(
