@@ -13,12 +13,14 @@ from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
 from ._base import Reduction as Reduction
+from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load as load
 from ._checkpoint import save as save
 from ._device import default_queue as default_queue
 from ._device import set_default_queue as set_default_queue
 from ._device import to_device as to_device
 from ._device import to_host as to_host
+from ._packing import DonatedArrayError as DonatedArrayError
 from ._packing import pack as pack
 from .amp import DynamicLossScaleState as DynamicLossScaleState
 from .amp import dynamic_loss_scale as dynamic_loss_scale
@@ -105,7 +107,9 @@ __all__ = [
     "AdamW",
     "AddDecayedWeightsState",
     "ApplyIfFiniteState",
+    "CheckpointError",
     "CosineAnnealingLR",
+    "DonatedArrayError",
     "DynamicLossScaleState",
     "EmptyState",
     "ExponentialLR",

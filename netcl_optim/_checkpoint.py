@@ -4,6 +4,11 @@ A checkpoint holds either a stateful optimizer's ``state_dict()`` or any pytree 
 optimizer state, params, or both in a dict). Arrays are stored as ``.npz`` entries; the tree
 around them (dicts with any scalar keys, lists, tuples, NamedTuples, ``None``, numbers,
 strings) as JSON in the entry ``__tree__``. Loading uses ``allow_pickle=False``.
+
+A file that cannot be read as one raises :class:`CheckpointError`. Saving writes a temporary
+file ``.<name>.<16 hex digits>.tmp`` next to the target, locked (``flock``) while the save runs,
+and renames it over the target; such files left by a killed save are removed by the next save
+of the same target.
 """
 
 from __future__ import annotations
@@ -11,10 +16,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import secrets
+import stat
 import sys
-import tempfile
+import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale temporary files are then left in place
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pyopencl as cl
@@ -25,6 +39,28 @@ from ._packing import layout
 
 _FORMAT = "netcl_optim.checkpoint/1"
 _TREE = "__tree__"
+_KINDS = ("state_dict", "pytree")
+
+
+class CheckpointError(ValueError):
+    """The file is not a valid or complete netcl_optim checkpoint: empty, truncated,
+    corrupt, or another kind of file. ``path`` names it; the error that revealed it, if
+    any, is the ``__cause__``. Nothing was loaded."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"load: {self.path!r} is not a netcl_optim checkpoint, or not a complete one: "
+            f"{self.reason}"
+        )
+
+
+class _Invalid(Exception):
+    """Raised while decoding: the file's tree is malformed (becomes a CheckpointError)."""
 
 
 class _Encoder:
@@ -92,28 +128,59 @@ def _namedtuple_class(name: str, fields: list[str]) -> type:
 
 
 class _Decoder:
+    """The tree of ``__tree__`` back to Python objects; raises ``_Invalid`` on any node that
+    :class:`_Encoder` does not write (so a damaged file is never half-read)."""
+
     def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.arrays = arrays
 
+    def _array(self, name: Any) -> np.ndarray:
+        if not isinstance(name, str) or name not in self.arrays:
+            raise _Invalid(f"the array entry {name!r} is missing")
+        return self.arrays[name]
+
+    @staticmethod
+    def _list(x: Any, what: str) -> list:
+        if not isinstance(x, list):
+            raise _Invalid(f"a {what} node holds {x!r:.80}, not a list")
+        return x
+
     def decode(self, x: Any) -> Any:
-        if not isinstance(x, dict):
+        if x is None or isinstance(x, (bool, int, float, str)):
             return x
-        if "device" in x:
-            return _Pending(self.arrays[x["device"]])
-        if "ndarray" in x:
-            return np.array(self.arrays[x["ndarray"]])
-        if "npscalar" in x:
-            return self.arrays[x["npscalar"]][()]
-        if "namedtuple" in x:
-            cls = _namedtuple_class(x["namedtuple"], x["fields"])
-            return cls(*[self.decode(v) for v in x["values"]])
-        if "tuple" in x:
-            return tuple(self.decode(v) for v in x["tuple"])
-        if "list" in x:
-            return [self.decode(v) for v in x["list"]]
-        if "dict" in x:
-            return {k: self.decode(v) for k, v in x["dict"]}
-        raise ValueError(f"load: unknown node {sorted(x)} in the checkpoint")
+        if not isinstance(x, dict) or len(x) != (3 if "namedtuple" in x else 1):
+            raise _Invalid(f"unknown node {x!r:.80}")
+        tag, value = next(iter(x.items()))
+        if tag == "device":
+            return _Pending(self._array(value))
+        if tag == "ndarray":
+            return np.array(self._array(value))
+        if tag == "npscalar":
+            a = self._array(value)
+            if a.ndim != 0:
+                raise _Invalid(f"the scalar entry {value!r} has shape {a.shape}")
+            return a[()]
+        if tag == "namedtuple":
+            fields = self._list(x.get("fields"), "namedtuple")
+            values = self._list(x.get("values"), "namedtuple")
+            if not isinstance(value, str) or len(fields) != len(values):
+                raise _Invalid(f"malformed NamedTuple node {x!r:.80}")
+            cls = _namedtuple_class(value, fields)
+            return cls(*[self.decode(v) for v in values])
+        if tag == "tuple":
+            return tuple(self.decode(v) for v in self._list(value, tag))
+        if tag == "list":
+            return [self.decode(v) for v in self._list(value, tag)]
+        if tag == "dict":
+            out = {}
+            for item in self._list(value, tag):
+                if not (isinstance(item, list) and len(item) == 2) or isinstance(
+                    item[0], (list, dict)
+                ):
+                    raise _Invalid(f"a dict item is {item!r:.80}, not a [key, value] pair")
+                out[item[0]] = self.decode(item[1])
+            return out
+        raise _Invalid(f"unknown node {sorted(x)}")
 
 
 class _Pending:
@@ -167,6 +234,78 @@ def _place(tree: Any, queue: cl.CommandQueue) -> Any:
     return rebuild(tree)
 
 
+def _lock(fd: int, wait: bool) -> bool:
+    """Lock ``fd`` exclusively (``flock``); False where another holds it (without ``wait``)
+    or where locks are not available (Windows, a file system without them)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _is_named(fd: int, name: str) -> bool:
+    """Whether ``name`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(name))
+    except FileNotFoundError:
+        return False
+
+
+def _discard(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def _create_temp(directory: str, base: str) -> tuple[int, str]:
+    """A new temporary file for the target ``base``: open for writing, locked, so that no
+    concurrent save removes it as stale, and created with mode 0o666 (the umask applies)."""
+    while True:
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            # another save may have swept it as stale before we held the lock: if so, retry
+            if not _lock(fd, wait=True) or _is_named(fd, tmp):
+                return fd, tmp
+        except BaseException:
+            os.close(fd)
+            _discard(tmp)
+            raise
+        os.close(fd)
+
+
+def _remove_stale_temps(directory: str, base: str) -> None:
+    """Remove the temporary files of the target ``base`` that no save holds (locks): those
+    of a killed save. A file that cannot be locked or opened is left alone."""
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{16}}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        tmp = os.path.join(directory, name)
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # no FIFO, no link
+        except OSError:
+            continue
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular and _lock(fd, wait=False) and _is_named(fd, tmp):
+                os.unlink(tmp)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def save(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` to the ``.npz`` file ``path`` (used as given), atomically.
 
@@ -176,6 +315,10 @@ def save(path: str | os.PathLike[str], obj: Any) -> None:
     NamedTuples (a functional optimizer state, params, ...). The file is written to a
     temporary file in the same directory, flushed and fsynced, then renamed over ``path``:
     a crash leaves the old checkpoint or the new one, never a torn file.
+
+    A new file gets the mode the umask gives (0o644 under umask 0o022), an overwritten one
+    keeps its mode. Temporary files of ``path`` left by a killed save are removed; those of
+    saves still running (in any process) are not.
 
     Device: one read-back per device array (a host sync).
     """
@@ -189,20 +332,28 @@ def save(path: str | os.PathLike[str], obj: Any) -> None:
     arrays = dict(enc.arrays)
     arrays[_TREE] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    directory, base = os.path.split(os.path.abspath(path))
+    try:
+        old = os.stat(path)
+        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
+    except OSError:
+        mode = None
+    fd, tmp = _create_temp(directory, base)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.chmod(tmp, mode)
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while locked: no other save takes it for stale
+                os.replace(tmp, path)
+        if fcntl is None:  # Windows renames no open file
+            os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
+    _remove_stale_temps(directory, base)
     try:  # make the rename durable too (POSIX)
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -215,6 +366,71 @@ def save(path: str | os.PathLike[str], obj: Any) -> None:
         os.close(dir_fd)
 
 
+# what numpy, zipfile and json raise on a damaged file (OSError: a bad offset in the archive)
+_DAMAGED = (
+    ValueError,
+    KeyError,
+    IndexError,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RecursionError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+def _read(path: str) -> tuple[str, Any]:
+    """The kind and the decoded tree of the checkpoint ``path``.
+
+    Raises:
+      OSError: the file cannot be opened.
+      CheckpointError: it is not a complete checkpoint of this format.
+    """
+    with open(path, "rb") as f:
+        try:
+            head = f.read(6)
+            f.seek(0)
+            if not head:
+                raise _Invalid("the file is empty")
+            if head == b"\x93NUMPY":
+                raise _Invalid("it holds a single .npy array, not an .npz archive")
+            if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):  # (numpy would try pickle)
+                raise _Invalid("it is not an .npz (zip) archive")
+            with np.load(f, allow_pickle=False) as data:
+                if _TREE not in data.files:
+                    raise _Invalid(f"it has no {_TREE!r} entry")
+                arrays = {name: data[name] for name in data.files}
+            text = arrays.pop(_TREE)
+            if not (isinstance(text, np.ndarray) and text.dtype == np.uint8 and text.ndim == 1):
+                raise _Invalid(f"the {_TREE!r} entry is not a byte string")
+            meta = json.loads(text.tobytes().decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise _Invalid(f"its {_TREE!r} entry is a JSON {type(meta).__name__}")
+            if meta.get("format") != _FORMAT:
+                raise _Invalid(f"format {meta.get('format')!r}; this version reads {_FORMAT!r}")
+            if meta.get("kind") not in _KINDS or "tree" not in meta:
+                raise _Invalid(f"its {_TREE!r} entry lacks a valid 'kind' or 'tree'")
+            for name, a in arrays.items():
+                if not isinstance(a, np.ndarray) or a.dtype.kind not in "biufc":
+                    raise _Invalid(f"the entry {name!r} is not a numeric array")
+        except _Invalid as err:
+            raise CheckpointError(path, str(err)) from None
+        except _DAMAGED as err:
+            raise CheckpointError(path, f"{type(err).__name__}: {err}") from err
+    try:  # (a NamedTuple class that cannot be imported is a ValueError, not a damaged file)
+        tree = _Decoder(arrays).decode(meta["tree"])
+        if meta["kind"] == "state_dict" and not (
+            isinstance(tree, dict) and {"state", "param_groups"} <= tree.keys()
+        ):
+            raise _Invalid("its state dict lacks 'state' or 'param_groups'")
+    except _Invalid as err:
+        raise CheckpointError(path, str(err)) from None
+    except RecursionError as err:
+        raise CheckpointError(path, "its tree is nested too deeply") from err
+    return meta["kind"], tree
+
+
 def load(
     path: str | os.PathLike[str], obj: Any = None, *, queue: cl.CommandQueue | None = None
 ) -> Any:
@@ -225,19 +441,20 @@ def load(
     whose device arrays are back on the device (on ``queue``, default the library's queue;
     all arrays of one dtype packed in one buffer), or a state dict (numpy arrays).
 
+    The whole file is read and checked before anything is loaded: on any error ``obj`` is
+    unchanged.
+
     Raises:
-      ValueError: not a checkpoint of this format, or a pytree given to an optimizer.
+      CheckpointError: (a ValueError) the file is not a valid or complete checkpoint of
+        this format: empty, truncated, corrupt, or another kind of file.
+      ValueError: a pytree given to an optimizer, a state dict that does not fit ``obj``,
+        or a NamedTuple class that cannot be found.
+      OSError: the file cannot be opened (e.g. ``FileNotFoundError``).
     """
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        if _TREE not in data.files:
-            raise ValueError(f"load: {os.fspath(path)!r} is not a netcl_optim checkpoint")
-        meta = json.loads(bytes(data[_TREE]).decode("utf-8"))
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"load: {os.fspath(path)!r} has an unknown checkpoint format")
-        arrays = {name: data[name] for name in data.files if name != _TREE}
-    tree = _Decoder(arrays).decode(meta["tree"])
+    path = os.fspath(path)
+    kind, tree = _read(path)
     if obj is not None:
-        if meta["kind"] != "state_dict":
+        if kind != "state_dict":
             raise ValueError(
                 "load: the checkpoint holds a functional pytree, not an optimizer's state dict: "
                 "call load(path) without an optimizer"

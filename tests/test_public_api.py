@@ -15,6 +15,9 @@ DOCUMENTED = {
     "adam", "adamw", "rmsprop", "to_device", "to_host", "pack", "Parameter", "save", "load",
     "inject_hyperparams", "reduce_on_plateau", "masked", "partition", "multi_transform",
     "apply_if_finite", "zero_nans", "MultiSteps", "dynamic_loss_scale",
+    # issue 14: reliability
+    "CheckpointError",
+    "DonatedArrayError",
 }  # fmt: skip
 
 

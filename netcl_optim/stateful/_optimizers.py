@@ -107,8 +107,9 @@ class Momentum(SGD):
       weight_decay: L2 penalty added to the gradient, >= 0 (default 1e-4).
       nesterov: Nesterov momentum (needs ``momentum > 0``).
 
-    Groups hold ``"dampening": 0.0`` too, so that state dicts are interchangeable with
-    torch.optim.SGD's; a nonzero dampening is a ``ValueError`` (use :class:`SGD`).
+    Groups hold ``"dampening": 0.0`` too, so that its state dicts load into torch.optim.SGD
+    and torch.optim.SGD's load into it; a nonzero dampening is a ``ValueError`` (use
+    :class:`SGD`). Our own :class:`SGD`'s state dicts name their class and are refused.
     """
 
     def __init__(
