@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -212,3 +212,105 @@ def pack(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
                 dst_offset=view.offset,
             )
     return optree.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------- shared memory
+
+
+def byte_span(a: cla.Array) -> tuple[int, int]:
+    """``[start, end)``: the bytes of ``a.base_data`` that ``a`` touches (any strides)."""
+    lo = hi = a.offset
+    for n, stride in zip(a.shape, a.strides, strict=True):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    return lo, hi + a.dtype.itemsize
+
+
+def first_shared(
+    roles: Sequence[tuple[Sequence[cla.Array], bool]],
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Two arrays that share memory, one of them in a role marked written, as
+    ``((role, index), (role, index))``; ``None`` if there are none. ``roles`` are
+    ``(arrays, written)``; arrays of read-only roles may share memory with each other (a tree
+    holding one array twice), and arrays with no elements share nothing."""
+    bases = [id(a.base_data) for arrays, _ in roles for a in arrays if a.size]
+    if len(set(bases)) == len(bases):  # every array in its own buffer
+        return None
+    spans = sorted(
+        (id(a.base_data), *byte_span(a), written, r, i)
+        for r, (arrays, written) in enumerate(roles)
+        for i, a in enumerate(arrays)
+        if a.size
+    )
+    base = None
+    end_any = end_written = 0
+    owner_any = owner_written = (-1, -1)
+    for b, start, end, written, r, i in spans:
+        if b != base:
+            base, end_any, end_written = b, 0, 0
+        if written and start < end_any:
+            return owner_any, (r, i)
+        if start < end_written:
+            return owner_written, (r, i)
+        if end > end_any:
+            end_any, owner_any = end, (r, i)
+        if written and end > end_written:
+            end_written, owner_written = end, (r, i)
+    return None
+
+
+def same_memory(a: cla.Array, b: cla.Array) -> bool:
+    """Whether ``a`` and ``b`` are the same bytes of one buffer (e.g. one array twice)."""
+    return a.base_data is b.base_data and byte_span(a) == byte_span(b) and a.size == b.size
+
+
+# ---------------------------------------------------------------------------- donation
+
+DONATED = (
+    "was donated to no.step(..., donate=True) and can no longer be used; use the returned "
+    "params/state"
+)
+
+
+class DonatedArrayError(RuntimeError):
+    """Use of a device array whose buffer was donated to ``no.step(..., donate=True)``."""
+
+
+class DonatedArray(cla.Array):
+    """A ``pyopencl.array.Array`` whose memory a donated step took over: it keeps no
+    attribute, so any use (``get()``, ``.shape``, a kernel argument, arithmetic) raises
+    :class:`DonatedArrayError`. The step returned a new array over the same memory."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise DonatedArrayError(f"this array {DONATED}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise DonatedArrayError(f"this array {DONATED}")
+
+    def __repr__(self) -> str:
+        return "<pyopencl Array donated to no.step(..., donate=True)>"
+
+    __str__ = __repr__
+
+
+_new_array = cla.Array.__new__
+_NO_ATTRIBUTES: dict[str, Any] = {}  # every DonatedArray's (read and written by none)
+
+
+def hand_over(arrays: list[cla.Array]) -> list[cla.Array]:
+    """New array objects over the memory of ``arrays``, which become :class:`DonatedArray`:
+    after a donated step, its inputs are unusable and its outputs are new objects. The new
+    objects take over the old ones' attributes (no copy, one allocation an array)."""
+    fresh: list[cla.Array] = []
+    for a in arrays:
+        if type(a) is DonatedArray:  # an empty array that came twice: already handed over
+            fresh.append(fresh[next(i for i, b in enumerate(arrays) if b is a)])
+            continue
+        new = _new_array(type(a))
+        new.__dict__ = a.__dict__
+        a.__dict__ = _NO_ATTRIBUTES
+        a.__class__ = DonatedArray
+        fresh.append(new)
+    return fresh

@@ -17,6 +17,7 @@ import pytest
 import netcl_optim as no
 from netcl_optim._device import has_fp64, side_queue
 from netcl_optim.fusion import _runner
+from netcl_optim.transforms._update import step_
 
 SHAPES = [(17, 5), (3,), (), (0,), (1031,), (4, 4, 4), (64,), (9, 2)]
 
@@ -156,7 +157,8 @@ def test_later_work_on_the_queue_waits_for_the_step(monkeypatch, cl_queue):
 
 
 def test_tied_leaves_are_updated_in_order(monkeypatch, launch_queues, cl_queue):
-    """One array twice in a donated tree: its two updates must not race."""
+    """One array twice in a tree updated in place (the in-place path under the stateful
+    layer; a donated step refuses it): its two updates must not race."""
     monkeypatch.setattr(_runner, "SIDE_QUEUE_FROM", 1)
     shared = no.to_device(np.linspace(-1, 1, 4099).astype(np.float32))
     others = [no.to_device(np.full(s, 0.5, np.float32)) for s in [(5,), (64, 3)]]
@@ -165,7 +167,7 @@ def test_tied_leaves_are_updated_in_order(monkeypatch, launch_queues, cl_queue):
     tx = no.sgd(0.1, momentum=0.9)
     state = tx.init(params)
     for _ in range(3):
-        params, state = no.step(tx, params, grads, state, donate=True)
+        state = step_(tx, params, grads, state)
     assert side_queue(cl_queue) not in launch_queues
     # in order, the shared array gets both leaves' updates each step (its momentum slots
     # are separate): 3 steps of 2 updates with momentum traces 0.25, 0.475, 0.6775

@@ -12,6 +12,7 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
+from .. import _device
 from .._base import GradientTransformation, Part
 from .._device import (
     allocator,
@@ -21,8 +22,21 @@ from .._device import (
     side_queue,
     state_dtype,
 )
-from .._packing import Layout, allocate_like, contiguous_run, element_offset, layout
+from .._packing import (
+    DONATED,
+    DonatedArray,
+    DonatedArrayError,
+    Layout,
+    allocate_like,
+    contiguous_run,
+    element_offset,
+    first_shared,
+    hand_over,
+    layout,
+    same_memory,
+)
 from .._packing import c_strides as _c_strides
+from .._state_check import checked_transform
 from ._codegen import KernelSpec
 from ._programs import finish_kernel, fused_kernel, reduce_kernel
 
@@ -67,41 +81,83 @@ def _check_leaves(
     others: Sequence[tuple[str, list[Any], Callable[[np.dtype], np.dtype]]],
     tree: Any,
     queue: cl.CommandQueue,
+    u_role: str,
 ) -> None:
-    """Every leaf is a C-contiguous float array on ``queue``'s context, shaped like ``u``'s."""
-    ctx = queue.context
+    """Every leaf is a C-contiguous float array on one OpenCL context, shaped like ``u``'s
+    (the ``u_role``: grads or updates). Errors name the leaf and the role it is wrong in."""
+    roles = [(u_role, u), *((what, leaves) for what, leaves, _ in others)]
+    ctx, home = _home_context(roles, queue)
     names: list[str] | None = None
     checked: set[np.dtype] = set()
     for i, x in enumerate(u):
-        bad = None
-        if not isinstance(x, cla.Array):
-            bad = f"is a {type(x).__name__}, not a pyopencl.array.Array"
-        elif x.context != ctx:
-            bad = "belongs to another OpenCL context"
-        elif x.dtype not in checked:
-            check_float_dtype(x.dtype, queue, "updates")
+        bad = _unusable(x, u_role, ctx, home)
+        if bad is None and x.dtype not in checked:
+            check_float_dtype(x.dtype, queue, u_role)
             checked.add(x.dtype)
         if bad is None and not x.flags.c_contiguous:
-            bad = "is not C-contiguous"
+            bad = f"is not C-contiguous in {u_role}"
         for what, leaves, dtype_of in others:
             if bad is not None:
                 break
             y = leaves[i]
-            if not isinstance(y, cla.Array):
-                bad = f"has a {type(y).__name__} in {what}, not a pyopencl.array.Array"
-            elif y.context != ctx:
-                bad = f"has an array in {what} from another OpenCL context"
-            elif y.shape != x.shape:
-                bad = f"has shape {y.shape} in {what} but {x.shape} in updates"
+            bad = _unusable(y, what, ctx, home)
+            if bad is not None:
+                break
+            if y.shape != x.shape:
+                bad = f"has shape {y.shape} in {what} but {x.shape} in {u_role}"
             elif y.dtype != dtype_of(x.dtype):
                 bad = f"has dtype {y.dtype} in {what}, expected {dtype_of(x.dtype)}"
             elif not y.flags.c_contiguous:
                 bad = f"is not C-contiguous in {what}"
         if bad is not None:
             names = names or _path_names(tree)
+            if DONATED in bad:
+                raise DonatedArrayError(f"leaf {names[i]} {bad}")
             raise (TypeError if "dtype" in bad or "not a" in bad else ValueError)(
                 f"leaf {names[i]} {bad}"
             )
+
+
+def _unusable(x: Any, role: str, ctx: cl.Context, home: list[str]) -> str | None:
+    """Why the leaf ``x`` of ``role`` cannot take part in a step on ``ctx`` (the context of
+    the roles ``home``), or ``None``."""
+    if type(x) is DonatedArray:
+        return f"of {role} {DONATED}"
+    if not isinstance(x, cla.Array):
+        return f"of {role} is a {type(x).__name__}, not a pyopencl.array.Array"
+    if x.context != ctx:
+        others = [r for r in home if r != role] or home
+        return f"of {role} belongs to another OpenCL context than {others[0]}"
+    return None
+
+
+def _home_context(
+    roles: Sequence[tuple[str, list[Any]]], queue: cl.CommandQueue
+) -> tuple[cl.Context, list[str]]:
+    """The context of most of the step's arrays and the roles with arrays on it (params
+    first), for an error that blames the leaves elsewhere; a tie goes to the default
+    queue's context, then to the params'. Roles: ``(name, leaves)``."""
+    by_ctx: dict[cl.Context, list[str]] = {}
+    count: dict[cl.Context, int] = {}
+    for role, leaves in roles:
+        for x in leaves:
+            if isinstance(x, cla.Array) and type(x) is not DonatedArray:
+                count[x.context] = count.get(x.context, 0) + 1
+                if role not in by_ctx.setdefault(x.context, []):
+                    by_ctx[x.context].append(role)
+    if not count:
+        return queue.context, ["the queue"]
+    default = getattr(_device, "_default_queue", None)  # (none is created here)
+    ranked = sorted(
+        count,
+        key=lambda c: (
+            -count[c],
+            default is None or c != default.context,
+            "params" not in by_ctx[c],
+        ),
+    )
+    home = ranked[0]
+    return home, sorted(by_ctx[home], key=lambda role: role != "params")
 
 
 def _all_valid(
@@ -141,7 +197,7 @@ def _all_valid(
             if [y.strides for y in leaves] != want_strides:
                 return False
         return True
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, DonatedArrayError):
         return False
 
 
@@ -295,7 +351,7 @@ def reduce_leaves(
     chunk = max(4096, -(-total // 512))
     counts = [-(-r[3] // chunk) for r in runs]
     pool = allocator(queue)
-    partials = cla.empty(queue, (max(sum(counts), 1),), acc_dtype, allocator=pool)
+    partials = cla.empty(queue, (2 * max(sum(counts), 1),), acc_dtype, allocator=pool)
     out = cla.empty(queue, (2,), acc_dtype, allocator=pool)
     p_off = 0
     for (dtype, base, off, n), count in zip(runs, counts, strict=True):
@@ -321,12 +377,17 @@ def run_parts(
     *,
     apply: bool,
     inplace: bool,
+    donate: bool = False,
+    u_role: str = "updates",
 ) -> tuple[Any, list[tuple[Any, ...]]]:
     """Run ``parts`` (fused) over ``updates``; return the output tree and new slot trees.
 
     The output is the new updates, or, with ``apply``, the new params (``p + u``). Pure mode
     writes every output to fresh packed buffers; in place, slots and params are updated
-    where they are (the stateful layer's ``step_``).
+    where they are (the stateful layer's ``step_``). ``donate`` (in place, for
+    ``no.step(..., donate=True)``): the arrays written must share no memory with any other
+    (checked before the launch); afterwards they are :class:`DonatedArray` and the returned
+    trees hold new array objects over the same memory. ``u_role`` names ``updates`` in errors.
     """
     if not parts and not apply:
         return updates, []
@@ -339,13 +400,13 @@ def run_parts(
         if params is None:
             names = [p.fragment.name for p in parts if p.fragment.needs_params] or ["apply"]
             raise ValueError(f"{names[0]} needs params: call update(updates, state, params)")
-        p_leaves = flatten_like(params, treedef, "params", "updates")
+        p_leaves = flatten_like(params, treedef, "params", u_role)
         others.append(("params", p_leaves, _same))
     slot_leaves: list[list[list[Any]]] = []
     for part in parts:
         per_part = []
         for name, tree in zip(part.fragment.slots, part.slots, strict=True):
-            leaves = flatten_like(tree, treedef, f"state.{name}", "updates")
+            leaves = flatten_like(tree, treedef, f"state.{name}", u_role)
             others.append((f"state.{name} of {part.fragment.name}", leaves, _state_dtype))
             per_part.append(leaves)
         slot_leaves.append(per_part)
@@ -356,14 +417,13 @@ def run_parts(
     # is only trusted while its array is alive, and a stale entry keeps no memory alive.
     cache_key = None
     if inplace and apply:
-        roles_ids = [tuple(map(id, u_leaves)), tuple(map(id, p_leaves))]
-        for per in slot_leaves:
-            roles_ids.extend(tuple(map(id, leaves)) for leaves in per)
-        cache_key = (queue, keys, tuple(roles_ids))
+        cache_key = _plan_key(queue, keys, u_leaves, p_leaves, slot_leaves)
         hit = _plans.get(cache_key)
-        if hit is not None:
-            objs = [r() for r in hit[0]]
-            if _NONE_TYPE not in set(map(type, objs)):  # (`None in` calls Array.__eq__)
+        if hit is not None and (hit[3] or not donate):  # (a donated step checked it)
+            refs = hit[0]
+            objs = [r() for r in refs]
+            types = set(map(type, objs))
+            if _NONE_TYPE not in types and DonatedArray not in types:  # (`None in` calls __eq__)
                 tail_hit: list[Any] = _reduce_parts(parts, u_leaves, queue)
                 for part in parts:
                     tail_hit.extend(part.scalars)
@@ -374,13 +434,22 @@ def run_parts(
                 for _, _, args in planned:
                     args += tail_hit
                 _launch_all(queue, planned, hit[2])
-                return params, [part.slots for part in parts]
+                if not donate:
+                    return params, [part.slots for part in parts]
+                del _plans[cache_key]
+                p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, True)
+                rest = list(p_leaves)
+                for per in slot_leaves:
+                    for ls in per:
+                        rest += ls
+                key = _plan_key(queue, keys, u_leaves, p_leaves, slot_leaves)
+                _plans[key] = ([*refs[: len(u_leaves)], *map(weakref.ref, rest)], *hit[1:])
+                return optree.tree_unflatten(treedef, p_leaves), _slot_trees(treedef, slot_leaves)
     if not _all_valid(u_leaves, others, queue):
-        _check_leaves(u_leaves, others, updates, queue)
+        _check_leaves(u_leaves, others, updates, queue, u_role)
 
     acc = acc_ctype(queue)
     ctx = queue.context
-    red_tail = _reduce_parts(parts, u_leaves, queue)
 
     by_dtype = _group_by_dtype(u_leaves)
     single = len(by_dtype) == 1
@@ -404,10 +473,10 @@ def run_parts(
             for i, o in zip(idx, src, strict=True):
                 dst[i] = o
 
-    tail = red_tail + tail_scalars
     launches: list[tuple[cl.Kernel, int, list[Any]]] = []
     roles: list[list[cla.Array]] = []  # per dtype group: the arrays of each kernel argument
     runs: list[tuple[Any, int] | None] = []  # their (buffer, element offset) where packed
+    packed_bases: list[int] | None = []  # every role's buffer, while each role is packed
 
     def add_input(leaves: list[cla.Array], lay_: Layout) -> None:
         roles.append(leaves)
@@ -439,12 +508,15 @@ def run_parts(
                 news = add_fresh(slot_lay) if mode == "pure" else ins
                 place(new_slot_leaves[k][s], idx, news)
         if None not in runs:
+            if packed_bases is not None:
+                packed_bases.extend(id(base) for base, _ in runs)
             if lay.total:
                 args = []
                 for base, off in runs:
                     args += [base, off]
                 launches.append((kernel, lay.total, args))
         else:
+            packed_bases = None
             for j, size in enumerate(lay.sizes):
                 if not size:
                     continue
@@ -453,6 +525,17 @@ def run_parts(
                     a = r[j]
                     args += [a.base_data, element_offset(a)]
                 launches.append((kernel, size, args))
+    # donated: no array written may share memory with another (at once if every role is
+    # packed in a buffer of its own)
+    if donate and (packed_bases is None or len(set(packed_bases)) != len(packed_bases)):
+        roles_w = [(u_role, u_leaves, False)]
+        if needs_params:
+            roles_w.append(("params", p_leaves, inplace_params))
+        roles_w.extend(
+            (what, leaves, True) for what, leaves, dtype_of in others if dtype_of is _state_dtype
+        )
+        _check_unshared([(role, updates, leaves, w) for role, leaves, w in roles_w])
+    tail = _reduce_parts(parts, u_leaves, queue) + tail_scalars
     # Pure, every output is fresh; in place, the tree's leaves must not share memory.
     independent = len(launches) > 1 and (
         not inplace
@@ -462,6 +545,11 @@ def run_parts(
         )
     )
     _launch_all(queue, [(kernel, n, args + tail) for kernel, n, args in launches], independent)
+    if donate:
+        p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, inplace_params)
+        if inplace_params:
+            out_leaves = p_leaves
+        new_slot_leaves = slot_leaves
     if cache_key is not None:
         if len(_plans) >= 64:
             _plans.clear()
@@ -474,13 +562,79 @@ def run_parts(
             (kernel, n, [_Leaf(index[id(a)]) if i % 2 == 0 else a for i, a in enumerate(args)])
             for kernel, n, args in launches
         ]
-        _plans[cache_key] = ([weakref.ref(x) for x in leaves], templates, independent)
+        if donate:  # keyed by the new arrays
+            _plans.pop(cache_key, None)
+            cache_key = _plan_key(queue, keys, u_leaves, p_leaves, slot_leaves)
+        _plans[cache_key] = ([weakref.ref(x) for x in leaves], templates, independent, donate)
 
-    out = optree.tree_unflatten(treedef, out_leaves)
-    new_slots = [
-        tuple(optree.tree_unflatten(treedef, leaves) for leaves in per) for per in new_slot_leaves
+    return optree.tree_unflatten(treedef, out_leaves), _slot_trees(treedef, new_slot_leaves)
+
+
+def _plan_key(
+    queue: cl.CommandQueue,
+    keys: tuple,
+    u_leaves: list[Any],
+    p_leaves: list[Any],
+    slot_leaves: list[list[list[Any]]],
+) -> tuple:
+    """The in-place plan cache's key: the arrays' identities (see :func:`run_parts`)."""
+    roles_ids = [tuple(map(id, u_leaves)), tuple(map(id, p_leaves))]
+    for per in slot_leaves:
+        for leaves in per:
+            roles_ids.append(tuple(map(id, leaves)))
+    return (queue, keys, tuple(roles_ids))
+
+
+def _slot_trees(treedef: optree.PyTreeSpec, slot_leaves: list[list[list[Any]]]) -> list[tuple]:
+    return [tuple(optree.tree_unflatten(treedef, ls) for ls in per) for per in slot_leaves]
+
+
+def _hand_over(
+    p_leaves: list[Any], slot_leaves: list[list[list[Any]]], with_params: bool
+) -> tuple[list[Any], list[list[list[Any]]]]:
+    """After a donated launch: the arrays it wrote (the params' if ``with_params``, and the
+    slots') become :class:`DonatedArray`; returns the params' and slots' leaves with the new
+    array objects in their place."""
+    written = list(p_leaves) if with_params else []
+    for per in slot_leaves:
+        for ls in per:
+            written += ls
+    fresh = hand_over(written)
+    k = len(p_leaves) if with_params else 0
+    new_p = fresh[:k] if with_params else p_leaves
+    new_slots = []
+    for per in slot_leaves:
+        new_per = []
+        for ls in per:
+            new_per.append(fresh[k : k + len(ls)])
+            k += len(ls)
+        new_slots.append(new_per)
+    return new_p, new_slots
+
+
+def _check_unshared(roles: list[tuple[str, Any, list[Any], bool]]) -> None:
+    """Raise if an array written in place (a donated one) shares memory with another array of
+    the step. ``roles``: ``(name, tree, leaves, written)``; leaves that are not device arrays
+    are skipped; a leaf's path is its index in ``tree``."""
+    arrays = [
+        [(i, x) for i, x in enumerate(leaves) if isinstance(x, cla.Array)]
+        for _, _, leaves, _ in roles
     ]
-    return out, new_slots
+    pair = first_shared(
+        [([x for _, x in found], w) for found, (_, _, _, w) in zip(arrays, roles, strict=True)]
+    )
+    if pair is None:
+        return
+    (ra, ja), (rb, jb) = pair
+    (ia, a), (ib, b) = arrays[ra][ja], arrays[rb][jb]
+    name_a = f"leaf {_path_names(roles[ra][1])[ia]} of {roles[ra][0]}"
+    name_b = f"leaf {_path_names(roles[rb][1])[ib]} of {roles[rb][0]}"
+    how = "are the same memory (one array twice)" if same_memory(a, b) else "overlap in memory"
+    raise ValueError(
+        f"no.step(..., donate=True): {name_a} and {name_b} {how}; the step writes donated "
+        "params and state in place, so a donated array must share no memory with any other "
+        "array of the step (pass separate arrays, or donate=False)"
+    )
 
 
 _NONE_TYPE = type(None)
@@ -521,7 +675,7 @@ def _group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
 
 def _queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
     for x in leaves:
-        if isinstance(x, cla.Array) and x.queue is not None:
+        if isinstance(x, cla.Array) and type(x) is not DonatedArray and x.queue is not None:
             return x.queue
     return default_queue()
 
@@ -567,15 +721,19 @@ def execute(
     apply: bool,
     inplace: bool,
     extra_args: dict[str, Any],
+    donate: bool = False,
 ) -> tuple[Any, Any]:
     """Run ``tx`` over ``updates``: each run of fusible transforms is one kernel (per dtype,
     per reduction); opaque transforms run their own ``update``. With ``apply`` the result is
-    the new params."""
+    the new params (``updates`` are then the grads). ``donate``: see :func:`run_parts`."""
+    tx = checked_transform(tx, state)  # MultiSteps & co; another optimizer's state
     items, rebuild = _flatten_chain(tx, state)
     new_states: list[Any] = [None] * len(items)
     u = updates
+    u_role = "grads" if apply else "updates"
     i, n = 0, len(items)
     applied = False
+    unchecked = donate
     while i < n:
         child, child_state = items[i]
         if child.fragment is None:
@@ -592,18 +750,48 @@ def execute(
             j += 1
         last = j == n
         segments = _segments(parts)
+        if unchecked and not (i == 0 and last and len(segments) == 1):
+            # several in-place runs: check them all before the first one writes
+            check_donation(params, updates, state, u_role)
+        unchecked = False
         new_slots: list[tuple[Any, ...]] = []
         for s, seg in enumerate(segments):
             final = last and s == len(segments) - 1
-            u, seg_slots = run_parts(seg, u, params, apply=apply and final, inplace=inplace)
+            u, seg_slots = run_parts(
+                seg,
+                u,
+                params,
+                apply=apply and final,
+                inplace=inplace,
+                donate=donate,
+                u_role=u_role,
+            )
             applied = applied or (apply and final)
             new_slots.extend(seg_slots)
         for k, rb, start, count in owners:
             new_states[k] = rb(new_slots[start : start + count])
         i = j
     if apply and not applied:
-        u, _ = run_parts([], u, params, apply=True, inplace=inplace)
+        u, _ = run_parts([], u, params, apply=True, inplace=inplace, donate=donate, u_role=u_role)
     return u, rebuild(new_states)
+
+
+def check_donation(params: Any, grads: Any, state: Any, grads_role: str = "grads") -> None:
+    """Raise before a donated step writes anything: an array of ``params``, ``grads`` or
+    ``state`` already donated (:class:`DonatedArrayError`), or an array of ``params`` or
+    ``state`` that shares memory with another array of the three (``ValueError``)."""
+    roles = []
+    for role, tree, written in (
+        ("params", params, True),
+        (grads_role, grads, False),
+        ("state", state, True),
+    ):
+        leaves = optree.tree_leaves(tree)
+        for i, x in enumerate(leaves):
+            if type(x) is DonatedArray:
+                raise DonatedArrayError(f"leaf {_path_names(tree)[i]} of {role} {DONATED}")
+        roles.append((role, tree, leaves, written))
+    _check_unshared(roles)
 
 
 def _segments(parts: list[Part]) -> list[list[Part]]:

@@ -21,9 +21,21 @@ from typing import Any
 import numpy as np
 import pyopencl.array as cla
 
-from .._base import GradientTransformation, ScheduledValue
+from .._base import GradientTransformation
 from .._device import check_float_dtype, queue_of, state_dtype
-from .._packing import Block, c_strides, contiguous_run, layout, pack
+from .._packing import (
+    DONATED,
+    Block,
+    DonatedArray,
+    DonatedArrayError,
+    c_strides,
+    contiguous_run,
+    first_shared,
+    layout,
+    pack,
+    same_memory,
+)
+from .._validation import ScheduledValue
 from ..transforms._adaptive import ScaleByAdamState, ScaleByRmsState, ScaleByRStdDevState
 from ..transforms._momentum import TraceState
 from ..transforms._update import step_
@@ -248,6 +260,37 @@ class _Group:
         return list(by.values())
 
 
+def _check_unshared(groups: list[list[Any]]) -> None:
+    """Raise ``ValueError`` naming two parameters whose ``.data`` share memory (tied weights,
+    overlapping views): each parameter gets its own in-place update, so shared memory would
+    be written twice, with two states. ``groups``: the ``.data`` of each group's parameters
+    (anything but a live device array is skipped)."""
+    found = [
+        [
+            (i, d)
+            for i, d in enumerate(arrays)
+            if isinstance(d, cla.Array) and type(d) is not DonatedArray
+        ]
+        for arrays in groups
+    ]
+    pair = first_shared([([d for _, d in f], True) for f in found])
+    if pair is None:
+        return
+    (ga, ja), (gb, jb) = pair
+    (ia, a), (ib, b) = found[ga][ja], found[gb][jb]
+    names = f"param_groups[{ga}]['params'][{ia}] and param_groups[{gb}]['params'][{ib}]"
+    if same_memory(a, b):
+        raise ValueError(
+            f"{names} are one array (tied weights): the optimizer would step it twice, with "
+            "two states. Pass the shared parameter once and accumulate both gradients into "
+            "its .grad (as torch's autograd does for a shared weight)"
+        )
+    raise ValueError(
+        f"{names} overlap in memory (views of one buffer): each parameter needs memory of "
+        "its own, as the optimizer updates each in place"
+    )
+
+
 def _as_param_groups(params: Any) -> list[Mapping[str, Any]]:
     what = "params argument given to the optimizer should be an iterable of parameters or dicts"
     if isinstance(params, cla.Array) or _is_param(params):
@@ -288,6 +331,15 @@ class Optimizer(abc.ABC):
     their ``.data`` rebound to views there (values unchanged; arrays that already lie back to
     back are kept). The optimizer state is packed the same way, so a step of a group whose
     grads are packed too (see :meth:`zero_grad`) is one kernel launch per dtype.
+
+    Shared memory is an error (``ValueError`` naming both parameters, nothing changed): two
+    parameters over one array (tied weights) or over overlapping views of one buffer, in one
+    group or in two, at construction, in :meth:`add_param_group`, and at a step after a
+    ``.data`` was rebound. Each parameter has its own update and state, so a shared array
+    would be stepped twice (torch does that silently, and warns that a parameter given twice
+    will become an error). For tied weights pass the shared parameter once and accumulate
+    the gradients of all its uses into its ``.grad``: one update with the summed gradient,
+    as torch's autograd gives a weight used twice. One parameter object twice is refused too.
     """
 
     _hyper: tuple[str, ...] = ()
@@ -368,6 +420,8 @@ class Optimizer(abc.ABC):
                     f"param_groups[{gi}]['params'][{j}].data is a {type(p.data).__name__}, "
                     "not a pyopencl.array.Array"
                 )
+            if type(p.data) is DonatedArray:
+                raise DonatedArrayError(f"param_groups[{gi}]['params'][{j}].data {DONATED}")
             if id(p) in seen:
                 raise ValueError(f"param_groups[{gi}]['params'][{j}] appears twice in the group")
             seen.add(id(p))
@@ -390,6 +444,7 @@ class Optimizer(abc.ABC):
             check_float_dtype(d.dtype, queue, f"param_groups[{gi}]['params'][{j}]")
             if not d.flags.c_contiguous:
                 raise ValueError(f"param_groups[{gi}]['params'][{j}].data is not C-contiguous")
+        _check_unshared([[p.data for p in rec.params] for rec in self._groups] + [arrays])
 
         # pack: one buffer per dtype, unless the arrays already lie back to back
         by_dtype: dict[np.dtype, list[int]] = {}
@@ -401,11 +456,16 @@ class Optimizer(abc.ABC):
                 continue
             for j, view in zip(idx, pack(xs, queue), strict=True):
                 arrays[j] = view
+        originals = [p.data for p in params]
         for p, d in zip(params, arrays, strict=True):
             if p.data is not d:
                 try:
                     p.data = d
                 except AttributeError:
+                    for q, original in zip(params, originals, strict=True):
+                        if q is p:
+                            break
+                        q.data = original  # as they were: nothing changed on error
                     raise TypeError(
                         f"cannot rebind .data of a {type(p).__name__}: the optimizer packs "
                         "its parameters' data"
@@ -472,7 +532,7 @@ class Optimizer(abc.ABC):
             if [g.strides for g in grads] != rec.strides:
                 return None
             contexts = [g.context for g in grads]
-        except AttributeError:
+        except (AttributeError, DonatedArrayError):
             return None
         if contexts.count(rec.context) != len(contexts):
             return None
@@ -492,6 +552,7 @@ class Optimizer(abc.ABC):
             return fast
         members = []
         views = rec.grad_views
+        rebound = False
         for i, p in enumerate(rec.params):
             g = p.grad
             if g is None:
@@ -500,9 +561,13 @@ class Optimizer(abc.ABC):
             d = p.data
             if d is rec.data[i] and views is not None and g is views[i]:
                 continue  # packed data and packed grad: checked when they were made
+            rebound = rebound or d is not rec.data[i]
             where = f"parameter {i} of param group {gi}"
             bad: BaseException | None = None
-            if not isinstance(d, cla.Array):
+            if type(d) is DonatedArray or type(g) is DonatedArray:
+                which = "data" if type(d) is DonatedArray else "grad"
+                bad = DonatedArrayError(f"{where}: .{which} {DONATED}")
+            elif not isinstance(d, cla.Array):
                 bad = TypeError(f"{where}: .data is a {type(d).__name__}, not a device array")
             elif d.shape != rec.shapes[i]:
                 bad = ValueError(
@@ -530,6 +595,8 @@ class Optimizer(abc.ABC):
                 bad = ValueError(f"{where}: .grad is not C-contiguous")
             if bad is not None:
                 raise bad
+        if rebound:  # a .data set since the packing: it must not share memory either
+            _check_unshared([[p.data for p in r.params] for r in self._groups])
         return members
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -641,6 +708,10 @@ class Optimizer(abc.ABC):
         "param_groups": [{hyperparameters..., "params": [index, ...]}]}``; indices count
         parameters across groups in order; parameters without state are absent.
 
+        The class is recorded, so that :meth:`load_state_dict` of another class refuses it:
+        ``"optimizer": "AdamW"`` (ignored by torch), and in Adam's and AdamW's groups torch's
+        ``"decoupled_weight_decay"`` flag (False and True).
+
         Device: one read-back per state array (a host sync).
         """
         state: dict[int, dict[str, Any]] = {}
@@ -648,6 +719,8 @@ class Optimizer(abc.ABC):
         start = 0
         for group, rec in zip(self.param_groups, self._groups, strict=True):
             packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            if self._decoupled is not None:
+                packed["decoupled_weight_decay"] = self._decoupled
             n = len(rec.params)
             packed["params"] = list(range(start, start + n))
             for i in range(n):
@@ -656,7 +729,50 @@ class Optimizer(abc.ABC):
                     state[start + i] = entry
             groups.append(packed)
             start += n
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": groups, "optimizer": type(self).__name__}
+
+    def _check_origin(self, state_dict: Mapping[str, Any], groups: list[Mapping[str, Any]]) -> None:
+        """Refuse the state dict of another optimizer class, naming both.
+
+        Ours name their class. torch's (and ours saved before the name was) are told apart
+        by their hyperparameter names and Adam/AdamW's ``decoupled_weight_decay`` flag; torch
+        has no Momentum: its SGD dicts load into Momentum when undampened (the same maths;
+        Momentum's validation refuses a dampening).
+        """
+        name = type(self).__name__
+        origin = state_dict.get("optimizer")
+        if origin is not None and not isinstance(origin, str):
+            raise ValueError(
+                f"loaded state dict has an invalid 'optimizer' entry: {origin!r} (must be the "
+                "name of the optimizer class that saved it)"
+            )
+        if origin is not None and origin != name:
+            raise ValueError(
+                f"loaded state dict is {origin}'s, not {name}'s: load it into the class that "
+                f"saved it ({origin})"
+            )
+        classes = _optimizer_classes()
+        known = {k for cls in classes for k in cls._hyper}
+        for gi, saved in enumerate(groups):
+            keys = set(saved) & known
+            flag = saved.get("decoupled_weight_decay")
+            flag = None if flag is None else bool(flag)
+            if (flag is None or flag == self._decoupled) and (
+                origin is not None or keys <= set(self._hyper)
+            ):
+                continue
+            like = sorted(  # the classes with exactly these hyperparameters (and flag)
+                {
+                    c.__name__
+                    for c in classes
+                    if set(c._hyper) == keys and flag in (None, c._decoupled)
+                }
+            )
+            what = f"hyperparameters {sorted(keys)}"
+            if flag is not None:
+                what += f", decoupled_weight_decay={flag}"
+            whose = " or ".join(f"{n}'s" for n in like) or "another optimizer's"
+            raise ValueError(f"loaded param_groups[{gi}] is {whose}, not {name}'s ({what})")
 
     def _import_group(self, saved: Mapping[str, Any], gi: int) -> dict[str, Any]:
         prefix = f"loaded param_groups[{gi}]: "
@@ -666,14 +782,7 @@ class Optimizer(abc.ABC):
         for k in _TORCH_FLAGS_FALSE:
             if group.pop(k, False):
                 raise ValueError(f"{prefix}{k}=True is not supported by {type(self).__name__}")
-        if "decoupled_weight_decay" in group:
-            flag = bool(group.pop("decoupled_weight_decay"))
-            if self._decoupled is not None and flag != self._decoupled:
-                other = "AdamW" if flag else "Adam"
-                raise ValueError(
-                    f"{prefix}the state dict is {other}'s (decoupled_weight_decay={flag}), "
-                    f"not {type(self).__name__}'s"
-                )
+        group.pop("decoupled_weight_decay", None)  # the class: checked by _check_origin
         for k, v in self.defaults.items():
             group.setdefault(k, v)
         group = self._normalize(group)
@@ -683,14 +792,32 @@ class Optimizer(abc.ABC):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict` (ours, or torch.optim's with tensors as numpy arrays).
 
-        Checks everything first (group count and sizes, state keys, shapes, steps, the
-        hyperparameters) and raises ``ValueError`` with nothing changed. Saved groups'
+        Checks everything first (the optimizer class that saved it, group count and sizes,
+        state keys, shapes, steps, the hyperparameters) and raises ``ValueError`` with nothing
+        changed: an AdamW's state dict is refused by an Adam, and so on. Saved groups'
         hyperparameters (``lr`` included) replace the current ones; arrays are cast to the
         state dtype; parameters absent from ``"state"`` start afresh.
         """
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("a state dict has the keys 'state' and 'param_groups'")
-        saved_groups = list(state_dict["param_groups"])
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise ValueError(
+                f"loaded 'param_groups' is a {type(saved_groups).__name__}, not a list of "
+                "param group dicts"
+            )
+        saved_groups = list(saved_groups)
+        for gi, saved in enumerate(saved_groups):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(
+                    f"loaded param_groups[{gi}] is not a param group dict (with a list 'params')"
+                )
+        if not isinstance(state_dict["state"], Mapping):
+            raise ValueError(
+                f"loaded 'state' is a {type(state_dict['state']).__name__}, not a dict of "
+                "parameter index -> state"
+            )
+        self._check_origin(state_dict, saved_groups)
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
@@ -698,9 +825,7 @@ class Optimizer(abc.ABC):
             )
         where: dict[int, tuple[int, int]] = {}
         for gi, (saved, rec) in enumerate(zip(saved_groups, self._groups, strict=True)):
-            if not isinstance(saved, Mapping) or "params" not in saved:
-                raise ValueError(f"loaded param_groups[{gi}] is not a param group dict")
-            ids = list(saved["params"])
+            ids = saved["params"]
             if len(ids) != len(rec.params):
                 raise ValueError(
                     f"loaded state dict contains a parameter group that doesn't match the size "
@@ -712,7 +837,7 @@ class Optimizer(abc.ABC):
         new_groups = [self._import_group(saved, gi) for gi, saved in enumerate(saved_groups)]
 
         staged = []
-        for pid, entry in dict(state_dict["state"]).items():
+        for pid, entry in state_dict["state"].items():
             idx = _index(pid)
             if idx not in where:
                 raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
@@ -777,6 +902,18 @@ class Optimizer(abc.ABC):
                     lines.append(f"    {k}: {group[k]}")
         lines.append(")")
         return "\n".join(lines)
+
+
+def _optimizer_classes() -> list[type[Optimizer]]:
+    """Every subclass of :class:`Optimizer` defined so far (ours and the user's)."""
+    found: list[type[Optimizer]] = []
+    todo = list(Optimizer.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        if cls not in found:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found
 
 
 def _index(pid: Any) -> int:

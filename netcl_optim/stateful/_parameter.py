@@ -6,6 +6,8 @@ from typing import Any
 
 import pyopencl.array as cla
 
+from .._packing import DONATED, DonatedArray, DonatedArrayError
+
 
 class Parameter:
     """A trainable device array: ``data`` (a ``pyopencl.array.Array``) and ``grad``.
@@ -17,6 +19,8 @@ class Parameter:
     An optimizer **re-homes** ``data`` at construction: the values are copied into one packed
     buffer per param group and dtype and ``data`` is rebound to its view there (values
     unchanged), so that a step is one kernel launch. Keep the ``Parameter``, not the array.
+    Two parameters must not share memory (tied weights: pass the one parameter once, with
+    the sum of its gradients): the optimizer refuses them.
 
     Example::
 
@@ -30,6 +34,8 @@ class Parameter:
                 f"Parameter data must be a pyopencl.array.Array, got {type(data).__name__} "
                 "(use netcl_optim.to_device)"
             )
+        if type(data) is DonatedArray:
+            raise DonatedArrayError(f"Parameter data {DONATED}")
         self.data = data
         self.grad = grad
 
