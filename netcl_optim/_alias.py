@@ -4,26 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import (
-    GradientTransformation,
-    ScalarOrSchedule,
-    ScheduledValue,
-    check_non_negative,
-    check_positive,
-)
+from . import _validation
+from ._base import GradientTransformation, ScalarOrSchedule
+from ._validation import NON_NEGATIVE, check
 from .transforms._adaptive import scale_by_adam, scale_by_rms
 from .transforms._combining import chain
 from .transforms._momentum import trace
 from .transforms._scaling import scale_by_learning_rate
 from .transforms._weight_decay import add_decayed_weights
-
-
-def _check_lr(learning_rate: ScalarOrSchedule) -> None:
-    """lr > 0 when given by the user; a scheduled value (see ``inject_hyperparams``) may be 0."""
-    if isinstance(learning_rate, ScheduledValue):
-        check_non_negative(learning_rate=learning_rate)
-    elif not callable(learning_rate):
-        check_positive(learning_rate=learning_rate)
 
 
 def sgd(
@@ -42,8 +30,8 @@ def sgd(
 
     ``chain(add_decayed_weights, trace, scale_by_learning_rate)``, omitting what is zero.
     """
-    _check_lr(learning_rate)
-    check_non_negative(momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     parts: list[GradientTransformation] = []
@@ -80,8 +68,8 @@ def adam(
 
     ``chain(add_decayed_weights, scale_by_adam, scale_by_learning_rate)``.
     """
-    _check_lr(learning_rate)
-    check_non_negative(weight_decay=weight_decay)
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, weight_decay=weight_decay)
     parts: list[GradientTransformation] = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))
@@ -104,8 +92,8 @@ def adamw(
 
     ``chain(scale_by_adam, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``.
     """
-    _check_lr(learning_rate)
-    check_non_negative(weight_decay=weight_decay)
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, weight_decay=weight_decay)
     parts = [scale_by_adam(b1, b2, eps)]
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay, mask))
@@ -131,8 +119,8 @@ def rmsprop(
 
     ``chain(add_decayed_weights, scale_by_rms, trace, scale_by_learning_rate)``.
     """
-    _check_lr(learning_rate)
-    check_non_negative(weight_decay=weight_decay, momentum=momentum)
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, weight_decay=weight_decay, momentum=momentum)
     parts: list[GradientTransformation] = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))

@@ -1,8 +1,7 @@
-"""Core types: GradientTransformation, states, kernel fragments, argument validators."""
+"""Core types: GradientTransformation, states, kernel fragments."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -127,40 +126,3 @@ class Part(NamedTuple):
     fragment: Fragment
     scalars: tuple[float, ...]
     slots: tuple[Any, ...]
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-class ScheduledValue(float):
-    """A hyperparameter value that came from a schedule or from the optimizer's state, not
-    from the user's constructor call: a learning rate there may be 0 (a warmup starts at 0),
-    while a constructor rejects it."""
-
-
-def _is_number(x: Any) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) or hasattr(x, "__float__")
-
-
-def _check(kwargs: dict[str, Any], ok: Callable[[float], bool], what: str) -> None:
-    for name, value in kwargs.items():
-        if callable(value):
-            continue  # schedules are checked when evaluated
-        if not _is_number(value) or math.isnan(float(value)) or not ok(float(value)):
-            raise ValueError(f"Invalid {name}: {value!r} (must be {what})")
-
-
-def check_positive(**kwargs: Any) -> None:
-    _check(kwargs, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
-
-
-def check_non_negative(**kwargs: Any) -> None:
-    _check(kwargs, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
-
-
-def check_unit_interval(**kwargs: Any) -> None:
-    _check(kwargs, lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def check_finite(**kwargs: Any) -> None:
-    _check(kwargs, math.isfinite, "finite")

@@ -558,9 +558,9 @@ def test_lambda_lr_bad_factor_raises_at_the_scheduler_step_and_changes_nothing(f
     sched = LambdaLR(opt, lr_lambda=fns)
     sched.step()
     groups, state = [dict(g) for g in opt.param_groups], sched.state_dict()
-    with pytest.raises(error, match=r"Invalid lr_lambda\(2\) of param_groups\[1\]: ") as info:
+    with pytest.raises(error, match=r"^Invalid lr_lambda\(2\): .* in param_groups\[1\]$") as info:
         sched.step()
-    assert repr(factor) in str(info.value) and "a finite number >= 0" in str(info.value)
+    assert repr(factor) in str(info.value) and "(must be a finite number >= 0" in str(info.value)
     assert opt.param_groups == groups and sched.state_dict() == state
     assert sched.get_last_lr() == [g["lr"] for g in groups]
 
@@ -568,7 +568,7 @@ def test_lambda_lr_bad_factor_raises_at_the_scheduler_step_and_changes_nothing(f
 def test_lambda_lr_bad_factor_at_construction_leaves_the_optimizer_unchanged():
     opt = FakeOptimizer()
     groups = [dict(g) for g in opt.param_groups]
-    with pytest.raises(ValueError, match=r"Invalid lr_lambda\(0\) of param_groups\[0\]: -1"):
+    with pytest.raises(ValueError, match=r"Invalid lr_lambda\(0\): -1 .* in param_groups\[0\]"):
         LambdaLR(opt, lr_lambda=lambda e: -1)
     assert opt.param_groups == groups  # no initial_lr left behind
 

@@ -4,8 +4,7 @@ adjust the scale (torch.amp.GradScaler's rule), functionally and for the statefu
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ from .._base import EmptyState, GradientTransformation, OptState
 from .._device import allocator, check_float_dtype, queue_of
 from .._packing import contiguous_run, element_offset, layout
 from .._state_check import NamedTupleSpec, Spec, check_state, register, spec_of
+from .._validation import OPEN_UNIT, Rule, at_least, greater_than, real, require
 from ..fusion._codegen import ctype, preamble
 from ..fusion._programs import build
 from ..fusion._runner import _count, _counters, _launch
@@ -297,60 +297,30 @@ _F32_MIN = float(np.finfo(np.float32).tiny)  # 2**-126
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _real(value: Any) -> float | None:
-    """``value`` as a float if it is a real number (a 0-d numpy array too; not a bool), else
-    None; an int too large for a float is inf."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value[()]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
-def _check_scale(name: str, value: Any) -> float:
-    x = _real(value)
+def _scale(value: Any) -> float | None:
+    x = real(value)
     with np.errstate(over="ignore"):
         ok = x is not None and _F32_MIN <= x and float(np.float32(x)) <= _F32_MAX
-    if not ok:
-        raise ValueError(
-            f"Invalid {name}: {value!r} (must be a number in [{_F32_MIN:.8g}, {_F32_MAX:.8g}], "
-            "the normal float32 range: the scale is kept as a float32)"
-        )
-    return float(np.float32(x))
+    return float(np.float32(x)) if ok else None
 
 
-def _check_growth_factor(name: str, value: Any) -> float:
-    x = _real(value)
-    if x is None or not 1.0 < x < math.inf:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 1.0)")
-    return x
-
-
-def _check_backoff_factor(name: str, value: Any) -> float:
-    x = _real(value)
-    if x is None or not 0.0 < x < 1.0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number in (0, 1))")
-    return x
-
-
-def _check_count(name: str, value: Any, least: int) -> int:
-    x = value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < least:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {least})")
-    return int(x)
-
-
-_CHECKS: dict[str, Callable[[str, Any], float | int]] = {
-    "init_scale": _check_scale,
-    "scale": _check_scale,
-    "new_scale": _check_scale,
-    "growth_factor": _check_growth_factor,
-    "backoff_factor": _check_backoff_factor,
-    "growth_interval": lambda name, value: _check_count(name, value, 1),
-    "_growth_tracker": lambda name, value: _check_count(name, value, 0),
+_SCALE = Rule(
+    f"a number in [{_F32_MIN:.8g}, {_F32_MAX:.8g}], the normal float32 range: the scale is "
+    "kept as a float32",
+    _scale,
+)
+# torch's convention for the scaler: ValueError for every invalid value
+_RULES: dict[str, Rule] = {
+    name: rule.value_errors()
+    for name, rule in (
+        ("init_scale", _SCALE),
+        ("scale", _SCALE),
+        ("new_scale", _SCALE),
+        ("growth_factor", greater_than(1.0)),
+        ("backoff_factor", OPEN_UNIT),
+        ("growth_interval", at_least(1)),
+        ("_growth_tracker", at_least(0)),
+    )
 }
 
 
@@ -364,7 +334,7 @@ def check_scaler_value(name: str, value: Any) -> float | int:
     A scale must be a normal float32 value: beyond ``3.4e38`` it would be inf (every step
     skipped for good); below ``2**-126`` it is subnormal, and below ``2**-128`` the
     unscaling multiplier ``1 / scale`` is inf."""
-    return _CHECKS[name](name, value)
+    return require(name, value, _RULES[name])
 
 
 def check_scaler_args(

@@ -20,6 +20,7 @@ from .._base import EmptyState, GradientTransformation, OptState
 from .._device import queue_of
 from .._packing import layout
 from .._state_check import NamedTupleSpec, check_state, register
+from .._validation import BOOL, int_in, require
 from ._comm import (
     agree,
     by_dtype,
@@ -59,10 +60,7 @@ def _stage(queue: Any, leaves: list[Any]) -> list[tuple[list[int], Any, np.ndarr
     return staged
 
 
-def _check_average(average: Any) -> bool:
-    if not isinstance(average, (bool, np.bool_)):
-        raise TypeError(f"Invalid average: {average!r} (must be a bool)")
-    return bool(average)
+_AVERAGE = BOOL.type_errors()
 
 
 def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
@@ -88,7 +86,7 @@ def allreduce(tree: Any, comm: Any = None, average: bool = True) -> Any:
     comm = get_comm(comm)
 
     def local() -> tuple[Any, Any]:
-        mean = _check_average(average)
+        mean = require("average", average, _AVERAGE)
         leaves, treedef = optree.tree_flatten(tree)
         queue = queue_of(leaves)
         check_device_leaves(leaves, queue, "allreduce")
@@ -127,7 +125,7 @@ def allreduce_gradients(comm: Any = None, average: bool = True) -> GradientTrans
       in-place Allreduce per dtype.
     """
     comm = get_comm(comm)
-    average = _check_average(average)
+    average = require("average", average, _AVERAGE)
 
     def init(params: Any) -> EmptyState:
         return EmptyState()
@@ -177,7 +175,7 @@ def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool 
     count = [0]
 
     def local() -> tuple[Any, Any]:
-        mean = _check_average(average)
+        mean = require("average", average, _AVERAGE)
         params = _param_list(parameters, "grad", "allreduce_grads_")
         grads = [p.grad for p in params]
         count[0] = len(grads)
@@ -194,11 +192,6 @@ def allreduce_grads_(parameters: Iterable[Any], comm: Any = None, average: bool 
     with committed(comm, "allreduce_grads_"):
         for idx, lay, host in staged:
             upload(queue, [grads[i] for i in idx], lay, _reduce_host(comm, host, mean))
-
-
-def _check_root(root: Any, size: int) -> None:
-    if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < size:
-        raise ValueError(f"Invalid root: {root!r} (must be a rank in [0, {size}))")
 
 
 def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
@@ -229,7 +222,7 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
     )
 
     def local() -> tuple[Any, Any]:
-        _check_root(root, size)
+        require("root", root, int_in(0, size))
         if objects:
             leaves = [p.data for p in params]
             text = f"{len(leaves)} parameters"

@@ -20,47 +20,31 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from .._validation import (
+    CLOSED_UNIT,
+    NON_NEGATIVE,
+    POSITIVE,
+    invalid,
+    number,
+    one_of,
+    require,
+    step_count,
+)
+
 Schedule = Callable[[int], float]
 """A schedule maps the integer step count (from 0) to a Python float."""
 
-
-# ---------------------------------------------------------------------------- validation
-
-
-def _invalid(name: str, value: Any, what: str) -> ValueError:
-    return ValueError(f"Invalid {name}: {value!r} (must be {what})")
+_STEPS = number("a number > 0", lambda f: f > 0)
 
 
-def _check_finite(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise _invalid(name, value, "a finite number") from None
-    if not math.isfinite(v):
-        raise _invalid(name, value, "a finite number")
-    return v
-
-
-def _check_count(name: str, value: Any, *, minimum: int) -> Any:
-    """A step count (an int, or an integral-valued number as optax allows) >= ``minimum``."""
-    if isinstance(value, bool):
-        raise _invalid(name, value, f"a step count >= {minimum}")
-    v = _check_finite(name, value)
-    if v < minimum:
-        raise _invalid(name, value, f"a step count >= {minimum}")
-    return value
-
-
-def _check_scales(name: str, boundaries_and_scales: Mapping[int, float] | None) -> list:
-    """Sorted ``(boundary, scale)`` items; scales finite and >= 0, boundaries integers >= 0."""
+def _scales(name: str, boundaries_and_scales: Mapping[int, float] | None) -> list:
+    """Sorted ``(boundary, scale)`` items; scales finite and >= 0, boundaries counts >= 0."""
     if boundaries_and_scales is None:
         return []
     items = sorted(boundaries_and_scales.items())
     for boundary, scale in items:
-        _check_count(f"{name} boundary", boundary, minimum=0)
-        s = _check_finite(f"{name}[{boundary}]", scale)
-        if s < 0:
-            raise _invalid(f"{name}[{boundary}]", scale, "a scale >= 0")
+        require(f"{name} boundary", boundary, step_count(0))
+        require(f"{name}[{boundary}]", scale, NON_NEGATIVE)
     return [(b, float(s)) for b, s in items]
 
 
@@ -124,10 +108,8 @@ def polynomial_schedule(
     """
     init = float(init_value)
     end = float(end_value)
-    p = _check_finite("power", power)
-    if p < 0:
-        raise _invalid("power", power, "a finite number >= 0")
-    begin = _check_count("transition_begin", transition_begin, minimum=0)
+    p = require("power", power, NON_NEGATIVE)
+    begin = require("transition_begin", transition_begin, step_count(0))
     if transition_steps <= 0:
         return constant_schedule(init)
     steps = transition_steps
@@ -192,10 +174,8 @@ def exponential_decay(
       ValueError: ``decay_rate < 0`` or ``transition_begin < 0``.
     """
     init = float(init_value)
-    rate = _check_finite("decay_rate", decay_rate)
-    if rate < 0:
-        raise _invalid("decay_rate", decay_rate, "a finite number >= 0")
-    begin = _check_count("transition_begin", transition_begin, minimum=0)
+    rate = require("decay_rate", decay_rate, NON_NEGATIVE)
+    begin = require("transition_begin", transition_begin, step_count(0))
     if transition_steps <= 0 or rate == 0:
         return constant_schedule(init)
     steps = transition_steps
@@ -232,7 +212,7 @@ def piecewise_constant_schedule(
       ValueError: a negative or non-finite scale, or a negative boundary.
     """
     init = float(init_value)
-    items = _check_scales("boundaries_and_scales", boundaries_and_scales)
+    items = _scales("boundaries_and_scales", boundaries_and_scales)
 
     def schedule(count: int) -> float:
         v = init
@@ -265,8 +245,7 @@ def cosine_decay_schedule(
     Raises:
       ValueError: ``decay_steps <= 0``.
     """
-    if not decay_steps > 0:
-        raise _invalid("decay_steps", decay_steps, "> 0")
+    require("decay_steps", decay_steps, _STEPS)
     init = float(init_value)
     a = float(alpha)
     e = float(exponent)
@@ -306,13 +285,9 @@ def piecewise_interpolate_schedule(
     Raises:
       ValueError: an unknown ``interpolate_type``, a negative scale or boundary.
     """
-    if interpolate_type == "linear":
-        interpolate = _linear_interpolate
-    elif interpolate_type == "cosine":
-        interpolate = _cosine_interpolate
-    else:
-        raise _invalid("interpolate_type", interpolate_type, "'linear' or 'cosine'")
-    items = _check_scales("boundaries_and_scales", boundaries_and_scales)
+    require("interpolate_type", interpolate_type, one_of("linear", "cosine"))
+    interpolate = _linear_interpolate if interpolate_type == "linear" else _cosine_interpolate
+    items = _scales("boundaries_and_scales", boundaries_and_scales)
     bounds = [0] + [b for b, _ in items]
     values = [float(init_value)]
     for _, scale in items:
@@ -332,12 +307,13 @@ def piecewise_interpolate_schedule(
     return schedule
 
 
-def _check_onecycle(transition_steps: int, div_factor: float, final_div_factor: float) -> None:
-    if not transition_steps > 0:
-        raise _invalid("transition_steps", transition_steps, "> 0")
-    for name, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
-        if not _check_finite(name, value) > 0:
-            raise _invalid(name, value, "a finite number > 0")
+def _onecycle_args(
+    transition_steps: int, div_factor: float, final_div_factor: float, pct_start: float
+) -> None:
+    require("transition_steps", transition_steps, _STEPS)
+    require("div_factor", div_factor, POSITIVE)
+    require("final_div_factor", final_div_factor, POSITIVE)
+    require("pct_start", pct_start, CLOSED_UNIT)
 
 
 def linear_onecycle_schedule(
@@ -371,11 +347,11 @@ def linear_onecycle_schedule(
       ValueError: ``transition_steps <= 0``, not ``0 <= pct_start <= pct_final <= 1``,
         ``div_factor <= 0`` or ``final_div_factor <= 0``.
     """
-    _check_onecycle(transition_steps, div_factor, final_div_factor)
-    if not 0 <= pct_start <= 1:
-        raise _invalid("pct_start", pct_start, "in [0, 1]")
-    if not pct_start <= pct_final <= 1:
-        raise _invalid("pct_final", pct_final, "in [pct_start, 1]")
+    _onecycle_args(transition_steps, div_factor, final_div_factor, pct_start)
+    after_start = number(
+        f"a number in [pct_start, 1] = [{pct_start:g}, 1]", lambda f: pct_start <= f <= 1
+    )
+    require("pct_final", pct_final, after_start)
     return piecewise_interpolate_schedule(
         "linear",
         peak_value / div_factor,
@@ -416,9 +392,7 @@ def cosine_onecycle_schedule(
       ValueError: ``transition_steps <= 0``, ``pct_start`` outside [0, 1], ``div_factor <= 0``
         or ``final_div_factor <= 0``.
     """
-    _check_onecycle(transition_steps, div_factor, final_div_factor)
-    if not 0 <= pct_start <= 1:
-        raise _invalid("pct_start", pct_start, "in [0, 1]")
+    _onecycle_args(transition_steps, div_factor, final_div_factor, pct_start)
     return piecewise_interpolate_schedule(
         "cosine",
         peak_value / div_factor,
@@ -447,7 +421,7 @@ def warmup_constant_schedule(init_value: float, peak_value: float, warmup_steps:
     Raises:
       ValueError: ``warmup_steps < 0``.
     """
-    warmup = _check_count("warmup_steps", warmup_steps, minimum=0)
+    warmup = require("warmup_steps", warmup_steps, step_count(0))
     if warmup == 0:
         return constant_schedule(peak_value)
     return linear_schedule(init_value, peak_value, warmup)
@@ -473,9 +447,9 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     schedules = list(schedules)
     boundaries = list(boundaries)
     if not schedules:
-        raise _invalid("schedules", schedules, "a non-empty sequence")
+        raise invalid("schedules", schedules, "a non-empty sequence")
     if len(boundaries) != len(schedules) - 1:
-        raise _invalid("boundaries", boundaries, f"{len(schedules) - 1} values, one per switch")
+        raise invalid("boundaries", boundaries, f"{len(schedules) - 1} values, one per switch")
     pieces = list(zip(boundaries, schedules[1:], strict=True))[::-1]
     first = schedules[0]
 
@@ -520,9 +494,9 @@ def warmup_cosine_decay_schedule(
     Raises:
       ValueError: ``warmup_steps < 0`` or ``decay_steps <= warmup_steps``.
     """
-    warmup = _check_count("warmup_steps", warmup_steps, minimum=0)
-    if not decay_steps > warmup:
-        raise _invalid("decay_steps", decay_steps, f"> warmup_steps ({warmup})")
+    warmup = require("warmup_steps", warmup_steps, step_count(0))
+    after_warmup = number(f"a number > warmup_steps = {warmup!r}", lambda f: f > warmup)
+    require("decay_steps", decay_steps, after_warmup)
     alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
     return join_schedules(
         [
@@ -556,5 +530,5 @@ def sgdr_schedule(cosine_kwargs: Iterable[Mapping[str, Any]]) -> Schedule:
         step += kwargs["decay_steps"]
         boundaries.append(step)
     if not schedules:
-        raise _invalid("cosine_kwargs", cosine_kwargs, "at least one cycle")
+        raise invalid("cosine_kwargs", cosine_kwargs, "at least one cycle")
     return join_schedules(schedules, boundaries[:-1])

@@ -14,6 +14,7 @@ import pyopencl.array as cla
 
 from .._device import allocator, check_float_dtype, default_queue, queue_of
 from .._packing import contiguous_run, element_offset
+from .._validation import number, require
 from ..fusion._codegen import ctype, preamble
 from ..fusion._programs import build
 from ..fusion._runner import _launch, acc_ctype, reduce_leaves
@@ -52,13 +53,12 @@ def _grads(parameters: Any) -> list[cla.Array]:
     return grads
 
 
-def _check_args(max_norm: float, norm_type: float) -> tuple[float, float]:
-    max_norm, norm_type = float(max_norm), float(norm_type)
-    if math.isnan(max_norm) or max_norm < 0:
-        raise ValueError(f"Invalid max_norm: {max_norm!r} (must be >= 0)")
-    if math.isnan(norm_type) or norm_type <= 0:
-        raise ValueError(f"Invalid norm_type: {norm_type!r} (must be > 0 or inf)")
-    return max_norm, norm_type
+_MAX_NORM = number("a number >= 0", lambda f: f >= 0)
+_NORM_TYPE = number("a number > 0, or inf", lambda f: f > 0)
+
+
+def _norm_args(max_norm: float, norm_type: float) -> tuple[float, float]:
+    return require("max_norm", max_norm, _MAX_NORM), require("norm_type", norm_type, _NORM_TYPE)
 
 
 def _coefficient(total: float, max_norm: float) -> float:
@@ -152,7 +152,7 @@ def clip_grad_norm(
       Reads the grads to the host and writes them back: one blocking copy each way per
       packed run of grads (else per grad). Use :func:`clip_grad_norm_device` in loops.
     """
-    max_norm, norm_type = _check_args(max_norm, norm_type)
+    max_norm, norm_type = _norm_args(max_norm, norm_type)
     grads = _grads(parameters)
     if not grads:
         return 0.0
@@ -237,7 +237,7 @@ def clip_grad_norm_device(
       coefficient there. No host sync, except that ``error_if_nonfinite=True`` must read
       the norm (one 8-byte read) before scaling.
     """
-    max_norm, norm_type = _check_args(max_norm, norm_type)
+    max_norm, norm_type = _norm_args(max_norm, norm_type)
     grads = _grads(parameters)
     queue = queue_of(grads) if grads else default_queue()
     acc = acc_ctype(queue)

@@ -30,19 +30,29 @@ optimizer's state too, as with torch. A computed learning rate that is not finit
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 import math
-import numbers
 import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from .._validation import (
+    BOOL,
+    CLOSED_UNIT,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Rule,
+    at_least,
+    interval,
+    invalid,
+    number,
+    one_of,
+    require,
+)
 from ..schedules._schedules import (
-    _check_finite,
     _cosine_interpolate,
-    _invalid,
     _linear_interpolate,
     exponential_decay,
     linear_schedule,
@@ -67,33 +77,13 @@ def _groups(optimizer: Any) -> list[dict[str, Any]]:
     return groups
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise _invalid(name, value, f"an integer >= {minimum}")
-    return int(value)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    v = _check_finite(name, value)
-    if not v > 0:
-        raise _invalid(name, value, "a finite number > 0")
-    return v
-
-
-def _check_non_negative(name: str, value: Any) -> float:
-    v = _check_finite(name, value)
-    if not v >= 0:
-        raise _invalid(name, value, "a finite number >= 0")
-    return v
-
-
-def _per_group(name: str, value: Any, n: int, check: Callable[[str, Any], float]) -> list[float]:
+def _per_group(name: str, value: Any, n: int, rule: Rule) -> list[float]:
     """A scalar for every group, or a list/tuple with one value per group."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise _invalid(name, value, f"a number or a list of {n} numbers, one per param group")
-        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    return [check(name, value)] * n
+            raise invalid(name, value, f"a number or a list of {n} numbers, one per param group")
+        return [require(name, v, rule, f"param_groups[{i}]") for i, v in enumerate(value)]
+    return [require(name, value, rule)] * n
 
 
 class LRScheduler(abc.ABC):
@@ -118,7 +108,7 @@ class LRScheduler(abc.ABC):
 
     def __init__(self, optimizer: SupportsParamGroups, last_epoch: int = -1) -> None:
         groups = _groups(optimizer)
-        last_epoch = _check_int("last_epoch", last_epoch, -1)
+        last_epoch = require("last_epoch", last_epoch, at_least(-1))
         self.optimizer = optimizer
         added: list[dict[str, Any]] = []
         if last_epoch == -1:
@@ -191,18 +181,17 @@ class LRScheduler(abc.ABC):
         self.__dict__.update(copy.deepcopy(state_dict))
 
 
+def _factor(value: Any) -> float | None:
+    as_bool = BOOL.convert(value)  # a bool counts as 0 or 1
+    return NON_NEGATIVE.convert(value if as_bool is None else float(as_bool))
+
+
+_FACTOR = Rule("a finite number >= 0, the factor of the base lr", _factor)
+
+
 def _lambda_factor(value: Any, epoch: int, group: int) -> float:
     """``value``, returned by ``lr_lambda(epoch)`` for param group ``group``, as a factor."""
-    factor = None
-    if not isinstance(value, (str, bytes)):
-        with contextlib.suppress(TypeError, ValueError):
-            factor = float(value)
-    if factor is not None and math.isfinite(factor) and factor >= 0:
-        return factor
-    raise (TypeError if factor is None else ValueError)(
-        f"Invalid lr_lambda({epoch}) of param_groups[{group}]: {value!r} "
-        "(must be a finite number >= 0, the factor of the base lr)"
-    )
+    return require(f"lr_lambda({epoch})", value, _FACTOR, f"param_groups[{group}]")
 
 
 class LambdaLR(LRScheduler):
@@ -235,13 +224,13 @@ class LambdaLR(LRScheduler):
         n = len(_groups(optimizer))
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
-                raise _invalid("lr_lambda", lr_lambda, f"a function or a list of {n} functions")
+                raise invalid("lr_lambda", lr_lambda, f"a function or a list of {n} functions")
             fns = list(lr_lambda)
         else:
             fns = [lr_lambda] * n
         for fn in fns:
             if not callable(fn):
-                raise TypeError(f"Invalid lr_lambda: {fn!r} (must be callable)")
+                raise invalid("lr_lambda", fn, "callable", error=TypeError)
         self.lr_lambdas: list[Callable[[int], float]] = fns
         super().__init__(optimizer, last_epoch)
 
@@ -293,8 +282,8 @@ class StepLR(LRScheduler):
         gamma: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
-        self.step_size = _check_int("step_size", step_size, 1)
-        self.gamma = _check_positive("gamma", gamma)
+        self.step_size = require("step_size", step_size, at_least(1))
+        self.gamma = require("gamma", gamma, POSITIVE)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -328,9 +317,9 @@ class MultiStepLR(LRScheduler):
     ) -> None:
         milestones = list(milestones)
         self.milestones = sorted(
-            _check_int(f"milestones[{i}]", m, 0) for i, m in enumerate(milestones)
+            require(f"milestones[{i}]", m, at_least(0)) for i, m in enumerate(milestones)
         )
-        self.gamma = _check_positive("gamma", gamma)
+        self.gamma = require("gamma", gamma, POSITIVE)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -351,7 +340,7 @@ class ExponentialLR(LRScheduler):
     """
 
     def __init__(self, optimizer: SupportsParamGroups, gamma: float, last_epoch: int = -1) -> None:
-        self.gamma = _check_positive("gamma", gamma)
+        self.gamma = require("gamma", gamma, POSITIVE)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -380,15 +369,9 @@ class LinearLR(LRScheduler):
         total_iters: int = 5,
         last_epoch: int = -1,
     ) -> None:
-        start = _check_finite("start_factor", start_factor)
-        if not 0 < start <= 1:
-            raise _invalid("start_factor", start_factor, "in (0, 1]")
-        end = _check_finite("end_factor", end_factor)
-        if not 0 <= end <= 1:
-            raise _invalid("end_factor", end_factor, "in [0, 1]")
-        self.start_factor = start
-        self.end_factor = end
-        self.total_iters = _check_int("total_iters", total_iters, 1)
+        self.start_factor = require("start_factor", start_factor, interval(0, 1, "(]"))
+        self.end_factor = require("end_factor", end_factor, CLOSED_UNIT)
+        self.total_iters = require("total_iters", total_iters, at_least(1))
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -425,8 +408,8 @@ class CosineAnnealingLR(LRScheduler):
         eta_min: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        self.T_max = _check_positive("T_max", T_max)
-        self.eta_min = _check_non_negative("eta_min", eta_min)
+        self.T_max = require("T_max", T_max, POSITIVE)
+        self.eta_min = require("eta_min", eta_min, NON_NEGATIVE)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -468,11 +451,11 @@ class WarmupCosine(LRScheduler):
         eta_min: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        if isinstance(total_steps, numbers.Integral) and total_steps <= self.warmup_steps:
-            raise _invalid("total_steps", total_steps, f"> warmup_steps ({self.warmup_steps})")
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.eta_min = _check_non_negative("eta_min", eta_min)
+        w = require("warmup_steps", warmup_steps, at_least(0))
+        after_warmup = Rule(f"an int > warmup_steps = {w}", at_least(w + 1).convert)
+        self.warmup_steps = w
+        self.total_steps = require("total_steps", total_steps, after_warmup)
+        self.eta_min = require("eta_min", eta_min, NON_NEGATIVE)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
@@ -531,25 +514,22 @@ class OneCycleLR(LRScheduler):
     ) -> None:
         groups = _groups(optimizer)
         if total_steps is not None:
-            self.total_steps = _check_int("total_steps", total_steps, 1)
+            self.total_steps = require("total_steps", total_steps, at_least(1))
         elif epochs is not None and steps_per_epoch is not None:
-            e = _check_int("epochs", epochs, 1)
-            self.total_steps = e * _check_int("steps_per_epoch", steps_per_epoch, 1)
+            e = require("epochs", epochs, at_least(1))
+            self.total_steps = e * require("steps_per_epoch", steps_per_epoch, at_least(1))
         else:
             raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
-        pct = _check_finite("pct_start", pct_start)
-        if not 0 <= pct <= 1:
-            raise _invalid("pct_start", pct_start, "in [0, 1]")
-        if anneal_strategy not in ("cos", "linear"):
-            raise _invalid("anneal_strategy", anneal_strategy, "'cos' or 'linear'")
-        div = _check_positive("div_factor", div_factor)
-        final_div = _check_positive("final_div_factor", final_div_factor)
+        pct = require("pct_start", pct_start, CLOSED_UNIT)
+        require("anneal_strategy", anneal_strategy, one_of("cos", "linear"))
+        div = require("div_factor", div_factor, POSITIVE)
+        final_div = require("final_div_factor", final_div_factor, POSITIVE)
         self.pct_start = pct
         self.anneal_strategy = anneal_strategy
         self.div_factor = div
         self.final_div_factor = final_div
         self.three_phase = bool(three_phase)
-        self.max_lrs = _per_group("max_lr", max_lr, len(groups), _check_positive)
+        self.max_lrs = _per_group("max_lr", max_lr, len(groups), POSITIVE)
         self.initial_lrs = [m / div for m in self.max_lrs]
         self.min_lrs = [i / final_div for i in self.initial_lrs]
         total = self.total_steps
@@ -582,6 +562,20 @@ class OneCycleLR(LRScheduler):
                     break
                 start_step = end_step
         return lrs
+
+
+_COMPARISON = ("mode", "threshold", "threshold_mode")
+
+
+def _comparison(
+    mode: Any, threshold: Any, threshold_mode: Any, where: str = ""
+) -> tuple[str, float, str]:
+    """``mode``, ``threshold`` and ``threshold_mode`` of a plateau scheduler, checked."""
+    return (
+        require("mode", mode, one_of("min", "max"), where),
+        require("threshold", threshold, NON_NEGATIVE, where),
+        require("threshold_mode", threshold_mode, one_of("rel", "abs"), where),
+    )
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -632,30 +626,23 @@ class ReduceLROnPlateau(LRScheduler):
         eps: float = 1e-8,
     ) -> None:
         groups = _groups(optimizer)
-        f = _check_finite("factor", factor)
-        if not 0 <= f < 1:
-            raise _invalid("factor", factor, "in [0, 1)")
         self.optimizer = optimizer
-        self.factor = f
-        self.min_lrs = _per_group("min_lr", min_lr, len(groups), _check_non_negative)
+        self.factor = require("factor", factor, UNIT)
+        self.min_lrs = _per_group("min_lr", min_lr, len(groups), NON_NEGATIVE)
         self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else self.min_lrs[0]
-        self.patience = _check_int("patience", patience, 0)
-        self.cooldown = _check_int("cooldown", cooldown, 0)
-        self.eps = _check_non_negative("eps", eps)
+        self.patience = require("patience", patience, at_least(0))
+        self.cooldown = require("cooldown", cooldown, at_least(0))
+        self.eps = require("eps", eps, NON_NEGATIVE)
         self.last_epoch = 0
         self._last_lr = [float(group["lr"]) for group in groups]
-        self._init_is_better(mode, threshold, threshold_mode)
+        self._set_comparison(*_comparison(mode, threshold, threshold_mode))
         self.best = self.mode_worse
         self.cooldown_counter = 0
         self.num_bad_epochs = 0
 
-    def _init_is_better(self, mode: str, threshold: float, threshold_mode: str) -> None:
-        if mode not in ("min", "max"):
-            raise _invalid("mode", mode, "'min' or 'max'")
-        if threshold_mode not in ("rel", "abs"):
-            raise _invalid("threshold_mode", threshold_mode, "'rel' or 'abs'")
+    def _set_comparison(self, mode: str, threshold: float, threshold_mode: str) -> None:
         self.mode = mode
-        self.threshold = _check_non_negative("threshold", threshold)
+        self.threshold = threshold
         self.threshold_mode = threshold_mode
         self.mode_worse = math.inf if mode == "min" else -math.inf
 
@@ -687,18 +674,12 @@ class ReduceLROnPlateau(LRScheduler):
 
         The scheduler and the optimizer are unchanged when it raises.
         """
-        try:
-            current = float(metrics)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"Invalid metrics: {metrics!r} (must be a real number, e.g. a float or a 0-d "
-                "array; the scheduler is unchanged)"
-            ) from None
-        if math.isnan(current) or current == -self.mode_worse:
-            raise ValueError(
-                f"Invalid metrics: {metrics!r} (ReduceLROnPlateau(mode={self.mode!r}) needs a "
-                f"number that is not nan or {-self.mode_worse}; the scheduler is unchanged)"
-            )
+        best_for_ever = -self.mode_worse
+        metric = number(
+            f"a real number, not nan nor {best_for_ever} in mode {self.mode!r}",
+            lambda f: f != best_for_ever,
+        )
+        current = require("metrics", metrics, metric)
         groups = _groups(self.optimizer)
         self.last_epoch += 1
         if self.is_better(current, self.best):
@@ -730,6 +711,9 @@ class ReduceLROnPlateau(LRScheduler):
                 group["lr"] = new
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore attributes saved by :meth:`state_dict`, checking mode and threshold."""
+        """Restore attributes saved by :meth:`state_dict`, checking mode and threshold first
+        (nothing changes if they are invalid)."""
+        saved = {k: state_dict.get(k, getattr(self, k)) for k in _COMPARISON}
+        comparison = _comparison(**saved, where="the loaded state_dict")
         super().load_state_dict(state_dict)
-        self._init_is_better(self.mode, self.threshold, self.threshold_mode)
+        self._set_comparison(*comparison)

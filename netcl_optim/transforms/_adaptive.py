@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .._base import (
-    Fragment,
-    GradientTransformation,
-    check_non_negative,
-    check_positive,
-    check_unit_interval,
-)
+from .._base import Fragment, GradientTransformation
+from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
 from ._combining import elementwise
 
 # torch: exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2);
@@ -48,9 +43,9 @@ def scale_by_adam(
     Device: two slots (``mu``, ``nu``) packed per dtype; bias corrections are computed on
     the host from the step count and passed as kernel arguments.
     """
-    check_unit_interval(b1=b1, b2=b2)
-    check_positive(eps=eps)
-    check_non_negative(eps_root=eps_root)
+    check(UNIT, b1=b1, b2=b2)
+    check(POSITIVE, eps=eps)
+    check(NON_NEGATIVE, eps_root=eps_root)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
     def host_step(state: ScaleByAdamState, **_: Any):
@@ -112,8 +107,8 @@ def scale_by_rms(
     ``centered`` keeps ``m <- alpha m + (1-alpha) g`` and uses ``sqrt(v - m^2) + eps``.
     No bias correction; buffers start at zero. See :func:`rmsprop`.
     """
-    check_unit_interval(alpha=alpha)
-    check_positive(eps=eps)
+    check(UNIT, alpha=alpha)
+    check(POSITIVE, eps=eps)
     values = (float(alpha), 1.0 - float(alpha), float(eps))
     scalars = ("alpha", "one_minus_alpha", "eps")
     if centered:

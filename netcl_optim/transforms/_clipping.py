@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._base import EmptyState, Fragment, GradientTransformation, Reduction, check_non_negative
+from .._base import EmptyState, Fragment, GradientTransformation, Reduction
+from .._validation import NON_NEGATIVE, check
 from ._combining import elementwise
 
 _CLIP = "u = u < -max_delta ? -max_delta : (u > max_delta ? max_delta : u);"
@@ -17,7 +18,7 @@ GLOBAL_NORM = Reduction(
 
 def clip(max_delta: float) -> GradientTransformation:
     """Clamp every element of the updates to ``[-max_delta, max_delta]`` (NaN stays NaN)."""
-    check_non_negative(max_delta=max_delta)
+    check(NON_NEGATIVE, max_delta=max_delta)
     value = (float(max_delta),)
     return elementwise(
         Fragment("clip", _CLIP, scalars=("max_delta",), host_step=lambda s, **_: (value, s))
@@ -38,7 +39,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
       finishing launch) leaves the norm and coefficient in a device buffer; the scaling is
       fused into the next kernel. No host sync.
     """
-    check_non_negative(max_norm=max_norm)
+    check(NON_NEGATIVE, max_norm=max_norm)
     value = (float(max_norm),)
 
     def host_step(state: EmptyState, **_: Any):

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, OptState, ScheduledValue, as_transform
+from .._base import Fragment, GradientTransformation, OptState, as_transform
 from .._state_check import DictSpec, NamedTupleSpec, Spec, check_state, register, spec_of
+from .._validation import ScheduledValue
 from ..fusion._runner import execute
 from ._combining import ChainPlan
 

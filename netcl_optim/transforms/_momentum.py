@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, check_non_negative
+from .._base import Fragment, GradientTransformation
+from .._validation import NON_NEGATIVE, check
 from ._combining import elementwise
 
 _TRACE = """
@@ -32,7 +33,7 @@ def trace(decay: float, nesterov: bool = False, dampening: float = 0.0) -> Gradi
     ``g``); with dampening it is torch's SGD momentum, whose first step is undamped. See
     :func:`sgd`.
     """
-    check_non_negative(decay=decay, dampening=dampening)
+    check(NON_NEGATIVE, decay=decay, dampening=dampening)
     if nesterov and (decay <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum (decay > 0) and zero dampening")
     decay, keep = float(decay), 1.0 - float(dampening)

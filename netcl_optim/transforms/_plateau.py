@@ -6,7 +6,10 @@ import math
 from typing import Any, NamedTuple
 
 from .._base import Fragment, GradientTransformation
+from .._validation import NON_NEGATIVE, OPEN_UNIT, at_least, interval, invalid, number, require
 from ._combining import elementwise
+
+_METRIC = number("a finite number, the metric", math.isfinite)
 
 
 class ReduceLROnPlateauState(NamedTuple):
@@ -67,38 +70,22 @@ def reduce_on_plateau(
     Device: the scaling is fused into its neighbours; the plateau logic runs on the host on
     the metric the caller passes (no device read).
     """
-    if not 0.0 < factor < 1.0:
-        raise ValueError(f"Invalid factor: {factor!r} (must be in (0, 1))")
-    if rtol < 0.0 or atol < 0.0:
-        raise ValueError(f"Invalid rtol/atol: {rtol!r}, {atol!r} (must be >= 0)")
-    if rtol == 0.0 and atol == 0.0:
-        raise ValueError("Invalid rtol/atol: at least one of rtol or atol must be positive")
-    if rtol > 1.0:
-        raise ValueError(f"Invalid rtol: {rtol!r} (must be <= 1)")
-    for name, v in (("patience", patience), ("cooldown", cooldown)):
-        if int(v) != v or v < 0:
-            raise ValueError(f"Invalid {name}: {v!r} (must be an integer >= 0)")
-    if int(accumulation_size) != accumulation_size or accumulation_size < 1:
-        raise ValueError(f"Invalid accumulation_size: {accumulation_size!r} (must be >= 1)")
-    if min_scale < 0:
-        raise ValueError(f"Invalid min_scale: {min_scale!r} (must be >= 0)")
     options = dict(
-        factor=float(factor),
-        patience=int(patience),
-        rtol=float(rtol),
-        atol=float(atol),
-        cooldown=int(cooldown),
-        accumulation_size=int(accumulation_size),
-        min_scale=float(min_scale),
+        factor=require("factor", factor, OPEN_UNIT),
+        patience=require("patience", patience, at_least(0)),
+        rtol=require("rtol", rtol, interval(0, 1)),
+        atol=require("atol", atol, NON_NEGATIVE),
+        cooldown=require("cooldown", cooldown, at_least(0)),
+        accumulation_size=require("accumulation_size", accumulation_size, at_least(1)),
+        min_scale=require("min_scale", min_scale, NON_NEGATIVE),
     )
+    if options["rtol"] == 0.0 and options["atol"] == 0.0:
+        raise invalid("rtol", rtol, "> 0 when atol is 0")
 
     def host_step(state: ReduceLROnPlateauState, value: Any = None, **_: Any):
         if value is None:
             raise TypeError("reduce_on_plateau: pass the metric as update(..., value=metric)")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"reduce_on_plateau: the metric value is not finite ({value})")
-        new = _plateau_step(state, value, **options)
+        new = _plateau_step(state, require("value", value, _METRIC), **options)
         return (new.scale,), new
 
     fragment = Fragment(

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._base import (
-    EmptyState,
-    Fragment,
-    GradientTransformation,
-    ScalarOrSchedule,
-    Schedule,
-    check_finite,
-)
+from .._base import EmptyState, Fragment, GradientTransformation, ScalarOrSchedule, Schedule
+from .._validation import FINITE, NON_NEGATIVE, check, invalid, require
 from ._combining import elementwise
 
 _SCALE = "u = u * step_size;"
@@ -28,7 +22,7 @@ def scale(step_size: float) -> GradientTransformation:
 
     Device: fused into the neighbouring kernel; ``step_size`` is a kernel argument.
     """
-    check_finite(step_size=step_size)
+    check(FINITE, step_size=step_size)
     value = (float(step_size),)
     return elementwise(
         Fragment(
@@ -41,7 +35,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     """``u <- step_size_fn(count) * u``; count starts at 0 (the first update uses
     ``step_size_fn(0)``) and advances on the host: no device read."""
     if not callable(step_size_fn):
-        raise TypeError(f"step_size_fn must be callable, got {type(step_size_fn).__name__}")
+        raise invalid("step_size_fn", step_size_fn, "callable: a schedule", error=TypeError)
 
     def host_step(state: ScaleByScheduleState, **_: Any):
         return (float(step_size_fn(state.count)),), ScaleByScheduleState(state.count + 1)
@@ -60,9 +54,7 @@ def scale_by_learning_rate(
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate):
         return scale_by_schedule(lambda count: sign * float(learning_rate(count)))
-    check_finite(learning_rate=learning_rate)
-    if float(learning_rate) < 0:
-        raise ValueError(f"Invalid learning_rate: {learning_rate!r} (must be >= 0)")
+    require("learning_rate", learning_rate, NON_NEGATIVE)
     return scale(sign * float(learning_rate))
 
 

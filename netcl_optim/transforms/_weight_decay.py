@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, ScalarOrSchedule, check_non_negative
+from .._base import Fragment, GradientTransformation, ScalarOrSchedule
+from .._validation import NON_NEGATIVE, check
 from ._combining import elementwise
 
 _DECAY = "u = u + weight_decay * p;"
@@ -24,7 +25,7 @@ def add_decayed_weights(
     ``mask`` (a pytree of bools like the params, or a callable of params) applies the decay
     only where it is True; see :func:`masked`.
     """
-    check_non_negative(weight_decay=weight_decay)
+    check(NON_NEGATIVE, weight_decay=weight_decay)
 
     def host_step(state: AddDecayedWeightsState, **_: Any):
         wd = weight_decay(state.count) if callable(weight_decay) else weight_decay

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
 import optree
 import pyopencl.array as cla
 
@@ -13,6 +12,7 @@ from .._base import Fragment, GradientTransformation, OptState, Part, as_transfo
 from .._device import check_float_dtype, queue_of
 from .._packing import allocate_like
 from .._state_check import DictSpec, NamedTupleSpec, check_state, register, wrapper, wrapper_spec
+from .._validation import at_least, require
 from ..fusion._runner import execute, init_slots, reduce_leaves, run_parts
 from ._combining import ChainPlan, elementwise
 from ._masking import MaskedState, masked
@@ -80,15 +80,7 @@ def apply_if_finite(
       inner transform's host counters (Adam's step, schedules) need the answer on the
       host. Then ``inner``'s own launches, or one fill when the step is skipped.
     """
-    if (
-        isinstance(max_consecutive_errors, bool)
-        or not isinstance(max_consecutive_errors, (int, np.integer))
-        or max_consecutive_errors < 0
-    ):
-        raise ValueError(
-            f"Invalid max_consecutive_errors: {max_consecutive_errors!r} (must be an int >= 0)"
-        )
-    limit = int(max_consecutive_errors)
+    limit = require("max_consecutive_errors", max_consecutive_errors, at_least(0))
     inner = as_transform(inner, "apply_if_finite: inner")
 
     def init(params: Any) -> ApplyIfFiniteState:
@@ -307,7 +299,7 @@ class MultiSteps:
     ) -> None:
         opt = as_transform(opt, "MultiSteps: opt")
         if not callable(every_k_schedule):
-            _check_k(every_k_schedule)
+            require("every_k_schedule", every_k_schedule, at_least(1))
         self._opt = opt
         self._every_k = every_k_schedule
         self._use_grad_mean = bool(use_grad_mean)
@@ -329,7 +321,7 @@ class MultiSteps:
 
     def _k(self, gradient_step: int) -> int:
         k = self._every_k(gradient_step) if callable(self._every_k) else self._every_k
-        return _check_k(k)
+        return require("every_k_schedule", k, at_least(1))
 
     def _acc_part(self, state: MultiStepsState) -> tuple[bool, Part]:
         emit = state.mini_step >= self._k(state.gradient_step) - 1
@@ -368,9 +360,3 @@ class MultiSteps:
     def gradient_transformation(self) -> GradientTransformation:
         """This as a :class:`GradientTransformation` (fusible when the inner one is)."""
         return self._tx
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"Invalid every_k_schedule value: {k!r} (must be an int >= 1)")
-    return int(k)
