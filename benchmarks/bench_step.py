@@ -6,6 +6,9 @@ Run from anywhere (``netcl_optim`` must be importable)::
     python benchmarks/bench_step.py --quick         # Adam and SGD-momentum at 1M and tree160
     python benchmarks/bench_step.py --optimizers adam,adamw --sizes 10M --json r.json --png r.png
 
+The optimizers are the rows of ``tests/optimizer_table.py`` with a ``bench`` name (that name on
+the command line), each at lr 1e-3 and its row's other hyperparameters.
+
 For each (optimizer, size) group every variant is set up, warmed up (kernel builds, jit
 compiles), then timed in interleaved round-robin blocks, each block ending with a sync. The table
 gives the median and min ms per step over blocks, GB/s (the optimizer's minimum bytes per param
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -40,6 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,11 +55,12 @@ import netcl_optim as no
 from netcl_optim._device import allocator
 from netcl_optim.fusion._programs import build
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import optimizer_table  # tests/: the one table of optimizer variants
+
 LR = 1e-3
-WEIGHT_DECAY = 1e-2
 FLOAT32 = 4  # bytes
 FULL_SIZES = ("1M", "10M", "50M", "tree160")
-ALL_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 
 
 def optional(name: str) -> Any:
@@ -70,16 +76,39 @@ def optional(name: str) -> Any:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One optimizer as each library spells it. ``slots``: state buffers per param."""
+    """A benchmarked row of ``tests/optimizer_table.py`` as each library spells it, at ``LR``."""
 
-    name: str
-    slots: int
-    functional: Callable[[], Any]
-    stateful: Callable[[Any, list], Any]  # (netcl_optim.stateful, params) -> optimizer
-    torch_cls: str
-    torch_kwargs: dict
-    torch_fused: bool  # torch 2.x has CPU fused SGD, Adam and AdamW, not RMSprop
-    optax: Callable[[Any], Any]  # (optax) -> GradientTransformation
+    row: optimizer_table.Optimizer
+
+    @property
+    def name(self) -> str:
+        return self.row.id
+
+    @property
+    def slots(self) -> int:
+        """State buffers per param."""
+        return self.row.slots
+
+    @property
+    def hyper(self) -> dict[str, Any]:
+        return {**self.row.kwargs, "learning_rate": LR}
+
+    def functional(self) -> Any:
+        return self.row.make(no, self.hyper)
+
+    def stateful(self, params: list) -> Any:
+        return self.row.make_stateful(no, params, {**self.row.class_kwargs(), "lr": LR})
+
+    def torch_fused(self, torch: Any) -> bool:
+        """Whether torch has a fused kernel (torch 2.x: SGD, Adam and AdamW, not RMSprop)."""
+        return "fused" in inspect.signature(getattr(torch.optim, self.row.torch)).parameters
+
+    def torch(self, torch: Any, params: list) -> Any:
+        mode = {"fused": True} if self.torch_fused(torch) else {"foreach": True}
+        return self.row.make_torch(torch, params, self.hyper, **mode)
+
+    def optax(self, optax: Any) -> Any:
+        return self.row.make_optax(optax, self.hyper)
 
     @property
     def bytes_per_param(self) -> int:
@@ -92,62 +121,8 @@ class OptimizerSpec:
         return f"read g; read+write p{slots}"
 
 
-OPTIMIZERS = {
-    "sgd": OptimizerSpec(
-        name="sgd",
-        slots=0,
-        functional=lambda: no.sgd(LR),
-        stateful=lambda m, ps: m.SGD(ps, lr=LR),
-        torch_cls="SGD",
-        torch_kwargs={},
-        torch_fused=True,
-        optax=lambda optax: optax.sgd(LR),
-    ),
-    "momentum": OptimizerSpec(
-        name="sgd-momentum",
-        slots=1,
-        functional=lambda: no.sgd(LR, momentum=0.9),
-        stateful=lambda m, ps: m.SGD(ps, lr=LR, momentum=0.9),
-        torch_cls="SGD",
-        torch_kwargs={"momentum": 0.9},
-        torch_fused=True,
-        optax=lambda optax: optax.sgd(LR, momentum=0.9),
-    ),
-    "adam": OptimizerSpec(
-        name="adam",
-        slots=2,
-        functional=lambda: no.adam(LR),
-        stateful=lambda m, ps: m.Adam(ps, lr=LR),
-        torch_cls="Adam",
-        torch_kwargs={},
-        torch_fused=True,
-        optax=lambda optax: optax.adam(LR),
-    ),
-    "adamw": OptimizerSpec(
-        name="adamw",
-        slots=2,
-        functional=lambda: no.adamw(LR, weight_decay=WEIGHT_DECAY),
-        stateful=lambda m, ps: m.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY),
-        torch_cls="AdamW",
-        torch_kwargs={"weight_decay": WEIGHT_DECAY},
-        torch_fused=True,
-        optax=lambda optax: optax.adamw(LR, weight_decay=WEIGHT_DECAY),
-    ),
-    "rmsprop": OptimizerSpec(
-        name="rmsprop-centered-momentum",
-        slots=3,
-        functional=lambda: no.rmsprop(LR, alpha=0.99, eps=1e-8, centered=True, momentum=0.9),
-        stateful=lambda m, ps: m.RMSProp(
-            ps, lr=LR, alpha=0.99, eps=1e-8, centered=True, momentum=0.9
-        ),
-        torch_cls="RMSprop",
-        torch_kwargs={"alpha": 0.99, "eps": 1e-8, "centered": True, "momentum": 0.9},
-        torch_fused=False,
-        optax=lambda optax: optax.rmsprop(
-            LR, decay=0.99, eps=1e-8, eps_in_sqrt=False, centered=True, momentum=0.9
-        ),
-    ),
-}
+OPTIMIZERS = {row.bench: OptimizerSpec(row) for row in optimizer_table.BENCH}
+ALL_OPTIMIZERS = tuple(OPTIMIZERS)
 
 
 # ---------------------------------------------------------------------------- problems
@@ -332,7 +307,7 @@ class StatefulVariant(OursVariant):
         self.parameters = [self.module.Parameter(p) for p in self.params]
         for param, grad in zip(self.parameters, self.grads, strict=True):
             param.grad = grad
-        self.optimizer = self.spec.stateful(self.module, self.parameters)
+        self.optimizer = self.spec.stateful(self.parameters)
 
     def run(self) -> None:
         self.optimizer.step()
@@ -384,9 +359,7 @@ class TorchVariant(Variant):
         self.params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in problem.params]
         for p, g in zip(self.params, problem.grads, strict=True):
             p.grad = torch.from_numpy(g.copy())
-        mode = {"fused": True} if self.spec.torch_fused else {"foreach": True}
-        cls = getattr(torch.optim, self.spec.torch_cls)
-        self.optimizer = cls(self.params, lr=LR, **self.spec.torch_kwargs, **mode)
+        self.optimizer = self.spec.torch(torch, self.params)
 
     def run(self) -> None:
         self.optimizer.step()
@@ -477,7 +450,7 @@ def make_variants(
         )
     variants.append(UpdateApplyVariant("update+apply", queue=queue, spec=spec))
     if libs.torch is not None:
-        label = "torch fused" if spec.torch_fused else "torch foreach"
+        label = "torch fused" if spec.torch_fused(libs.torch) else "torch foreach"
         variants.append(TorchVariant(label, torch=libs.torch, spec=spec))
     if libs.optax is not None:
         variants.append(OptaxVariant("optax jit", jax=libs.jax, optax=libs.optax, spec=spec))
@@ -640,11 +613,11 @@ def _dispatch_steps(queue: cl.CommandQueue, libs: Libraries) -> dict[str, Callab
 def _python_only_us(fn: Callable[[], None], queue: cl.CommandQueue, calls: int) -> float | None:
     """µs per call of ``fn`` with our kernel launches replaced by a no-op: the Python part of
     the dispatch. None for a callable that does not launch through the runner."""
-    from netcl_optim.fusion import _runner
+    from netcl_optim.fusion import _launch
 
     launched = []
-    real = _runner._launch
-    _runner._launch = lambda *args, **kwargs: launched.append(1)
+    real = _launch.launch
+    _launch.launch = lambda *args, **kwargs: launched.append(1)
     try:
         fn()
         if not launched:
@@ -654,7 +627,7 @@ def _python_only_us(fn: Callable[[], None], queue: cl.CommandQueue, calls: int) 
             fn()
         return (time.perf_counter() - t0) / calls * 1e6
     finally:
-        _runner._launch = real
+        _launch.launch = real
         queue.finish()
 
 

@@ -16,7 +16,7 @@ interleaved in round-robin blocks:
   command is ready when enqueued, and for the out-of-order queue after;
 - ``..., call``: the same with ``Kernel.__call__`` (what ``netcl_optim`` does on a CPU
   device, with a barrier on the main queue instead of the final wait:
-  ``netcl_optim.fusion._runner._launch_all``).
+  ``netcl_optim.fusion._launch.launch_all``).
 
 Every per-leaf variant moves the same bytes from the same packed buffers as ``one launch``:
 the difference is the commands' own cost.

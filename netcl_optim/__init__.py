@@ -4,11 +4,7 @@ with a torch-like stateful API on top."""
 from __future__ import annotations
 
 from . import schedules as schedules
-from ._alias import adam as adam
-from ._alias import adamw as adamw
-from ._alias import momentum as momentum
-from ._alias import rmsprop as rmsprop
-from ._alias import sgd as sgd
+from . import stateful as stateful  # before .optimizers, whose classes build on stateful/
 from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
@@ -27,8 +23,13 @@ from .amp import dynamic_loss_scale as dynamic_loss_scale
 from .amp import loss_scale_of as loss_scale_of
 from .amp import scale_loss as scale_loss
 from .amp import unscale_grads as unscale_grads
-from .fusion._programs import clear_kernel_caches as clear_kernel_caches
-from .fusion._runner import count_launches as count_launches
+from .fusion import clear_kernel_caches as clear_kernel_caches
+from .fusion import count_launches as count_launches
+from .optimizers.adam import adam as adam
+from .optimizers.adam import adamw as adamw
+from .optimizers.rmsprop import rmsprop as rmsprop
+from .optimizers.sgd import momentum as momentum
+from .optimizers.sgd import sgd as sgd
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule
 from .schedules import cosine_decay_schedule as cosine_decay_schedule
@@ -58,6 +59,7 @@ from .stateful import Optimizer as Optimizer
 from .stateful import Parameter as Parameter
 from .stateful import ReduceLROnPlateau as ReduceLROnPlateau
 from .stateful import RMSProp as RMSProp
+from .stateful import RMSprop as RMSprop
 from .stateful import StepLR as StepLR
 from .stateful import WarmupCosine as WarmupCosine
 from .stateful._clip import clip_grad_norm as clip_grad_norm
@@ -129,6 +131,7 @@ __all__ = [
     "Parameter",
     "PartitionState",
     "RMSProp",
+    "RMSprop",
     "ReduceLROnPlateau",
     "ReduceLROnPlateauState",
     "Reduction",

@@ -1,10 +1,10 @@
-"""Core types: GradientTransformation, states, kernel fragments."""
+"""Core types: GradientTransformation, the Plan protocol, fragments and states."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 PyTree = Any
 Params = PyTree
@@ -24,18 +24,97 @@ class TransformUpdateFn(Protocol):
     ) -> tuple[Updates, OptState]: ...
 
 
+# the new state, from the new slot trees of each of the step's parts (in order)
+Rebuild = Callable[[list[tuple[Any, ...]]], OptState]
+
+
+class Plan(Protocol):
+    """What a transform tells the fused executor (``GradientTransformation.plan``).
+
+    ``children``: its sub-transforms (a chain's, in order; a wrapper's inner transform).
+    ``signature``: hashable; equal signatures mean the same fragments (names and slots, in
+    order) and so the same state structure. ``fusible``: all its work is fragments, so the
+    executor fuses its :meth:`parts` with its neighbours' (else it runs the transform's own
+    ``update``). ``elementwise``: fusible with no whole-tree reduction, so each element of the
+    result depends only on the same element of the inputs and state (what ZeRO's sharding
+    needs). Implementations: :class:`Fragment` (a leaf), the chains', ``inject_hyperparams``'
+    and ``MultiSteps``' plans, and :class:`OpaquePlan` for the wrappers that run their own
+    ``update``. Only the executor (``netcl_optim.fusion``) walks plans.
+    """
+
+    @property
+    def children(self) -> tuple[GradientTransformation, ...]: ...
+
+    @property
+    def signature(self) -> Hashable: ...
+
+    @property
+    def fusible(self) -> bool: ...
+
+    @property
+    def elementwise(self) -> bool: ...
+
+    def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
+        """One step's work (only when ``fusible``): the :class:`Part` of each fragment, and
+        how to build the new state from the parts' new slot trees."""
+        ...
+
+    def split(self, state: OptState) -> tuple[Sequence[OptState], Callable] | None:
+        """A chain's: its children's states and how to join their new states into its own
+        (the executor fuses runs of fusible children around the others). ``None`` for every
+        other plan: its :meth:`parts` include its children's."""
+        ...
+
+
+def is_fusible(tx: GradientTransformation) -> bool:
+    """Whether the executor can fuse ``tx`` (see :class:`Plan`)."""
+    return tx.plan is not None and tx.plan.fusible
+
+
+def is_elementwise(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` is fusible without a whole-tree reduction (see :class:`Plan`)."""
+    return tx.plan is not None and tx.plan.elementwise
+
+
+def signature_of(tx: GradientTransformation) -> Hashable:
+    """``tx``'s plan signature; one signature for all opaque transforms."""
+    return ("opaque",) if tx.plan is None else tx.plan.signature
+
+
+@dataclass(frozen=True, eq=False)
+class OpaquePlan:
+    """The plan of a wrapper that runs its own ``update`` (``masked``, ``partition``,
+    ``apply_if_finite``, ZeRO's ``shard_optimizer``, ...): not fusible; its ``children``
+    and ``signature`` still describe it."""
+
+    kind: str
+    children: tuple[GradientTransformation, ...]
+    fusible: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+
+    @property
+    def signature(self) -> Hashable:
+        return (self.kind, *(signature_of(c) for c in self.children))
+
+    def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
+        raise TypeError(f"{self.kind} runs its own update: it has no fused parts")
+
+    def split(self, state: OptState) -> None:
+        return None
+
+
 class GradientTransformation(NamedTuple):
     """A pair of pure functions, as in optax.
 
     ``init(params) -> state``; ``update(updates, state, params=None, **extra_args) ->
-    (updates, state)``. ``fragment`` describes the element-wise work for kernel fusion
-    (a :class:`Fragment`, a chain's :class:`ChainPlan`, or any object with ``plan``);
-    ``None`` marks an opaque transform, which still composes in :func:`chain`.
+    (updates, state)``. ``plan`` tells the fused executor what the transform is made of (a
+    :class:`Plan`: a :class:`Fragment`, a chain's or a wrapper's plan); ``None`` marks an
+    opaque transform, which still composes in :func:`chain`.
     """
 
     init: TransformInitFn
     update: TransformUpdateFn
-    fragment: Any = None
+    plan: Plan | None = None
 
 
 def as_transform(tx: Any, what: str = "tx") -> GradientTransformation:
@@ -104,7 +183,23 @@ class Fragment:
             (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction),
         )
 
-    def plan(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Callable]:
+    # as a leaf Plan
+    children: ClassVar[tuple[GradientTransformation, ...]] = ()
+    fusible: ClassVar[bool] = True
+
+    @property
+    def signature(self) -> Hashable:
+        return (self.name, self.slots)
+
+    @property
+    def elementwise(self) -> bool:
+        return self.reduction is None
+
+    def split(self, state: OptState) -> None:
+        return None
+
+    def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
+        """One :class:`Part`: the scalars' values from ``host_step`` and the state's slots."""
         if self.host_step is None:
             values, advanced = (), state
         else:

@@ -7,9 +7,11 @@ Adam paper and optax's transform definitions, following ``shared/reference/seman
 Two families:
 
 * **torch-style rules** ``sgd``, ``adam``, ``adamw``, ``rmsprop``: one parameter array at a time,
-  ``rule(p, g, state, **hp) -> (new_p, state)``; ``state`` is a dict with torch's key names
-  (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``),
-  mutated in place and also returned. ``run_trajectory`` runs one over a gradient sequence.
+  ``rule(p, g, state, **hp) -> (new_p, state)`` with the functional aliases' hyperparameter names
+  (``learning_rate``, ``b1``, ``b2``); ``state`` is a dict with torch's key names (``step``,
+  ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``), mutated in
+  place and also returned. ``transform_rule`` makes one from a transform below (its own state
+  keys). ``run_trajectory`` runs a rule over a gradient sequence.
 * **optax-semantics transforms** ``scale``, ``trace``, ``scale_by_adam``, ... returning a
   ``Transform(init, update)`` pair. They work on a single array or on any optree pytree of
   arrays (``None`` is an empty subtree), since a bare ``numpy.ndarray`` is a one-leaf tree.
@@ -63,7 +65,7 @@ def sgd(
     g: Any,
     state: dict,
     *,
-    lr: float,
+    learning_rate: float,
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
@@ -81,10 +83,10 @@ def sgd(
             buf = momentum * buf + (1 - dampening) * g
         state["momentum_buffer"] = buf
         g = g + momentum * buf if nesterov else buf
-    return p - lr * g, state
+    return p - learning_rate * g, state
 
 
-def _adam_core(p, g, state, *, lr, b1, b2, eps):
+def _adam_core(p, g, state, *, learning_rate, b1, b2, eps):
     if "step" not in state:
         state["step"] = 0
         state["exp_avg"] = np.zeros_like(p)
@@ -97,7 +99,7 @@ def _adam_core(p, g, state, *, lr, b1, b2, eps):
     bc1 = 1 - b1**t
     bc2 = 1 - b2**t
     denom = np.sqrt(v) / math.sqrt(bc2) + eps  # eps added after bias correction
-    return p - (lr / bc1) * m / denom, state
+    return p - (learning_rate / bc1) * m / denom, state
 
 
 def adam(
@@ -105,7 +107,7 @@ def adam(
     g: Any,
     state: dict,
     *,
-    lr: float,
+    learning_rate: float,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -115,7 +117,7 @@ def adam(
     p, g = _f64(p), _f64(g)
     if weight_decay != 0:
         g = g + weight_decay * p
-    return _adam_core(p, g, state, lr=lr, b1=b1, b2=b2, eps=eps)
+    return _adam_core(p, g, state, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def adamw(
@@ -123,7 +125,7 @@ def adamw(
     g: Any,
     state: dict,
     *,
-    lr: float,
+    learning_rate: float,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -131,8 +133,8 @@ def adamw(
 ) -> tuple[np.ndarray, dict]:
     """torch.optim.AdamW: decoupled weight decay, p *= 1 - lr * wd before the moments."""
     p, g = _f64(p), _f64(g)
-    p = p * (1 - lr * weight_decay)
-    return _adam_core(p, g, state, lr=lr, b1=b1, b2=b2, eps=eps)
+    p = p * (1 - learning_rate * weight_decay)
+    return _adam_core(p, g, state, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def rmsprop(
@@ -140,7 +142,7 @@ def rmsprop(
     g: Any,
     state: dict,
     *,
-    lr: float,
+    learning_rate: float,
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -170,16 +172,8 @@ def rmsprop(
     if momentum > 0:
         buf = momentum * state["momentum_buffer"] + g / denom
         state["momentum_buffer"] = buf
-        return p - lr * buf, state
-    return p - lr * g / denom, state
-
-
-TORCH_RULES: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {
-    "sgd": sgd,
-    "adam": adam,
-    "adamw": adamw,
-    "rmsprop": rmsprop,
-}
+        return p - learning_rate * buf, state
+    return p - learning_rate * g / denom, state
 
 
 def run_trajectory(
@@ -481,6 +475,20 @@ def rmsprop_tx(
 functional = types.SimpleNamespace(
     sgd=sgd_tx, momentum=momentum_tx, adam=adam_tx, adamw=adamw_tx, rmsprop=rmsprop_tx
 )
+
+
+def transform_rule(make: Callable[..., Transform]) -> Callable[..., tuple[np.ndarray, dict]]:
+    """A torch-style rule from a transform factory: ``rule(p, g, state, **hp)`` runs
+    ``make(**hp)`` on one array, its state kept under ``state["tx"]`` (constant hyperparameters)."""
+
+    def rule(p: Any, g: Any, state: dict, **hp: Any) -> tuple[np.ndarray, dict]:
+        p, tx = _f64(p), make(**hp)
+        if "tx" not in state:
+            state["tx"] = tx.init(p)
+        u, state["tx"] = tx.update(_f64(g), state["tx"], p)
+        return p + u, state
+
+    return rule
 
 
 def _round(tree: Any, dtype: Any) -> Any:

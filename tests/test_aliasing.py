@@ -10,7 +10,7 @@ import pytest
 from cases import CASES
 
 import netcl_optim as no
-from netcl_optim.fusion import _runner
+from netcl_optim.fusion import _cache
 
 F32 = np.float32
 DONATED = r"was donated to no\.step\(\.\.\., donate=True\) and can no longer be used"
@@ -338,7 +338,7 @@ def test_the_plan_cache_drops_the_donated_arrays(cl_queue):
     tx = no.adam(1e-2)
     params, grads = put(host_p), put(host_g)
     state = tx.init(params)
-    _runner._plans.clear()
+    _cache._entries.clear()
     for _ in range(5):
         params, state = no.step(tx, params, grads, state, donate=True)
-    assert len(_runner._plans) == 1
+    assert len(_cache._entries) == 1

@@ -24,7 +24,7 @@ from netcl_optim.amp import (
     unscale_grads,
 )
 from netcl_optim.amp._loss_scale import new_flag, next_scale, scale_outputs, unscale_grads_
-from netcl_optim.fusion._runner import count_launches
+from netcl_optim.fusion import count_launches
 from netcl_optim.stateful._clip import clip_grad_norm_device
 
 SHAPES = [(3, 5), (7,), (), (0,), (4000,), (9000,)]  # > one chunk, a 0-d and an empty leaf

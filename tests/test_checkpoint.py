@@ -11,13 +11,13 @@ import optree
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stateful_cases import ROW_IDS, ROWS, Row, functional, random_grads
+from optimizer_table import OPTIMIZERS, STATEFUL, Optimizer, ids
 
 import netcl_optim as no
 from netcl_optim import stateful as S
 from netcl_optim._checkpoint import load, save
 from netcl_optim._packing import contiguous_run
-from netcl_optim.fusion._runner import count_launches
+from netcl_optim.fusion import count_launches
 
 SHAPES = [(3, 4), (5,), (2, 1, 3), ()]  # a 0-d leaf too
 
@@ -39,8 +39,12 @@ def params_host(params):
     return [p.data.get() for p in params]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
-def test_stateful_resume_is_bitwise(cl_queue, tmp_path, row: Row):
+def random_grads(rng, shapes, steps):
+    return [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("row", STATEFUL, ids=ids(STATEFUL))
+def test_stateful_resume_is_bitwise(cl_queue, tmp_path, row: Optimizer):
     """Checkpoint after k steps (optimizer + params), rebuild from the files, go on: the same
     bits as the uninterrupted run."""
     rng = np.random.default_rng(7)
@@ -48,7 +52,7 @@ def test_stateful_resume_is_bitwise(cl_queue, tmp_path, row: Row):
     grads = random_grads(rng, SHAPES, 8)
     grads[2][1] = None
     params = [S.Parameter(dev(p, cl_queue)) for p in p0]
-    opt = row.make(S, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+    opt = row.make_stateful(no, [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
 
     def step(ps, o, gs):
         for p, g in zip(ps, gs, strict=True):
@@ -64,7 +68,7 @@ def test_stateful_resume_is_bitwise(cl_queue, tmp_path, row: Row):
 
     saved = load(tmp_path / "params.npz", queue=cl_queue)
     resumed = [S.Parameter(a) for a in saved]
-    opt2 = row.make(S, [{"params": resumed[:2]}, {"params": resumed[2:]}])
+    opt2 = row.make_stateful(no, [{"params": resumed[:2]}, {"params": resumed[2:]}])
     assert load(tmp_path / "opt.npz", opt2) is opt2
     assert opt2.param_groups[1]["lr"] == 0.02
     for gs in grads[4:]:
@@ -72,14 +76,14 @@ def test_stateful_resume_is_bitwise(cl_queue, tmp_path, row: Row):
     assert [bits(a) for a in params_host(resumed)] == [bits(a) for a in params_host(params)]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
-def test_functional_resume_is_bitwise(cl_queue, tmp_path, row: Row):
+@pytest.mark.parametrize("row", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_functional_resume_is_bitwise(cl_queue, tmp_path, row: Optimizer):
     """A functional (params, state) pytree saved after k steps and loaded continues bit for
     bit; the state keeps its structure (NamedTuples, int counts) and stays packed."""
     rng = np.random.default_rng(8)
     p0 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     grads = random_grads(rng, SHAPES, 7)
-    tx = functional(no, row.cls, row.hyper())
+    tx = row.make(no)
     params = no.pack([dev(p, cl_queue) for p in p0])
     state = tx.init(params)
     for gs in grads[:3]:

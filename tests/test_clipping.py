@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import netcl_optim as no
-from netcl_optim.fusion._runner import count_launches
+from netcl_optim.fusion import count_launches
 from netcl_optim.stateful._clip import clip_grad_norm, clip_grad_norm_device
 
 NORM_TYPES = [2.0, 1.0, math.inf, 3.0, 0.5]

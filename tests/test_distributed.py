@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from optimizer_table import OPTIMIZERS, STATEFUL, Optimizer, ids
 
 import netcl_optim as no
 import netcl_optim.distributed as dist
 from netcl_optim._packing import contiguous_run
-from netcl_optim.stateful import SGD, Adam, AdamW, Parameter
+from netcl_optim.stateful import SGD, Adam, Parameter
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
@@ -263,7 +264,7 @@ def test_failures_before_the_agreement_change_nothing(MPI):
     a failure leaves every parameter's ``.data`` as it was."""
     ps = [Parameter(no.to_device(np.ones(3, np.float32))) for _ in range(2)]
     before = [p.data for p in ps]
-    with pytest.raises(ValueError, match="Invalid learning rate"):
+    with pytest.raises(ValueError, match=r"^Invalid lr: -1\.0 \(must be a finite number"):
         dist.ZeroRedundancyOptimizer(Adam, ps, comm=FakeComm(), lr=-1.0)
     assert all(p.data is d for p, d in zip(ps, before, strict=True))
     zero = dist.ZeroRedundancyOptimizer(Adam, ps, comm=FakeComm(), lr=1e-3)
@@ -271,7 +272,7 @@ def test_failures_before_the_agreement_change_nothing(MPI):
         p.grad = no.to_device(np.ones(3, np.float32))
     zero.param_groups[0]["lr"] = -1.0
     comm = zero.comm
-    with pytest.raises(ValueError, match="Invalid learning rate"):
+    with pytest.raises(ValueError, match=r"^Invalid lr: -1\.0 \(must be a finite number"):
         zero.step()
     assert comm.calls == ["Allgather", "Allgather"]  # constructor, step: no Allgatherv
     assert all((p.data.get() == 1).all() for p in ps)
@@ -293,20 +294,17 @@ def test_argument_errors(MPI):
 # ---------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.parametrize(
-    "tx",
-    [
-        no.sgd(0.1),
-        no.momentum(0.1, nesterov=True),
-        no.adam(1e-3, weight_decay=0.1),
-        no.adamw(1e-3),
-        no.rmsprop(1e-3, centered=True, momentum=0.9),
-        no.inject_hyperparams(no.adam)(learning_rate=lambda t: 1e-3 / (1 + t)),
-    ],
-    ids=["sgd", "momentum", "adam", "adamw", "rmsprop", "inject_hyperparams"],
-)
-def test_element_wise_optimizers_are_shardable(tx):
-    dist.check_shardable(tx)
+SHARDABLE = {
+    **{row.id: row.make for row in OPTIMIZERS},
+    "inject_hyperparams": lambda no: no.inject_hyperparams(no.adam)(
+        learning_rate=lambda t: 1e-3 / (1 + t)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARDABLE))
+def test_element_wise_optimizers_are_shardable(name):
+    dist.check_shardable(SHARDABLE[name](no))
 
 
 def _keep(updates: Any, state: Any, params: Any = None) -> Any:
@@ -332,11 +330,12 @@ def test_transforms_that_see_the_whole_tree_are_rejected(MPI, tx, exc, match):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-leaf"])
-def test_sharded_equals_unsharded_on_one_rank(MPI, packed):
+@pytest.mark.parametrize("row", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_sharded_equals_unsharded_on_one_rank(MPI, row: Optimizer, packed):
     params = no.to_device(tree_host(5))
     if packed:
         params = no.pack(params)
-    tx = no.adamw(1e-2, weight_decay=0.1)
+    tx = row.make(no)
     stx = dist.shard_optimizer(tx, MPI.COMM_SELF)
     p_ref = p_step = p_upd = params
     s_ref, s_step, s_upd = tx.init(params), stx.init(params), stx.init(params)
@@ -353,13 +352,14 @@ def test_sharded_equals_unsharded_on_one_rank(MPI, packed):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_updates_its_own_slice(MPI, rank):
+@pytest.mark.parametrize("row", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_each_rank_updates_its_own_slice(MPI, row: Optimizer, rank):
     """With the fake comm, the peer's part of the gathered tree stays NaN: this rank's part
     equals the unsharded optimizer's, and the state covers only its slice."""
     host = tree_host(6, half=False)
     params = no.pack(no.to_device(host))
     grads = no.pack(no.to_device(tree_host(7, half=False)))
-    tx = no.adam(1e-2)
+    tx = row.make(no)
     stx = dist.shard_optimizer(tx, FakeComm(rank=rank))
     ref, _ = no.step(tx, params, grads, tx.init(params))
     state = stx.init(params)
@@ -370,10 +370,11 @@ def test_each_rank_updates_its_own_slice(MPI, rank):
     lo, hi = dist.shard_bounds(flat.size, 2)[rank]
     assert flat[lo:hi].tobytes() == want[lo:hi].tobytes()
     assert np.isnan(np.delete(flat, np.arange(lo, hi))).all()
-    assert dist.state_nbytes(state) == 2 * 4 * (hi - lo)  # mu and nu of the slice
+    assert dist.state_nbytes(state) == row.slots * 4 * (hi - lo)  # the slots of the slice
 
 
-def test_zero_redundancy_optimizer_equals_the_optimizer_on_one_rank(MPI):
+@pytest.mark.parametrize("row", STATEFUL, ids=ids(STATEFUL))
+def test_zero_redundancy_optimizer_equals_the_optimizer_on_one_rank(MPI, row: Optimizer):
     host = tree_host(8)
     keys = list(host)
     ref_ps = [Parameter(no.to_device(host[k])) for k in keys]
@@ -382,11 +383,13 @@ def test_zero_redundancy_optimizer_equals_the_optimizer_on_one_rank(MPI):
     def groups(ps: list) -> list:
         return [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:]}]
 
-    ref = AdamW(groups(ref_ps), lr=3e-3, weight_decay=0.1)
+    ref = row.make_stateful(no, groups(ref_ps))
+    cls = getattr(no, row.stateful)
     zero = dist.ZeroRedundancyOptimizer(
-        AdamW, groups(zero_ps), comm=MPI.COMM_SELF, lr=3e-3, weight_decay=0.1
+        cls, groups(zero_ps), comm=MPI.COMM_SELF, **row.class_kwargs()
     )
-    assert zero.param_groups[0]["lr"] == 1e-2 and zero.param_groups[1]["lr"] == 3e-3
+    lr = row.torch_kwargs()["lr"]
+    assert zero.param_groups[0]["lr"] == 1e-2 and zero.param_groups[1]["lr"] == lr
     for step in range(4):
         g = tree_host(20 + step)
         if step % 2:
@@ -406,7 +409,8 @@ def test_zero_redundancy_optimizer_equals_the_optimizer_on_one_rank(MPI):
         for p, q in zip(ref_ps, zero_ps, strict=True):
             assert p.data.get().tobytes() == q.data.get().tobytes()
         zero.zero_grad()
-    assert zero.state_nbytes() == dist.state_nbytes(ref) > 0
+    assert zero.state_nbytes() == dist.state_nbytes(ref)
+    assert (dist.state_nbytes(ref) > 0) == (row.slots > 0)
     sd = zero.state_dict()
     assert sd["zero"] == {"rank": 0, "world_size": 1}
     zero.load_state_dict(sd)
@@ -503,7 +507,7 @@ def test_an_uncaught_failure_on_one_rank_ends_every_rank():
     """Plain ``python`` (no ``-m mpi4py``): the library alone must make every rank exit."""
     status, out = _launch([str(SCRIPTS / "failures.py"), "uncaught"], timeout=60)
     assert status != 0, out
-    bad_lr = "ValueError: param_groups[0]: Invalid learning rate (lr): -1.0"
+    bad_lr = "ValueError: Invalid lr: -1.0 (must be a finite number >= 0) in param_groups[0]"
     assert f"\n{bad_lr}" in out, out  # rank 1's own error
     assert (
         "ValueError: ZeroRedundancyOptimizer.step: another rank failed, so every rank raises: "

@@ -1,13 +1,14 @@
 """The functional API on the device, against the float64 references of tests/reference.py.
 
-Every row of tests/cases.py runs on generated trees (dicts, lists, tuples, NamedTuples, ``None``
-subtrees; sizes 0, 1, primes and one ~10k leaf; float32, float64, float16 and mixed) over
-several steps, and must match its reference. Other properties: inputs are never written,
-``step`` is ``update`` + ``apply_updates`` bit for bit, a fused chain equals the same transforms
-run one at a time, packed trees give the numbers of unpacked ones, states keep their structure and
-dtypes, global-norm clipping respects its bound, and invalid arguments or mismatched trees raise
-errors that name the problem without touching any input. torch.optim and optax cross-checks run
-when those packages import.
+Every row of tests/cases.py (the transforms, and the optimizers of tests/optimizer_table.py)
+runs on generated trees (dicts, lists, tuples, NamedTuples, ``None`` subtrees; sizes 0, 1, primes
+and one ~10k leaf; float32, float64, float16 and mixed) over several steps, and must match its
+reference; each optimizer also at hyperparameters drawn by its row's strategies. Other
+properties: inputs are never written, ``step`` is ``update`` + ``apply_updates`` bit for bit, a
+fused chain equals the same transforms run one at a time, packed trees give the numbers of
+unpacked ones, states keep their structure and dtypes, global-norm clipping respects its bound,
+and invalid arguments or mismatched trees raise errors that name the problem without touching
+any input. torch.optim and optax cross-checks run when those packages import.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 import optree
 import pytest
 import reference as ref
-from cases import CASE_IDS, CASES, ERRORS, OPTIMIZERS, TRANSFORMS, Case
+from cases import CASE_IDS, CASES, ERRORS, TRANSFORMS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from optimizer_table import HYPER, OPTAX, OPTIMIZERS, TORCH, Case, Optimizer, ids
 
 no = pytest.importorskip("netcl_optim")
 cla = pytest.importorskip("pyopencl.array")
@@ -299,73 +301,23 @@ def test_case_matches_reference(cl_queue, case: Case, prob: Problem):
     # Coupled weight decay feeds g + wd * p into an adaptive scaling: where the two nearly
     # cancel, float32's rounding of the sum (and of the moments built from it) is divided by an
     # eps-sized denominator, an error no float32 implementation avoids (torch's neither). Such
-    # cases get 10x the tolerance; everything else keeps the tight one.
-    ill = "wd_coupled" in case.id and case.factory in ("adam", "rmsprop")
+    # rows have a ``conditioning`` (10x the tolerance); everything else keeps the tight one.
     _check_against_reference(
         case.make(no),
         case.make_reference(),
         prob,
         cl_queue,
         coupled=case.reduction,
-        conditioning=10.0 if ill else 1.0,
+        conditioning=case.conditioning,
     )
 
 
-@st.composite
-def optimizer_hyperparameters(draw, family: str) -> dict[str, Any]:
-    lr = draw(st.floats(1e-4, 0.5))
-    wd = draw(st.sampled_from([0.0, None]))
-    wd = draw(st.floats(0.0, 0.2)) if wd is None else wd
-    eps = 10.0 ** draw(st.floats(-10, -2))
-    if family in ("sgd", "momentum"):
-        momentum = draw(st.sampled_from([0.0, 0.9]) | st.floats(0.0, 0.99))
-        if family == "momentum":
-            momentum = max(momentum, 0.1)
-        dampening = draw(st.sampled_from([0.0]) | st.floats(0.0, 0.9)) if family == "sgd" else 0.0
-        nesterov = draw(st.booleans()) and momentum > 0 and dampening == 0
-        hp = {"learning_rate": lr, "momentum": momentum, "weight_decay": wd, "nesterov": nesterov}
-        if family == "sgd":
-            hp["dampening"] = dampening
-        return hp
-    if family in ("adam", "adamw"):
-        # b1 in (0, 0.05) is left out: float32 cannot hold 1 - b1 well enough (torch's lerp
-        # weight), which costs up to eps32 / b1 relative error in the first moment.
-        b1 = draw(st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99))
-        return {
-            "learning_rate": lr * 0.1,
-            "b1": b1,
-            "b2": draw(st.floats(0.0, 0.9999)),
-            "eps": eps,
-            "weight_decay": wd,
-        }
-    centered = draw(st.booleans())
-    alpha = draw(st.floats(0.5 if centered else 0.0, 0.999))
-    momentum = draw(st.sampled_from([0.0]) | st.floats(0.0, 0.95))
-    return {
-        "learning_rate": lr * 0.1,
-        "alpha": alpha,
-        "eps": eps,
-        "weight_decay": wd,
-        "momentum": momentum,
-        "centered": centered,
-    }
-
-
-_FAMILIES = {
-    "sgd": ref.sgd_tx,
-    "momentum": ref.momentum_tx,
-    "adam": ref.adam_tx,
-    "adamw": ref.adamw_tx,
-    "rmsprop": ref.rmsprop_tx,
-}
-
-
-@pytest.mark.parametrize("family", list(_FAMILIES))
+@pytest.mark.parametrize("row", HYPER, ids=ids(HYPER))
 @given(data=st.data())
-def test_optimizer_hyperparameters_match_reference(cl_queue, family: str, data):
-    hp = data.draw(optimizer_hyperparameters(family), label="hyperparameters")
+def test_optimizer_hyperparameters_match_reference(cl_queue, row: Optimizer, data):
+    hp = data.draw(row.hyper(st), label="hyperparameters")
     prob = data.draw(problems(dtypes=(F32, F64), steps=(1, 4)), label="problem")
-    _check_against_reference(getattr(no, family)(**hp), _FAMILIES[family](**hp), prob, cl_queue)
+    _check_against_reference(row.make(no, hp), row.make_reference(hp), prob, cl_queue)
 
 
 @st.composite
@@ -448,7 +400,7 @@ def _check_step_is_update_then_apply(case: Case, prob: Problem, cl_queue: Any) -
         assert_bitwise_equal(snapshot(s_a), snapshot(s_b), f"state after step {k}")
 
 
-def _parts_chain(case: Case) -> tuple[Any, Any]:
+def _parts_chain(case: Optimizer) -> tuple[Any, Any]:
     parts = case.make_parts(no)
     return no.chain(*parts), no.chain(*(opaque(t) for t in parts))
 
@@ -456,10 +408,10 @@ def _parts_chain(case: Case) -> tuple[Any, Any]:
 OPT_WITH_PARTS = [c for c in OPTIMIZERS if c.parts is not None]
 
 
-@pytest.mark.parametrize("case", OPT_WITH_PARTS, ids=[c.id for c in OPT_WITH_PARTS])
+@pytest.mark.parametrize("case", OPT_WITH_PARTS, ids=ids(OPT_WITH_PARTS))
 @FEW
 @given(prob=problems(dtypes=(F32,)))
-def test_fused_chain_equals_one_transform_at_a_time(cl_queue, case: Case, prob: Problem):
+def test_fused_chain_equals_one_transform_at_a_time(cl_queue, case: Optimizer, prob: Problem):
     """float32: the optimizer's chain fused into one kernel, and its transforms run one by one
     (opaque, so chain() cannot fuse them), give the same bits; the alias is that chain."""
     fused, split = _parts_chain(case)
@@ -826,7 +778,7 @@ def _has_device_arrays(tree: Any) -> bool:
 
 @pytest.mark.parametrize(
     "name",
-    ["adam", "adamw-wd_decoupled", "sgd-momentum", "rmsprop", "clip_by_global_norm", "scale"],
+    ["adam", "adamw", "sgd-momentum", "rmsprop", "clip_by_global_norm", "scale"],
 )
 @pytest.mark.parametrize(("what", "make_bad", "match"), BAD_GRADS, ids=[b[0] for b in BAD_GRADS])
 def test_mismatched_grads_raise_and_change_nothing(cl_queue, name, what, make_bad, match):
@@ -867,9 +819,7 @@ def test_mismatched_state_raises(cl_queue, name):
         tx.update(grads, wrong_tree_state, params)
 
 
-@pytest.mark.parametrize(
-    "name", ["add_decayed_weights", "adamw-wd_decoupled", "sgd-nesterov-wd_coupled"]
-)
+@pytest.mark.parametrize("name", ["add_decayed_weights", "adamw", "sgd-nesterov-wd_coupled"])
 def test_params_required_and_checked(cl_queue, name):
     case = CASE_BY_ID[name]
     tx = case.make(no)
@@ -906,9 +856,6 @@ def test_apply_updates_mismatch(cl_queue):
 # ---------------------------------------------------------------------------------------------
 # torch.optim and optax cross-checks
 # ---------------------------------------------------------------------------------------------
-
-TORCH_CASES = [c for c in OPTIMIZERS if c.torch is not None]
-OPTAX_CASES = [c for c in OPTIMIZERS if c.optax is not None]
 
 
 def _trajectory_problem(steps: int = 20, seed: int = 0):
@@ -954,13 +901,12 @@ def _assert_trajectories_close(got: list[dict], want: list[dict], p0: dict, what
         )
 
 
-@pytest.mark.parametrize("case", TORCH_CASES, ids=[c.id for c in TORCH_CASES])
-def test_trajectory_matches_torch(cl_queue, case: Case):
+@pytest.mark.parametrize("case", TORCH, ids=ids(TORCH))
+def test_trajectory_matches_torch(cl_queue, case: Optimizer):
     torch = pytest.importorskip("torch")
-    cls_name, kwargs = case.torch
     p0, gs = _trajectory_problem()
     tparams = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
-    opt = getattr(torch.optim, cls_name)(list(tparams.values()), foreach=False, **kwargs)
+    opt = case.make_torch(torch, list(tparams.values()), foreach=False)
     want = []
     for g in gs:
         for k, t in tparams.items():
@@ -968,17 +914,17 @@ def test_trajectory_matches_torch(cl_queue, case: Case):
         opt.step()
         want.append({k: t.detach().numpy().copy() for k, t in tparams.items()})
     got = _netcl_trajectory(case.make(no), p0, gs, cl_queue)
-    _assert_trajectories_close(got, want, p0, f"{case.id} vs torch.optim.{cls_name}")
+    _assert_trajectories_close(got, want, p0, f"{case.id} vs torch.optim.{case.torch}")
 
 
-@pytest.mark.parametrize("case", OPTAX_CASES, ids=[c.id for c in OPTAX_CASES])
-def test_trajectory_matches_optax(cl_queue, case: Case):
+@pytest.mark.parametrize("case", OPTAX, ids=ids(OPTAX))
+def test_trajectory_matches_optax(cl_queue, case: Optimizer):
     pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     import jax.numpy as jnp
 
     p0, gs = _trajectory_problem(seed=1)
-    otx = case.optax(optax)
+    otx = case.make_optax(optax)
     p = {k: jnp.asarray(v) for k, v in p0.items()}
     state = otx.init(p)
     want = []

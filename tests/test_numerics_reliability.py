@@ -13,7 +13,7 @@ import pytest
 
 import netcl_optim as no
 from netcl_optim.amp._loss_scale import dynamic_loss_scale, unscale_grads
-from netcl_optim.fusion import _programs, _runner
+from netcl_optim.fusion import _programs, _reductions
 from netcl_optim.stateful._clip import clip_grad_norm, clip_grad_norm_device
 from netcl_optim.stateful._grad_scaler import AMPGradScaler
 
@@ -31,7 +31,7 @@ def q(cl_queue):
 
 
 def _fp64(q) -> bool:
-    return _runner.acc_ctype(q) == "double"
+    return _reductions.acc_ctype(q) == "double"
 
 
 def _params(q, grads: list[np.ndarray], packed: bool) -> list[P]:
@@ -57,7 +57,7 @@ def _exact_norm(grads: list[np.ndarray], p: float) -> float:
 @pytest.fixture
 def float_acc(q, monkeypatch):
     """Reductions as on a device without fp64: a float32 accumulator."""
-    monkeypatch.setitem(_runner._acc, q, "float")
+    monkeypatch.setitem(_reductions._acc, q, "float")
     return q
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import netcl_optim as no
-from netcl_optim.fusion import _runner
+from netcl_optim.fusion import reduce_leaves
 from netcl_optim.fusion._codegen import KernelSpec, fused_source
 from netcl_optim.transforms._update import step_
 
@@ -117,7 +117,7 @@ def test_reductions_match_numpy(op, finish, ref, dtype, n):
     x = RNG.standard_normal(n).astype(dtype)
     if op == "nonfinite" and n > 8:
         x[n // 2] = np.inf
-    got = _runner.reduce_leaves(no.default_queue(), [no.to_device(x)], op, finish, 1.0, 3.0).get()
+    got = reduce_leaves(no.default_queue(), [no.to_device(x)], op, finish, 1.0, 3.0).get()
     want = ref(x.astype(np.float64))
     np.testing.assert_allclose(got[0], want, rtol=2e-6 if dtype != np.float16 else 1e-3)
 
@@ -127,13 +127,13 @@ def test_reduction_over_many_leaves_packed_and_not():
     want = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in xs))
     q = no.default_queue()
     for tree in (no.to_device(xs), no.pack(no.to_device(xs))):
-        got = _runner.reduce_leaves(q, tree, "sumsq", "clip", 1.0).get()
+        got = reduce_leaves(q, tree, "sumsq", "clip", 1.0).get()
         np.testing.assert_allclose(got[0], want, rtol=1e-6)
         np.testing.assert_allclose(got[1], min(1.0, 1.0 / (want + 1e-6)), rtol=1e-6)
 
 
 def test_codegen_is_readable_and_hyperparameters_are_arguments():
-    frags = [c.fragment for c in no.adamw(1e-3).fragment.children]
+    frags = [c.plan for c in no.adamw(1e-3).plan.children]
     spec = KernelSpec(
         tuple(f.key for f in frags), np.dtype(np.float32), "pure", True, True, "double"
     )

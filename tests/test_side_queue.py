@@ -1,4 +1,4 @@
-"""Per-leaf launches on the CPU device's out-of-order side queue (``_runner._launch_all``).
+"""Per-leaf launches on the CPU device's out-of-order side queue (``fusion._launch.launch_all``).
 
 Results must be bit for bit those of the in-order launches; the step must still come after
 the queue's earlier work and before its later work; leaves that share memory stay in order.
@@ -16,7 +16,7 @@ import pytest
 
 import netcl_optim as no
 from netcl_optim._device import has_fp64, side_queue
-from netcl_optim.fusion import _runner
+from netcl_optim.fusion import _launch
 from netcl_optim.transforms._update import step_
 
 SHAPES = [(17, 5), (3,), (), (0,), (1031,), (4, 4, 4), (64,), (9, 2)]
@@ -33,13 +33,13 @@ def _tree(rng, dtypes=(np.float32,)):
 def launch_queues(monkeypatch):
     """The queues this library launched its kernels on, in order."""
     seen: list[cl.CommandQueue] = []
-    real = _runner._launch
+    real = _launch.launch
 
     def spy(kernel, queue, n, args):
         seen.append(queue)
         real(kernel, queue, n, args)
 
-    monkeypatch.setattr(_runner, "_launch", spy)
+    monkeypatch.setattr(_launch, "launch", spy)
     return seen
 
 
@@ -56,12 +56,12 @@ def test_side_queue_is_an_out_of_order_queue_on_cpu_devices_only(cl_queue):
 def test_leaves_disjoint(cl_queue):
     packed = no.pack(no.to_device([np.ones((3, 4), np.float32), np.ones(5, np.float32)]))
     a = no.to_device(np.ones(7, np.float32))
-    assert _runner._leaves_disjoint([packed])
-    assert _runner._leaves_disjoint([[a, packed[0]], [a, packed[1]]])  # same leaf, two roles
-    assert not _runner._leaves_disjoint([[a, a]])  # one array twice: tied weights
-    assert not _runner._leaves_disjoint([[a, packed[0]], [packed[0], a]])
-    assert _runner._leaves_disjoint([[a[:3], a[3:]]])
-    assert not _runner._leaves_disjoint([[a[:4], a[3:]]])
+    assert _launch.leaves_disjoint([packed])
+    assert _launch.leaves_disjoint([[a, packed[0]], [a, packed[1]]])  # same leaf, two roles
+    assert not _launch.leaves_disjoint([[a, a]])  # one array twice: tied weights
+    assert not _launch.leaves_disjoint([[a, packed[0]], [packed[0], a]])
+    assert _launch.leaves_disjoint([[a[:3], a[3:]]])
+    assert not _launch.leaves_disjoint([[a[:4], a[3:]]])
 
 
 def _optimizers():
@@ -76,7 +76,7 @@ def _optimizers():
 
 
 def _run(tx, host_p, host_g, donate, side_from, monkeypatch, steps=3):
-    monkeypatch.setattr(_runner, "SIDE_QUEUE_FROM", side_from)
+    monkeypatch.setattr(_launch, "SIDE_QUEUE_FROM", side_from)
     queue = no.default_queue()
     params = no.to_device(host_p)
     grads = no.to_device(host_g)
@@ -119,7 +119,7 @@ def _sgd_tree(n_leaves=20):
 def test_the_step_waits_for_earlier_work_on_the_queue(monkeypatch, cl_queue):
     if side_queue(cl_queue) is None:
         pytest.skip("no side queue on this device (not a CPU device)")
-    monkeypatch.setattr(_runner, "SIDE_QUEUE_FROM", 1)
+    monkeypatch.setattr(_launch, "SIDE_QUEUE_FROM", 1)
     tx, params, grads, state = _sgd_tree()
     gate = cl.UserEvent(cl_queue.context)
     opener = threading.Timer(0.2, gate.set_status, [cl.command_execution_status.COMPLETE])
@@ -139,7 +139,7 @@ def test_later_work_on_the_queue_waits_for_the_step(monkeypatch, cl_queue):
     side = side_queue(cl_queue)
     if side is None:
         pytest.skip("no side queue on this device (not a CPU device)")
-    monkeypatch.setattr(_runner, "SIDE_QUEUE_FROM", 1)
+    monkeypatch.setattr(_launch, "SIDE_QUEUE_FROM", 1)
     tx, params, grads, state = _sgd_tree()
     gate = cl.UserEvent(cl_queue.context)
     cl.enqueue_barrier(side, wait_for=[gate])  # holds the step's kernels back
@@ -159,7 +159,7 @@ def test_later_work_on_the_queue_waits_for_the_step(monkeypatch, cl_queue):
 def test_tied_leaves_are_updated_in_order(monkeypatch, launch_queues, cl_queue):
     """One array twice in a tree updated in place (the in-place path under the stateful
     layer; a donated step refuses it): its two updates must not race."""
-    monkeypatch.setattr(_runner, "SIDE_QUEUE_FROM", 1)
+    monkeypatch.setattr(_launch, "SIDE_QUEUE_FROM", 1)
     shared = no.to_device(np.linspace(-1, 1, 4099).astype(np.float32))
     others = [no.to_device(np.full(s, 0.5, np.float32)) for s in [(5,), (64, 3)]]
     params = [shared, *others, shared]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -13,122 +12,15 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import EmptyState, GradientTransformation, OptState
+from .._base import EmptyState, GradientTransformation, OpaquePlan, OptState
 from .._device import allocator, check_float_dtype, queue_of
 from .._packing import contiguous_run, element_offset, layout
 from .._state_check import NamedTupleSpec, Spec, check_state, register, spec_of
 from .._validation import OPEN_UNIT, Rule, at_least, greater_than, real, require
-from ..fusion._codegen import ctype, preamble
-from ..fusion._programs import build
-from ..fusion._runner import _count, _counters, _launch
+from ..fusion import scale_into, unscale
 from ..transforms._wrappers import noop_updates
 
-# ---------------------------------------------------------------------------- kernels
-
-_CHUNK_MIN = 4096  # elements per work-item at least (a multiple of 8)
-_WORKERS = 512  # work-items per launch at most, beyond _CHUNK_MIN * _WORKERS elements
-
-
-def _unscale_source(storage: str, inplace: bool) -> tuple[str, str]:
-    """``y = x * inv_scale`` over one contiguous chunk per work-item (vectors of 8, or 4 for
-    double: PoCL mishandles double8 without AVX-512), and ``found[0] = 1`` from every
-    work-item that saw a non-finite *input* (torch checks the scaled values). All writers
-    store the same value, as torch's CUDA kernel does."""
-    real = "double" if storage == "double" else "float"
-    w = 4 if real == "double" else 8
-    mode = "inplace" if inplace else "pure"
-    name = f"netcl_unscale_{mode}_{storage}"
-    mask = f"long{w}" if real == "double" else f"int{w}"
-    if storage == "half":
-        load_v, load1 = f"vload_half{w}(0, x + k)", "vload_half(k, x)"
-        store_v = f"vstore_half{w}_rte(v * inv_scale, 0, y + k);"
-        store1 = "vstore_half_rte(v * inv_scale, k, y);"
-    else:
-        load_v, load1 = f"vload{w}(0, x + k)", "x[k]"
-        store_v = f"vstore{w}(v * inv_scale, 0, y + k);"
-        store1 = "y[k] = v * inv_scale;"
-    if inplace:
-        buffers = f"__global {storage} *x_base, const long x_off"
-        rebase = (
-            "    __global const {s} *x = x_base + x_off;\n    __global {s} *y = x_base + x_off;"
-        )
-    else:
-        buffers = (
-            f"__global const {storage} *restrict x_base, const long x_off,\n"
-            f"    __global {storage} *restrict y_base, const long y_off"
-        )
-        rebase = (
-            "    __global const {s} *restrict x = x_base + x_off;\n"
-            "    __global {s} *restrict y = y_base + y_off;"
-        )
-    src = f"""//CL// {name}: x * inv_scale in chunks; found[0] = 1 if any input is not finite
-{preamble(real, real == "double")}
-__kernel void {name}(
-    {buffers},
-    const long n, const long chunk, __global float *restrict found, const real inv_scale)
-{{
-{rebase.format(s=storage)}
-    long k = get_global_id(0) * chunk;
-    const long stop = min(k + chunk, n);
-    {mask} bad_v = ({mask})(0);
-    for (; k + {w} <= stop; k += {w}) {{
-        const {real}{w} v = {load_v};
-        bad_v |= isnan(v - v);
-        {store_v}
-    }}
-    int bad = any(bad_v);
-    for (; k < stop; k++) {{
-        const real v = {load1};
-        bad |= isnan(v - v);
-        {store1}
-    }}
-    if (bad) found[0] = 1.0f;
-}}
-"""
-    return src, name
-
-
-def _scale_source(storage: str) -> tuple[str, str]:
-    """``y = x * s``, one work-item per element (loss scaling of device arrays)."""
-    real = "double" if storage == "double" else "float"
-    name = f"netcl_scale_{storage}"
-    if storage == "half":
-        body = "vstore_half_rte(vload_half(x_off + i, x) * s, y_off + i, y);"
-    else:
-        body = "y[y_off + i] = x[x_off + i] * s;"
-    src = f"""//CL// {name}: y = x * s
-{preamble(real, real == "double")}
-__kernel void {name}(__global const {storage} *restrict x, const long x_off,
-                     __global {storage} *restrict y, const long y_off, const real s)
-{{
-    const long i = get_global_id(0);
-    {body}
-}}
-"""
-    return src, name
-
-
-@cache
-def _sources(kind: str, storage: str, inplace: bool) -> tuple[str, str, tuple]:
-    real = np.float64 if storage == "double" else np.float32
-    if kind == "unscale":
-        src, name = _unscale_source(storage, inplace)
-        n_buf = 1 if inplace else 2
-        dts = (None, np.int64) * n_buf + (np.int64, np.int64, None, real)
-    else:
-        src, name = _scale_source(storage)
-        dts = (None, np.int64, None, np.int64, real)
-    return src, name, dts
-
-
-def _kernel(queue: cl.CommandQueue, kind: str, dtype: np.dtype, inplace: bool = False) -> Any:
-    src, name, dts = _sources(kind, ctype(dtype), inplace)
-    return build(queue.context, src, name, list(dts))
-
-
-def _chunk(n: int) -> int:
-    per_worker = -(-n // _WORKERS)
-    return max(_CHUNK_MIN, -(-per_worker // 8) * 8)
+# ---------------------------------------------------------------------------- unscaling
 
 
 def _check_grads(leaves: Sequence[Any], where: str) -> cl.CommandQueue:
@@ -156,26 +48,6 @@ def _by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
     return groups
 
 
-def _unscale_run(
-    queue: cl.CommandQueue,
-    kernel: Any,
-    x: Any,
-    x_off: int,
-    y: Any | None,
-    y_off: int,
-    n: int,
-    found: cla.Array,
-    inv_scale: float,
-) -> None:
-    if not n:
-        return
-    chunk = _chunk(n)
-    bufs = [x, x_off] if y is None else [x, x_off, y, y_off]
-    if _counters:
-        _count(kernel.function_name)
-    kernel(queue, (-(-n // chunk),), (1,), *bufs, n, chunk, found.base_data, inv_scale)
-
-
 def unscale_grads_(grads: Sequence[cla.Array], inv_scale: float, found: cla.Array) -> None:
     """In place: ``g *= inv_scale`` for every array of ``grads`` (all elements, even when
     some are not finite, as torch), and ``found[0] = 1`` if any *input* element is not
@@ -193,18 +65,15 @@ def unscale_grads_(grads: Sequence[cla.Array], inv_scale: float, found: cla.Arra
         return
     queue = _check_grads(grads, "unscale_grads_")
     for dtype, idx in _by_dtype(grads).items():
-        kernel = _kernel(queue, "unscale", dtype, inplace=True)
         xs = [grads[i] for i in idx]
         run = contiguous_run(xs)
         if run is not None:
-            _unscale_run(
-                queue, kernel, run[0], run[1], None, 0, sum(x.size for x in xs), found, inv_scale
-            )
+            n = sum(x.size for x in xs)
+            unscale(queue, dtype, run[0], run[1], None, 0, n, found, inv_scale)
         else:
             for x in xs:
-                _unscale_run(
-                    queue, kernel, x.base_data, element_offset(x), None, 0, x.size, found, inv_scale
-                )
+                off = element_offset(x)
+                unscale(queue, dtype, x.base_data, off, None, 0, x.size, found, inv_scale)
 
 
 def unscale_grads(grads: Any, scale: float) -> tuple[Any, cla.Array]:
@@ -223,7 +92,6 @@ def unscale_grads(grads: Any, scale: float) -> tuple[Any, cla.Array]:
     inv = inverse_scale(scale)
     out: list[Any] = [None] * len(leaves)
     for dtype, idx in _by_dtype(leaves).items():
-        kernel = _kernel(queue, "unscale", dtype)
         xs = [leaves[i] for i in idx]
         lay = layout(tuple(x.shape for x in xs), dtype)
         block = lay.allocate(queue)
@@ -232,12 +100,12 @@ def unscale_grads(grads: Any, scale: float) -> tuple[Any, cla.Array]:
         run = contiguous_run(xs)
         if run is not None:
             start = block.offset // dtype.itemsize
-            _unscale_run(queue, kernel, run[0], run[1], block.buffer, start, lay.total, found, inv)
+            unscale(queue, dtype, run[0], run[1], block.buffer, start, lay.total, found, inv)
         else:
             for x, v in zip(xs, block.views, strict=True):
-                _unscale_run(
+                unscale(
                     queue,
-                    kernel,
+                    dtype,
                     x.base_data,
                     element_offset(x),
                     v.base_data,
@@ -263,9 +131,7 @@ def _scale_leaf(x: Any, scale: float) -> Any:
         if x.size:
             if not x.flags.c_contiguous:
                 raise ValueError("scale_loss: the loss array is not C-contiguous")
-            kernel = _kernel(queue, "scale", x.dtype)
-            args = [x.base_data, element_offset(x), y.base_data, element_offset(y), scale]
-            _launch(kernel, queue, x.size, args)
+            scale_into(x, y, scale)
         return y
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.ndarray, np.generic)):
         raise ValueError(
@@ -459,7 +325,8 @@ def dynamic_loss_scale(
         inner_spec = NamedTupleSpec(EmptyState) if inner is None else spec_of(inner)
         return NamedTupleSpec(DynamicLossScaleState, {"inner_state": inner_spec})
 
-    tx = register(GradientTransformation(init, update), spec)
+    plan = OpaquePlan("dynamic_loss_scale", () if inner is None else (inner,))
+    tx = register(GradientTransformation(init, update, plan), spec)
     return tx
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import optree
 import pyopencl.array as cla
 
-from .._base import EmptyState, GradientTransformation, OptState
+from .._base import EmptyState, GradientTransformation, OpaquePlan, OptState
 from .._device import queue_of
 from .._packing import layout
 from .._state_check import NamedTupleSpec, check_state, register
@@ -136,7 +136,8 @@ def allreduce_gradients(comm: Any = None, average: bool = True) -> GradientTrans
         check_state(tx, state)
         return allreduce(updates, comm, average), state
 
-    tx = register(GradientTransformation(init, update), partial(NamedTupleSpec, EmptyState))
+    plan = OpaquePlan("allreduce_gradients", ())
+    tx = register(GradientTransformation(init, update, plan), partial(NamedTupleSpec, EmptyState))
     return tx
 
 

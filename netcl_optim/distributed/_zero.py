@@ -19,15 +19,13 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import Fragment, GradientTransformation
+from .._base import GradientTransformation, OpaquePlan, is_elementwise, is_fusible
 from .._device import queue_of
 from .._packing import Block, Layout, contiguous_run, layout, pack
 from .._state_check import register, wrapper
-from ..fusion._runner import flatten_like
+from ..fusion import flatten_like, walk
 from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
-from ..transforms._combining import ChainPlan
-from ..transforms._hyperparams import _InjectPlan
 from ..transforms._update import step as _step
 from ._comm import (
     agree,
@@ -59,39 +57,27 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     Accepted: fragments without a reduction, chains of them, :func:`inject_hyperparams` and
     ``MultiSteps`` over them. Rejected (ValueError): whole-tree reductions
     (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
-    would be a partial one. Rejected (TypeError): opaque transforms (no fragment, e.g.
+    would be a partial one. Rejected (TypeError): opaque transforms (not fused, e.g.
     ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
     """
-    frag = tx.fragment
-    if isinstance(frag, ChainPlan):
-        for child in frag.children:
-            check_shardable(child, what)
-    elif isinstance(frag, Fragment):
-        if frag.reduction is not None:
-            raise ValueError(
-                f"{what}: {frag.name} reduces over the whole tree ({frag.reduction.op}), but a "
-                "shard sees only its slice of the parameters. Apply it before the sharded "
-                "optimizer, on the full all-reduced gradients every rank holds, e.g. "
-                f"chain(allreduce_gradients(), {frag.name}(...), shard_optimizer(adam(...)))"
-            )
-    elif isinstance(frag, _InjectPlan):
-        check_shardable(frag.make(dict(frag.initial)), what)
-    elif isinstance(
-        getattr(getattr(frag, "owner", None), "inner_opt", None), GradientTransformation
-    ):
-        check_shardable(frag.owner.inner_opt, what)  # MultiSteps: accumulating is element-wise
-    elif frag is None:
-        raise TypeError(
-            f"{what}: an opaque transform (no fragment: masked, a mask= argument, partition, "
-            "a user-written transform) cannot be sharded: it may depend on the tree structure "
-            "or reduce over it. Shard only element-wise optimizers (sgd, momentum, adam, "
-            "adamw without a mask, rmsprop and chains of element-wise transforms)"
+    culprit = next((t for t in walk(tx) if not is_elementwise(t)), None)  # innermost first
+    if culprit is None:
+        return
+    reduction = getattr(culprit.plan, "reduction", None)  # a fragment's
+    if is_fusible(culprit) and reduction is not None:
+        name = culprit.plan.name
+        raise ValueError(
+            f"{what}: {name} reduces over the whole tree ({reduction.op}), but a "
+            "shard sees only its slice of the parameters. Apply it before the sharded "
+            "optimizer, on the full all-reduced gradients every rank holds, e.g. "
+            f"chain(allreduce_gradients(), {name}(...), shard_optimizer(adam(...)))"
         )
-    else:
-        raise TypeError(
-            f"{what}: cannot tell whether a transform with a {type(frag).__name__} plan is "
-            "element-wise; shard only element-wise optimizers"
-        )
+    raise TypeError(
+        f"{what}: an opaque transform (not fused: masked, a mask= argument, partition, "
+        "a user-written transform) cannot be sharded: it may depend on the tree structure "
+        "or reduce over it. Shard only element-wise optimizers (sgd, momentum, adam, "
+        "adamw without a mask, rmsprop and chains of element-wise transforms)"
+    )
 
 
 # ---------------------------------------------------------------------------- flat slices
@@ -374,8 +360,10 @@ def shard_optimizer(tx: GradientTransformation, comm: Any = None) -> GradientTra
         )
     check_shardable(tx)
     impl = _Sharded(tx, comm)
+    plan = OpaquePlan("shard_optimizer", (tx,))
     return register(
-        GradientTransformation(impl.init, impl.update), wrapper(ShardState, "inner_state", tx)
+        GradientTransformation(impl.init, impl.update, plan),
+        wrapper(ShardState, "inner_state", tx),
     )
 
 
@@ -668,9 +656,9 @@ class ZeroRedundancyOptimizer:
         """Validate the hyperparameters of every group that steps, as the local optimizer's
         step would before launching anything (a netcl_optim optimizer; others are trusted)."""
         if isinstance(self.optim, Optimizer):
-            for gi, (group, on) in enumerate(zip(self.optim.param_groups, active, strict=True)):
+            for gi, on in enumerate(active):
                 if on:
-                    self.optim._plan(group, gi)  # builds (and caches) the group's chain
+                    self.optim._chain(gi)  # checks, builds and caches the group's chain
 
     def _grad_source(self, flat: _FlatDtype) -> tuple[Any, int]:
         """``(buffer, element offset of the flat grads)`` for ``flat``'s dtype: the packed

@@ -64,6 +64,25 @@ class Arg(NamedTuple):
     kind: str  # "buffer", "offset" or "scalar"
 
 
+# Argument names: the executor binds its arrays and per-step values by these.
+U_IN, P_IN, OUT = "u_in", "p_in", "out"
+
+
+def slot_arg(slot: str, k: int, io: str = "") -> str:
+    """Part ``k``'s ``slot`` buffer: ``io`` is ``"in"`` or ``"out"`` when pure, else empty."""
+    return f"{slot}_{k}_{io}" if io else f"{slot}_{k}"
+
+
+def reduction_arg(k: int) -> str:
+    """The buffer of part ``k``'s reduction results."""
+    return f"red_{k}"
+
+
+def scalar_arg(name: str, k: int) -> str:
+    """Part ``k``'s scalar ``name``."""
+    return f"{name}_{k}"
+
+
 def kernel_name(spec: KernelSpec) -> str:
     digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
     return f"netcl_fused_{digest}"
@@ -91,52 +110,53 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         args.append(Arg(arg + "_off", "offset"))
 
     inplace_params = spec.mode == "inplace" and spec.apply
-    buffer("u_in", storage, True)
+    buffer(U_IN, storage, True)
     if spec.needs_params or spec.apply:
-        buffer("p_in", storage, not inplace_params)
+        buffer(P_IN, storage, not inplace_params)
     if not inplace_params:
-        buffer("out", storage, False)
+        buffer(OUT, storage, False)
+    pure = spec.mode == "pure"
     for k, frag in enumerate(fragments):
         for slot in frag.slots:
-            if spec.mode == "pure":
-                buffer(f"{slot}_{k}_in", slot_t, True)
-                buffer(f"{slot}_{k}_out", slot_t, False)
+            if pure:
+                buffer(slot_arg(slot, k, "in"), slot_t, True)
+                buffer(slot_arg(slot, k, "out"), slot_t, False)
             else:
-                buffer(f"{slot}_{k}", slot_t, False)
+                buffer(slot_arg(slot, k), slot_t, False)
     for k, frag in enumerate(fragments):
         if frag.reduction is not None:
-            params.append(f"__global const {spec.acc} *restrict red_{k}")
-            args.append(Arg(f"red_{k}", "buffer"))
+            params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
+            args.append(Arg(reduction_arg(k), "buffer"))
     for k, frag in enumerate(fragments):
         for s in frag.scalars:
-            params.append(f"const real {s}_{k}")
-            args.append(Arg(f"{s}_{k}", "scalar"))
+            params.append(f"const real {scalar_arg(s, k)}")
+            args.append(Arg(scalar_arg(s, k), "scalar"))
 
     body = ["    const long i = get_global_id(0);"]
-    body.append(f"    real u = {load(storage, 'u_in', 'u_in_off + i')};")
+    body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")
     if spec.needs_params or spec.apply:
-        body.append(f"    const real p = {load(storage, 'p_in', 'p_in_off + i')};")
+        body.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
     for k, frag in enumerate(fragments):
         body.append(f"    {{ /* {frag.name} */")
         for s in frag.scalars:
-            body.append(f"        const real {s} = {s}_{k};")
+            body.append(f"        const real {s} = {scalar_arg(s, k)};")
         if frag.reduction is not None:
             for j, out in enumerate(frag.reduction.outputs):
-                body.append(f"        const real {out} = (real)red_{k}[{j}];")
+                body.append(f"        const real {out} = (real){reduction_arg(k)}[{j}];")
         for slot in frag.slots:
-            src = f"{slot}_{k}_in" if spec.mode == "pure" else f"{slot}_{k}"
+            src = slot_arg(slot, k, "in" if pure else "")
             body.append(f"        real {slot} = {src}[{src}_off + i];")
         for line in frag.source.strip("\n").splitlines():
             body.append("        " + line.strip())
         for slot in frag.slots:
-            dst = f"{slot}_{k}_out" if spec.mode == "pure" else f"{slot}_{k}"
+            dst = slot_arg(slot, k, "out" if pure else "")
             body.append(f"        {dst}[{dst}_off + i] = {slot};")
         body.append("    }")
     if spec.apply:
-        dst = "p_in" if inplace_params else "out"
+        dst = P_IN if inplace_params else OUT
         body.append("    " + store(storage, dst, f"{dst}_off + i", "p + u"))
     else:
-        body.append("    " + store(storage, "out", "out_off + i", "u"))
+        body.append("    " + store(storage, OUT, OUT + "_off + i", "u"))
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (

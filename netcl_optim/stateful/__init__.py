@@ -1,4 +1,8 @@
-"""The torch-like stateful layer: Parameter, the optimizers and the LR schedulers."""
+"""The torch-like stateful layer: Parameter, the optimizers and the LR schedulers.
+
+The optimizer classes live in :mod:`netcl_optim.optimizers` (one file per family), over the
+machinery here; they are imported last, once that machinery is loaded.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ from ._lr_scheduler import ReduceLROnPlateau as ReduceLROnPlateau
 from ._lr_scheduler import StepLR as StepLR
 from ._lr_scheduler import WarmupCosine as WarmupCosine
 from ._optimizer import Optimizer as Optimizer
-from ._optimizers import SGD as SGD
-from ._optimizers import Adam as Adam
-from ._optimizers import AdamW as AdamW
-from ._optimizers import Momentum as Momentum
-from ._optimizers import RMSProp as RMSProp
 from ._parameter import Parameter as Parameter
+
+# isort: split
+from ..optimizers.adam import Adam as Adam
+from ..optimizers.adam import AdamW as AdamW
+from ..optimizers.rmsprop import RMSProp as RMSProp
+from ..optimizers.rmsprop import RMSprop as RMSprop
+from ..optimizers.sgd import SGD as SGD
+from ..optimizers.sgd import Momentum as Momentum
 
 __all__ = [
     "SGD",
@@ -39,6 +46,7 @@ __all__ = [
     "Optimizer",
     "Parameter",
     "RMSProp",
+    "RMSprop",
     "ReduceLROnPlateau",
     "StepLR",
     "WarmupCosine",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -15,9 +14,7 @@ import pyopencl.array as cla
 from .._device import allocator, check_float_dtype, default_queue, queue_of
 from .._packing import contiguous_run, element_offset
 from .._validation import number, require
-from ..fusion._codegen import ctype, preamble
-from ..fusion._programs import build
-from ..fusion._runner import _launch, acc_ctype, reduce_leaves
+from ..fusion import acc_ctype, clip_scale, reduce_leaves
 
 _EPS = 1e-6  # torch: clip_coef = max_norm / (total_norm + 1e-6)
 
@@ -183,32 +180,6 @@ def clip_grad_norm(
 # ---------------------------------------------------------------------------- device
 
 
-@cache
-def _scale_source(storage: str, acc: str) -> tuple[str, str]:
-    real = "double" if storage == "double" else "float"
-    name = f"netcl_clip_scale_{storage}_{acc}"
-    if storage == "half":
-        body = "vstore_half_rte(vload_half(x_off + i, x) * coef, x_off + i, x);"
-    else:
-        body = "x[x_off + i] = x[x_off + i] * coef;"
-    src = f"""//CL// {name}: x *= clip coefficient (red[1]), in place
-{preamble(real, "double" in (real, acc))}
-__kernel void {name}(__global {storage} *restrict x, const long x_off,
-                     __global const {acc} *restrict red)
-{{
-    const long i = get_global_id(0);
-    const real coef = (real)red[1];
-    {body}
-}}
-"""
-    return src, name
-
-
-def _scale_kernel(queue: cl.CommandQueue, dtype: np.dtype, acc: str) -> cl.Kernel:
-    src, name = _scale_source(ctype(dtype), acc)
-    return build(queue.context, src, name, [None, np.int64, None])
-
-
 def clip_grad_norm_device(
     parameters: Any,
     max_norm: float,
@@ -260,5 +231,5 @@ def clip_grad_norm_device(
     for dtype, buf, off, xs in _runs(grads):
         n = sum(x.size for x in xs)
         if n:
-            _launch(_scale_kernel(queue, dtype, acc), queue, n, [buf, off, red.base_data])
+            clip_scale(queue, dtype, buf, off, n, red.base_data)
     return red[:1]

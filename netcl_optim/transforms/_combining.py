@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from .._base import EmptyState, Fragment, GradientTransformation, OptState, Part, as_transform
+from .._base import (
+    EmptyState,
+    Fragment,
+    GradientTransformation,
+    OptState,
+    Part,
+    Rebuild,
+    as_transform,
+    is_elementwise,
+    is_fusible,
+    signature_of,
+)
 from .._state_check import (
     DictSpec,
     NamedTupleSpec,
@@ -16,55 +27,60 @@ from .._state_check import (
     register,
     spec_of,
 )
-from ..fusion._runner import execute, init_slots
+from ..fusion import execute, init_slots
 
 
 @dataclass(frozen=True, eq=False)
 class ChainPlan:
-    """A chain's fusion plan: its children, flattened into runs by the executor."""
+    """A chain's :class:`~netcl_optim._base.Plan`: its children, one state each (a tuple,
+    or a dict keyed by ``names``); the executor fuses each run of fusible children."""
 
     children: tuple[GradientTransformation, ...]
     names: tuple[str, ...] | None = None
+    fusible: bool = field(init=False)
+    elementwise: bool = field(init=False)
+    signature: Hashable = field(init=False)
 
-    def child_states(self, state: Any) -> Sequence[Any]:
-        if self.names is None:
-            return state
-        return [state[name] for name in self.names]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fusible", all(is_fusible(c) for c in self.children))
+        object.__setattr__(self, "elementwise", all(is_elementwise(c) for c in self.children))
+        object.__setattr__(self, "signature", tuple(signature_of(c) for c in self.children))
 
-    def make_state(self, states: list[Any]) -> Any:
+    def split(self, state: Any) -> tuple[Sequence[Any], Callable[[list[Any]], Any]]:
+        child_states = state if self.names is None else [state[name] for name in self.names]
+        return child_states, self._join
+
+    def _join(self, states: list[Any]) -> Any:
         if self.names is None:
             return tuple(states)
         return dict(zip(self.names, states, strict=True))
 
-    @property
-    def fusible(self) -> bool:
-        return all(
-            c.fragment is not None and (not isinstance(c.fragment, ChainPlan) or c.fragment.fusible)
-            for c in self.children
-        )
-
-    def plan(self, state: Any, extra_args: dict[str, Any]) -> tuple[list[Part], Callable]:
+    def parts(self, state: Any, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
         """All children's parts, for a wrapper that fuses a whole (fusible) chain."""
         if not self.fusible:
             raise TypeError("this chain has an opaque transform: it cannot be planned as one")
+        child_states, join = self.split(state)
         parts: list[Part] = []
         spans = []
-        for child, child_state in zip(self.children, self.child_states(state), strict=True):
-            ps, rb = child.fragment.plan(child_state, extra_args)
+        for child, child_state in zip(self.children, child_states, strict=True):
+            ps, rb = child.plan.parts(child_state, extra_args)
             spans.append((len(parts), len(ps), rb))
             parts.extend(ps)
 
         def rebuild(new_slots: list[tuple[Any, ...]]) -> Any:
-            return self.make_state([rb(new_slots[s : s + n]) for s, n, rb in spans])
+            return join([rb(new_slots[s : s + n]) for s, n, rb in spans])
 
         return parts, rebuild
 
-    def state_spec(self) -> Spec:
-        """The chain's state: a tuple (a dict for :func:`named_chain`) of its children's."""
-        specs = [spec_of(c) for c in self.children]
-        if self.names is None:
-            return TupleSpec(specs)
-        return DictSpec(dict(zip(self.names, specs, strict=True)))
+
+def _chain_spec(
+    children: tuple[GradientTransformation, ...], names: tuple[str, ...] | None
+) -> Spec:
+    """A chain's state: a tuple (a dict for :func:`named_chain`) of its children's."""
+    specs = [spec_of(c) for c in children]
+    if names is None:
+        return TupleSpec(specs)
+    return DictSpec(dict(zip(names, specs, strict=True)))
 
 
 def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransformation:
@@ -76,7 +92,7 @@ def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransform
         )
 
     tx = GradientTransformation(init, update, plan)
-    return register(tx, plan.state_spec)
+    return register(tx, lambda: _chain_spec(plan.children, plan.names))
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

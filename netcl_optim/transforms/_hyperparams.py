@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .._base import Fragment, GradientTransformation, OptState, as_transform
+from .._base import (
+    GradientTransformation,
+    OptState,
+    Part,
+    Rebuild,
+    as_transform,
+    is_elementwise,
+    is_fusible,
+    signature_of,
+)
 from .._state_check import DictSpec, NamedTupleSpec, Spec, check_state, register, spec_of
 from .._validation import ScheduledValue
-from ..fusion._runner import execute
-from ._combining import ChainPlan
+from ..fusion import execute
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -27,37 +35,46 @@ def _is_numeric(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _fusible(tx: GradientTransformation) -> bool:
-    f = tx.fragment
-    if isinstance(f, ChainPlan):
-        return f.fusible
-    return isinstance(f, Fragment) or hasattr(f, "plan")
-
-
-def _signature(tx: GradientTransformation) -> tuple:
-    """The structure of a transform's state, as far as the fragments tell it."""
-    f = tx.fragment
-    if isinstance(f, ChainPlan):
-        return tuple(_signature(c) for c in f.children)
-    if isinstance(f, Fragment):
-        return (f.name, f.slots)
-    return (type(f).__name__,)
-
-
 @dataclass(frozen=True, eq=False)
 class _InjectPlan:
+    """inject_hyperparams' :class:`~netcl_optim._base.Plan`: the inner optimizer, rebuilt
+    each step from the hyperparameters' values (``probe``: built from the initial ones)."""
+
     factory: Callable[..., GradientTransformation]
     static: dict[str, Any]
     schedules: dict[str, Callable[[int], float]]
     initial: dict[str, float]
-    signature: tuple
+    probe: GradientTransformation
+    probe_signature: Hashable = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probe_signature", signature_of(self.probe))
+
+    @property
+    def signature(self) -> Hashable:
+        return ("inject_hyperparams", self.probe_signature)
+
+    @property
+    def children(self) -> tuple[GradientTransformation, ...]:
+        return (self.probe,)
+
+    @property
+    def fusible(self) -> bool:
+        return is_fusible(self.probe)
+
+    @property
+    def elementwise(self) -> bool:
+        return is_elementwise(self.probe)
+
+    def split(self, state: InjectHyperparamsState) -> None:
+        return None
 
     def make(self, hps: dict[str, float]) -> GradientTransformation:
         inner = as_transform(
             self.factory(**self.static, **{k: ScheduledValue(v) for k, v in hps.items()}),
             "inject_hyperparams: the factory's result",
         )
-        if _signature(inner) != self.signature:
+        if signature_of(inner) != self.probe_signature:
             moved = [k for k, v in hps.items() if (v == 0) != (self.initial.get(k, 0) == 0)]
             raise ValueError(
                 f"inject_hyperparams: setting {', '.join(moved) or 'a hyperparameter'} to or "
@@ -72,10 +89,12 @@ class _InjectPlan:
             hps[name] = float(fn(state.count))
         return hps
 
-    def plan(self, state: InjectHyperparamsState, extra_args: dict[str, Any]):
+    def parts(
+        self, state: InjectHyperparamsState, extra_args: dict[str, Any]
+    ) -> tuple[list[Part], Rebuild]:
         hps = self.values(state)
         inner = self.make(hps)
-        parts, rebuild_inner = inner.fragment.plan(state.inner_state, extra_args)
+        parts, rebuild_inner = inner.plan.parts(state.inner_state, extra_args)
 
         def rebuild(new_slots: list[tuple[Any, ...]]) -> InjectHyperparamsState:
             return InjectHyperparamsState(state.count + 1, hps, rebuild_inner(new_slots))
@@ -118,13 +137,13 @@ def inject_hyperparams(
             ),
             "inject_hyperparams: the factory's result",
         )
-        plan = _InjectPlan(factory, static, schedules, initial, _signature(probe))
+        plan = _InjectPlan(factory, static, schedules, initial, probe)
 
         def init(params: Any) -> OptState:
             return InjectHyperparamsState(0, dict(initial), probe.init(params))
 
         def update(updates: Any, state: InjectHyperparamsState, params: Any = None, **extra: Any):
-            if tx.fragment is not None:
+            if plan.fusible:
                 return execute(
                     tx, updates, state, params, apply=False, inplace=False, extra_args=extra
                 )
@@ -134,7 +153,7 @@ def inject_hyperparams(
             new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
             return new_updates, InjectHyperparamsState(state.count + 1, hps, inner_state)
 
-        tx = GradientTransformation(init, update, plan if _fusible(probe) else None)
+        tx = GradientTransformation(init, update, plan)
         return register(tx, lambda: _state_spec(initial, probe))
 
     return wrapped

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import optree
 
-from .._base import GradientTransformation, OptState, as_transform
+from .._base import GradientTransformation, OpaquePlan, OptState, as_transform
 from .._state_check import check_state, register, wrapper
 
 
@@ -57,5 +57,5 @@ def masked(
         out = [n if k else u for u, n, k in zip(leaves, new_leaves, keep, strict=True)]
         return optree.tree_unflatten(treedef, out), MaskedState(new_inner)
 
-    tx = GradientTransformation(init, update)
+    tx = GradientTransformation(init, update, OpaquePlan("masked", (inner,)))
     return register(tx, wrapper(MaskedState, "inner_state", inner))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._base import GradientTransformation, OptState
-from ..fusion._runner import execute, run_parts
+from ..fusion import execute, run_parts
 
 
 def apply_updates(params: Any, updates: Any) -> Any:

@@ -8,13 +8,24 @@ from typing import Any, NamedTuple
 import optree
 import pyopencl.array as cla
 
-from .._base import Fragment, GradientTransformation, OptState, Part, as_transform
+from .._base import (
+    Fragment,
+    GradientTransformation,
+    OpaquePlan,
+    OptState,
+    Part,
+    Rebuild,
+    as_transform,
+    is_elementwise,
+    is_fusible,
+    signature_of,
+)
 from .._device import check_float_dtype, queue_of
 from .._packing import allocate_like
 from .._state_check import DictSpec, NamedTupleSpec, check_state, register, wrapper, wrapper_spec
 from .._validation import at_least, require
-from ..fusion._runner import execute, init_slots, reduce_leaves, run_parts
-from ._combining import ChainPlan, elementwise
+from ..fusion import execute, init_slots, reduce_leaves, run_parts
+from ._combining import elementwise
 from ._masking import MaskedState, masked
 
 # ---------------------------------------------------------------------------- helpers
@@ -99,7 +110,7 @@ def apply_if_finite(
         total = state.total_notfinite + (0 if finite else 1)
         return new, ApplyIfFiniteState(count, finite, total, inner_state)
 
-    tx = GradientTransformation(init, update)
+    tx = GradientTransformation(init, update, OpaquePlan("apply_if_finite", (inner,)))
     return register(tx, wrapper(ApplyIfFiniteState, "inner_state", inner))
 
 
@@ -187,7 +198,8 @@ def partition(
             )
         return updates, PartitionState(new_states)
 
-    partition_tx = GradientTransformation(init, update)
+    plan = OpaquePlan("partition", tuple(transforms.values()))
+    partition_tx = GradientTransformation(init, update, plan)
     return register(partition_tx, lambda: _partition_spec(transforms))
 
 
@@ -237,23 +249,24 @@ class MultiStepsState(NamedTuple):
     acc_grads: Any
 
 
-def _is_fusible(tx: GradientTransformation) -> bool:
-    frag = tx.fragment
-    if frag is None:
-        return False
-    if isinstance(frag, ChainPlan):
-        return frag.fusible
-    return hasattr(frag, "plan")
-
-
 class _MultiStepsPlan:
-    """MultiSteps as a fusion plan: the accumulation, plus the inner transform's fragments
-    on the emitting step, form one kernel."""
+    """MultiSteps' :class:`~netcl_optim._base.Plan`: the accumulation, plus the inner
+    transform's parts on the emitting step, form one kernel (when the inner one is fusible)."""
 
     def __init__(self, owner: MultiSteps) -> None:
         self.owner = owner
+        inner = owner.inner_opt
+        self.children = (inner,)
+        self.fusible = is_fusible(inner)
+        self.elementwise = is_elementwise(inner)  # accumulating is element-wise
+        self.signature = ("MultiSteps", signature_of(inner))
 
-    def plan(self, state: MultiStepsState, extra_args: dict[str, Any]) -> tuple[list[Part], Any]:
+    def split(self, state: MultiStepsState) -> None:
+        return None
+
+    def parts(
+        self, state: MultiStepsState, extra_args: dict[str, Any]
+    ) -> tuple[list[Part], Rebuild]:
         owner = self.owner
         emit, part = owner._acc_part(state)
         if not emit:
@@ -262,7 +275,7 @@ class _MultiStepsPlan:
                 return state._replace(mini_step=state.mini_step + 1, acc_grads=new_slots[0][0])
 
             return [part], rebuild_mini
-        inner_parts, inner_rebuild = owner._opt.fragment.plan(state.inner_opt_state, extra_args)
+        inner_parts, inner_rebuild = owner.inner_opt.plan.parts(state.inner_opt_state, extra_args)
 
         def rebuild_emit(new_slots: list[tuple[Any, ...]]) -> MultiStepsState:
             return MultiStepsState(
@@ -309,9 +322,9 @@ class MultiSteps:
             slots=("acc",),
             scalars=("count", "emit"),
         )
-        plan = _MultiStepsPlan(self) if _is_fusible(opt) else None
+        self._plan = _MultiStepsPlan(self)
         self._tx = register(
-            GradientTransformation(self.init, self.update, plan),
+            GradientTransformation(self.init, self.update, self._plan),
             wrapper(MultiStepsState, "inner_opt_state", opt),
         )
 
@@ -335,7 +348,7 @@ class MultiSteps:
     def update(
         self, updates: Any, state: MultiStepsState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, MultiStepsState]:
-        if self._tx.fragment is not None:
+        if self._plan.fusible:
             return execute(
                 self._tx,
                 updates,

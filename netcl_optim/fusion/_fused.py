@@ -1,0 +1,339 @@
+"""Run one segment of fused parts over pytrees: one kernel launch per dtype where every
+array role is packed, else one per leaf, with the arguments bound by the names codegen gives
+them; in place, the launches are cached by the arrays' identity (``_cache``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import optree
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._base import Part
+from .._device import check_float_dtype, default_queue, state_dtype
+from .._packing import (
+    DonatedArray,
+    Layout,
+    allocate_like,
+    contiguous_run,
+    element_offset,
+    hand_over,
+    layout,
+)
+from . import _cache
+from ._checks import (
+    Role,
+    all_valid,
+    check_leaves,
+    check_unshared,
+    flatten,
+    flatten_like,
+    path_names,
+    same_dtype,
+    slot_dtype,
+)
+from ._codegen import OUT, P_IN, U_IN, Arg, KernelSpec, reduction_arg, scalar_arg, slot_arg
+from ._launch import Launch, launch_all, leaves_disjoint
+from ._programs import fused_kernel
+from ._reductions import acc_ctype, reduce_parts
+
+
+class Binding(NamedTuple):
+    """How a fused kernel's arguments (codegen's list) are filled, found by their names:
+    ``arrays``, the array roles in argument order (each passed as buffer and offset), then
+    the per-step values; ``step_order`` puts those in argument order, as indices into
+    ``[each reduction's buffer..., each part's scalars...]`` (``None``: already so)."""
+
+    arrays: tuple[str, ...]
+    step_order: tuple[int, ...] | None
+
+
+_bindings: dict[KernelSpec, Binding] = {}
+
+
+def _binding(spec: KernelSpec, fragments: Sequence[Any], args: list[Arg]) -> Binding:
+    """The :class:`Binding` of the kernel of ``spec`` (``args``: its codegen argument list)."""
+    binding = _bindings.get(spec)
+    if binding is None:
+        offsets = {a.name for a in args if a.kind == "offset"}
+        arrays = tuple(a.name for a in args if a.kind == "buffer" and a.name + "_off" in offsets)
+        step = [a.name for a in args if a.kind != "offset" and a.name not in arrays]
+        if [a.name for a in args[: 2 * len(arrays)] if a.kind == "buffer"] != list(arrays):
+            raise AssertionError("a fused kernel takes its arrays before its per-step values")
+        natural = [reduction_arg(k) for k, f in enumerate(fragments) if f.reduction is not None]
+        natural += [scalar_arg(s, k) for k, f in enumerate(fragments) for s in f.scalars]
+        order = tuple(natural.index(name) for name in step)
+        binding = Binding(arrays, None if order == tuple(range(len(natural))) else order)
+        _bindings[spec] = binding
+    return binding
+
+
+def _step_values(parts: Sequence[Part], reductions: list[Any], order: tuple | None) -> list:
+    """This step's values of the per-step arguments, in argument order (see :class:`Binding`)."""
+    values = reductions
+    for part in parts:
+        values.extend(part.scalars)
+    return values if order is None else [values[i] for i in order]
+
+
+def run_parts(
+    parts: Sequence[Part],
+    updates: Any,
+    params: Any,
+    *,
+    apply: bool,
+    inplace: bool,
+    donate: bool = False,
+    u_role: str = "updates",
+) -> tuple[Any, list[tuple[Any, ...]]]:
+    """Run ``parts`` (fused) over ``updates``; return the output tree and new slot trees.
+
+    The output is the new updates, or, with ``apply``, the new params (``p + u``). Pure mode
+    writes every output to fresh packed buffers; in place, slots and params are updated
+    where they are (the stateful layer's ``step_``). ``donate`` (in place, for
+    ``no.step(..., donate=True)``): the arrays written must share no memory with any other
+    (checked before the launch); afterwards they are :class:`DonatedArray` and the returned
+    trees hold new array objects over the same memory. ``u_role`` names ``updates`` in errors.
+    """
+    if not parts and not apply:
+        return updates, []
+    u_leaves, treedef = flatten(updates)
+    queue = queue_of_leaves(u_leaves)
+    needs_params = apply or any(p.fragment.needs_params for p in parts)
+    others: list[Role] = []
+    p_leaves: list[Any] = []
+    if needs_params:
+        if params is None:
+            names = [p.fragment.name for p in parts if p.fragment.needs_params] or ["apply"]
+            raise ValueError(f"{names[0]} needs params: call update(updates, state, params)")
+        p_leaves = flatten_like(params, treedef, "params", u_role)
+        others.append(("params", p_leaves, same_dtype))
+    slot_leaves: list[list[list[Any]]] = []
+    for part in parts:
+        per_part = []
+        for name, tree in zip(part.fragment.slots, part.slots, strict=True):
+            leaves = flatten_like(tree, treedef, f"state.{name}", u_role)
+            others.append((f"state.{name} of {part.fragment.name}", leaves, slot_dtype))
+            per_part.append(leaves)
+        slot_leaves.append(per_part)
+    fragments = [p.fragment for p in parts]
+    keys = tuple(f.key for f in fragments)
+    cache_key = None
+    if inplace and apply:
+        cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+        found = _cache.lookup(cache_key, donate)
+        if found is not None:
+            hit, objs = found
+            values = _step_values(parts, reduce_parts(parts, u_leaves, queue), hit.step_order)
+            launch_all(queue, _cache.bind(hit, objs, values), hit.independent)
+            if not donate:
+                return params, [part.slots for part in parts]
+            p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, True)
+            written = _written(p_leaves, slot_leaves)
+            new_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+            _cache.move(cache_key, new_key, hit, len(u_leaves), written)
+            return optree.tree_unflatten(treedef, p_leaves), _slot_trees(treedef, slot_leaves)
+    if not all_valid(u_leaves, others, queue):
+        check_leaves(u_leaves, others, updates, queue, u_role)
+
+    inplace_params = inplace and apply
+    launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
+        queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params
+    )
+    if donate and (packed_bases is None or len(set(packed_bases)) != len(packed_bases)):
+        # no array written may share memory with another (sure already if every role is
+        # packed in a buffer of its own)
+        roles_w = [(u_role, u_leaves, False)]
+        if needs_params:
+            roles_w.append(("params", p_leaves, inplace_params))
+        roles_w.extend(
+            (what, leaves, True) for what, leaves, dtype_of in others if dtype_of is slot_dtype
+        )
+        check_unshared([(role, updates, leaves, w) for role, leaves, w in roles_w])
+    values = _step_values(parts, reduce_parts(parts, u_leaves, queue), binding.step_order)
+    # Pure, every output is fresh; in place, the tree's leaves must not share memory.
+    independent = len(launches) > 1 and (
+        not inplace
+        or (
+            cache_key is not None
+            and leaves_disjoint([u_leaves, p_leaves, *(ls for per in slot_leaves for ls in per)])
+        )
+    )
+    launch_all(queue, [(kernel, n, args + values) for kernel, n, args in launches], independent)
+    if donate:
+        p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, inplace_params)
+        if inplace_params:
+            out_leaves = p_leaves
+        new_slot_leaves = slot_leaves
+    if cache_key is not None:
+        if donate:  # keyed by the new arrays
+            _cache.discard(cache_key)
+            cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+        leaves = [*u_leaves, *_written(p_leaves, slot_leaves)]
+        _cache.store(cache_key, leaves, launches, independent, donate, binding.step_order)
+    return optree.tree_unflatten(treedef, out_leaves), _slot_trees(treedef, new_slot_leaves)
+
+
+def _plan_launches(
+    queue: cl.CommandQueue,
+    fragments: list[Any],
+    u_leaves: list[Any],
+    p_leaves: list[Any],
+    slot_leaves: list[list[list[Any]]],
+    apply: bool,
+    inplace: bool,
+    needs_params: bool,
+) -> tuple[list[Launch], Binding, list[Any], list[list[list[Any]]], list[int] | None]:
+    """The fused kernel's launches (array arguments only, bound by name; one per dtype where
+    every role is packed, else one per leaf), with fresh outputs allocated: ``(launches,
+    binding, output leaves, new slot leaves, every role's buffer id while all are packed)``."""
+    acc = acc_ctype(queue)
+    ctx = queue.context
+    by_dtype = _group_by_dtype(u_leaves)
+    single = len(by_dtype) == 1
+    n_leaves = len(u_leaves)
+    out_leaves: list[Any] = [None] * n_leaves
+    new_slot_leaves = [[[None] * n_leaves for _ in per] for per in slot_leaves]
+    inplace_params = inplace and apply
+    mode = "inplace" if inplace else "pure"
+    keys = tuple(f.key for f in fragments)
+
+    def pick(leaves: list[Any], idx: list[int]) -> list[Any]:
+        return leaves if single else [leaves[i] for i in idx]
+
+    def place(dst: list[Any], idx: list[int], src: list[Any]) -> None:
+        if single:
+            dst[:] = src
+        else:
+            for i, o in zip(idx, src, strict=True):
+                dst[i] = o
+
+    launches: list[Launch] = []
+    binding = Binding((), None)
+    arrays: dict[str, list[cla.Array]] = {}  # per dtype group: each array role's leaves
+    runs: dict[str, tuple[Any, int] | None] = {}  # their (buffer, element offset) if packed
+    packed_bases: list[int] | None = []
+
+    def add_input(name: str, leaves: list[cla.Array], lay_: Layout) -> None:
+        arrays[name] = leaves
+        runs[name] = contiguous_run(leaves, lay_)
+
+    def add_fresh(name: str, lay_: Layout) -> list[cla.Array]:
+        block = lay_.allocate(queue)
+        arrays[name] = block.views
+        runs[name] = (block.buffer, block.offset // lay_.dtype.itemsize)
+        return block.views
+
+    for dtype, idx in by_dtype.items():
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
+        kernel, args = fused_kernel(ctx, fragments, spec)
+        binding = _binding(spec, fragments, args)
+        group_u = pick(u_leaves, idx)
+        lay = layout(tuple([x.shape for x in group_u]), dtype)
+        slot_lay = layout(lay.shapes, state_dtype(dtype))
+        arrays.clear()
+        runs.clear()
+        add_input(U_IN, group_u, lay)
+        if needs_params:
+            add_input(P_IN, pick(p_leaves, idx), lay)
+        outs = arrays[P_IN] if inplace_params else add_fresh(OUT, lay)
+        place(out_leaves, idx, outs)
+        for k, per in enumerate(slot_leaves):
+            for s, (slot, leaves) in enumerate(zip(fragments[k].slots, per, strict=True)):
+                ins = pick(leaves, idx)
+                if mode == "pure":
+                    add_input(slot_arg(slot, k, "in"), ins, slot_lay)
+                    news = add_fresh(slot_arg(slot, k, "out"), slot_lay)
+                else:
+                    add_input(slot_arg(slot, k), ins, slot_lay)
+                    news = ins
+                place(new_slot_leaves[k][s], idx, news)
+        bound = [runs[name] for name in binding.arrays]
+        if None not in bound:
+            if packed_bases is not None:
+                packed_bases.extend(id(base) for base, _ in bound)
+            if lay.total:
+                launches.append((kernel, lay.total, [v for run in bound for v in run]))
+        else:
+            packed_bases = None
+            columns = [arrays[name] for name in binding.arrays]
+            for j, size in enumerate(lay.sizes):
+                if size:
+                    leaf_args = []
+                    for column in columns:
+                        a = column[j]
+                        leaf_args += [a.base_data, element_offset(a)]
+                    launches.append((kernel, size, leaf_args))
+    return launches, binding, out_leaves, new_slot_leaves, packed_bases
+
+
+def _written(p_leaves: list[Any], slot_leaves: list[list[list[Any]]]) -> list[Any]:
+    """The params' leaves, then every part's slot leaves: what an in-place step writes."""
+    written = list(p_leaves)
+    for per in slot_leaves:
+        for ls in per:
+            written += ls
+    return written
+
+
+def _slot_trees(treedef: optree.PyTreeSpec, slot_leaves: list[list[list[Any]]]) -> list[tuple]:
+    return [tuple(optree.tree_unflatten(treedef, ls) for ls in per) for per in slot_leaves]
+
+
+def _hand_over(
+    p_leaves: list[Any], slot_leaves: list[list[list[Any]]], with_params: bool
+) -> tuple[list[Any], list[list[list[Any]]]]:
+    """After a donated launch: the arrays it wrote (the params' if ``with_params``, and the
+    slots') become :class:`DonatedArray`; returns the params' and slots' leaves with the new
+    array objects in their place."""
+    fresh = hand_over(_written(p_leaves if with_params else [], slot_leaves))
+    k = len(p_leaves) if with_params else 0
+    new_p = fresh[:k] if with_params else p_leaves
+    new_slots = []
+    for per in slot_leaves:
+        new_per = []
+        for ls in per:
+            new_per.append(fresh[k : k + len(ls)])
+            k += len(ls)
+        new_slots.append(new_per)
+    return new_p, new_slots
+
+
+def _group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
+    dtypes = [x.dtype for x in leaves]
+    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
+        return {dtypes[0]: list(range(len(dtypes)))}
+    groups: dict[np.dtype, list[int]] = {}
+    for i, d in enumerate(dtypes):
+        groups.setdefault(d, []).append(i)
+    return groups
+
+
+def queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
+    """The queue of the first usable device array among ``leaves``, else the default one."""
+    for x in leaves:
+        if isinstance(x, cla.Array) and type(x) is not DonatedArray and x.queue is not None:
+            return x.queue
+    return default_queue()
+
+
+def init_slots(params: Any, count: int) -> list[Any]:
+    """``count`` zeroed state trees shaped like ``params``, each packed in one buffer per dtype."""
+    leaves, treedef = optree.tree_flatten(params)
+    if not leaves:
+        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
+    queue = queue_of_leaves(leaves)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, cla.Array):
+            raise TypeError(
+                f"init: leaf {path_names(params)[i]} is a {type(x).__name__}, "
+                "not a pyopencl.array.Array (use netcl_optim.to_device)"
+            )
+        check_float_dtype(x.dtype, queue, f"init: leaf {path_names(params)[i]}")
+    return [
+        optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=0.0))
+        for _ in range(count)
+    ]

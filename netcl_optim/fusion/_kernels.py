@@ -1,0 +1,194 @@
+"""The kernels that amp and clipping run outside a fused step: unscaling with a finiteness
+flag, loss scaling, and scaling by a clip coefficient left on the device by a reduction."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._packing import element_offset
+from ._codegen import ctype, preamble
+from ._launch import launch, note_launches
+from ._programs import build
+from ._reductions import acc_ctype
+
+# ---------------------------------------------------------------------------- unscale, scale
+
+_CHUNK_MIN = 4096  # elements per work-item at least (a multiple of 8)
+_WORKERS = 512  # work-items per launch at most, beyond _CHUNK_MIN * _WORKERS elements
+
+
+def _unscale_source(storage: str, inplace: bool) -> tuple[str, str]:
+    """``y = x * inv_scale`` over one contiguous chunk per work-item (vectors of 8, or 4 for
+    double: PoCL mishandles double8 without AVX-512), and ``found[0] = 1`` from every
+    work-item that saw a non-finite *input* (torch checks the scaled values). All writers
+    store the same value, as torch's CUDA kernel does."""
+    real = "double" if storage == "double" else "float"
+    w = 4 if real == "double" else 8
+    mode = "inplace" if inplace else "pure"
+    name = f"netcl_unscale_{mode}_{storage}"
+    mask = f"long{w}" if real == "double" else f"int{w}"
+    if storage == "half":
+        load_v, load1 = f"vload_half{w}(0, x + k)", "vload_half(k, x)"
+        store_v = f"vstore_half{w}_rte(v * inv_scale, 0, y + k);"
+        store1 = "vstore_half_rte(v * inv_scale, k, y);"
+    else:
+        load_v, load1 = f"vload{w}(0, x + k)", "x[k]"
+        store_v = f"vstore{w}(v * inv_scale, 0, y + k);"
+        store1 = "y[k] = v * inv_scale;"
+    if inplace:
+        buffers = f"__global {storage} *x_base, const long x_off"
+        rebase = (
+            "    __global const {s} *x = x_base + x_off;\n    __global {s} *y = x_base + x_off;"
+        )
+    else:
+        buffers = (
+            f"__global const {storage} *restrict x_base, const long x_off,\n"
+            f"    __global {storage} *restrict y_base, const long y_off"
+        )
+        rebase = (
+            "    __global const {s} *restrict x = x_base + x_off;\n"
+            "    __global {s} *restrict y = y_base + y_off;"
+        )
+    src = f"""//CL// {name}: x * inv_scale in chunks; found[0] = 1 if any input is not finite
+{preamble(real, real == "double")}
+__kernel void {name}(
+    {buffers},
+    const long n, const long chunk, __global float *restrict found, const real inv_scale)
+{{
+{rebase.format(s=storage)}
+    long k = get_global_id(0) * chunk;
+    const long stop = min(k + chunk, n);
+    {mask} bad_v = ({mask})(0);
+    for (; k + {w} <= stop; k += {w}) {{
+        const {real}{w} v = {load_v};
+        bad_v |= isnan(v - v);
+        {store_v}
+    }}
+    int bad = any(bad_v);
+    for (; k < stop; k++) {{
+        const real v = {load1};
+        bad |= isnan(v - v);
+        {store1}
+    }}
+    if (bad) found[0] = 1.0f;
+}}
+"""
+    return src, name
+
+
+def _scale_source(storage: str) -> tuple[str, str]:
+    """``y = x * s``, one work-item per element (loss scaling of device arrays)."""
+    real = "double" if storage == "double" else "float"
+    name = f"netcl_scale_{storage}"
+    if storage == "half":
+        body = "vstore_half_rte(vload_half(x_off + i, x) * s, y_off + i, y);"
+    else:
+        body = "y[y_off + i] = x[x_off + i] * s;"
+    src = f"""//CL// {name}: y = x * s
+{preamble(real, real == "double")}
+__kernel void {name}(__global const {storage} *restrict x, const long x_off,
+                     __global {storage} *restrict y, const long y_off, const real s)
+{{
+    const long i = get_global_id(0);
+    {body}
+}}
+"""
+    return src, name
+
+
+@cache
+def _sources(kind: str, storage: str, inplace: bool) -> tuple[str, str, tuple]:
+    real = np.float64 if storage == "double" else np.float32
+    if kind == "unscale":
+        src, name = _unscale_source(storage, inplace)
+        n_buf = 1 if inplace else 2
+        dts = (None, np.int64) * n_buf + (np.int64, np.int64, None, real)
+    else:
+        src, name = _scale_source(storage)
+        dts = (None, np.int64, None, np.int64, real)
+    return src, name, dts
+
+
+def _kernel(queue: cl.CommandQueue, kind: str, dtype: np.dtype, inplace: bool = False) -> Any:
+    src, name, dts = _sources(kind, ctype(dtype), inplace)
+    return build(queue.context, src, name, list(dts))
+
+
+def _chunk(n: int) -> int:
+    per_worker = -(-n // _WORKERS)
+    return max(_CHUNK_MIN, -(-per_worker // 8) * 8)
+
+
+def unscale(
+    queue: cl.CommandQueue,
+    dtype: np.dtype,
+    x: Any,
+    x_off: int,
+    y: Any | None,
+    y_off: int,
+    n: int,
+    found: cla.Array,
+    inv_scale: float,
+) -> None:
+    """``y = x * inv_scale`` over ``n`` elements of the buffers ``x`` and ``y`` (element
+    offsets ``x_off``, ``y_off``; in place when ``y`` is None), and ``found[0] = 1`` if any
+    input element is not finite. Device: one launch (none for ``n == 0``), no host sync."""
+    if not n:
+        return
+    kernel = _kernel(queue, "unscale", dtype, inplace=y is None)
+    chunk = _chunk(n)
+    bufs = [x, x_off] if y is None else [x, x_off, y, y_off]
+    note_launches(kernel.function_name)
+    kernel(queue, (-(-n // chunk),), (1,), *bufs, n, chunk, found.base_data, inv_scale)
+
+
+def scale_into(x: cla.Array, y: cla.Array, s: float) -> None:
+    """``y = x * s`` for C-contiguous arrays alike (half computed in float). One launch."""
+    queue = x.queue
+    kernel = _kernel(queue, "scale", x.dtype)
+    launch(
+        kernel, queue, x.size, [x.base_data, element_offset(x), y.base_data, element_offset(y), s]
+    )
+
+
+# ---------------------------------------------------------------------------- clip scale
+
+
+@cache
+def _clip_scale_source(storage: str, acc: str) -> tuple[str, str]:
+    real = "double" if storage == "double" else "float"
+    name = f"netcl_clip_scale_{storage}_{acc}"
+    if storage == "half":
+        body = "vstore_half_rte(vload_half(x_off + i, x) * coef, x_off + i, x);"
+    else:
+        body = "x[x_off + i] = x[x_off + i] * coef;"
+    src = f"""//CL// {name}: x *= clip coefficient (red[1]), in place
+{preamble(real, "double" in (real, acc))}
+__kernel void {name}(__global {storage} *restrict x, const long x_off,
+                     __global const {acc} *restrict red)
+{{
+    const long i = get_global_id(0);
+    const real coef = (real)red[1];
+    {body}
+}}
+"""
+    return src, name
+
+
+def _clip_scale_kernel(queue: cl.CommandQueue, dtype: np.dtype, acc: str) -> cl.Kernel:
+    src, name = _clip_scale_source(ctype(dtype), acc)
+    return build(queue.context, src, name, [None, np.int64, None])
+
+
+def clip_scale(
+    queue: cl.CommandQueue, dtype: np.dtype, x: Any, x_off: int, n: int, red: Any
+) -> None:
+    """In place: ``x *= red[1]`` over ``n`` elements of the buffer ``x`` from ``x_off``,
+    ``red`` a ``"clip"`` reduction's result buffer (its coefficient). One launch."""
+    acc = acc_ctype(queue)
+    launch(_clip_scale_kernel(queue, dtype, acc), queue, n, [x, x_off, red])

@@ -1,0 +1,331 @@
+"""Param groups of the stateful optimizers: the parameters' checks, their packing, the record
+of each group (packed state buffers, per-parameter counts) and the checks of a step's grads.
+
+All raise before anything changes, naming ``param_groups[i]['params'][j]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pyopencl.array as cla
+
+from .._device import check_float_dtype, queue_of, state_dtype
+from .._packing import (
+    DONATED,
+    Block,
+    DonatedArray,
+    DonatedArrayError,
+    c_strides,
+    contiguous_run,
+    first_shared,
+    layout,
+    pack,
+    same_memory,
+)
+
+_NONE_TYPE = type(None)
+
+
+def is_param(p: Any) -> bool:
+    """An object with ``.data`` and ``.grad`` (a :class:`Parameter`, a torch-like tensor)."""
+    return hasattr(p, "data") and hasattr(p, "grad") and not isinstance(p, (cla.Array, Mapping))
+
+
+class Group:
+    """Internal record of one param group: packed views, per-param counts, named buffers."""
+
+    def __init__(self, params: list[Any], queue: Any) -> None:
+        n = len(params)
+        self.params = params
+        self.queue = queue
+        self.data = [p.data for p in params]  # the packed views: identity is the fast check
+        self.shapes = [d.shape for d in self.data]
+        self.dtypes = [d.dtype for d in self.data]
+        self.strides = [
+            c_strides(s, d.itemsize) for s, d in zip(self.shapes, self.dtypes, strict=True)
+        ]
+        self.context = self.data[0].context if n else None
+        self.steps = [0] * n
+        self.counts: dict[str, list[int]] = {}
+        self.bufs: dict[str, list[cla.Array]] = {}
+        self.blocks: dict[str, list[Block]] = {}
+        self.grad_views: list[cla.Array] | None = None
+        self.grad_blocks: list[Block] = []
+
+    def _allocate(self, dtype_of: Callable[[np.dtype], np.dtype]) -> tuple[list, list[Block]]:
+        """Zeroed views packed per dtype, and the packed block of each dtype."""
+        views: list[Any] = [None] * len(self.params)
+        blocks = []
+        by_dtype: dict[np.dtype, list[int]] = {}
+        for i, d in enumerate(self.dtypes):
+            by_dtype.setdefault(d, []).append(i)
+        for dtype, idx in by_dtype.items():
+            lay = layout(tuple(self.shapes[i] for i in idx), dtype_of(dtype))
+            block = lay.allocate(self.queue)
+            block.fill(self.queue, 0)
+            blocks.append(block)
+            for i, v in zip(idx, block.views, strict=True):
+                views[i] = v
+        return views, blocks
+
+    def ensure(self, key: str) -> None:
+        """Create the zeroed state buffer ``key`` (packed per dtype) if it is missing."""
+        if key not in self.bufs:
+            self.bufs[key], self.blocks[key] = self._allocate(state_dtype)
+            self.counts[key] = [0] * len(self.params)
+
+    def ensure_grads(self) -> None:
+        if self.grad_views is None:
+            self.grad_views, self.grad_blocks = self._allocate(lambda d: d)
+
+    def reset(self) -> None:
+        """Forget all state (counts 0, buffers zeroed, as freshly created)."""
+        self.steps = [0] * len(self.params)
+        for key, blocks in self.blocks.items():
+            self.counts[key] = [0] * len(self.params)
+            for block in blocks:
+                block.fill(self.queue, 0)
+
+    def has_state(self, i: int) -> bool:
+        return self.steps[i] > 0 or any(c[i] for c in self.counts.values())
+
+    def cohorts(self, members: list[int], keys: list[str]) -> list[list[int]]:
+        """``members`` grouped by their counts (normally one cohort: the whole group)."""
+        columns = [self.steps] + [self.counts[k] for k in keys]
+        if len(members) == len(self.params) and all(min(c) == max(c) for c in columns):
+            return [members]
+        by: dict[tuple[int, ...], list[int]] = {}
+        for i in members:
+            by.setdefault(tuple(c[i] for c in columns), []).append(i)
+        return list(by.values())
+
+    def _members_fast(self) -> list[int] | None:
+        """The common case of :meth:`members` as list comparisons: every param has a grad,
+        ``.data`` is still the packed view, and every grad is a C-contiguous device array
+        shaped, typed and placed like its param. ``None``: check one by one."""
+        params = self.params
+        grads = [p.grad for p in params]
+        if _NONE_TYPE in set(map(type, grads)):
+            return None
+        if not all(map(operator.is_, [p.data for p in params], self.data)):
+            return None
+        try:
+            if [g.shape for g in grads] != self.shapes or [g.dtype for g in grads] != self.dtypes:
+                return None
+            if [g.strides for g in grads] != self.strides:
+                return None
+            contexts = [g.context for g in grads]
+        except (AttributeError, DonatedArrayError):
+            return None
+        if contexts.count(self.context) != len(contexts):
+            return None
+        return list(range(len(params)))
+
+    def members(self, group: Mapping[str, Any], gi: int) -> tuple[list[int], bool]:
+        """Indices of the group's params with a grad, all checked (raises before any launch),
+        and whether a ``.data`` was rebound since the packing (then check for shared memory
+        with :func:`check_unshared`)."""
+        params = group["params"]
+        if len(params) != len(self.params) or any(
+            a is not b for a, b in zip(params, self.params, strict=True)
+        ):
+            raise ValueError(
+                f"param_groups[{gi}]['params'] was changed: use add_param_group to add parameters"
+            )
+        fast = self._members_fast()
+        if fast is not None:
+            return fast, False
+        members = []
+        views = self.grad_views
+        rebound = False
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            members.append(i)
+            d = p.data
+            if d is self.data[i] and views is not None and g is views[i]:
+                continue  # packed data and packed grad: checked when they were made
+            rebound = rebound or d is not self.data[i]
+            bad = self._bad_param(i, d, g, f"parameter {i} of param group {gi}")
+            if bad is not None:
+                raise bad
+        return members, rebound
+
+    def _bad_param(self, i: int, d: Any, g: Any, where: str) -> BaseException | None:
+        """The error for parameter ``i`` with data ``d`` and grad ``g``, if any."""
+        if type(d) is DonatedArray or type(g) is DonatedArray:
+            which = "data" if type(d) is DonatedArray else "grad"
+            return DonatedArrayError(f"{where}: .{which} {DONATED}")
+        if not isinstance(d, cla.Array):
+            return TypeError(f"{where}: .data is a {type(d).__name__}, not a device array")
+        if d.shape != self.shapes[i]:
+            return ValueError(
+                f"{where}: .data has shape {d.shape}, but the optimizer has {self.shapes[i]}"
+            )
+        if d.dtype != self.dtypes[i]:
+            return TypeError(
+                f"{where}: .data has dtype {d.dtype}, but the optimizer has {self.dtypes[i]}"
+            )
+        if d.context != self.context:
+            return ValueError(f"{where}: .data belongs to another OpenCL context")
+        if not d.flags.c_contiguous:
+            return ValueError(f"{where}: .data is not C-contiguous")
+        if not isinstance(g, cla.Array):
+            return TypeError(f"{where}: .grad is a {type(g).__name__}, not a pyopencl.array.Array")
+        if g.context != d.context:
+            return ValueError(f"{where}: .grad belongs to another OpenCL context than .data")
+        if g.shape != d.shape:
+            return ValueError(f"{where}: .grad has shape {g.shape}, but .data has {d.shape}")
+        if g.dtype != d.dtype:
+            return TypeError(f"{where}: .grad has dtype {g.dtype}, but .data has {d.dtype}")
+        if not g.flags.c_contiguous:
+            return ValueError(f"{where}: .grad is not C-contiguous")
+        return None
+
+
+def check_unshared(groups: list[list[Any]]) -> None:
+    """Raise ``ValueError`` naming two parameters whose ``.data`` share memory (tied weights,
+    overlapping views): each parameter gets its own in-place update, so shared memory would
+    be written twice, with two states. ``groups``: the ``.data`` of each group's parameters
+    (anything but a live device array is skipped)."""
+    found = [
+        [
+            (i, d)
+            for i, d in enumerate(arrays)
+            if isinstance(d, cla.Array) and type(d) is not DonatedArray
+        ]
+        for arrays in groups
+    ]
+    pair = first_shared([([d for _, d in f], True) for f in found])
+    if pair is None:
+        return
+    (ga, ja), (gb, jb) = pair
+    (ia, a), (ib, b) = found[ga][ja], found[gb][jb]
+    names = f"param_groups[{ga}]['params'][{ia}] and param_groups[{gb}]['params'][{ib}]"
+    if same_memory(a, b):
+        raise ValueError(
+            f"{names} are one array (tied weights): the optimizer would step it twice, with "
+            "two states. Pass the shared parameter once and accumulate both gradients into "
+            "its .grad (as torch's autograd does for a shared weight)"
+        )
+    raise ValueError(
+        f"{names} overlap in memory (views of one buffer): each parameter needs memory of "
+        "its own, as the optimizer updates each in place"
+    )
+
+
+def as_param_groups(params: Any) -> list[Mapping[str, Any]]:
+    """The constructor's ``params`` as a list of param group dicts."""
+    what = "params argument given to the optimizer should be an iterable of parameters or dicts"
+    if isinstance(params, cla.Array) or is_param(params):
+        raise TypeError(f"{what}, but got a single {type(params).__name__}: pass a list")
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{what}, but got a set, whose order changes between runs: use a list")
+    if isinstance(params, Mapping):
+        raise TypeError(f"{what}, but got a dict: pass a list of param group dicts")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"{what}, but got {type(params).__name__}") from None
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(items[0], Mapping):
+        return [{"params": items}]
+    for j, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"{what}: item {j} is a {type(item).__name__} among param groups")
+    return items
+
+
+def group_params(params: Any, gi: int) -> list[Any]:
+    """A group's ``"params"`` as a list of checked parameters (not packed yet)."""
+    if isinstance(params, (cla.Array,)) or is_param(params):
+        params = [params]
+    elif isinstance(params, (set, frozenset)):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the "
+            "ordering of parameters in sets changes between runs: use a list"
+        )
+    else:
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(
+                f"param_groups[{gi}]['params'] must be an iterable of parameters, got "
+                f"{type(params).__name__}"
+            ) from None
+    seen: set[int] = set()
+    for j, p in enumerate(params):
+        where = f"param_groups[{gi}]['params'][{j}]"
+        if isinstance(p, cla.Array):
+            raise TypeError(
+                f"{where} is a bare pyopencl Array: wrap it in netcl_optim.Parameter (an object "
+                "with .data and .grad)"
+            )
+        if not is_param(p):
+            raise TypeError(
+                f"optimizer can only optimize objects with .data and .grad (e.g. Parameter), "
+                f"but {where} is a {type(p).__name__}"
+            )
+        if not isinstance(p.data, cla.Array):
+            raise TypeError(
+                f"{where}.data is a {type(p.data).__name__}, not a pyopencl.array.Array"
+            )
+        if type(p.data) is DonatedArray:
+            raise DonatedArrayError(f"{where}.data {DONATED}")
+        if id(p) in seen:
+            raise ValueError(f"{where} appears twice in the group")
+        seen.add(id(p))
+    return params
+
+
+def check_placement(arrays: list[cla.Array], gi: int, context: Any) -> Any:
+    """The queue of a new group's ``arrays``, which must all be in ``context`` (the other
+    groups'; ``None`` for the first), of a float dtype and C-contiguous."""
+    queue = queue_of(arrays)
+    context = context if context is not None else queue.context
+    for j, d in enumerate(arrays):
+        where = f"param_groups[{gi}]['params'][{j}]"
+        if d.context != context or queue.context != context:
+            raise ValueError(
+                f"{where} belongs to another OpenCL context than the optimizer's other parameters"
+            )
+        check_float_dtype(d.dtype, queue, where)
+        if not d.flags.c_contiguous:
+            raise ValueError(f"{where}.data is not C-contiguous")
+    return queue
+
+
+def pack_params(params: list[Any], queue: Any) -> None:
+    """Rebind the params' ``.data`` to views of one buffer per dtype (values unchanged; arrays
+    already back to back are kept). A ``.data`` that cannot be rebound raises TypeError with
+    every parameter as it was."""
+    arrays = [p.data for p in params]
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for j, d in enumerate(arrays):
+        by_dtype.setdefault(d.dtype, []).append(j)
+    for idx in by_dtype.values():
+        xs = [arrays[j] for j in idx]
+        if contiguous_run(xs) is not None:
+            continue
+        for j, view in zip(idx, pack(xs, queue), strict=True):
+            arrays[j] = view
+    originals = [p.data for p in params]
+    for p, d in zip(params, arrays, strict=True):
+        if p.data is not d:
+            try:
+                p.data = d
+            except AttributeError:
+                for q, original in zip(params, originals, strict=True):
+                    if q is p:
+                        break
+                    q.data = original  # as they were: nothing changed on error
+                raise TypeError(
+                    f"cannot rebind .data of a {type(p).__name__}: the optimizer packs "
+                    "its parameters' data"
+                ) from None

@@ -1,0 +1,255 @@
+"""State dicts of the stateful optimizers, in torch's layout: export, and import with every
+check done before anything changes.
+
+What an optimizer keeps follows from its class's declaration: its hyperparameters (the group
+keys), ``torch_state`` (the per-parameter keys), ``torch_step`` (whether torch keeps
+``"step"``) and ``torch_marks`` (flags naming the class in torch's dicts, such as Adam's and
+AdamW's ``decoupled_weight_decay``).
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Mapping
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyopencl.array as cla
+
+from .._device import state_dtype
+from .._validation import invalid
+from ._declaration import as_stored
+from ._groups import Group
+from ._torch_state import STEP, keys_of
+
+if TYPE_CHECKING:
+    from ._optimizer import Optimizer
+
+# torch's implementation flags: they change nothing here, dropped on load
+_IGNORED_ON_LOAD = ("foreach", "differentiable", "fused", "capturable", "param_names")
+# torch's options refused when True, unless the class declares them as hyperparameters
+_FALSE_ONLY = ("amsgrad", "maximize")
+
+
+def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any]:
+    """Parameter ``i``'s entry: ``"step"`` (if the class keeps it) and each buffer it has
+    (numpy copies when ``host``, else live device views); ``{}`` before its first step."""
+    if not rec.has_state(i):
+        return {}
+    entry: dict[str, Any] = {}
+    if opt.torch_step:
+        entry[STEP] = float(rec.steps[i])
+    for k in opt._state_keys:
+        counts = rec.counts.get(k)
+        if counts is not None and counts[i] > 0:
+            v = rec.bufs[k][i]
+            entry[k] = v.get() if host else v
+    return entry
+
+
+def export(opt: Optimizer) -> dict[str, Any]:
+    """See :meth:`Optimizer.state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    start = 0
+    for group, rec in zip(opt.param_groups, opt._groups, strict=True):
+        packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        packed.update(opt.torch_marks)
+        n = len(rec.params)
+        packed["params"] = list(range(start, start + n))
+        for i in range(n):
+            entry = param_state(opt, rec, i, host=True)
+            if entry:
+                state[start + i] = entry
+        groups.append(packed)
+        start += n
+    return {"state": state, "param_groups": groups, "optimizer": type(opt).__name__}
+
+
+def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optimizer]]) -> None:
+    """See :meth:`Optimizer.load_state_dict`; ``classes``: every declared optimizer class,
+    to name the one a foreign state dict belongs to."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("a state dict has the keys 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)):
+        raise ValueError(
+            f"loaded 'param_groups' is a {type(saved_groups).__name__}, not a list of "
+            "param group dicts"
+        )
+    saved_groups = list(saved_groups)
+    for gi, saved in enumerate(saved_groups):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(
+                f"loaded param_groups[{gi}] is not a param group dict (with a list 'params')"
+            )
+    if not isinstance(state_dict["state"], Mapping):
+        raise ValueError(
+            f"loaded 'state' is a {type(state_dict['state']).__name__}, not a dict of "
+            "parameter index -> state"
+        )
+    _check_origin(opt, state_dict, saved_groups, classes)
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer "
+            f"has {len(opt.param_groups)}"
+        )
+    where: dict[int, tuple[int, int]] = {}
+    for gi, (saved, rec) in enumerate(zip(saved_groups, opt._groups, strict=True)):
+        ids = saved["params"]
+        if len(ids) != len(rec.params):
+            raise ValueError(
+                f"loaded state dict contains a parameter group that doesn't match the size "
+                f"of optimizer's group: param_groups[{gi}] has {len(ids)} parameters, the "
+                f"optimizer's has {len(rec.params)}"
+            )
+        for i, pid in enumerate(ids):
+            where[_index(pid)] = (gi, i)
+    new_groups = [_import_group(opt, saved, gi) for gi, saved in enumerate(saved_groups)]
+
+    staged = []
+    for pid, entry in state_dict["state"].items():
+        idx = _index(pid)
+        if idx not in where:
+            raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
+        gi, i = where[idx]
+        staged.append((gi, i, *_import_entry(opt, entry, opt._groups[gi], i, idx)))
+
+    for group, rec, new in zip(opt.param_groups, opt._groups, new_groups, strict=True):
+        group.clear()
+        group.update(new)
+        group["params"] = list(rec.params)
+        rec.reset()
+    for gi, i, step, arrays in staged:
+        rec = opt._groups[gi]
+        rec.steps[i] = step
+        for k, a in arrays.items():
+            rec.ensure(k)
+            if a.size:
+                rec.bufs[k][i].set(a)
+            rec.counts[k][i] = max(step, 1)
+
+
+def _check_origin(
+    opt: Optimizer,
+    state_dict: Mapping[str, Any],
+    groups: list[Mapping[str, Any]],
+    classes: list[type[Optimizer]],
+) -> None:
+    """Refuse the state dict of another optimizer class, naming both.
+
+    Ours name their class. torch's (and ours saved before the name was) are told apart by
+    their hyperparameter names and the classes' ``torch_marks`` (Adam/AdamW's
+    ``decoupled_weight_decay``); torch has no Momentum: its SGD dicts load into Momentum when
+    undampened (the same maths; Momentum's validation refuses a dampening).
+    """
+    name = type(opt).__name__
+    origin = state_dict.get("optimizer")
+    if origin is not None and not isinstance(origin, str):
+        raise ValueError(
+            f"loaded state dict has an invalid 'optimizer' entry: {origin!r} (must be the "
+            "name of the optimizer class that saved it)"
+        )
+    if origin is not None and origin != name:
+        raise ValueError(
+            f"loaded state dict is {origin}'s, not {name}'s: load it into the class that "
+            f"saved it ({origin})"
+        )
+    known = {k for c in classes for k in c._declaration.names}
+    mark_keys = {k for c in classes for k in c.torch_marks}
+    own = set(opt._declaration.names)
+    for gi, saved in enumerate(groups):
+        keys = set(saved) & known
+        marks = {k: bool(saved[k]) for k in sorted(mark_keys) if saved.get(k) is not None}
+        if _marked(type(opt), marks) and (origin is not None or keys <= own):
+            continue
+        candidates = [c for c in classes if _marked(c, marks)]
+        like = {c.__name__ for c in candidates if set(c._declaration.names) == keys} or {
+            c.__name__ for c in candidates if keys <= set(c._declaration.names)
+        }  # the classes with exactly these hyperparameters, else with at least these
+        what = f"hyperparameters {sorted(keys)}" + "".join(f", {k}={v}" for k, v in marks.items())
+        whose = " or ".join(f"{n}'s" for n in sorted(like)) or "another optimizer's"
+        raise ValueError(f"loaded param_groups[{gi}] is {whose}, not {name}'s ({what})")
+
+
+def _marked(cls: type[Optimizer], marks: Mapping[str, bool]) -> bool:
+    """Whether ``cls``'s ``torch_marks`` agree with a saved group's ``marks``."""
+    return all(cls.torch_marks.get(k) == v for k, v in marks.items())
+
+
+def _import_group(opt: Optimizer, saved: Mapping[str, Any], gi: int) -> dict[str, Any]:
+    where = f"loaded param_groups[{gi}]"
+    declaration = opt._declaration
+    group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+    for k in _IGNORED_ON_LOAD:
+        group.pop(k, None)
+    for k in _FALSE_ONLY:
+        if k not in declaration.names and group.pop(k, False):
+            raise invalid(k, True, f"False: {type(opt).__name__} does not implement it", where)
+    for k in opt.torch_marks:  # the class: checked by _check_origin
+        group.pop(k, None)
+    for k, v in opt.defaults.items():
+        group.setdefault(k, v)
+    for k in declaration.names:
+        group[k] = as_stored(group[k])
+    declaration.validate(group, where, in_group=True)
+    return group
+
+
+@cache
+def required_keys(cls: type[Optimizer]) -> tuple[str, ...]:
+    """The keys a saved entry with state must hold: ``"step"`` (if the class keeps one) and
+    the buffers of the class's chain at its default hyperparameters."""
+    declaration = cls._declaration
+    defaults = {h.name: h.default for h in declaration.hyperparameters}
+    template = cls.functional(**declaration.validate(defaults, in_group=True)).init([])
+    keys = keys_of(template, cls._torch_states, cls.__name__)
+    return ((STEP,) if cls.torch_step else ()) + tuple(keys)
+
+
+def _import_entry(
+    opt: Optimizer, entry: Any, rec: Group, i: int, pid: int
+) -> tuple[int, dict[str, np.ndarray]]:
+    where = f"loaded state of parameter {pid}"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
+    unknown = set(entry) - {STEP, *opt._state_keys}
+    if unknown:
+        raise ValueError(
+            f"{where} has keys {sorted(unknown)} that {type(opt).__name__} does not use"
+        )
+    arrays = {}
+    for k in opt._state_keys:
+        v = entry.get(k)
+        if v is None:  # absent (torch may also hold None before a first step)
+            continue
+        a = v.get() if isinstance(v, cla.Array) else np.asarray(v)
+        if a.shape != rec.shapes[i]:
+            raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {rec.shapes[i]}")
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
+        arrays[k] = np.require(a, dtype=state_dtype(rec.dtypes[i]), requirements="C")
+    if any(v is not None for v in entry.values()):
+        missing = [k for k in required_keys(type(opt)) if entry.get(k) is None]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+    step = 1 if arrays else 0
+    if entry.get(STEP) is not None:
+        s = np.asarray(entry[STEP])
+        f = float(s) if s.size == 1 and s.dtype.kind in "fiu" else -1.0
+        if not (f >= 0 and f == int(f)):
+            raise ValueError(f"{where}: invalid step {entry[STEP]!r}")
+        step = int(f)
+    return step, arrays
+
+
+def _index(pid: Any) -> int:
+    if isinstance(pid, bool):
+        raise ValueError(f"invalid parameter index {pid!r} in the state dict")
+    if isinstance(pid, (numbers.Integral, np.integer)):
+        return int(pid)
+    if isinstance(pid, str) and pid.isdigit():
+        return int(pid)
+    raise ValueError(f"invalid parameter index {pid!r} in the state dict")

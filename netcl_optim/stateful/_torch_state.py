@@ -1,0 +1,109 @@
+"""torch's names for the functional states, and a group's chain state from its buffers.
+
+Each optimizer family declares, next to the state types it uses, how torch keeps them: which
+fields are slots (buffers shaped like the params, one per parameter under a torch state key)
+and which count fills the ``count`` field::
+
+    ADAM_MOMENTS = torch_state(ScaleByAdamState, mu="exp_avg", nu="exp_avg_sq", count="exp_avg")
+
+A stateful optimizer keeps each key's buffers packed per group, and per parameter the number
+of steps each key has been updated (its count) and torch's ``"step"``. At a step the group's
+chain state is assembled from them (:func:`assemble`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STEP = "step"
+"""torch's per-parameter step count, as a ``count=`` source: the steps the parameter took."""
+
+
+@dataclass(frozen=True)
+class TorchState:
+    """How torch keeps one functional state type: ``slots`` pairs each slot field with its
+    torch key; ``count`` is the key whose count fills the ``count`` field (the steps since
+    that buffer was created), :data:`STEP`, or ``None`` for a type without one."""
+
+    type: type
+    slots: tuple[tuple[str, str], ...]
+    count: str | None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(key for _, key in self.slots)
+
+
+def torch_state(state_type: type, *, count: str | None = None, **slots: str) -> TorchState:
+    """Declare torch's keys for ``state_type`` (a NamedTuple): ``field="torch_key"`` per slot,
+    and ``count=`` (a slot's key or :data:`STEP`) when it has a ``count`` field. Every field
+    must be one or the other (raises TypeError)."""
+    name = getattr(state_type, "__name__", repr(state_type))
+    fields = getattr(state_type, "_fields", None)
+    if fields is None:
+        raise TypeError(f"torch_state: {name} is not a NamedTuple state type")
+    unknown = sorted(set(slots) - set(fields))
+    if unknown:
+        raise TypeError(f"torch_state: {name} has no fields {unknown}")
+    rest = set(fields) - set(slots)
+    if rest - {"count"}:
+        raise TypeError(f"torch_state: {name}'s fields {sorted(rest - {'count'})} are not slots")
+    if ("count" in rest) != (count is not None):
+        need = "needs count=" if "count" in rest else "has no count field: drop count="
+        raise TypeError(f"torch_state: {name} {need}")
+    if count is not None and count != STEP and count not in slots.values():
+        raise TypeError(f"torch_state: count={count!r} is none of {name}'s keys, nor STEP")
+    return TorchState(state_type, tuple(slots.items()), count)
+
+
+def _states(node: Any) -> Iterator[Any]:
+    """The NamedTuple states with fields in a state tree, in order."""
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        if node._fields:
+            yield node
+    elif isinstance(node, tuple):
+        for child in node:
+            yield from _states(child)
+    elif isinstance(node, dict):
+        for child in node.values():
+            yield from _states(child)
+
+
+def keys_of(template: Any, declared: Mapping[type, TorchState], owner: str) -> list[str]:
+    """The torch keys a chain keeps, in order, from its state ``template`` (``tx.init([])``);
+    raises TypeError for a state type that ``owner``'s ``torch_state`` does not declare."""
+    keys: list[str] = []
+    for state in _states(template):
+        spec = declared.get(type(state))
+        if spec is None:
+            raise TypeError(
+                f"{owner}'s chain keeps a {type(state).__name__}, which {owner}.torch_state "
+                "does not declare (see netcl_optim.stateful._torch_state.torch_state)"
+            )
+        keys += [k for k in spec.keys if k not in keys]
+    return keys
+
+
+def assemble(
+    node: Any,
+    declared: Mapping[type, TorchState],
+    buffers: Mapping[str, list],
+    counts: Mapping[str, int],
+) -> Any:
+    """The chain's state: ``template`` with each declared state's slots replaced by the
+    group's ``buffers`` and its count by ``counts`` (per torch key, and :data:`STEP`)."""
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        if not node._fields:
+            return node
+        spec = declared[type(node)]
+        values = {field: buffers[key] for field, key in spec.slots}
+        if spec.count is not None:
+            values["count"] = counts[spec.count]
+        return type(node)(**values)
+    if isinstance(node, tuple):
+        return tuple(assemble(c, declared, buffers, counts) for c in node)
+    if isinstance(node, dict):
+        return {k: assemble(v, declared, buffers, counts) for k, v in node.items()}
+    return node

@@ -1,0 +1,368 @@
+"""The optimizer table: one row per optimizer variant, read by every test of an optimizer
+(reference, properties, torch and optax parity, stateful, checkpoints, ZeRO) and by
+``benchmarks/bench_step.py``. A new optimizer is one row here plus its float64 reference.
+
+A row names the functional factory of ``netcl_optim`` with its optax-style kwargs (defaults left
+out), its float64 reference transform (``reference.py``), the stateful class, the torch.optim
+class and the optax oracle, the hyperparameter strategies and a few flags. Library and oracle
+names are strings or callables of the module, so this module imports without ``netcl_optim``,
+torch, optax or hypothesis.
+
+Hyperparameters are spelled the functional way (``learning_rate``, ``b1``, ``b2``). A row's full
+hyperparameters are its kwargs over the reference's defaults; ``torch_names`` spells them the
+torch way (``lr``, ``betas``) for the stateful class and torch.optim.
+
+A new optimizer's row gives ``id``, ``factory``, ``kwargs``, ``reference`` (an optax-style
+transform of reference.py; a torch-style ``rule`` is optional) and ``slots``, and where they
+exist ``stateful``, ``torch``, ``optax`` and ``hyper``. Where the class's defaults differ from the
+factory's, ``kwargs`` must name that hyperparameter (test_stateful checks each class holds
+``torch_kwargs()``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import reference as ref
+
+Hyper = dict[str, Any]
+
+# ---------------------------------------------------------------------------- names
+
+_TORCH_NAME = {"learning_rate": "lr"}
+_TORCH_PAIRS = {"betas": ("b1", "b2")}  # torch's tuple -> the functional names of its items
+
+
+def _torch_key(name: str) -> str:
+    pair = [key for key, items in _TORCH_PAIRS.items() if name in items]
+    return pair[0] if pair else _TORCH_NAME.get(name, name)
+
+
+def torch_names(hyper: Hyper) -> Hyper:
+    """Functional names -> torch's: ``learning_rate`` -> ``lr``, ``b1``, ``b2`` -> ``betas``
+    (both must be given); every other name as it is."""
+    out = {}
+    for name, value in hyper.items():
+        key = _torch_key(name)
+        out[key] = tuple(hyper[n] for n in _TORCH_PAIRS[key]) if key in _TORCH_PAIRS else value
+    return out
+
+
+def functional_names(hyper: Hyper) -> Hyper:
+    """Torch names -> the functional ones (the inverse of ``torch_names``)."""
+    plain = {v: k for k, v in _TORCH_NAME.items()}
+    out: Hyper = {}
+    for key, value in hyper.items():
+        if key in _TORCH_PAIRS:
+            out.update(zip(_TORCH_PAIRS[key], value, strict=True))
+        else:
+            out[plain.get(key, key)] = value
+    return out
+
+
+def _defaults(fn: Callable[..., Any]) -> Hyper:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Case:
+    """A factory of ``netcl_optim`` called with ``kwargs``, and its float64 reference transform
+    built from the same kwargs (``TRANSFORMS`` in cases.py, and every optimizer row)."""
+
+    id: str
+    factory: str  # attribute of netcl_optim
+    kwargs: Hyper
+    reference: Callable[..., ref.Transform]  # called with the same kwargs
+    needs_params: bool = False
+    reduction: bool = False  # couples the leaves (global norm)
+    # Tolerance factor against the reference: coupled weight decay feeding an adaptive scaling
+    # (float32 rounding of g + wd * p divided by an eps-sized denominator, see test_functional).
+    conditioning: float = 1.0
+
+    def make(self, no: Any, kwargs: Hyper | None = None) -> Any:
+        """The transform, from ``kwargs`` (the row's by default)."""
+        return getattr(no, self.factory)(**(self.kwargs if kwargs is None else kwargs))
+
+    def make_reference(self, kwargs: Hyper | None = None) -> ref.Transform:
+        return self.reference(**(self.kwargs if kwargs is None else kwargs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Optimizer(Case):
+    """One optimizer variant. Oracles and the stateful class see the same maths as the
+    functional factory: ``full()`` hyperparameters, in torch names where torch's are needed."""
+
+    slots: int  # state arrays per parameter (the benchmark's bytes, ZeRO's state size)
+    # torch-style float64 rule ``rule(p, g, state, **full) -> (p, state)`` with torch's state
+    # keys; None: the reference transform, one array at a time.
+    rule: Callable[..., tuple[Any, dict]] | None = None
+    stateful: str | None = None  # class: attribute of netcl_optim
+    stateful_kwargs: Hyper | None = None  # torch names, as given; None: the row's kwargs
+    torch: str | None = None  # torch.optim class, given torch_kwargs()
+    optax: Callable[[Any, Hyper], Any] | None = None  # (optax, full()) -> optax transform
+    # hypothesis.strategies -> a strategy of every hyperparameter of the factory (the two APIs'
+    # defaults may differ): the stateful kwargs are torch_names of the same draw.
+    hyper: Callable[[Any], Any] | None = None
+    # the same maths as an explicit chain of (factory, kwargs) building blocks
+    parts: tuple[tuple[str, Hyper], ...] | None = None
+    bench: str | None = None  # its name on benchmarks/bench_step.py's command line
+
+    def full(self, kwargs: Hyper | None = None) -> Hyper:
+        """Every hyperparameter: ``kwargs`` (the row's by default) over the reference's defaults."""
+        return {**_defaults(self.reference), **(self.kwargs if kwargs is None else kwargs)}
+
+    def torch_kwargs(self, kwargs: Hyper | None = None) -> Hyper:
+        """``full(kwargs)`` in torch names: for torch.optim, and what the stateful class holds."""
+        return torch_names(self.full(kwargs))
+
+    def class_kwargs(self) -> Hyper:
+        """The kwargs given to the stateful class (torch names; its defaults fill the rest)."""
+        if self.stateful_kwargs is not None:
+            return self.stateful_kwargs
+        given = {_torch_key(name) for name in self.kwargs}
+        return {k: v for k, v in self.torch_kwargs().items() if k in given}
+
+    def make_stateful(self, no: Any, params: Any, kwargs: Hyper | None = None) -> Any:
+        """The stateful optimizer over ``params``, from torch-named ``kwargs`` (the row's)."""
+        assert self.stateful is not None, self.id
+        kwargs = self.class_kwargs() if kwargs is None else kwargs
+        return getattr(no, self.stateful)(params, **kwargs)
+
+    def make_torch(
+        self, torch: Any, params: list, kwargs: Hyper | None = None, **extra: Any
+    ) -> Any:
+        """The torch.optim oracle over ``params``, from functional ``kwargs`` (the row's)."""
+        assert self.torch is not None, self.id
+        return getattr(torch.optim, self.torch)(params, **self.torch_kwargs(kwargs), **extra)
+
+    def make_optax(self, optax: Any, kwargs: Hyper | None = None) -> Any:
+        assert self.optax is not None, self.id
+        return self.optax(optax, self.full(kwargs))
+
+    def reference_rule(self) -> Callable[..., tuple[Any, dict]]:
+        """The torch-style rule, called with ``full()`` hyperparameters."""
+        return self.rule if self.rule is not None else ref.transform_rule(self.reference)
+
+    def make_parts(self, no: Any) -> list[Any]:
+        assert self.parts is not None, self.id
+        return [getattr(no, name)(**kw) for name, kw in self.parts]
+
+
+# ---------------------------------------------------------------------------- optax oracles
+
+
+def _coupled_decay(optax: Any, weight_decay: float, tx: Any) -> Any:
+    """torch's coupled weight decay (g + wd * p) in front of an optax optimizer."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+
+
+def optax_sgd(optax: Any, h: Hyper) -> Any:
+    """sgd and momentum without dampening (optax has none)."""
+    momentum = h["momentum"] or None
+    tx = optax.sgd(h["learning_rate"], momentum=momentum, nesterov=h["nesterov"])
+    return _coupled_decay(optax, h["weight_decay"], tx)
+
+
+def optax_adam(optax: Any, h: Hyper) -> Any:
+    tx = optax.adam(h["learning_rate"], h["b1"], h["b2"], h["eps"])
+    return _coupled_decay(optax, h["weight_decay"], tx)
+
+
+def optax_adamw(optax: Any, h: Hyper) -> Any:
+    wd = h["weight_decay"]  # by name: optax's fifth argument is eps_root
+    return optax.adamw(h["learning_rate"], h["b1"], h["b2"], h["eps"], weight_decay=wd)
+
+
+def optax_rmsprop(optax: Any, h: Hyper) -> Any:
+    """torch's eps (outside the sqrt) and momentum (a trace after the scaling)."""
+    tx = optax.rmsprop(h["learning_rate"], decay=h["alpha"], eps=h["eps"], eps_in_sqrt=False,
+                       centered=h["centered"], momentum=h["momentum"] or None)  # fmt: skip
+    return _coupled_decay(optax, h["weight_decay"], tx)
+
+
+# ---------------------------------------------------------------------------- strategies
+# Each takes hypothesis.strategies and draws every hyperparameter of its factory.
+
+
+def _learning_rate(st: Any, scale: float = 1.0) -> Any:
+    return st.floats(1e-4, 0.5).map(lambda lr: lr * scale)
+
+
+def _weight_decay(st: Any) -> Any:
+    return st.sampled_from([0.0]) | st.floats(0.0, 0.2)
+
+
+def _eps(st: Any) -> Any:
+    return st.floats(-10, -2).map(lambda e: 10.0**e)
+
+
+def sgd_hyper(st: Any) -> Any:
+    """Nesterov only where torch allows it (a momentum, no dampening)."""
+
+    @st.composite
+    def draw_hyper(draw: Any) -> Hyper:
+        momentum = draw(st.sampled_from([0.0, 0.9]) | st.floats(0.0, 0.99))
+        dampening = draw(st.sampled_from([0.0]) | st.floats(0.0, 0.9))
+        nesterov = draw(st.booleans()) and momentum > 0 and dampening == 0
+        return {"learning_rate": draw(_learning_rate(st)), "momentum": momentum,
+                "dampening": dampening, "weight_decay": draw(_weight_decay(st)),
+                "nesterov": nesterov}  # fmt: skip
+
+    return draw_hyper()
+
+
+def momentum_hyper(st: Any) -> Any:
+    return st.fixed_dictionaries({
+        "learning_rate": _learning_rate(st),
+        "momentum": st.sampled_from([0.9]) | st.floats(0.1, 0.99),
+        "weight_decay": _weight_decay(st),
+        "nesterov": st.booleans(),
+    })  # fmt: skip
+
+
+def adam_hyper(st: Any) -> Any:
+    """b1 in (0, 0.05) is left out: float32 cannot hold 1 - b1 well enough (torch's lerp
+    weight), which costs up to eps32 / b1 relative error in the first moment."""
+    return st.fixed_dictionaries({
+        "learning_rate": _learning_rate(st, 0.1),
+        "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+        "b2": st.floats(0.0, 0.9999),
+        "eps": _eps(st),
+        "weight_decay": _weight_decay(st),
+    })  # fmt: skip
+
+
+def rmsprop_hyper(st: Any) -> Any:
+    """Centered: alpha >= 0.5 (v - gavg^2 cancels badly in float32 for small alpha)."""
+
+    @st.composite
+    def draw_hyper(draw: Any) -> Hyper:
+        centered = draw(st.booleans())
+        return {"learning_rate": draw(_learning_rate(st, 0.1)),
+                "alpha": draw(st.floats(0.5 if centered else 0.0, 0.999)),
+                "eps": draw(_eps(st)), "weight_decay": draw(_weight_decay(st)),
+                "momentum": draw(st.sampled_from([0.0]) | st.floats(0.0, 0.95)),
+                "centered": centered}  # fmt: skip
+
+    return draw_hyper()
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def _lr(lr: Any) -> tuple[str, Hyper]:
+    return ("scale_by_learning_rate", {"learning_rate": lr})
+
+
+def cosine(count: int) -> float:
+    """A learning-rate schedule: 1e-2 cosine-decayed over 10 steps."""
+    return 1e-2 * 0.5 * (1.0 + math.cos(math.pi * min(count, 10) / 10))
+
+
+# What the variants of one family share.
+# fmt: off
+_SGD = dict(reference=ref.sgd_tx, rule=ref.sgd, stateful="SGD", torch="SGD")
+_MOMENTUM = dict(reference=ref.momentum_tx, rule=ref.sgd, stateful="Momentum", torch="SGD",
+                 optax=optax_sgd, slots=1, needs_params=True)
+_ADAM = dict(reference=ref.adam_tx, rule=ref.adam, stateful="Adam", torch="Adam",
+             optax=optax_adam, slots=2)
+_ADAMW = dict(reference=ref.adamw_tx, rule=ref.adamw, stateful="AdamW", torch="AdamW",
+              optax=optax_adamw, slots=2, needs_params=True)
+_RMSPROP = dict(reference=ref.rmsprop_tx, rule=ref.rmsprop, stateful="RMSProp",
+                torch="RMSprop", optax=optax_rmsprop)
+# fmt: on
+
+OPTIMIZERS: list[Optimizer] = [
+    Optimizer(id="sgd", factory="sgd", kwargs={"learning_rate": 0.1}, **_SGD, slots=0,
+              optax=optax_sgd, hyper=sgd_hyper, parts=(_lr(0.1),), bench="sgd"),
+    Optimizer(id="sgd-momentum", factory="sgd", kwargs={"learning_rate": 0.05, "momentum": 0.9},
+              **_SGD, slots=1, optax=optax_sgd, parts=(("trace", {"decay": 0.9}), _lr(0.05)),
+              bench="momentum"),
+    Optimizer(id="sgd-dampening-wd_coupled", factory="sgd",
+              kwargs={"learning_rate": 0.05, "momentum": 0.9, "dampening": 0.5,
+                      "weight_decay": 0.01},
+              **_SGD, slots=1, needs_params=True,
+              parts=(("add_decayed_weights", {"weight_decay": 0.01}),
+                     ("trace", {"decay": 0.9, "dampening": 0.5}), _lr(0.05))),
+    Optimizer(id="sgd-nesterov-wd_coupled", factory="sgd",
+              kwargs={"learning_rate": 0.05, "momentum": 0.9, "nesterov": True,
+                      "weight_decay": 1e-3},
+              **_SGD, slots=1, needs_params=True, optax=optax_sgd,
+              parts=(("add_decayed_weights", {"weight_decay": 1e-3}),
+                     ("trace", {"decay": 0.9, "nesterov": True}), _lr(0.05))),
+    Optimizer(id="sgd-no_momentum-dampening_ignored", factory="sgd",
+              kwargs={"learning_rate": 0.1, "momentum": 0.0, "dampening": 0.5}, **_SGD, slots=0,
+              optax=optax_sgd, parts=(_lr(0.1),)),
+    # The class's defaults (lr 1e-2, weight decay 1e-4) differ from the alias's: given here.
+    Optimizer(id="momentum", factory="momentum",
+              kwargs={"learning_rate": 1e-2, "weight_decay": 1e-4}, **_MOMENTUM,
+              stateful_kwargs={}, hyper=momentum_hyper,
+              parts=(("add_decayed_weights", {"weight_decay": 1e-4}),
+                     ("trace", {"decay": 0.9}), _lr(1e-2))),
+    Optimizer(id="momentum-nesterov-wd_coupled", factory="momentum",
+              kwargs={"learning_rate": 0.02, "momentum": 0.8, "weight_decay": 1e-2,
+                      "nesterov": True},
+              **_MOMENTUM,
+              parts=(("add_decayed_weights", {"weight_decay": 1e-2}),
+                     ("trace", {"decay": 0.8, "nesterov": True}), _lr(0.02))),
+    Optimizer(id="adam", factory="adam", kwargs={}, **_ADAM, hyper=adam_hyper,
+              parts=(("scale_by_adam", {}), _lr(1e-3)), bench="adam"),
+    Optimizer(id="adam-wd_coupled", factory="adam",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                      "weight_decay": 0.1},
+              **_ADAM, needs_params=True, conditioning=10.0,
+              parts=(("add_decayed_weights", {"weight_decay": 0.1}),
+                     ("scale_by_adam", {"b1": 0.8, "b2": 0.99, "eps": 1e-6}), _lr(1e-2))),
+    # A schedule: the stateful classes, torch and the torch-style rules take a number.
+    Optimizer(id="adam-schedule", factory="adam", kwargs={"learning_rate": cosine},
+              reference=ref.adam_tx, optax=optax_adam, slots=2,
+              parts=(("scale_by_adam", {}), _lr(cosine))),
+    Optimizer(id="adamw", factory="adamw", kwargs={}, **_ADAMW, hyper=adam_hyper,
+              parts=(("scale_by_adam", {}), ("add_decayed_weights", {"weight_decay": 0.01}),
+                     _lr(1e-3)),
+              bench="adamw"),
+    Optimizer(id="adamw-custom", factory="adamw",
+              kwargs={"learning_rate": 3e-2, "b1": 0.5, "b2": 0.9, "eps": 1e-4,
+                      "weight_decay": 0.1},
+              **_ADAMW,
+              parts=(("scale_by_adam", {"b1": 0.5, "b2": 0.9, "eps": 1e-4}),
+                     ("add_decayed_weights", {"weight_decay": 0.1}), _lr(3e-2))),
+    Optimizer(id="rmsprop", factory="rmsprop", kwargs={}, **_RMSPROP, slots=1,
+              hyper=rmsprop_hyper, parts=(("scale_by_rms", {}), _lr(1e-3))),
+    Optimizer(id="rmsprop-centered-momentum", factory="rmsprop",
+              kwargs={"learning_rate": 1e-2, "momentum": 0.9, "centered": True}, **_RMSPROP,
+              slots=3,
+              parts=(("scale_by_rms", {"centered": True}), ("trace", {"decay": 0.9}),
+                     _lr(1e-2)),
+              bench="rmsprop"),
+    Optimizer(id="rmsprop-centered-momentum-wd_coupled", factory="rmsprop",
+              kwargs={"learning_rate": 1e-2, "alpha": 0.9, "eps": 1e-6, "weight_decay": 0.01,
+                      "momentum": 0.9, "centered": True},
+              **_RMSPROP, slots=3, needs_params=True, conditioning=10.0,
+              parts=(("add_decayed_weights", {"weight_decay": 0.01}),
+                     ("scale_by_rms", {"alpha": 0.9, "eps": 1e-6, "centered": True}),
+                     ("trace", {"decay": 0.9}), _lr(1e-2))),
+]  # fmt: skip
+
+BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}
+assert len(BY_ID) == len(OPTIMIZERS)
+
+
+def ids(rows: list[Optimizer]) -> list[str]:
+    """pytest ids for a list of rows."""
+    return [row.id for row in rows]
+
+
+STATEFUL = [row for row in OPTIMIZERS if row.stateful is not None]
+TORCH = [row for row in OPTIMIZERS if row.torch is not None]
+OPTAX = [row for row in OPTIMIZERS if row.optax is not None]
+HYPER = [row for row in OPTIMIZERS if row.hyper is not None]
+BENCH = [row for row in OPTIMIZERS if row.bench is not None]
