@@ -3,8 +3,10 @@ with a torch-like stateful API on top."""
 
 from __future__ import annotations
 
+import types as _types
+
 from . import schedules as schedules
-from . import stateful as stateful  # before .optimizers, whose classes build on stateful/
+from . import stateful as stateful
 from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
@@ -25,11 +27,11 @@ from .amp import scale_loss as scale_loss
 from .amp import unscale_grads as unscale_grads
 from .fusion import clear_kernel_caches as clear_kernel_caches
 from .fusion import count_launches as count_launches
-from .optimizers.adam import adam as adam
-from .optimizers.adam import adamw as adamw
-from .optimizers.rmsprop import rmsprop as rmsprop
-from .optimizers.sgd import momentum as momentum
-from .optimizers.sgd import sgd as sgd
+
+# the optimizer families: one line each (a family's module lists its names in __all__)
+from .optimizers.adam import *  # noqa: F403
+from .optimizers.rmsprop import *  # noqa: F403
+from .optimizers.sgd import *  # noqa: F403
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule
 from .schedules import cosine_decay_schedule as cosine_decay_schedule
@@ -44,22 +46,16 @@ from .schedules import polynomial_schedule as polynomial_schedule
 from .schedules import sgdr_schedule as sgdr_schedule
 from .schedules import warmup_constant_schedule as warmup_constant_schedule
 from .schedules import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
-from .stateful import SGD as SGD
-from .stateful import Adam as Adam
-from .stateful import AdamW as AdamW
 from .stateful import CosineAnnealingLR as CosineAnnealingLR
 from .stateful import ExponentialLR as ExponentialLR
 from .stateful import LambdaLR as LambdaLR
 from .stateful import LinearLR as LinearLR
 from .stateful import LRScheduler as LRScheduler
-from .stateful import Momentum as Momentum
 from .stateful import MultiStepLR as MultiStepLR
 from .stateful import OneCycleLR as OneCycleLR
 from .stateful import Optimizer as Optimizer
 from .stateful import Parameter as Parameter
 from .stateful import ReduceLROnPlateau as ReduceLROnPlateau
-from .stateful import RMSProp as RMSProp
-from .stateful import RMSprop as RMSprop
 from .stateful import StepLR as StepLR
 from .stateful import WarmupCosine as WarmupCosine
 from .stateful._clip import clip_grad_norm as clip_grad_norm
@@ -102,104 +98,12 @@ from .transforms._wrappers import partition as partition
 from .transforms._wrappers import weight_decay_mask as weight_decay_mask
 from .transforms._wrappers import zero_nans as zero_nans
 
-__all__ = [
-    "SGD",
-    "AMPGradScaler",
-    "Adam",
-    "AdamW",
-    "AddDecayedWeightsState",
-    "ApplyIfFiniteState",
-    "CheckpointError",
-    "CosineAnnealingLR",
-    "DonatedArrayError",
-    "DynamicLossScaleState",
-    "EmptyState",
-    "ExponentialLR",
-    "Fragment",
-    "GradientTransformation",
-    "InjectHyperparamsState",
-    "LRScheduler",
-    "LambdaLR",
-    "LinearLR",
-    "MaskedState",
-    "Momentum",
-    "MultiStepLR",
-    "MultiSteps",
-    "MultiStepsState",
-    "OneCycleLR",
-    "Optimizer",
-    "Parameter",
-    "PartitionState",
-    "RMSProp",
-    "RMSprop",
-    "ReduceLROnPlateau",
-    "ReduceLROnPlateauState",
-    "Reduction",
-    "ScaleByAdamState",
-    "ScaleByRStdDevState",
-    "ScaleByRmsState",
-    "ScaleByScheduleState",
-    "Schedule",
-    "StepLR",
-    "TraceState",
-    "WarmupCosine",
-    "adam",
-    "adamw",
-    "add_decayed_weights",
-    "apply_if_finite",
-    "apply_updates",
-    "chain",
-    "clear_kernel_caches",
-    "clip",
-    "clip_by_global_norm",
-    "clip_grad_norm",
-    "clip_grad_norm_device",
-    "constant_schedule",
-    "cosine_decay_schedule",
-    "cosine_onecycle_schedule",
-    "count_launches",
-    "default_queue",
-    "dynamic_loss_scale",
-    "elementwise",
-    "exponential_decay",
-    "identity",
-    "inject_hyperparams",
-    "join_schedules",
-    "linear_onecycle_schedule",
-    "linear_schedule",
-    "load",
-    "loss_scale_of",
-    "masked",
-    "momentum",
-    "multi_transform",
-    "named_chain",
-    "pack",
-    "partition",
-    "piecewise_constant_schedule",
-    "piecewise_interpolate_schedule",
-    "polynomial_schedule",
-    "reduce_on_plateau",
-    "rmsprop",
-    "save",
-    "scale",
-    "scale_by_adam",
-    "scale_by_learning_rate",
-    "scale_by_rms",
-    "scale_by_schedule",
-    "scale_loss",
-    "schedules",
-    "set_default_queue",
-    "sgd",
-    "sgdr_schedule",
-    "step",
-    "to_device",
-    "to_host",
-    "trace",
-    "unscale_grads",
-    "warmup_constant_schedule",
-    "warmup_cosine_decay_schedule",
-    "weight_decay_mask",
-    "zero_nans",
-]
+__all__ = sorted(
+    name
+    for name, value in globals().items()
+    if not name.startswith("_")
+    and name != "annotations"
+    and (not isinstance(value, _types.ModuleType) or name in ("schedules", "stateful"))
+)
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ strings) as JSON in the entry ``__tree__``. Loading uses ``allow_pickle=False``.
 A file that cannot be read as one raises :class:`CheckpointError`. Saving writes a temporary
 file ``.<name>.<16 hex digits>.tmp`` next to the target, locked (``flock``) while the save runs,
 and renames it over the target; such files left by a killed save are removed by the next save
-of the same target.
+of the same target (see :mod:`netcl_optim._atomic_file`).
 """
 
 from __future__ import annotations
@@ -16,24 +16,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
-import secrets
-import stat
 import sys
 import zipfile
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; stale temporary files are then left in place
-    fcntl = None  # type: ignore[assignment]
-
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
+from ._atomic_file import write_atomically
 from ._device import default_queue
 from ._packing import layout
 
@@ -234,78 +227,6 @@ def _place(tree: Any, queue: cl.CommandQueue) -> Any:
     return rebuild(tree)
 
 
-def _lock(fd: int, wait: bool) -> bool:
-    """Lock ``fd`` exclusively (``flock``); False where another holds it (without ``wait``)
-    or where locks are not available (Windows, a file system without them)."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-def _is_named(fd: int, name: str) -> bool:
-    """Whether ``name`` still names the file open as ``fd``."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.lstat(name))
-    except FileNotFoundError:
-        return False
-
-
-def _discard(name: str) -> None:
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
-
-
-def _create_temp(directory: str, base: str) -> tuple[int, str]:
-    """A new temporary file for the target ``base``: open for writing, locked, so that no
-    concurrent save removes it as stale, and created with mode 0o666 (the umask applies)."""
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            # another save may have swept it as stale before we held the lock: if so, retry
-            if not _lock(fd, wait=True) or _is_named(fd, tmp):
-                return fd, tmp
-        except BaseException:
-            os.close(fd)
-            _discard(tmp)
-            raise
-        os.close(fd)
-
-
-def _remove_stale_temps(directory: str, base: str) -> None:
-    """Remove the temporary files of the target ``base`` that no save holds (locks): those
-    of a killed save. A file that cannot be locked or opened is left alone."""
-    if fcntl is None:
-        return
-    pattern = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{16}}\.tmp")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if not pattern.fullmatch(name):
-            continue
-        tmp = os.path.join(directory, name)
-        try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # no FIFO, no link
-        except OSError:
-            continue
-        try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            if regular and _lock(fd, wait=False) and _is_named(fd, tmp):
-                os.unlink(tmp)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def save(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` to the ``.npz`` file ``path`` (used as given), atomically.
 
@@ -331,39 +252,7 @@ def save(path: str | os.PathLike[str], obj: Any) -> None:
     text = json.dumps(meta, allow_nan=True)
     arrays = dict(enc.arrays)
     arrays[_TREE] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    try:
-        old = os.stat(path)
-        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
-    except OSError:
-        mode = None
-    fd, tmp = _create_temp(directory, base)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if mode is not None:
-                os.chmod(tmp, mode)
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-            if fcntl is not None:  # renamed while locked: no other save takes it for stale
-                os.replace(tmp, path)
-        if fcntl is None:  # Windows renames no open file
-            os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
-    _remove_stale_temps(directory, base)
-    try:  # make the rename durable too (POSIX)
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    write_atomically(os.fspath(path), lambda f: np.savez(f, **arrays))
 
 
 # what numpy, zipfile and json raise on a damaged file (OSError: a bad offset in the archive)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netcl_optim.schedules import _schedules as S
-from netcl_optim.stateful._lr_scheduler import (
+from netcl_optim.stateful import (
     CosineAnnealingLR,
     ExponentialLR,
     LambdaLR,

@@ -32,3 +32,11 @@ def test_documented_names_are_exported():
 
 def test_no_private_module_leaks_into_all():
     assert not [n for n in no.__all__ if n.startswith("_")]
+
+
+def test_optimizer_classes_are_reachable_from_stateful():
+    classes = [n for n in no.__all__ if isinstance(getattr(no, n), type)]
+    optimizers = [n for n in classes if issubclass(getattr(no, n), no.Optimizer)]
+    assert {"SGD", "Adam", "AdamW", "Momentum", "RMSProp", "RMSprop"} <= set(optimizers)
+    assert all(getattr(no.stateful, n) is getattr(no, n) for n in optimizers)
+    assert not hasattr(no.stateful, "chain")  # the facade offers optimizer classes only

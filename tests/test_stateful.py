@@ -329,7 +329,7 @@ def test_mixed_dtypes_in_a_group(cl_queue):
 
 def test_driven_by_a_scheduler(cl_queue):
     """A scheduler writes group["lr"] (0 at the warmup start); each step uses the lr set."""
-    sched_mod = pytest.importorskip("netcl_optim.stateful._lr_scheduler")
+    sched_mod = pytest.importorskip("netcl_optim.stateful")
     p0 = np.linspace(-1, 1, 5).astype(np.float32)
     params = make_params(cl_queue, [p0])
     opt = S.AdamW(params, lr=0.1)

@@ -246,7 +246,7 @@ def test_the_library_uses_the_one_style():
     import netcl_optim as no
     from netcl_optim.amp import dynamic_loss_scale
     from netcl_optim.schedules import _schedules as S
-    from netcl_optim.stateful import _clip, _lr_scheduler
+    from netcl_optim.stateful import OneCycleLR, StepLR, _clip
 
     class Opt:
         param_groups = [{"lr": 0.1}, {"lr": 0.2}]  # noqa: RUF012
@@ -256,8 +256,8 @@ def test_the_library_uses_the_one_style():
         lambda: no.scale(math.nan),
         lambda: S.polynomial_schedule(1.0, 0.0, -1.0, 10),
         lambda: S.exponential_decay(1.0, 10, 0.5, transition_begin=-1),
-        lambda: _lr_scheduler.StepLR(Opt(), step_size=0),
-        lambda: _lr_scheduler.OneCycleLR(Opt(), max_lr=[1.0, -1.0], total_steps=10),
+        lambda: StepLR(Opt(), step_size=0),
+        lambda: OneCycleLR(Opt(), max_lr=[1.0, -1.0], total_steps=10),
         lambda: dynamic_loss_scale(init_scale=0.0),
         lambda: _clip.clip_grad_norm([], -1.0),
         lambda: no.apply_if_finite(no.sgd(0.1), -1),
@@ -269,7 +269,7 @@ def test_the_library_uses_the_one_style():
             call()
         assert STYLE.match(str(info.value)), str(info.value)
     with pytest.raises(ValueError) as info:
-        _lr_scheduler.OneCycleLR(Opt(), max_lr=[1.0, -1.0], total_steps=10)
+        OneCycleLR(Opt(), max_lr=[1.0, -1.0], total_steps=10)
     assert str(info.value).endswith("(must be a finite number > 0) in param_groups[1]")
 
 
@@ -284,7 +284,7 @@ def test_the_module_is_the_only_home_of_scheduled_value():
     "key, value", [("mode", "maximum"), ("threshold", -1.0), ("threshold_mode", "relative")]
 )
 def test_plateau_scheduler_checks_a_loaded_state_dict_before_changing_anything(key, value):
-    from netcl_optim.stateful._lr_scheduler import ReduceLROnPlateau
+    from netcl_optim.stateful import ReduceLROnPlateau
 
     class Opt:
         param_groups = [{"lr": 0.1}]  # noqa: RUF012

@@ -28,13 +28,13 @@ from ._allreduce import allreduce as allreduce
 from ._allreduce import allreduce_gradients as allreduce_gradients
 from ._allreduce import allreduce_grads_ as allreduce_grads_
 from ._allreduce import broadcast_parameters as broadcast_parameters
-from ._zero import ShardState as ShardState
-from ._zero import ZeroRedundancyOptimizer as ZeroRedundancyOptimizer
-from ._zero import check_shardable as check_shardable
-from ._zero import shard_bounds as shard_bounds
-from ._zero import shard_optimizer as shard_optimizer
-from ._zero import sharded_step as sharded_step
-from ._zero import state_nbytes as state_nbytes
+from ._flat_shards import shard_bounds as shard_bounds
+from ._shard import ShardState as ShardState
+from ._shard import check_shardable as check_shardable
+from ._shard import shard_optimizer as shard_optimizer
+from ._shard import sharded_step as sharded_step
+from ._zero_optimizer import ZeroRedundancyOptimizer as ZeroRedundancyOptimizer
+from ._zero_optimizer import state_nbytes as state_nbytes
 
 __all__ = [
     "ShardState",

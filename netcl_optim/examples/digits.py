@@ -17,10 +17,9 @@ epoch. Options::
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,18 +27,21 @@ import pyopencl.array as cla
 
 import netcl_optim as no
 from netcl_optim import (
-    SGD,
-    Adam,
-    AdamW,
     AMPGradScaler,
     CosineAnnealingLR,
-    Momentum,
-    RMSProp,
     clip_grad_norm_device,
-    cosine_decay_schedule,
 )
 from netcl_optim._device import allocator
 
+from ._digits_setup import (
+    MAX_NORM,
+    OPTIMIZERS,
+    _parser,
+    epoch_schedule,
+    load_digits_split,
+    make_optimizer,
+    make_transform,
+)
 from ._mlp import MLP, init_params
 
 __all__ = [
@@ -52,96 +54,6 @@ __all__ = [
     "make_optimizer",
     "make_transform",
 ]
-
-MAX_NORM = 1.0
-WEIGHT_DECAY = 1e-2
-
-# name -> (default lr, stateful optimizer factory, functional alias factory)
-OPTIMIZERS: dict[str, tuple[float, Callable[..., Any], Callable[..., Any]]] = {
-    "sgd": (0.1, lambda ps, lr: SGD(ps, lr=lr), lambda lr: no.sgd(lr)),
-    "momentum": (
-        0.02,
-        lambda ps, lr: Momentum(ps, lr=lr, momentum=0.9),
-        lambda lr: no.momentum(lr, momentum=0.9),
-    ),
-    "adam": (2e-3, lambda ps, lr: Adam(ps, lr=lr), lambda lr: no.adam(lr)),
-    "adamw": (
-        2e-3,
-        lambda ps, lr: AdamW(ps, lr=lr, weight_decay=WEIGHT_DECAY),
-        lambda lr: no.adamw(lr, weight_decay=WEIGHT_DECAY),
-    ),
-    "rmsprop": (1e-3, lambda ps, lr: RMSProp(ps, lr=lr), lambda lr: no.rmsprop(lr)),
-}
-
-
-def load_digits_split(
-    test_fraction: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's digits (1797 8x8 images, bundled: no download) as ``(x_train,
-    y_train, x_test, y_test)``: a fixed stratified split, float32 inputs standardised with
-    the training set's mean and standard deviation, int32 labels."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.data.astype(np.float64)
-    y = digits.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0
-    x_tr, x_te = ((x_tr - mean) / std).astype(np.float32), ((x_te - mean) / std).astype(np.float32)
-    return x_tr, y_tr, x_te, y_te
-
-
-def make_optimizer(name: str, parameters: list[Any], lr: float | None = None) -> Any:
-    """The stateful optimizer ``name`` over ``parameters`` (``lr``: the default if None)."""
-    default, factory, _ = OPTIMIZERS[name]
-    return factory(parameters, default if lr is None else lr)
-
-
-def epoch_schedule(lr: float, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """The functional twin of ``CosineAnnealingLR(opt, T_max=epochs)`` stepped once per
-    epoch: a schedule of the step count that is constant within an epoch."""
-    cosine = cosine_decay_schedule(lr, epochs)
-    return lambda count: cosine(count // steps_per_epoch)
-
-
-def make_transform(
-    name: str, lr: float | None, epochs: int, steps_per_epoch: int
-) -> no.GradientTransformation:
-    """``chain(clip_by_global_norm(1.0), <name>(cosine schedule))``: the functional twin of
-    the stateful loop (clip, step, per-epoch cosine annealing)."""
-    default, _, alias = OPTIMIZERS[name]
-    schedule = epoch_schedule(default if lr is None else lr, epochs, steps_per_epoch)
-    return no.chain(no.clip_by_global_norm(MAX_NORM), alias(schedule))
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m netcl_optim.examples.digits",
-        description="Train a 64-128-10 MLP on scikit-learn's digits with OpenCL kernels.",
-    )
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=None, help="default: per optimizer")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="weights and shuffling")
-    p.add_argument("--functional", action="store_true", help="use the functional API")
-    p.add_argument("--amp", action="store_true", help="float16 activations + AMPGradScaler")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--data-parallel",
-        action="store_true",
-        help="split every batch across MPI ranks (run under mpiexec -n N python -m mpi4py)",
-    )
-    p.add_argument(
-        "--zero",
-        action="store_true",
-        help="with --data-parallel: shard the optimizer state (ZeRO-1)",
-    )
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

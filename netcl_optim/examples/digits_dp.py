@@ -38,16 +38,16 @@ import netcl_optim.distributed as dist
 from netcl_optim._device import allocator
 from netcl_optim.distributed._comm import get_comm, in_place
 from netcl_optim.stateful._clip import clip_grad_norm_device
-from netcl_optim.stateful._lr_scheduler import CosineAnnealingLR
+from netcl_optim.stateful._schedulers import CosineAnnealingLR
 
-from . import digits
+from . import _digits_setup as setup
 from ._mlp import MLP, init_params
 
 __all__ = ["main", "run"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = digits._parser()
+    p = setup._parser()
     p.prog = "mpiexec -n N python -m mpi4py -m netcl_optim.examples.digits_dp"
     p.description = "Data-parallel digits: each rank trains on its share of every batch."
     options = {o for a in p._actions for o in a.option_strings}
@@ -98,11 +98,11 @@ def run(args: argparse.Namespace, comm: Any = None) -> dict[str, Any]:
     rank, size = comm.Get_rank(), comm.Get_size()
     zero = bool(getattr(args, "zero", False))
     queue = no.default_queue()
-    x_tr, y_tr, x_te, y_te = digits.load_digits_split()
+    x_tr, y_tr, x_te, y_te = setup.load_digits_split()
     n = len(x_tr)
     bs = min(args.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
-    default_lr, _, alias = digits.OPTIMIZERS[args.optimizer]
+    default_lr, _, alias = setup.OPTIMIZERS[args.optimizer]
     lr = default_lr if args.lr is None else args.lr
 
     model = MLP(seed=args.seed, queue=queue)
@@ -114,11 +114,11 @@ def run(args: argparse.Namespace, comm: Any = None) -> dict[str, Any]:
     x_test = no.to_device(x_te, queue)
 
     if args.functional:
-        schedule = digits.epoch_schedule(lr, args.epochs, steps_per_epoch)
+        schedule = setup.epoch_schedule(lr, args.epochs, steps_per_epoch)
         inner = alias(schedule)
         tx = no.chain(
             dist.allreduce_gradients(comm),
-            no.clip_by_global_norm(digits.MAX_NORM),
+            no.clip_by_global_norm(setup.MAX_NORM),
             dist.shard_optimizer(inner, comm) if zero else inner,
         )
         params = no.to_device(init_params(model.sizes, args.seed), queue)
@@ -129,12 +129,12 @@ def run(args: argparse.Namespace, comm: Any = None) -> dict[str, Any]:
         parameters = model.parameters()
         if zero:
             opt: Any = dist.ZeroRedundancyOptimizer(
-                lambda groups: digits.make_optimizer(args.optimizer, groups, lr),
+                lambda groups: setup.make_optimizer(args.optimizer, groups, lr),
                 parameters,
                 comm,
             )
         else:
-            opt = digits.make_optimizer(args.optimizer, parameters, lr)
+            opt = setup.make_optimizer(args.optimizer, parameters, lr)
         dist.broadcast_parameters(parameters, comm)
         sched = CosineAnnealingLR(opt, T_max=args.epochs)
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, comm: Any = None) -> dict[str, Any]:
                 params, state = no.step(tx, params, grads, state)
             else:
                 dist.allreduce_grads_(model.parameters(), comm)
-                clip_grad_norm_device(model.parameters(), digits.MAX_NORM)
+                clip_grad_norm_device(model.parameters(), setup.MAX_NORM)
                 opt.step()
                 opt.zero_grad()
             queue.finish()

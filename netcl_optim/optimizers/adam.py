@@ -3,6 +3,8 @@ and torch's keys for Adam's moments."""
 
 from __future__ import annotations
 
+__all__ = ["Adam", "AdamW", "adam", "adamw"]
+
 from typing import Any, ClassVar
 
 from .. import _validation

@@ -3,6 +3,8 @@ spelling) and torch's keys for its averages."""
 
 from __future__ import annotations
 
+__all__ = ["RMSProp", "RMSprop", "rmsprop"]
+
 from typing import Any
 
 from .. import _validation

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+__all__ = ["SGD", "Momentum", "momentum", "sgd"]
+
 from typing import Any
 
 from .. import _validation

@@ -375,7 +375,7 @@ def cosine_onecycle_schedule(
     With ``init = peak_value / div_factor``: cosine from ``init`` to ``peak_value`` over
     ``[0, int(pct_start * T))``, then cosine to ``init / final_div_factor`` at
     ``T = transition_steps``, constant after (optax's schedule; torch's
-    :class:`~netcl_optim.stateful._lr_scheduler.OneCycleLR` places its phase ends one step
+    :class:`~netcl_optim.stateful.OneCycleLR` places its phase ends one step
     earlier).
 
     Args:

@@ -1,394 +1,28 @@
-"""ZeRO stage 1: optimizer state sharded across ranks, parameters gathered after each step.
+"""ZeRO stage 1 around a stateful optimizer class: :class:`ZeroRedundancyOptimizer`
+(torch's name), and :func:`state_nbytes` to measure what it saves.
 
-Every dtype's parameters form one flat buffer (leaves back to back, in tree order). Rank
-``r`` of ``N`` owns the elements ``[total * r // N, total * (r + 1) // N)`` of it (balanced
-by element count; a slice may cut through leaves) and keeps optimizer state for those
-elements only. A step runs the (element-wise) optimizer on the slice, a 1-D device view of
-the packed params and grads, then one ``Allgatherv`` per dtype rebuilds the full tree on
-every rank. Element-wise maths makes the result bit-identical to the unsharded optimizer.
+Each dtype's parameters are packed into one flat buffer; this rank keeps the optimizer state
+of its slice only (see :mod:`._flat_shards`), steps that slice in place, and one
+``Allgatherv`` per dtype brings every rank the full parameters, bitwise what the unsharded
+optimizer gives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import GradientTransformation, OpaquePlan, is_elementwise, is_fusible
 from .._device import queue_of
-from .._packing import Block, Layout, contiguous_run, layout, pack
-from .._state_check import register, wrapper
-from ..fusion import flatten_like, walk
+from .._packing import Block, contiguous_run, layout, pack
 from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
-from ..transforms._update import step as _step
-from ._comm import (
-    agree,
-    by_dtype,
-    check_device_leaves,
-    committed,
-    get_comm,
-    in_place,
-    packed_run,
-    path_names,
-    raw,
-    signature,
-)
-
-
-def shard_bounds(total: int, size: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` of each rank's slice of ``total`` elements: contiguous, sizes differing
-    by at most one. Device: none."""
-    return [(total * r // size, total * (r + 1) // size) for r in range(size)]
-
-
-# ---------------------------------------------------------------------------- shardability
-
-
-def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -> None:
-    """Raise unless ``tx`` is element-wise all through, so that running it on a slice of the
-    flat parameters gives the same bits as running it on the whole tree.
-
-    Accepted: fragments without a reduction, chains of them, :func:`inject_hyperparams` and
-    ``MultiSteps`` over them. Rejected (ValueError): whole-tree reductions
-    (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
-    would be a partial one. Rejected (TypeError): opaque transforms (not fused, e.g.
-    ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
-    """
-    culprit = next((t for t in walk(tx) if not is_elementwise(t)), None)  # innermost first
-    if culprit is None:
-        return
-    reduction = getattr(culprit.plan, "reduction", None)  # a fragment's
-    if is_fusible(culprit) and reduction is not None:
-        name = culprit.plan.name
-        raise ValueError(
-            f"{what}: {name} reduces over the whole tree ({reduction.op}), but a "
-            "shard sees only its slice of the parameters. Apply it before the sharded "
-            "optimizer, on the full all-reduced gradients every rank holds, e.g. "
-            f"chain(allreduce_gradients(), {name}(...), shard_optimizer(adam(...)))"
-        )
-    raise TypeError(
-        f"{what}: an opaque transform (not fused: masked, a mask= argument, partition, "
-        "a user-written transform) cannot be sharded: it may depend on the tree structure "
-        "or reduce over it. Shard only element-wise optimizers (sgd, momentum, adam, "
-        "adamw without a mask, rmsprop and chains of element-wise transforms)"
-    )
-
-
-# ---------------------------------------------------------------------------- flat slices
-
-
-@dataclass(frozen=True)
-class _DtypeShard:
-    """One dtype's flat buffer: its leaves, layout and this rank's slice."""
-
-    name: str
-    idx: tuple[int, ...]
-    lay: Layout
-    lo: int
-    hi: int
-    counts: tuple[int, ...]
-    displs: tuple[int, ...]
-
-    @property
-    def n(self) -> int:
-        return self.hi - self.lo
-
-    def slice_layout(self) -> Layout:
-        return layout(((self.n,),), self.lay.dtype)
-
-
-def _plan_shards(leaves: list[Any], comm: Any) -> tuple[_DtypeShard, ...]:
-    size, rank = comm.Get_size(), comm.Get_rank()
-    shards = []
-    for dtype, idx in by_dtype(leaves).items():
-        lay = layout(tuple(leaves[i].shape for i in idx), dtype)
-        bounds = shard_bounds(lay.total, size)
-        lo, hi = bounds[rank]
-        shards.append(
-            _DtypeShard(
-                dtype.name,
-                tuple(idx),
-                lay,
-                lo,
-                hi,
-                tuple(b - a for a, b in bounds),
-                tuple(a for a, _ in bounds),
-            )
-        )
-    return tuple(shards)
-
-
-def _slice_view(queue: cl.CommandQueue, sh: _DtypeShard, base: Any, elem_off: int) -> cla.Array:
-    """The 1-D view of elements ``[lo, hi)`` of a flat buffer starting at ``elem_off``."""
-    item = sh.lay.dtype.itemsize
-    return sh.slice_layout().views_of(queue, base, (elem_off + sh.lo) * item)[0]
-
-
-def _flat_slice(
-    queue: cl.CommandQueue, xs: list[cla.Array], sh: _DtypeShard, into: Block | None = None
-) -> cla.Array:
-    """This rank's slice of the leaves ``xs`` as a 1-D array: a view if they are packed,
-    else a copy of the overlapping parts (into the buffer ``into``, or a fresh one; ``None``
-    leaves are skipped)."""
-    run = packed_run(xs) if all(x is not None for x in xs) else None
-    if run is not None:
-        return _slice_view(queue, sh, run[0], run[1])
-    item = sh.lay.dtype.itemsize
-    (view,) = (into if into is not None else sh.slice_layout().allocate(queue)).views
-    for x, o, n in zip(xs, sh.lay.offsets, sh.lay.sizes, strict=True):
-        a, b = max(o, sh.lo), min(o + n, sh.hi)
-        if x is not None and a < b:
-            cl.enqueue_copy(
-                queue,
-                view.base_data,
-                x.base_data,
-                byte_count=(b - a) * item,
-                src_offset=x.offset + (a - o) * item,
-                dst_offset=view.offset + (a - sh.lo) * item,
-            )
-    return view
-
-
-def _gather_host(comm: Any, queue: cl.CommandQueue, sh: _DtypeShard, part: cla.Array) -> np.ndarray:
-    """Every rank's slice in one host buffer of the full flat size (``part``: this rank's)."""
-    host = np.empty(sh.lay.total, sh.lay.dtype)
-    if sh.n:
-        cl.enqueue_copy(
-            queue, host[sh.lo : sh.hi], part.base_data, src_offset=part.offset, is_blocking=True
-        )
-    if comm.Get_size() > 1 and sh.lay.total:
-        allgatherv(comm, host, sh.counts, sh.displs)
-    return host
-
-
-def allgatherv(
-    comm: Any, host: np.ndarray, counts: tuple[int, ...], displs: tuple[int, ...]
-) -> None:
-    """In-place ``Allgatherv`` of a host buffer: rank ``r`` contributes
-    ``host[displs[r] : displs[r] + counts[r]]``."""
-    from mpi4py.util.dtlib import from_numpy_dtype
-
-    data = raw(host)
-    comm.Allgatherv(in_place(), [data, list(counts), list(displs), from_numpy_dtype(data.dtype)])
-
-
-# ---------------------------------------------------------------------------- functional
-
-
-class ShardState(NamedTuple):
-    """The inner optimizer's state over this rank's slice only: a tree ``{dtype name: 1-D
-    array}`` per slot (e.g. ``inner_state[0].mu["float32"]`` for a chain starting with
-    ``scale_by_adam``)."""
-
-    inner_state: Any
-
-
-class _Sharded:
-    """The implementation behind :func:`shard_optimizer` (``tx.update.__self__``)."""
-
-    def __init__(self, tx: GradientTransformation, comm: Any) -> None:
-        self.tx = tx
-        self.comm = comm
-        self._plans: dict[Any, tuple[_DtypeShard, ...]] = {}
-
-    def _local(self, tree: Any, what: str) -> tuple[Any, list[Any], Any, Any, Any]:
-        """Checks (no collective): signature, leaves, treedef, queue and the shard plan."""
-        leaves, treedef = optree.tree_flatten(tree)
-        queue = queue_of(leaves)
-        check_device_leaves(leaves, queue, what)
-        sig = signature(treedef, leaves)
-        plan = self._plans.get(sig)
-        if plan is None:
-            plan = _plan_shards(leaves, self.comm)
-            if len(self._plans) > 64:
-                self._plans.clear()
-            self._plans[sig] = plan
-        return sig, leaves, treedef, queue, plan
-
-    @staticmethod
-    def _slices(
-        leaves: list[Any], plan: tuple[_DtypeShard, ...], queue: cl.CommandQueue
-    ) -> dict[str, cla.Array]:
-        return {sh.name: _flat_slice(queue, [leaves[i] for i in sh.idx], sh) for sh in plan}
-
-    def _params_slices(
-        self, params: Any, u_leaves: list[Any], treedef: Any, plan: Any, queue: Any
-    ) -> dict[str, cla.Array] | None:
-        if params is None:
-            return None
-        p_leaves = flatten_like(params, treedef, "params", "updates")
-        check_device_leaves(p_leaves, queue, "params")
-        for i, (p, u) in enumerate(zip(p_leaves, u_leaves, strict=True)):
-            if p.shape != u.shape or p.dtype != u.dtype:
-                raise ValueError(
-                    f"params leaf {i} is {p.dtype}{list(p.shape)}, updates {u.dtype}{list(u.shape)}"
-                )
-        return self._slices(p_leaves, plan, queue)
-
-    def _outputs(self, out: dict[str, cla.Array], plan: Any, queue: Any) -> dict[str, Any]:
-        """Per dtype, the fresh buffer the gathered tree will fill (allocated before the
-        agreement), or ``None`` where this rank's slice is the whole tree (one rank)."""
-        single = self.comm.Get_size() == 1
-        blocks: dict[str, Any] = {}
-        for sh in plan:
-            whole = single and out[sh.name].size == sh.lay.total
-            blocks[sh.name] = None if whole else sh.lay.allocate(queue)
-        return blocks
-
-    def _gather(
-        self, queue: Any, leaves: list[Any], treedef: Any, plan: Any, out: Any, blocks: Any
-    ) -> Any:
-        """The full tree from every rank's slice ``out``, into ``blocks``: past the point of
-        no return (run it under :func:`committed`)."""
-        new = list(leaves)
-        for sh in plan:
-            part, block = out[sh.name], blocks[sh.name]
-            if block is None:
-                views = sh.lay.views_of(queue, part.base_data, part.offset)
-            else:
-                block.upload(queue, _gather_host(self.comm, queue, sh, part))
-                views = block.views
-            for i, v in zip(sh.idx, views, strict=True):
-                new[i] = v
-        return optree.tree_unflatten(treedef, new)
-
-    def init(self, params: Any) -> ShardState:
-        what = "shard_optimizer.init"
-
-        def check() -> tuple[Any, Any]:
-            sig, leaves, _, queue, plan = self._local(params, what)
-            return sig, (leaves, queue, plan)
-
-        def work(ctx: Any) -> Any:
-            leaves, queue, plan = ctx
-            return self.tx.init(self._slices(leaves, plan, queue))
-
-        return ShardState(agree(self.comm, what, check, work, lambda: path_names(params)))
-
-    def update(
-        self, updates: Any, state: ShardState, params: Any = None, **extra_args: Any
-    ) -> tuple[Any, ShardState]:
-        what = "shard_optimizer.update"
-
-        def check() -> tuple[Any, Any]:
-            sig, leaves, treedef, queue, plan = self._local(updates, what)
-            p = self._params_slices(params, leaves, treedef, plan, queue)
-            return sig, (leaves, treedef, queue, plan, p)
-
-        def work(ctx: Any) -> Any:
-            leaves, treedef, queue, plan, p = ctx
-            u = self._slices(leaves, plan, queue)
-            out, inner = self.tx.update(u, _inner(state), p, **extra_args)
-            return (queue, leaves, treedef, plan, out, self._outputs(out, plan, queue)), inner
-
-        gather, inner = agree(self.comm, what, check, work, lambda: path_names(updates))
-        with committed(self.comm, what):
-            return self._gather(*gather), ShardState(inner)
-
-    def step(
-        self, params: Any, grads: Any, state: ShardState, **extra_args: Any
-    ) -> tuple[Any, ShardState]:
-        what = "sharded_step"
-
-        def check() -> tuple[Any, Any]:
-            sig, leaves, treedef, queue, plan = self._local(grads, what)
-            p = self._params_slices(params, leaves, treedef, plan, queue)
-            if p is None:
-                raise ValueError("sharded_step needs params")
-            return sig, (leaves, treedef, queue, plan, p)
-
-        def work(ctx: Any) -> Any:
-            leaves, treedef, queue, plan, p = ctx
-            g = self._slices(leaves, plan, queue)
-            new_p, inner = _step(self.tx, p, g, _inner(state), **extra_args)
-            p_leaves = optree.tree_leaves(params)
-            q = queue_of(p_leaves)
-            return (q, p_leaves, treedef, plan, new_p, self._outputs(new_p, plan, q)), inner
-
-        gather, inner = agree(self.comm, what, check, work, lambda: path_names(grads))
-        with committed(self.comm, what):
-            return self._gather(*gather), ShardState(inner)
-
-
-def _inner(state: Any) -> Any:
-    if not isinstance(state, ShardState):
-        raise TypeError(
-            f"expected a ShardState (from the sharded optimizer's init), got {type(state).__name__}"
-        )
-    return state.inner_state
-
-
-def shard_optimizer(tx: GradientTransformation, comm: Any = None) -> GradientTransformation:
-    """ZeRO stage 1 for a functional optimizer: each rank keeps ``tx``'s state for its
-    1/N slice of the flattened parameters only, and the full updates are gathered.
-
-    ``init(params)`` and ``update(updates, state, params)`` take and return full trees,
-    identical on every rank; the state (:class:`ShardState`) holds the slice's state only.
-    The updates must already be the same on every rank (all-reduced)::
-
-        tx = chain(allreduce_gradients(), shard_optimizer(adam(1e-3)))
-        params, state = netcl_optim.step(tx, params, grads, state)
-
-    or, gathering the parameters rather than the updates (one kernel less, and bit-identical
-    to ``step(adam(1e-3), ...)`` for every dtype; with ``step`` as above, float16 parameters
-    see their update rounded to float16 first): :func:`sharded_step`.
-
-    ``tx`` must be element-wise (see :func:`check_shardable`): the result is then bitwise
-    that of ``tx`` on the whole tree. Global-norm clipping belongs before it, on the full
-    gradients: ``chain(allreduce_gradients(), clip_by_global_norm(1.0), shard_optimizer(tx))``.
-
-    A failure on some ranks (mismatched trees, bad input, ``tx`` itself, the allocation of
-    the result) raises on every rank before anything moves; a failure during the gather
-    aborts the job (see :mod:`netcl_optim.distributed`).
-
-    Device:
-      Per step, per dtype: the slices are views when the tree is packed (one device copy
-      per leaf in the slice otherwise), ``tx``'s fused kernel over the slice, one
-      device-to-host copy of the slice's result and one host-to-device copy of the gathered
-      tree. MPI: a 16-byte Allgather (tree check) and one Allgatherv per dtype.
-    """
-    comm = get_comm(comm)
-    if not isinstance(tx, GradientTransformation):
-        raise TypeError(
-            f"shard_optimizer: tx must be a GradientTransformation, got {type(tx).__name__}"
-        )
-    check_shardable(tx)
-    impl = _Sharded(tx, comm)
-    plan = OpaquePlan("shard_optimizer", (tx,))
-    return register(
-        GradientTransformation(impl.init, impl.update, plan),
-        wrapper(ShardState, "inner_state", tx),
-    )
-
-
-def sharded_step(
-    tx: GradientTransformation, params: Any, grads: Any, state: ShardState, **extra_args: Any
-) -> tuple[Any, ShardState]:
-    """:func:`netcl_optim.step` for a :func:`shard_optimizer` transform: update and apply on
-    this rank's slice in one kernel, then gather the new parameters (not the updates).
-
-    Pure: returns ``(new_params, new_state)``; ``new_params`` is a fresh packed tree,
-    bitwise what ``step`` of the unsharded optimizer gives, on every rank. ``grads`` must
-    be the same on every rank (all-reduced first). Errors as for :func:`shard_optimizer`.
-
-    Device:
-      Per dtype: one fused kernel over the slice, one device-to-host copy (the slice), one
-      host-to-device copy (the full tree). MPI: a 16-byte Allgather and one Allgatherv per
-      dtype.
-    """
-    impl = getattr(tx.update, "__self__", None)
-    if not isinstance(impl, _Sharded):
-        raise TypeError("sharded_step: tx must come from shard_optimizer(...)")
-    return impl.step(params, grads, state, **extra_args)
-
-
-# ---------------------------------------------------------------------------- memory
+from ._comm import agree, check_device_leaves, committed, get_comm, packed_run, signature
+from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
 
 
 def state_nbytes(state: Any) -> int:
@@ -406,9 +40,6 @@ def state_nbytes(state: Any) -> int:
         if isinstance(leaf, (cla.Array, np.ndarray)):
             total += int(leaf.nbytes)
     return total
-
-
-# ---------------------------------------------------------------------------- stateful
 
 
 def _is_param(p: Any) -> bool:
@@ -446,7 +77,7 @@ class _FlatDtype:
     """All parameters of one dtype (across groups), packed in one buffer, and this rank's
     slice of it, cut into one shard parameter per group."""
 
-    def __init__(self, sh: _DtypeShard, base: Any, elem_off: int) -> None:
+    def __init__(self, sh: DtypeShard, base: Any, elem_off: int) -> None:
         self.sh = sh
         self.base = base
         self.elem_off = elem_off
@@ -564,7 +195,7 @@ class ZeroRedundancyOptimizer:
         data = list(arrays)
         flats: list[_FlatDtype] = []
         shard_params: list[list[Any]] = [[] for _ in groups]
-        for sh in _plan_shards(arrays, self.comm):
+        for sh in plan_shards(arrays, self.comm):
             xs = [arrays[i] for i in sh.idx]
             if sh.lay.total == 0 or contiguous_run(xs) is None:
                 xs = pack(xs, queue)  # one buffer per dtype (values unchanged)
@@ -670,7 +301,7 @@ class ZeroRedundancyOptimizer:
             return run
         if flat.grad_slice is None:
             flat.grad_slice = sh.slice_layout().allocate(self._queue)
-        gslice = _flat_slice(self._queue, grads, sh, flat.grad_slice)
+        gslice = flat_slice(self._queue, grads, sh, flat.grad_slice)
         return gslice.base_data, gslice.offset // sh.lay.dtype.itemsize - sh.lo
 
     def step(self, closure: Any = None) -> Any:
