@@ -30,6 +30,7 @@ from .fusion import count_launches as count_launches
 
 # the optimizer families: one line each (a family's module lists its names in __all__)
 from .optimizers.adam import *  # noqa: F403
+from .optimizers.lion import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .schedules import Schedule as Schedule

@@ -350,6 +350,16 @@ OPTIMIZERS: list[Optimizer] = [
               parts=(("add_decayed_weights", {"weight_decay": 0.01}),
                      ("scale_by_rms", {"alpha": 0.9, "eps": 1e-6, "centered": True}),
                      ("trace", {"decay": 0.9}), _lr(1e-2))),
+    # torch.optim has no Lion; the class's weight decay default (0) differs from lion's (1e-3)
+    Optimizer(id="lion", factory="lion", kwargs={"learning_rate": 1e-3, "weight_decay": 0.1},
+              reference=ref.lion_tx, stateful="Lion", slots=1, needs_params=True,
+              optax=lambda optax, h: optax.lion(h["learning_rate"], h["b1"], h["b2"],
+                                                weight_decay=h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.01), "b1": st.floats(0.0, 0.99),
+                  "b2": st.floats(0.0, 0.999), "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_lion", {}), ("add_decayed_weights", {"weight_decay": 0.1}),
+                     _lr(1e-3))),
 ]  # fmt: skip
 
 BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}

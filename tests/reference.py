@@ -472,6 +472,50 @@ def rmsprop_tx(
     return chain(*parts)
 
 
+def _in(dtype: Any, x: Any) -> Any:
+    """``x`` as an array of ``dtype`` (None: float64), so that each operation on it rounds."""
+    return np.asarray(x).astype(F64 if dtype is None else dtype)
+
+
+def _lion_sign(g: Any, m: Any, b1: float, dtype: Any) -> np.ndarray:
+    """sign((1 - b1) g + b1 m) in ``dtype``: a sign is where a last-bit difference flips the
+    update, so the reference rounds as the run's compute precision does (see _COMPUTE)."""
+    d = np.dtype(F64 if dtype is None else dtype).type
+    return _f64(np.sign(d(1 - b1) * _in(dtype, g) + d(b1) * _in(dtype, m)))
+
+
+def _lion_moment(g: Any, m: Any, b2: float, dtype: Any) -> np.ndarray:
+    d = np.dtype(F64 if dtype is None else dtype).type
+    return _f64(d(1 - b2) * _in(dtype, g) + d(b2) * _in(dtype, m))
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
+    """optax's Lion scaling: u = sign((1 - b1) g + b1 m), then m = (1 - b2) g + b2 m."""
+
+    def update(u, state, params=None):
+        compute, mu = _COMPUTE.get(), state["mu"]
+        if compute is None or isinstance(compute, (np.dtype, type)):
+            out = tree_map(lambda g, m: _lion_sign(g, m, b1, compute), u, mu)
+            new_mu = tree_map(lambda g, m: _lion_moment(g, m, b2, compute), u, mu)
+        else:
+            out = tree_map(lambda g, m, d: _lion_sign(g, m, b1, d), u, mu, compute)
+            new_mu = tree_map(lambda g, m, d: _lion_moment(g, m, b2, d), u, mu, compute)
+        return out, {"count": state["count"] + 1, "mu": new_mu}
+
+    return Transform(lambda params: {"count": 0, "mu": _zeros(params)}, update)
+
+
+def lion_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+) -> Transform:
+    """scale_by_lion + [add_decayed_weights] + lr: optax's lion (decoupled decay)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_lion(b1, b2), *parts, scale_by_learning_rate(learning_rate))
+
+
 functional = types.SimpleNamespace(
     sgd=sgd_tx, momentum=momentum_tx, adam=adam_tx, adamw=adamw_tx, rmsprop=rmsprop_tx
 )
