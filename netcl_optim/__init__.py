@@ -29,10 +29,15 @@ from .fusion import clear_kernel_caches as clear_kernel_caches
 from .fusion import count_launches as count_launches
 
 # the optimizer families: one line each (a family's module lists its names in __all__)
+from .optimizers.adabelief import *  # noqa: F403
+from .optimizers.adadelta import *  # noqa: F403
+from .optimizers.adagrad import *  # noqa: F403
 from .optimizers.adam import *  # noqa: F403
+from .optimizers.adamax import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
+from .optimizers.yogi import *  # noqa: F403
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule
 from .schedules import cosine_decay_schedule as cosine_decay_schedule

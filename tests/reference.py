@@ -516,6 +516,310 @@ def lion_tx(
     return chain(scale_by_lion(b1, b2), *parts, scale_by_learning_rate(learning_rate))
 
 
+# references: adagrad, adadelta
+
+
+def adagrad(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Adagrad: L2; clr = lr / (1 + (t - 1) lr_decay); s += g^2;
+    p -= clr g / (sqrt(s) + eps) (eps outside the root; s starts at the initial value)."""
+    p, g = _f64(p), _f64(g)
+    if "step" not in state:
+        state["step"] = 0
+        state["sum"] = np.full(p.shape, initial_accumulator_value, F64)
+    state["step"] += 1
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    clr = learning_rate / (1 + (state["step"] - 1) * lr_decay)
+    state["sum"] = state["sum"] + g * g
+    return p - clr * g / (np.sqrt(state["sum"]) + eps), state
+
+
+def scale_by_rss(
+    initial_accumulator_value: float = 0.1, eps: float = 1e-7, eps_in_sqrt: bool = True
+) -> Transform:
+    """optax's scale_by_rss: s = s0 + sum g^2; u = g / sqrt(s + eps) where s > 0, else 0
+    (eps_in_sqrt), or torch Adagrad's u = g / (sqrt(s) + eps)."""
+
+    def init(params):
+        return {"sum": tree_map(lambda x: np.full(np.shape(x), initial_accumulator_value, F64),
+                                params)}  # fmt: skip
+
+    def leaf(g, s):
+        g = _f64(g)
+        if not eps_in_sqrt:
+            return g / (np.sqrt(s) + eps)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(s > 0, g / np.sqrt(s + eps), g * 0.0)
+
+    def update(u, state, params=None):
+        s = tree_map(lambda g, t: t + _f64(g) ** 2, u, state["sum"])
+        return tree_map(leaf, u, s), {"sum": s}
+
+    return Transform(init, update)
+
+
+def adagrad_tx(
+    learning_rate: float | Callable[[int], float] = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> Transform:
+    """[add_decayed_weights] + scale_by_rss (torch's eps) + lr / (1 + count lr_decay)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    parts.append(scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=False))
+    lr = learning_rate
+    if lr_decay:
+
+        def lr(count: int) -> float:
+            base = learning_rate(count) if callable(learning_rate) else learning_rate
+            return base / (1 + count * lr_decay)
+
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+def adagrad_optax_tx(
+    learning_rate: float | Callable[[int], float],
+    initial_accumulator_value: float = 0.1,
+    eps: float = 1e-7,
+    eps_in_sqrt: bool = True,
+) -> Transform:
+    """optax's adagrad: scale_by_rss (eps inside the root, 0 where s = 0) + lr."""
+    return chain(scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt),
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def adadelta(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Adadelta: L2; v = rho v + (1 - rho) g^2;
+    d = sqrt(u + eps) / sqrt(v + eps) g (old u); u = rho u + (1 - rho) d^2; p -= lr d."""
+    p, g = _f64(p), _f64(g)
+    if "step" not in state:
+        state["step"] = 0
+        state["square_avg"] = np.zeros_like(p)
+        state["acc_delta"] = np.zeros_like(p)
+    state["step"] += 1
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    v = rho * state["square_avg"] + (1 - rho) * g * g
+    d = np.sqrt(state["acc_delta"] + eps) / np.sqrt(v + eps) * g
+    state["square_avg"] = v
+    state["acc_delta"] = rho * state["acc_delta"] + (1 - rho) * d * d
+    return p - learning_rate * d, state
+
+
+def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> Transform:
+    """optax's scale_by_adadelta: e_g, then u = sqrt(old e_x + eps) / sqrt(e_g + eps) g, e_x."""
+
+    def init(params):
+        return {"e_g": _zeros(params), "e_x": _zeros(params)}
+
+    def update(u, state, params=None):
+        e_g = tree_map(lambda g, v: rho * v + (1 - rho) * _f64(g) ** 2, u, state["e_g"])
+        out = tree_map(lambda g, v, x: np.sqrt(x + eps) / np.sqrt(v + eps) * _f64(g),
+                       u, e_g, state["e_x"])  # fmt: skip
+        e_x = tree_map(lambda d, x: rho * x + (1 - rho) * d**2, out, state["e_x"])
+        return out, {"e_g": e_g, "e_x": e_x}
+
+    return Transform(init, update)
+
+
+def adadelta_tx(
+    learning_rate: float | Callable[[int], float] = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """[add_decayed_weights] (coupled) + scale_by_adadelta + lr: torch's and optax's."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_adadelta(rho, eps), scale_by_learning_rate(learning_rate))
+
+
+# references: adamax, adamaxw
+
+
+def adamax(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float = 2e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Adamax: L2; m = lerp(m, g, 1 - b1); u = max(u b2, |g| + eps);
+    p = p - (lr / (1 - b1^t)) m / u."""
+    p, g = _f64(p), _f64(g)
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if "step" not in state:
+        state["step"] = 0
+        state["exp_avg"] = np.zeros_like(p)
+        state["exp_inf"] = np.zeros_like(p)
+    state["step"] += 1
+    m = state["exp_avg"] + (1 - b1) * (g - state["exp_avg"])
+    u = np.maximum(b2 * state["exp_inf"], np.abs(g) + eps)
+    state["exp_avg"], state["exp_inf"] = m, u
+    return p - (learning_rate / (1 - b1 ** state["step"])) * m / u, state
+
+
+def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """optax's scale_by_adamax (= torch's): nu = max(b2 nu, |g| + eps); u = (m / bc1) / nu."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * _f64(g), u, state["mu"])
+        nu = tree_map(lambda g, v: np.maximum(b2 * v, np.abs(_f64(g)) + eps), u, state["nu"])
+        bc1 = 1 - b1**t
+        out = tree_map(lambda m, v: (m / bc1) / v, mu, nu)
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def adamax_tx(
+    learning_rate: float | Callable[[int], float] = 2e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """[add_decayed_weights(wd)] (coupled L2) + scale_by_adamax + lr: torch's Adamax."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
+def adamaxw_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+) -> Transform:
+    """scale_by_adamax + add_decayed_weights + lr: optax's adamaxw (decoupled decay)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_adamax(b1, b2, eps), *parts, scale_by_learning_rate(learning_rate))
+
+
+# references: adabelief, yogi, sign_sgd, signum
+
+
+def scale_by_belief(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    nesterov: bool = False,
+) -> Transform:
+    """optax's AdaBelief scaling: m = (1-b1) g + b1 m; s = (1-b2) (g-m)^2 + b2 s + eps_root;
+    u = mhat / (sqrt(shat) + eps), mhat = m / (1-b1^t) or, with nesterov,
+    b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: (1 - b1) * _f64(g) + b1 * m, u, state["mu"])
+        nu = tree_map(
+            lambda g, m, s: (1 - b2) * (_f64(g) - m) ** 2 + b2 * s + eps_root, u, mu, state["nu"]
+        )
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        if nesterov:
+            bc1_next = 1 - b1 ** (t + 1)
+            mhat = tree_map(lambda g, m: b1 * (m / bc1_next) + (1 - b1) * (_f64(g) / bc1), u, mu)
+        else:
+            mhat = tree_map(lambda m: m / bc1, mu)
+        out = tree_map(lambda m, s: m / (np.sqrt(s / bc2) + eps), mhat, nu)
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def adabelief_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    nesterov: bool = False,
+) -> Transform:
+    """scale_by_belief + lr: optax's adabelief."""
+    return chain(
+        scale_by_belief(b1, b2, eps, eps_root, nesterov), scale_by_learning_rate(learning_rate)
+    )
+
+
+def _yogi_nu(g: Any, v: Any, b2: float, dtype: Any) -> np.ndarray:
+    """v - (1-b2) sign(v - g^2) g^2, the sign taken in ``dtype``: where v and g^2 agree to
+    the last bit, the run's rounding decides it (see _COMPUTE)."""
+    gd = _in(dtype, g)
+    sign = _f64(np.sign(_in(dtype, v) - gd * gd))
+    return _f64(v) - (1 - b2) * sign * _f64(g) ** 2
+
+
+def scale_by_yogi(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-3,
+    eps_root: float = 0.0,
+    initial_accumulator_value: float = 1e-6,
+) -> Transform:
+    """optax's Yogi scaling: m, v start at initial_accumulator_value; m = (1-b1) g + b1 m;
+    v = v - (1-b2) sign(v - g^2) g^2; u = mhat / (sqrt(vhat + eps_root) + eps)."""
+
+    def init(params):
+        full = tree_map(lambda x: np.full(np.shape(x), initial_accumulator_value, F64), params)
+        return {"count": 0, "mu": full, "nu": tree_map(np.copy, full)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        compute = _COMPUTE.get()
+        mu = tree_map(lambda g, m: (1 - b1) * _f64(g) + b1 * m, u, state["mu"])
+        if compute is None or isinstance(compute, (np.dtype, type)):
+            nu = tree_map(lambda g, v: _yogi_nu(g, v, b2, compute), u, state["nu"])
+        else:
+            nu = tree_map(lambda g, v, d: _yogi_nu(g, v, b2, d), u, state["nu"], compute)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        out = tree_map(lambda m, v: (m / bc1) / (np.sqrt(v / bc2 + eps_root) + eps), mu, nu)
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def yogi_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-3,
+) -> Transform:
+    """scale_by_yogi + lr: optax's yogi."""
+    return chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
 functional = types.SimpleNamespace(
     sgd=sgd_tx, momentum=momentum_tx, adam=adam_tx, adamw=adamw_tx, rmsprop=rmsprop_tx
 )

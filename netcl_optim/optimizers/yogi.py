@@ -1,0 +1,216 @@
+"""Yogi (Zaheer et al., 2018, "Adaptive Methods for Nonconvex Optimization"): the functional
+``scale_by_yogi`` and ``yogi`` (optax's names, signatures and defaults), the stateful ``Yogi``
+and the torch-style keys of its state."""
+
+from __future__ import annotations
+
+__all__ = ["Yogi", "scale_by_yogi", "yogi"]
+
+from typing import Any
+
+import numpy as np
+import optree
+import pyopencl as cl
+
+from .. import _validation
+from .._base import Fragment, GradientTransformation, ScalarOrSchedule
+from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
+from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
+from ..stateful._optimizer import Optimizer
+from ..stateful._torch_state import torch_state
+from ..transforms._adaptive import ScaleByAdamState
+from ..transforms._combining import chain, elementwise
+from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._weight_decay import add_decayed_weights
+from ._shared import DECAY_COUNT, ascent
+
+# optax, in its order: m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2;
+# u <- (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) [+ eps_root]) + eps). Both moments start at
+# initial_accumulator_value: at the first step (fresh = 1, from the host) the kernel reads
+# that value instead of the slots, so that zeroed buffers (a stateful optimizer's fresh
+# state) start where optax's do. A NaN in v - g^2 comes with a NaN in v or g^2, which
+# reaches v either way (OpenCL's sign(NaN) is 0, jnp.sign's NaN).
+_MOMENTS = """
+const real m0 = fresh != (real)0 ? initial : mu;
+const real v0 = fresh != (real)0 ? initial : nu;
+const real g2 = u * u;
+mu = one_minus_b1 * u + b1 * m0;
+nu = v0 - one_minus_b2 * sign(v0 - g2) * g2;
+"""
+_YOGI = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2) + eps);\n"
+_YOGI_EPS_ROOT = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2 + eps_root) + eps);\n"
+
+
+# torch-optimizer's Yogi keeps "exp_avg" and "exp_avg_sq" (and a per-parameter "step")
+YOGI_MOMENTS = torch_state(ScaleByAdamState, mu="exp_avg", nu="exp_avg_sq", count="exp_avg")
+
+
+def _fill(tree: Any, value: float) -> None:
+    """Set every element of the packed slot tree ``tree`` to ``value``: one fill command per
+    buffer (its leaves lie back to back in one buffer per dtype)."""
+    spans: dict[Any, list[Any]] = {}
+    for leaf in optree.tree_leaves(tree):
+        if leaf.size:
+            key = (leaf.base_data.int_ptr, leaf.dtype)
+            start, end = leaf.offset, leaf.offset + leaf.nbytes
+            span = spans.setdefault(key, [leaf, start, end])
+            span[1], span[2] = min(span[1], start), max(span[2], end)
+    for leaf, start, end in spans.values():
+        pattern = np.array(value, dtype=leaf.dtype)
+        cl.enqueue_fill_buffer(leaf.queue, leaf.base_data, pattern, start, end - start)
+
+
+def scale_by_yogi(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-3,
+    eps_root: float = 0.0,
+    initial_accumulator_value: float = 1e-6,
+) -> GradientTransformation:
+    """Yogi's scaling (optax's ``scale_by_yogi``, same signature and defaults)::
+
+        m <- (1 - b1) g + b1 m
+        v <- v - (1 - b2) sign(v - g^2) g^2
+        u <- (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps)
+
+    ``m`` and ``v`` start at ``initial_accumulator_value`` (> 0). The state is optax's
+    ``ScaleByAdamState``.
+
+    Device: two slots (``mu``, ``nu``); the bias corrections' reciprocals come from the host.
+    """
+    check(UNIT, b1=b1, b2=b2)
+    check(POSITIVE, eps=eps, initial_accumulator_value=initial_accumulator_value)
+    check(NON_NEGATIVE, eps_root=eps_root)
+    b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
+    initial = float(initial_accumulator_value)
+
+    def host_step(state: ScaleByAdamState, **_: Any):
+        t = state.count + 1
+        values = (
+            1.0 - b1,
+            b1,
+            1.0 - b2,
+            1.0 / (1.0 - b1**t),
+            1.0 / (1.0 - b2**t),
+            eps,
+            eps_root,
+            initial,
+            1.0 if state.count == 0 else 0.0,
+        )
+        return values, state._replace(count=t)
+
+    def init(mu: Any, nu: Any) -> ScaleByAdamState:
+        if mu is not None:  # None: a structure probe
+            _fill(mu, initial)
+            _fill(nu, initial)
+        return ScaleByAdamState(count=0, mu=mu, nu=nu)
+
+    fragment = Fragment(
+        "scale_by_yogi",
+        _YOGI_EPS_ROOT if eps_root else _YOGI,
+        slots=("mu", "nu"),
+        scalars=(
+            "one_minus_b1",
+            "b1",
+            "one_minus_b2",
+            "inv_bc1",
+            "inv_bc2",
+            "eps",
+            "eps_root",
+            "initial",
+            "fresh",
+        ),
+        host_step=host_step,
+    )
+    return elementwise(fragment, init=init)
+
+
+def _yogi(
+    learning_rate: ScalarOrSchedule,
+    b1: float,
+    b2: float,
+    eps: float,
+    eps_root: float,
+    initial_accumulator_value: float,
+    weight_decay: float,
+    maximize: bool,
+) -> GradientTransformation:
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, weight_decay=weight_decay)
+    parts = [*ascent(maximize), scale_by_yogi(b1, b2, eps, eps_root, initial_accumulator_value)]
+    if weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(learning_rate))
+    return chain(*parts)
+
+
+def yogi(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-3,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Yogi (optax's ``yogi``: its signature, defaults and order of operations)::
+
+        g <- -g                                         (if maximize)
+        m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2   (m, v start at 1e-6)
+        p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    ``chain(scale_by_yogi, scale_by_learning_rate)``. Unlike Adam's, ``v`` moves towards
+    ``g^2`` by at most ``(1 - b2) g^2`` a step, and ``eps`` is large (1e-3, the paper's).
+    torch.optim has no Yogi.
+    """
+    return _yogi(learning_rate, b1, b2, eps, 0.0, 1e-6, 0.0, maximize)
+
+
+class Yogi(Optimizer):
+    """Yogi (the maths is :func:`netcl_optim.yogi`, optax's rule)::
+
+        g <- -g                                         (if maximize)
+        m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2
+        p <- p - lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps) + wd * p)
+
+    torch.optim has no Yogi. torch-optimizer's ``Yogi`` (same defaults) decays coupled
+    (``g + wd p``) and adds eps to the raw root; this class follows optax's numbers, and its
+    decoupled decay is AdamW's order (as ``adamw``).
+
+    Args:
+      params: parameters or param groups.
+      lr: learning rate, > 0 (default 1e-2, the paper's).
+      betas: ``(b1, b2)``, each in [0, 1) (default (0.9, 0.999)).
+      eps: added to the denominator, > 0 (default 1e-3).
+      weight_decay: decoupled decay, >= 0 (default 0).
+      eps_root: added under the root, >= 0 (default 0).
+      initial_accumulator_value: where ``m`` and ``v`` start, > 0 (default 1e-6).
+      maximize: maximize the objective (step along the gradient; default False).
+
+    State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), as torch-optimizer.
+    """
+
+    hyperparameters = (
+        torch_lr(1e-2),
+        BETAS,
+        Hyperparameter("eps", 1e-3, POSITIVE),
+        Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+        KEYWORD_ONLY,
+        Hyperparameter("eps_root", 0.0, NON_NEGATIVE),
+        Hyperparameter("initial_accumulator_value", 1e-6, POSITIVE),
+        MAXIMIZE,
+    )
+    torch_state = (YOGI_MOMENTS, DECAY_COUNT)
+    torch_step = True
+
+    @staticmethod
+    def functional(
+        lr: Any,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        eps_root: float,
+        initial_accumulator_value: float,
+        maximize: bool,
+    ) -> GradientTransformation:
+        b1, b2 = betas
+        return _yogi(lr, b1, b2, eps, eps_root, initial_accumulator_value, weight_decay, maximize)
