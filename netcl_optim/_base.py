@@ -165,6 +165,10 @@ class Fragment:
     parameter) when ``needs_params``, read and write the slots (state arrays shaped like the
     params, named fields of the state) and read the scalars, whose per-step values come from
     ``host_step(state, **extra_args) -> (values, state with its host fields advanced)``.
+
+    ``slot_init`` declares each slot's start value (empty: all zeros): ``init`` and the
+    stateful optimizers' fresh buffers hold it, so the source just reads the slot. It only
+    changes allocation, not the kernel (it is not in ``key``).
     """
 
     name: str
@@ -174,9 +178,16 @@ class Fragment:
     host_step: Callable[..., tuple[tuple[float, ...], Any]] | None = None
     needs_params: bool = False
     reduction: Reduction | None = None
+    slot_init: tuple[float, ...] = ()
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.slot_init and len(self.slot_init) != len(self.slots):
+            raise ValueError(
+                f"Fragment {self.name!r}: slot_init has {len(self.slot_init)} values for "
+                f"{len(self.slots)} slots"
+            )
+        object.__setattr__(self, "slot_init", tuple(float(v) for v in self.slot_init))
         object.__setattr__(
             self,
             "key",
@@ -190,6 +201,11 @@ class Fragment:
     @property
     def signature(self) -> Hashable:
         return (self.name, self.slots)
+
+    @property
+    def slot_starts(self) -> tuple[float, ...]:
+        """Each slot's start value (``slot_init``, or zeros)."""
+        return self.slot_init or (0.0,) * len(self.slots)
 
     @property
     def elementwise(self) -> bool:

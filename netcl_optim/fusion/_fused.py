@@ -320,11 +320,13 @@ def queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
     return default_queue()
 
 
-def init_slots(params: Any, count: int) -> list[Any]:
-    """``count`` zeroed state trees shaped like ``params``, each packed in one buffer per dtype."""
+def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
+    """State trees shaped like ``params``, each packed in one buffer per dtype: ``count``
+    zeroed ones, or one per value of a sequence, filled with that value."""
+    starts = (0.0,) * count if isinstance(count, int) else tuple(count)
     leaves, treedef = optree.tree_flatten(params)
     if not leaves:
-        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
+        return [optree.tree_unflatten(treedef, []) for _ in starts]
     queue = queue_of_leaves(leaves)
     for i, x in enumerate(leaves):
         if not isinstance(x, cla.Array):
@@ -334,6 +336,6 @@ def init_slots(params: Any, count: int) -> list[Any]:
             )
         check_float_dtype(x.dtype, queue, f"init: leaf {path_names(params)[i]}")
     return [
-        optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=0.0))
-        for _ in range(count)
+        optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
+        for start in starts
     ]

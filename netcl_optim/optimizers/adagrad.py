@@ -27,32 +27,28 @@ from ..transforms._scaling import ScaleByScheduleState, scale_by_learning_rate
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent
 
-# The accumulator's slot starts at zero (as every slot); the first step adds the initial
-# value (``s0``: the host passes it at count 0, 0 afterwards), so that s = s0 + g^2 then.
+# The accumulator's slot starts at the initial value (the fragment's slot_init).
 # torch: state_sum.addcmul_(g, g, value=1); std = sqrt(s) + eps; p += (-clr * g) / std
 _RSS = """
-sum_of_squares = sum_of_squares + s0 + u * u;
+sum_of_squares = sum_of_squares + u * u;
 u = u / (SQRT(sum_of_squares) + eps);
 """
 # optax: g * rsqrt(s + eps) where s > 0, else 0 (g * 0 keeps a NaN or an inf a NaN, as optax)
 _RSS_EPS_IN_SQRT = """
-sum_of_squares = sum_of_squares + s0 + u * u;
+sum_of_squares = sum_of_squares + u * u;
 u = sum_of_squares > 0 ? u / SQRT(sum_of_squares + eps) : u * 0;
 """
 
 
 class ScaleByRssState(NamedTuple):
-    """The number of updates and the sum of the squared updates (shaped like the params).
-
-    ``sum_of_squares`` is stored without the initial value until the first update adds it
-    (every slot starts at zero): after one update or more it is optax's (and torch's) sum.
-    """
+    """The number of updates and the sum of the squared updates (shaped like the params),
+    which starts at the initial accumulator value: optax's (and torch's) sum."""
 
     count: int
     sum_of_squares: Any
 
 
-# torch.optim.Adagrad's accumulator; the count says whether it holds the initial value yet
+# torch.optim.Adagrad's accumulator (its fresh buffer holds the initial value)
 RSS_SUM = torch_state(ScaleByRssState, sum_of_squares="sum", count="sum")
 # torch's lr_decay: clr = lr / (1 + (step - 1) lr_decay), a schedule of torch's step count
 LR_DECAY_STEP = torch_state(ScaleByScheduleState, count=STEP)
@@ -77,15 +73,15 @@ def scale_by_rss(
     s0, eps = float(initial_accumulator_value), float(eps)
 
     def host_step(state: ScaleByRssState, **_: Any):
-        first = s0 if state.count == 0 else 0.0
-        return (first, eps), state._replace(count=state.count + 1)
+        return (eps,), state._replace(count=state.count + 1)
 
     fragment = Fragment(
         "scale_by_rss",
         _RSS_EPS_IN_SQRT if in_sqrt else _RSS,
         slots=("sum_of_squares",),
-        scalars=("s0", "eps"),
+        scalars=("eps",),
         host_step=host_step,
+        slot_init=(s0,),
     )
     return elementwise(fragment, init=lambda s: ScaleByRssState(count=0, sum_of_squares=s))
 

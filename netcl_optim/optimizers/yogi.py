@@ -8,10 +8,6 @@ __all__ = ["Yogi", "scale_by_yogi", "yogi"]
 
 from typing import Any
 
-import numpy as np
-import optree
-import pyopencl as cl
-
 from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
@@ -26,16 +22,12 @@ from ._shared import DECAY_COUNT, ascent
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2;
 # u <- (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) [+ eps_root]) + eps). Both moments start at
-# initial_accumulator_value: at the first step (fresh = 1, from the host) the kernel reads
-# that value instead of the slots, so that zeroed buffers (a stateful optimizer's fresh
-# state) start where optax's do. A NaN in v - g^2 comes with a NaN in v or g^2, which
-# reaches v either way (OpenCL's sign(NaN) is 0, jnp.sign's NaN).
+# initial_accumulator_value (the fragment's slot_init). A NaN in v - g^2 comes with a NaN in
+# v or g^2, which reaches v either way (OpenCL's sign(NaN) is 0, jnp.sign's NaN).
 _MOMENTS = """
-const real m0 = fresh != (real)0 ? initial : mu;
-const real v0 = fresh != (real)0 ? initial : nu;
 const real g2 = u * u;
-mu = one_minus_b1 * u + b1 * m0;
-nu = v0 - one_minus_b2 * sign(v0 - g2) * g2;
+mu = one_minus_b1 * u + b1 * mu;
+nu = nu - one_minus_b2 * sign(nu - g2) * g2;
 """
 _YOGI = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2) + eps);\n"
 _YOGI_EPS_ROOT = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2 + eps_root) + eps);\n"
@@ -43,21 +35,6 @@ _YOGI_EPS_ROOT = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2 + eps_root)
 
 # torch-optimizer's Yogi keeps "exp_avg" and "exp_avg_sq" (and a per-parameter "step")
 YOGI_MOMENTS = torch_state(ScaleByAdamState, mu="exp_avg", nu="exp_avg_sq", count="exp_avg")
-
-
-def _fill(tree: Any, value: float) -> None:
-    """Set every element of the packed slot tree ``tree`` to ``value``: one fill command per
-    buffer (its leaves lie back to back in one buffer per dtype)."""
-    spans: dict[Any, list[Any]] = {}
-    for leaf in optree.tree_leaves(tree):
-        if leaf.size:
-            key = (leaf.base_data.int_ptr, leaf.dtype)
-            start, end = leaf.offset, leaf.offset + leaf.nbytes
-            span = spans.setdefault(key, [leaf, start, end])
-            span[1], span[2] = min(span[1], start), max(span[2], end)
-    for leaf, start, end in spans.values():
-        pattern = np.array(value, dtype=leaf.dtype)
-        cl.enqueue_fill_buffer(leaf.queue, leaf.base_data, pattern, start, end - start)
 
 
 def scale_by_yogi(
@@ -94,16 +71,8 @@ def scale_by_yogi(
             1.0 / (1.0 - b2**t),
             eps,
             eps_root,
-            initial,
-            1.0 if state.count == 0 else 0.0,
         )
         return values, state._replace(count=t)
-
-    def init(mu: Any, nu: Any) -> ScaleByAdamState:
-        if mu is not None:  # None: a structure probe
-            _fill(mu, initial)
-            _fill(nu, initial)
-        return ScaleByAdamState(count=0, mu=mu, nu=nu)
 
     fragment = Fragment(
         "scale_by_yogi",
@@ -117,12 +86,11 @@ def scale_by_yogi(
             "inv_bc2",
             "eps",
             "eps_root",
-            "initial",
-            "fresh",
         ),
         host_step=host_step,
+        slot_init=(initial, initial),
     )
-    return elementwise(fragment, init=init)
+    return elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
 
 
 def _yogi(

@@ -52,12 +52,15 @@ class Group:
         self.steps = [0] * n
         self.counts: dict[str, list[int]] = {}
         self.bufs: dict[str, list[cla.Array]] = {}
+        self.starts: dict[str, float] = {}  # each buffer's start value (0 when absent)
         self.blocks: dict[str, list[Block]] = {}
         self.grad_views: list[cla.Array] | None = None
         self.grad_blocks: list[Block] = []
 
-    def _allocate(self, dtype_of: Callable[[np.dtype], np.dtype]) -> tuple[list, list[Block]]:
-        """Zeroed views packed per dtype, and the packed block of each dtype."""
+    def _allocate(
+        self, dtype_of: Callable[[np.dtype], np.dtype], start: float = 0.0
+    ) -> tuple[list, list[Block]]:
+        """Views packed per dtype, filled with ``start``, and the packed block of each dtype."""
         views: list[Any] = [None] * len(self.params)
         blocks = []
         by_dtype: dict[np.dtype, list[int]] = {}
@@ -66,29 +69,32 @@ class Group:
         for dtype, idx in by_dtype.items():
             lay = layout(tuple(self.shapes[i] for i in idx), dtype_of(dtype))
             block = lay.allocate(self.queue)
-            block.fill(self.queue, 0)
+            block.fill(self.queue, start)
             blocks.append(block)
             for i, v in zip(idx, block.views, strict=True):
                 views[i] = v
         return views, blocks
 
-    def ensure(self, key: str) -> None:
-        """Create the zeroed state buffer ``key`` (packed per dtype) if it is missing."""
+    def ensure(self, key: str, start: float = 0.0) -> None:
+        """Create the state buffer ``key`` (packed per dtype), filled with its slot's
+        ``start`` value, if it is missing."""
         if key not in self.bufs:
-            self.bufs[key], self.blocks[key] = self._allocate(state_dtype)
+            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start)
             self.counts[key] = [0] * len(self.params)
+            if start:
+                self.starts[key] = start
 
     def ensure_grads(self) -> None:
         if self.grad_views is None:
             self.grad_views, self.grad_blocks = self._allocate(lambda d: d)
 
     def reset(self) -> None:
-        """Forget all state (counts 0, buffers zeroed, as freshly created)."""
+        """Forget all state (counts 0, buffers at their start values, as freshly created)."""
         self.steps = [0] * len(self.params)
         for key, blocks in self.blocks.items():
             self.counts[key] = [0] * len(self.params)
             for block in blocks:
-                block.fill(self.queue, 0)
+                block.fill(self.queue, self.starts.get(key, 0.0))
 
     def has_state(self, i: int) -> bool:
         return self.steps[i] > 0 or any(c[i] for c in self.counts.values())

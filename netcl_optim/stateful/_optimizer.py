@@ -30,17 +30,19 @@ from ._groups import (
     group_params,
     pack_params,
 )
-from ._torch_state import STEP, TorchState, assemble, keys_of
+from ._torch_state import STEP, TorchState, assemble, keys_of, slot_starts
 
 _CHAIN_CACHE_SIZE = 32
 
 
 class _Chain(NamedTuple):
-    """A group's functional optimizer, its state template and the torch keys it keeps."""
+    """A group's functional optimizer, its state template, the torch keys it keeps and the
+    non-zero start values of their fresh buffers."""
 
     tx: GradientTransformation
     template: Any
     keys: list[str]
+    starts: dict[str, float]
 
 
 def _freeze(v: Any) -> Any:
@@ -198,7 +200,8 @@ class Optimizer(abc.ABC):
         values = self._declaration.validate(group, f"param_groups[{gi}]", in_group=True)
         tx = self.functional(**values)
         template = tx.init([])
-        chain = _Chain(tx, template, keys_of(template, self._torch_states, type(self).__name__))
+        keys = keys_of(template, self._torch_states, type(self).__name__)
+        chain = _Chain(tx, template, keys, slot_starts(tx, self._torch_states))
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains.popitem(last=False)
@@ -230,7 +233,7 @@ class Optimizer(abc.ABC):
                 work.append((rec, members, self._chain(gi)))
         for rec, members, chain in work:
             for k in chain.keys:
-                rec.ensure(k)
+                rec.ensure(k, chain.starts.get(k, 0.0))
             for cohort in rec.cohorts(members, chain.keys):
                 self._run(rec, cohort, chain)
         return loss

@@ -122,11 +122,12 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
         group.update(new)
         group["params"] = list(rec.params)
         rec.reset()
+    starts = {gi: opt._chain(gi).starts for gi in {gi for gi, *_ in staged}}
     for gi, i, step, arrays in staged:
         rec = opt._groups[gi]
         rec.steps[i] = step
         for k, a in arrays.items():
-            rec.ensure(k)
+            rec.ensure(k, starts[gi].get(k, 0.0))
             if a.size:
                 rec.bufs[k][i].set(a)
             rec.counts[k][i] = max(step, 1)

@@ -17,6 +17,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._base import Fragment, GradientTransformation
+from .._state_check import NamedTupleSpec, spec_of
+
 STEP = "step"
 """torch's per-parameter step count, as a ``count=`` source: the steps the parameter took."""
 
@@ -107,3 +110,31 @@ def assemble(
     if isinstance(node, dict):
         return {k: assemble(v, declared, buffers, counts) for k, v in node.items()}
     return node
+
+
+def _transforms(tx: GradientTransformation) -> Iterator[GradientTransformation]:
+    """``tx`` and every transform its plan is made of, depth first."""
+    yield tx
+    for child in getattr(tx.plan, "children", ()):
+        yield from _transforms(child)
+
+
+def slot_starts(
+    tx: GradientTransformation, declared: Mapping[type, TorchState]
+) -> dict[str, float]:
+    """The start value of each torch key whose slot a fragment of ``tx`` declares a non-zero
+    ``slot_init`` for (the others start at zero): its fresh buffers are filled with it."""
+    starts: dict[str, float] = {}
+    for t in _transforms(tx):
+        fragment = t.plan
+        if not isinstance(fragment, Fragment) or not any(fragment.slot_init):
+            continue
+        spec = spec_of(t)
+        state = declared.get(spec.cls) if isinstance(spec, NamedTupleSpec) else None
+        if state is None:
+            continue  # keys_of raises for an undeclared state type
+        keys = dict(state.slots)
+        for field, start in zip(fragment.slots, fragment.slot_init, strict=True):
+            if start and field in keys:
+                starts.setdefault(keys[field], start)
+    return starts

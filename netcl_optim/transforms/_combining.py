@@ -136,11 +136,12 @@ def identity() -> GradientTransformation:
 def elementwise(
     fragment: Fragment, init: Callable[..., OptState] | None = None
 ) -> GradientTransformation:
-    """A transform from a fragment: ``init`` receives the fragment's zeroed slot trees
-    (packed, shaped like the params) as positional arguments; ``update`` is a chain of one."""
+    """A transform from a fragment: ``init`` receives the fragment's slot trees (packed,
+    shaped like the params, each filled with its ``slot_init`` value, zero by default) as
+    positional arguments; ``update`` is a chain of one."""
 
     def init_fn(params: Any) -> OptState:
-        slots = init_slots(params, len(fragment.slots)) if fragment.slots else []
+        slots = init_slots(params, fragment.slot_starts) if fragment.slots else []
         return init(*slots) if init is not None else EmptyState()
 
     tx: GradientTransformation
