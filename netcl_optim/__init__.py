@@ -35,7 +35,10 @@ from .optimizers.adagrad import *  # noqa: F403
 from .optimizers.adam import *  # noqa: F403
 from .optimizers.adamax import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
+from .optimizers.nadam import *  # noqa: F403
+from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
+from .optimizers.rprop import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .optimizers.yogi import *  # noqa: F403
 from .schedules import Schedule as Schedule

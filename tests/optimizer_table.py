@@ -34,7 +34,11 @@ Hyper = dict[str, Any]
 # ---------------------------------------------------------------------------- names
 
 _TORCH_NAME = {"learning_rate": "lr"}
-_TORCH_PAIRS = {"betas": ("b1", "b2")}  # torch's tuple -> the functional names of its items
+_TORCH_PAIRS = {
+    "betas": ("b1", "b2"),
+    "etas": ("eta_minus", "eta_plus"),  # Rprop
+    "step_sizes": ("min_step_size", "max_step_size"),
+}  # torch's tuple -> the functional names of its items
 
 
 def _torch_key(name: str) -> str:
@@ -441,6 +445,115 @@ OPTIMIZERS: list[Optimizer] = [
               parts=(("scale_by_adamax", {"b1": 0.5, "b2": 0.9, "eps": 1e-4}),
                      ("add_decayed_weights", {"weight_decay": 0.1}), _lr(3e-2))),
     # rows: adabelief, yogi, sign_sgd, signum
+    # rows: nadam, nadamw
+    # torch's NAdam (momentum-decay schedule); optax's nadam is adam(nesterov=True), another rule
+    Optimizer(id="nadam", factory="nadam", kwargs={}, reference=ref.nadam_tx, stateful="NAdam",
+              torch="NAdam", slots=2, hyper=adam_hyper,
+              parts=(("scale_by_nadam", {}), _lr(2e-3))),
+    Optimizer(id="nadam-wd_coupled", factory="nadam",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                      "weight_decay": 0.1, "momentum_decay": 1e-2},
+              reference=ref.nadam_tx, stateful="NAdam", torch="NAdam", slots=2,
+              needs_params=True,
+              parts=(("add_decayed_weights", {"weight_decay": 0.1}),
+                     ("scale_by_nadam", {"b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                                         "momentum_decay": 1e-2}), _lr(1e-2))),
+    Optimizer(id="nadam-wd_decoupled", factory="nadam",
+              kwargs={"learning_rate": 1e-2, "weight_decay": 0.1,
+                      "decoupled_weight_decay": True},
+              reference=ref.nadam_tx, stateful="NAdam", torch="NAdam", slots=2,
+              needs_params=True,
+              parts=(("scale_by_nadam", {}), ("add_decayed_weights", {"weight_decay": 0.1}),
+                     _lr(1e-2))),
+    # nadamw = NAdam(decoupled_weight_decay=True) with optax's name and default decay (1e-4)
+    Optimizer(id="nadamw", factory="nadamw", kwargs={}, reference=ref.nadamw_tx, slots=2,
+              needs_params=True,
+              parts=(("scale_by_nadam", {}), ("add_decayed_weights", {"weight_decay": 1e-4}),
+                     _lr(2e-3))),
+    # rows: radam
+    # torch's RAdam (rho_t > 5, eps on the raw root); rectified from step 6 with b2 = 0.999
+    Optimizer(id="radam", factory="radam", kwargs={}, reference=ref.radam_tx, rule=ref.radam,
+              stateful="RAdam", torch="RAdam", slots=2,
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "weight_decay": _weight_decay(st), "decoupled_weight_decay": st.booleans()}),
+              parts=(("scale_by_radam", {}), _lr(1e-3))),
+    Optimizer(id="radam-wd_coupled", factory="radam",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                      "weight_decay": 0.1},
+              reference=ref.radam_tx, rule=ref.radam, stateful="RAdam", torch="RAdam",
+              slots=2, needs_params=True, conditioning=10.0,
+              parts=(("add_decayed_weights", {"weight_decay": 0.1}),
+                     ("scale_by_radam", {"b1": 0.8, "b2": 0.99, "eps": 1e-6}), _lr(1e-2))),
+    Optimizer(id="radam-wd_decoupled", factory="radam",
+              kwargs={"learning_rate": 1e-2, "b2": 0.99, "weight_decay": 0.1,
+                      "decoupled_weight_decay": True},
+              reference=ref.radam_tx, rule=ref.radam, stateful="RAdam", torch="RAdam",
+              slots=2, needs_params=True,
+              parts=(("scale_by_radam", {"b2": 0.99}),
+                     ("add_decayed_weights", {"weight_decay": 0.1}), _lr(1e-2))),
+    # optax's radam by keywords: rho_t >= threshold, eps on the corrected root, nesterov
+    Optimizer(id="radam-optax", factory="radam",
+              kwargs={"learning_rate": 1e-3, "threshold": 5.0},
+              reference=ref.radam_optax_tx, slots=2,
+              optax=lambda optax, h: optax.radam(h["learning_rate"], h["b1"], h["b2"], h["eps"],
+                                                 h["eps_root"], h["threshold"],
+                                                 nesterov=h["nesterov"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0]) | st.floats(0.0, 1e-6),
+                  "threshold": st.sampled_from([5.0]) | st.floats(4.5, 20.0),
+                  "nesterov": st.booleans()}),
+              parts=(("scale_by_radam", {"threshold": 5.0}), _lr(1e-3))),
+    Optimizer(id="radam-optax-nesterov-eps_root", factory="radam",
+              kwargs={"learning_rate": 1e-2, "b2": 0.99, "eps_root": 1e-8, "threshold": 6.0,
+                      "nesterov": True},
+              reference=ref.radam_optax_tx, slots=2,
+              optax=lambda optax, h: optax.radam(h["learning_rate"], h["b1"], h["b2"], h["eps"],
+                                                 h["eps_root"], h["threshold"],
+                                                 nesterov=h["nesterov"]),
+              parts=(("scale_by_radam", {"b2": 0.99, "eps_root": 1e-8, "threshold": 6.0,
+                                         "nesterov": True}), _lr(1e-2))),
+    # rows: rprop
+    # torch's Rprop (step clamped every step); lr is the initial step size, not a factor
+    Optimizer(id="rprop", factory="rprop", kwargs={"learning_rate": 1e-2},
+              reference=ref.rprop_tx, rule=ref.rprop, stateful="Rprop", torch="Rprop", slots=2,
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "eta_minus": st.sampled_from([0.5]) | st.floats(0.05, 0.95),
+                  "eta_plus": st.sampled_from([1.2]) | st.floats(1.05, 3.0),
+                  "min_step_size": st.sampled_from([0.0, 1e-6]) | st.floats(0.0, 1e-3),
+                  "max_step_size": st.sampled_from([50.0]) | st.floats(1e-2, 1.0)}),
+              parts=(("scale_by_rprop", {"learning_rate": 1e-2}), ("scale", {"step_size": -1.0})),
+              bench="rprop"),
+    Optimizer(id="rprop-custom", factory="rprop",
+              kwargs={"learning_rate": 0.05, "eta_minus": 0.3, "eta_plus": 1.5,
+                      "min_step_size": 1e-3, "max_step_size": 0.2},
+              reference=ref.rprop_tx, rule=ref.rprop, stateful="Rprop", torch="Rprop", slots=2,
+              parts=(("scale_by_rprop", {"learning_rate": 0.05, "eta_minus": 0.3,
+                                         "eta_plus": 1.5, "min_step_size": 1e-3,
+                                         "max_step_size": 0.2}), ("scale", {"step_size": -1.0}))),
+    # optax's rprop by keyword: step kept where g * prev = 0, each update applied a step late
+    Optimizer(id="rprop-optax", factory="rprop",
+              kwargs={"learning_rate": 0.05, "optax_rule": True},
+              reference=ref.rprop_optax_tx, slots=2,
+              optax=lambda optax, h: optax.rprop(h["learning_rate"], h["eta_minus"],
+                                                 h["eta_plus"], h["min_step_size"],
+                                                 h["max_step_size"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "eta_minus": st.sampled_from([0.5]) | st.floats(0.05, 0.95),
+                  "eta_plus": st.sampled_from([1.2]) | st.floats(1.05, 3.0),
+                  "min_step_size": st.sampled_from([0.0, 1e-6]) | st.floats(0.0, 1e-3),
+                  "max_step_size": st.sampled_from([50.0]) | st.floats(1e-2, 1.0),
+                  "optax_rule": st.just(True)}),
+              parts=(("scale_by_rprop", {"learning_rate": 0.05, "optax_rule": True}),
+                     ("scale", {"step_size": -1.0}))),
+    # rows: ema, sign_sgd, signum
     # torch.optim has neither: optax's rules; the classes' lr defaults (1e-3, 1e-2) are the rows'
     Optimizer(id="adabelief", factory="adabelief", kwargs={"learning_rate": 1e-3},
               reference=ref.adabelief_tx, stateful="AdaBelief", slots=2,

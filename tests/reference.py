@@ -725,6 +725,300 @@ def adamaxw_tx(
 
 
 # references: adabelief, yogi, sign_sgd, signum
+# references: nadam, nadamw
+
+
+def nadam_mu_product(b1: float, momentum_decay: float, t: int) -> float:
+    """torch's NAdam mu_product after t steps: a float32 0-d tensor multiplied by each
+    float32(mu_s), rounded to float32 every step."""
+    prod = np.float32(1.0)
+    for s in range(1, t + 1):
+        prod = np.float32(prod * np.float32(b1 * (1.0 - 0.5 * 0.96 ** (s * momentum_decay))))
+    return float(prod)
+
+
+def scale_by_nadam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3
+) -> Transform:
+    """torch's NAdam without lr and decay: mu_t = b1 (1 - 0.5 0.96^(t psi)), P = prod mu_s
+    (float32, as torch keeps it); den = sqrt(v / bc2) + eps;
+    u = (1 - mu_t) / (1 - P) g / den + mu_{t+1} / (1 - P mu_{t+1}) m / den."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+        mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+        prod = nadam_mu_product(b1, momentum_decay, t)
+        c_g, c_m = (1 - mu_t) / (1 - prod), mu_next / (1 - prod * mu_next)
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * _f64(g), u, state["mu"])
+        nu = tree_map(lambda g, v: b2 * v + (1 - b2) * _f64(g) ** 2, u, state["nu"])
+        bc2 = 1 - b2**t
+        out = tree_map(
+            lambda g, m, v: (c_g * _f64(g) + c_m * m) / (np.sqrt(v / bc2) + eps), u, mu, nu
+        )
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def nadam_tx(
+    learning_rate: float | Callable[[int], float] = 2e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+) -> Transform:
+    """torch's NAdam: [coupled L2] + scale_by_nadam + [decoupled decay] + lr."""
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    before, after = ([], decay) if decoupled_weight_decay else (decay, [])
+    return chain(
+        *before, scale_by_nadam(b1, b2, eps, momentum_decay), *after,
+        scale_by_learning_rate(learning_rate),
+    )  # fmt: skip
+
+
+def nadamw_tx(
+    learning_rate: float | Callable[[int], float] = 2e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    momentum_decay: float = 4e-3,
+) -> Transform:
+    """nadamw: torch's NAdam(decoupled_weight_decay=True), optax's name and default decay."""
+    return nadam_tx(learning_rate, b1, b2, eps, weight_decay, momentum_decay, True)
+
+
+# references: radam
+
+
+def _radam_rect(rho_t: float, rho_inf: float) -> float:
+    x = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    return math.sqrt(x)
+
+
+def radam(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.RAdam: p *= 1 - lr wd | L2; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g^2;
+    rectified (rho_t > 5): p -= lr m_hat sqrt(bc2) / (sqrt(v) + eps) rect, else p -= lr m_hat."""
+    p, g = _f64(p), _f64(g)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p = p * (1 - learning_rate * weight_decay)
+        else:
+            g = g + weight_decay * p
+    if "step" not in state:
+        state["step"] = 0
+        state["exp_avg"] = np.zeros_like(p)
+        state["exp_avg_sq"] = np.zeros_like(p)
+    state["step"] += 1
+    t = state["step"]
+    m = state["exp_avg"] + (1 - b1) * (g - state["exp_avg"])
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    state["exp_avg"], state["exp_avg_sq"] = m, v
+    bc2 = 1 - b2**t
+    m_hat = m / (1 - b1**t)
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2**t / bc2
+    if rho_t > 5:
+        return p - learning_rate * m_hat * math.sqrt(bc2) / (np.sqrt(v) + eps) * _radam_rect(
+            rho_t, rho_inf
+        ), state
+    return p - learning_rate * m_hat, state
+
+
+def scale_by_radam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float | None = None,
+    nesterov: bool = False,
+) -> Transform:
+    """threshold None: torch's rule (rho_t > 5, m_hat sqrt(bc2) / (sqrt(v) + eps) rect);
+    a number: optax's (rho_t >= threshold, rect m_hat / (sqrt(v / bc2 + eps_root) + eps));
+    nesterov (optax's): m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)."""
+    rho_inf = 2 / (1 - b2) - 1
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * _f64(g), u, state["mu"])
+        nu = tree_map(lambda g, v: b2 * v + (1 - b2) * _f64(g) ** 2, u, state["nu"])
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        if nesterov:
+            m_hat = tree_map(
+                lambda m, g: b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * _f64(g) / bc1, mu, u
+            )
+        else:
+            m_hat = tree_map(lambda m: m / bc1, mu)
+        rho_t = rho_inf - 2 * t * b2**t / bc2
+        if threshold is None and rho_t > 5:
+            r = _radam_rect(rho_t, rho_inf)
+            out = tree_map(lambda m, v: m * math.sqrt(bc2) / (np.sqrt(v) + eps) * r, m_hat, nu)
+        elif threshold is not None and rho_t >= threshold:
+            r = _radam_rect(rho_t, rho_inf)
+            out = tree_map(lambda m, v: r * m / (np.sqrt(v / bc2 + eps_root) + eps), m_hat, nu)
+        else:
+            out = m_hat
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def radam_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+) -> Transform:
+    """[L2] + scale_by_radam + [decoupled decay] + lr: torch's RAdam."""
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    coupled, decoupled = ([], decay) if decoupled_weight_decay else (decay, [])
+    return chain(*coupled, scale_by_radam(b1, b2, eps), *decoupled,
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def radam_optax_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    nesterov: bool = False,
+) -> Transform:
+    """scale_by_radam (optax's rule) + lr: optax's radam."""
+    return chain(scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov),
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+# references: rprop
+def _rprop_sign(g: Any, prev: Any, dtype: Any) -> np.ndarray:
+    """sign(g * prev) in ``dtype``: the product underflows to 0 as the run's compute
+    precision makes it (see _COMPUTE)."""
+    with np.errstate(under="ignore"):
+        return _f64(np.sign(_in(dtype, g) * _in(dtype, prev)))
+
+
+def _rprop_leaf(g, step, prev, dtype, eta_minus, eta_plus, lo, hi, optax_rule):
+    """One leaf of Rprop: (update, step, prev); torch's rule or optax's."""
+    g = _f64(g)
+    s = _rprop_sign(g, prev, dtype)
+    if optax_rule:
+        new = np.clip(step * np.where(s > 0, eta_plus, eta_minus), lo, hi)
+        new_step = np.where(s == 0, step, new)
+        new_prev = np.where(s < 0, 0.0, new_step * np.sign(g))
+        return np.where(s < 0, 0.0, prev), new_step, new_prev
+    f = np.where(s > 0, eta_plus, np.where(s < 0, eta_minus, 1.0))
+    new_step = np.clip(step * f, lo, hi)
+    g = np.where(s < 0, 0.0, g)
+    return np.nan_to_num(np.sign(g), nan=0.0) * new_step, new_step, g  # torch: sign(nan) = 0
+
+
+def scale_by_rprop(
+    learning_rate: float,
+    eta_minus: float = 0.5,
+    eta_plus: float = 1.2,
+    min_step_size: float = 1e-6,
+    max_step_size: float = 50.0,
+    optax_rule: bool = False,
+) -> Transform:
+    """Rprop's scaling. torch's rule: f = eta+ / eta- / 1 as sign(g prev) is > 0 / < 0 / 0;
+    step = clip(step f, lo, hi); g = 0 where sign < 0; u = sign(g) step; prev = g. optax's
+    (optax_rule): step kept where g prev = 0, else clip(step eta+-, lo, hi); prev = step
+    sign(g) (0 where < 0); u = the old prev (0 where < 0). The step starts at lr."""
+    hp = (eta_minus, eta_plus, min_step_size, max_step_size, optax_rule)
+
+    def init(params):
+        return {"step_size": tree_map(lambda x: np.full(np.shape(x), learning_rate, F64), params),
+                "prev": _zeros(params)}  # fmt: skip
+
+    def update(u, state, params=None):
+        compute, step, prev = _COMPUTE.get(), state["step_size"], state["prev"]
+        if compute is None or isinstance(compute, (np.dtype, type)):
+            out = [tree_map(lambda g, s, p, k=k: _rprop_leaf(g, s, p, compute, *hp)[k],
+                            u, step, prev) for k in range(3)]  # fmt: skip
+        else:
+            out = [tree_map(lambda g, s, p, d, k=k: _rprop_leaf(g, s, p, d, *hp)[k],
+                            u, step, prev, compute) for k in range(3)]  # fmt: skip
+        return out[0], {"step_size": out[1], "prev": out[2]}
+
+    return Transform(init, update)
+
+
+def rprop(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float,
+    eta_minus: float = 0.5,
+    eta_plus: float = 1.2,
+    min_step_size: float = 1e-6,
+    max_step_size: float = 50.0,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Rprop (_single_tensor_rprop): step_size starts at lr, prev at 0;
+    f = sign(g prev) -> etaplus / etaminus / 1; step_size = clamp(step_size f, lo, hi);
+    g = 0 where f = etaminus; p -= sign(g) step_size; prev = g."""
+    p, g = _f64(p), _f64(g)
+    if "step" not in state:
+        state["step"] = 0
+        state["prev"] = np.zeros_like(p)
+        state["step_size"] = np.full(p.shape, learning_rate, F64)
+    state["step"] += 1
+    u, state["step_size"], state["prev"] = _rprop_leaf(
+        g, state["step_size"], state["prev"], None, eta_minus, eta_plus, min_step_size,
+        max_step_size, False,
+    )  # fmt: skip
+    return p - u, state
+
+
+def rprop_tx(
+    learning_rate: float,
+    eta_minus: float = 0.5,
+    eta_plus: float = 1.2,
+    min_step_size: float = 1e-6,
+    max_step_size: float = 50.0,
+) -> Transform:
+    """scale_by_rprop (torch's rule) + scale(-1): torch's Rprop."""
+    return chain(scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size,
+                                max_step_size), scale(-1.0))  # fmt: skip
+
+
+def rprop_optax_tx(
+    learning_rate: float,
+    eta_minus: float = 0.5,
+    eta_plus: float = 1.2,
+    min_step_size: float = 1e-6,
+    max_step_size: float = 50.0,
+    optax_rule: bool = True,
+) -> Transform:
+    """scale_by_rprop (optax's rule) + scale(-1): optax's rprop."""
+    return chain(scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size,
+                                max_step_size, optax_rule), scale(-1.0))  # fmt: skip
+
+
+# references: ema, sign_sgd, signum
 
 
 def scale_by_belief(
@@ -774,11 +1068,13 @@ def adabelief_tx(
 
 
 def _yogi_nu(g: Any, v: Any, b2: float, dtype: Any) -> np.ndarray:
-    """v - (1-b2) sign(v - g^2) g^2, the sign taken in ``dtype``: where v and g^2 agree to
-    the last bit, the run's rounding decides it (see _COMPUTE)."""
-    gd = _in(dtype, g)
-    sign = _f64(np.sign(_in(dtype, v) - gd * gd))
-    return _f64(v) - (1 - b2) * sign * _f64(g) ** 2
+    """v - (1-b2) sign(v - g^2) g^2 in ``dtype`` (None: float64), each operation rounded as
+    the run's compute precision does (see _COMPUTE): the sign is discontinuous, and with a
+    small 1 - b2, v - g^2 cancels, so a last-bit difference in v or g^2 would be amplified."""
+    d = np.dtype(F64 if dtype is None else dtype).type
+    gd, vd = _in(dtype, g), _in(dtype, v)
+    g2 = gd * gd
+    return _f64(vd - d(1 - b2) * np.sign(vd - g2) * g2)
 
 
 def scale_by_yogi(
@@ -792,7 +1088,16 @@ def scale_by_yogi(
     v = v - (1-b2) sign(v - g^2) g^2; u = mhat / (sqrt(vhat + eps_root) + eps)."""
 
     def init(params):
-        full = tree_map(lambda x: np.full(np.shape(x), initial_accumulator_value, F64), params)
+        # the start value as the state holds it (float32 state for float32/float16 params)
+        compute = _COMPUTE.get()
+
+        def start(x: Any, d: Any = compute) -> np.ndarray:
+            return np.full(np.shape(x), _f64(_in(d, initial_accumulator_value)))
+
+        if compute is None or isinstance(compute, (np.dtype, type)):
+            full = tree_map(start, params)
+        else:
+            full = tree_map(start, params, compute)
         return {"count": 0, "mu": full, "nu": tree_map(np.copy, full)}
 
     def update(u, state, params=None):

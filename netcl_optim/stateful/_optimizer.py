@@ -98,6 +98,9 @@ class Optimizer(abc.ABC):
     torch_state: ClassVar[tuple[TorchState, ...]] = ()
     torch_step: ClassVar[bool] = True
     torch_marks: ClassVar[Mapping[str, bool]] = MappingProxyType({})
+    # per-parameter host scalars torch stores (NAdam's "mu_product"): key -> fn(group, step),
+    # exported in state dicts and recomputed (not read) on load
+    torch_scalars: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     # compiled from the declaration by __init_subclass__
     _declaration: ClassVar[Declaration]

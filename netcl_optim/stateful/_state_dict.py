@@ -41,6 +41,10 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
     entry: dict[str, Any] = {}
     if opt.torch_step:
         entry[STEP] = float(rec.steps[i])
+    if opt.torch_scalars:
+        group = next(g for g, r in zip(opt.param_groups, opt._groups, strict=True) if r is rec)
+        for k, fn in opt.torch_scalars.items():
+            entry[k] = np.float32(fn(group, rec.steps[i]))
     for k in opt._state_keys:
         counts = rec.counts.get(k)
         if counts is not None and counts[i] > 0:
@@ -162,7 +166,8 @@ def _check_origin(
     mark_keys = {k for c in classes for k in c.torch_marks}
     own = set(opt._declaration.names)
     for gi, saved in enumerate(groups):
-        keys = set(saved) & known
+        # a mark (Adam's decoupled_weight_decay) is a hyperparameter of others (NAdam, RAdam)
+        keys = set(saved) & known - (mark_keys - own)
         marks = {k: bool(saved[k]) for k in sorted(mark_keys) if saved.get(k) is not None}
         if _marked(type(opt), marks) and (origin is not None or keys <= own):
             continue
@@ -176,8 +181,10 @@ def _check_origin(
 
 
 def _marked(cls: type[Optimizer], marks: Mapping[str, bool]) -> bool:
-    """Whether ``cls``'s ``torch_marks`` agree with a saved group's ``marks``."""
-    return all(cls.torch_marks.get(k) == v for k, v in marks.items())
+    """Whether ``cls``'s ``torch_marks`` agree with a saved group's ``marks`` (a mark that is
+    one of ``cls``'s hyperparameters, as NAdam's ``decoupled_weight_decay``, agrees always)."""
+    names = cls._declaration.names
+    return all(cls.torch_marks.get(k) == v for k, v in marks.items() if k not in names)
 
 
 def _import_group(opt: Optimizer, saved: Mapping[str, Any], gi: int) -> dict[str, Any]:
@@ -216,7 +223,7 @@ def _import_entry(
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
-    unknown = set(entry) - {STEP, *opt._state_keys}
+    unknown = set(entry) - {STEP, *opt._state_keys, *opt.torch_scalars}
     if unknown:
         raise ValueError(
             f"{where} has keys {sorted(unknown)} that {type(opt).__name__} does not use"
