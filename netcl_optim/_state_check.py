@@ -10,6 +10,7 @@ checking a state walks only its containers (a few microseconds for a chain).
 
 from __future__ import annotations
 
+import abc
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -39,13 +40,14 @@ def _within(step: str, found: Mismatch | None) -> Mismatch | None:
     return None if found is None else ((step, *found[0]), found[1], found[2])
 
 
-class Spec:
+class Spec(abc.ABC):
     """The structure of a state; :meth:`find` returns its first mismatch, or ``None``."""
 
     __slots__ = ()
 
+    @abc.abstractmethod
     def find(self, state: Any) -> Mismatch | None:
-        raise NotImplementedError
+        """The first place where ``state`` differs from this structure, or ``None``."""
 
 
 class NamedTupleSpec(Spec):

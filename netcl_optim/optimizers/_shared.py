@@ -1,13 +1,17 @@
-"""What the optimizer families share: torch's ``maximize`` as the head of a chain, and
-torch's count for weight decay's state."""
+"""What the optimizer families share: the chain every alias builds around its core
+(``maximize``, weight decay, learning rate) and torch's count for weight decay's state."""
 
 from __future__ import annotations
 
-from .._base import GradientTransformation
-from .._validation import BOOL, require
+from typing import Any
+
+from .. import _validation
+from .._base import GradientTransformation, ScalarOrSchedule
+from .._validation import BOOL, NON_NEGATIVE, check, require
 from ..stateful._torch_state import STEP, torch_state
-from ..transforms._scaling import scale
-from ..transforms._weight_decay import AddDecayedWeightsState
+from ..transforms._combining import chain
+from ..transforms._scaling import scale, scale_by_learning_rate
+from ..transforms._weight_decay import AddDecayedWeightsState, add_decayed_weights
 
 # add_decayed_weights counts its updates (for a weight_decay schedule): torch's step count
 DECAY_COUNT = torch_state(AddDecayedWeightsState, count=STEP)
@@ -18,3 +22,22 @@ def ascent(maximize: bool) -> list[GradientTransformation]:
     into the step's kernel; ``u * -1`` only flips the sign, bit for bit torch's ``-grad``)
     when ``maximize``, else nothing."""
     return [scale(-1.0)] if require("maximize", maximize, BOOL) else []
+
+
+def optimizer_chain(
+    *core: GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    mask: Any = None,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``chain([scale(-1)], [add_decayed_weights], *core, [add_decayed_weights],
+    scale_by_learning_rate)``: the negation for ``maximize``, torch's coupled L2 decay
+    (``g + wd p``) before ``core`` or the decoupled one (``u + wd p``) after it (``mask`` for
+    either), what is zero or off left out. Checks the learning rate and the weight decay."""
+    _validation.learning_rate("learning_rate", learning_rate)
+    check(NON_NEGATIVE, weight_decay=weight_decay)
+    decay = [add_decayed_weights(weight_decay, mask)] if weight_decay else []
+    before, after = ([], decay) if require("decoupled", decoupled, BOOL) else (decay, [])
+    return chain(*ascent(maximize), *before, *core, *after, scale_by_learning_rate(learning_rate))

@@ -8,16 +8,13 @@ __all__ = ["AdaBelief", "ScaleByBeliefState", "adabelief", "scale_by_belief"]
 
 from typing import Any, NamedTuple
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, require
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  s <- (1 - b2) (g - m)^2 + b2 s;  s <- s + eps_root;
 # u <- (m / (1 - b1^t)) / (sqrt(s / (1 - b2^t)) + eps) (reciprocals of the bias corrections
@@ -121,13 +118,13 @@ def _adabelief(
     weight_decay: float,
     maximize: bool,
 ) -> GradientTransformation:
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=maximize,
+    )
 
 
 def adabelief(

@@ -8,7 +8,6 @@ __all__ = ["Adadelta", "ScaleByAdaDeltaState", "adadelta", "scale_by_adadelta"]
 
 from typing import Any, NamedTuple
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
 from ..stateful._declaration import (
@@ -22,10 +21,8 @@ from ..stateful._declaration import (
 )
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch: square_avg.mul_(rho).addcmul_(g, g, value=1 - rho);
 # delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g (the old acc_delta);
@@ -93,13 +90,13 @@ def adadelta(
     torch's defaults. optax's default ``learning_rate=None`` scales by nothing, so its updates
     ascend: always give it a learning rate (torch's default is 1.0).
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay, weight_decay_mask))
-    parts += [scale_by_adadelta(rho, eps), scale_by_learning_rate(learning_rate)]
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_adadelta(rho, eps),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=weight_decay_mask,
+        maximize=maximize,
+    )
 
 
 class Adadelta(Optimizer):

@@ -22,10 +22,9 @@ from ..stateful._declaration import (
 )
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import ScaleByScheduleState, scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ..transforms._scaling import ScaleByScheduleState
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # The accumulator's slot starts at the initial value (the fragment's slot_init).
 # torch: state_sum.addcmul_(g, g, value=1); std = sqrt(s) + eps; p += (-clr * g) / std
@@ -127,13 +126,13 @@ def adagrad(
     ``adagrad(lr, initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True)``.
     """
     _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, lr_decay=lr_decay, weight_decay=weight_decay)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt))
-    parts.append(scale_by_learning_rate(_decayed(learning_rate, float(lr_decay))))
-    return chain(*parts)
+    check(NON_NEGATIVE, lr_decay=lr_decay)
+    return optimizer_chain(
+        scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt=eps_in_sqrt),
+        learning_rate=_decayed(learning_rate, float(lr_decay)),
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
 
 
 class Adagrad(Optimizer):

@@ -7,9 +7,8 @@ __all__ = ["Adam", "AdamW", "adam", "adamw"]
 
 from typing import Any, ClassVar
 
-from .. import _validation
 from .._base import GradientTransformation, ScalarOrSchedule
-from .._validation import NON_NEGATIVE, check
+from .._validation import NON_NEGATIVE
 from ..stateful._declaration import (
     BETAS,
     CAPTURABLE,
@@ -25,10 +24,7 @@ from ..stateful._declaration import (
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState, scale_by_adam
-from ..transforms._combining import chain
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch.optim.Adam's moments; the bias corrections count the steps since they were created
 ADAM_MOMENTS = torch_state(ScaleByAdamState, mu="exp_avg", nu="exp_avg_sq", count="exp_avg")
@@ -53,13 +49,12 @@ def adam(
     ``chain(scale(-1), add_decayed_weights, scale_by_adam, scale_by_learning_rate)``,
     omitting what is zero or off.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts += [scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate)]
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_adam(b1, b2, eps),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
 
 
 def adamw(
@@ -81,13 +76,14 @@ def adamw(
     ``chain(scale(-1), scale_by_adam, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate)``, omitting what is zero or off.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_adam(b1, b2, eps)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay, mask))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_adam(b1, b2, eps),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 class Adam(Optimizer):

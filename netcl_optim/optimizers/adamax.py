@@ -8,7 +8,6 @@ __all__ = ["Adamax", "AdamaxW", "ScaleByAdamaxState", "adamax", "adamaxw", "scal
 
 from typing import Any, NamedTuple
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
 from ..stateful._declaration import (
@@ -24,10 +23,8 @@ from ..stateful._declaration import (
 )
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch: exp_avg.lerp_(g, 1 - b1); torch.maximum(exp_inf * b2, |g| + eps) (a NaN on either
 # side propagates, as torch.maximum and jnp.maximum; OpenCL's fmax would drop it);
@@ -110,13 +107,12 @@ def adamax(
     eps)`` is the same rule without weight decay (and has no default lr); see
     :func:`scale_by_adamax` for the rounding differences.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts += [scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate)]
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_adamax(b1, b2, eps),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
 
 
 def adamaxw(
@@ -138,13 +134,14 @@ def adamaxw(
     ``chain(scale(-1), scale_by_adamax, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate)``, omitting what is zero or off. torch.optim has no AdamaxW.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_adamax(b1, b2, eps)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay, mask))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_adamax(b1, b2, eps),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 class Adamax(Optimizer):

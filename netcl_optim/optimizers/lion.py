@@ -8,16 +8,13 @@ __all__ = ["Lion", "ScaleByLionState", "lion", "scale_by_lion"]
 
 from typing import Any, NamedTuple
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import NON_NEGATIVE, UNIT, check, invalid
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax: sign((1 - b1) g + b1 m), then m <- (1 - b2) g + b2 m; a NaN stays NaN (OpenCL's
 # sign() would make it 0)
@@ -92,13 +89,14 @@ def lion(
     with optax's signature and defaults (``mu_dtype``: see :func:`scale_by_lion`). Lion wants
     a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_lion(b1, b2, mu_dtype)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay, mask))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_lion(b1, b2, mu_dtype),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 class Lion(Optimizer):

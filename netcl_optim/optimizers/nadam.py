@@ -11,7 +11,6 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, require
 from ..stateful._declaration import (
@@ -27,10 +26,8 @@ from ..stateful._declaration import (
 )
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch: exp_avg.lerp_(g, 1 - b1); exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2);
 # den = sqrt(v / bc2) + eps (divide, then the root); the two addcdiv terms' coefficients
@@ -153,17 +150,13 @@ def nadam(
     ``adam(..., nesterov=True)``: Dozat's form without the momentum-decay schedule, a
     different rule (here ``adam`` has no ``nesterov``).
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    decoupled = require("decoupled_weight_decay", decoupled_weight_decay, BOOL)
-    parts = ascent(maximize)
-    if weight_decay and not decoupled:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_nadam(b1, b2, eps, momentum_decay))
-    if weight_decay and decoupled:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_nadam(b1, b2, eps, momentum_decay),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=require("decoupled_weight_decay", decoupled_weight_decay, BOOL),
+        maximize=maximize,
+    )
 
 
 def nadamw(
@@ -188,13 +181,14 @@ def nadamw(
     ``weight_decay=1e-4`` are optax's ``nadamw``, whose rule is ``adamw(..., nesterov=True)``
     (Dozat's form, no momentum-decay schedule); the rule here is torch's.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_nadam(b1, b2, eps, momentum_decay)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay, mask))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_nadam(b1, b2, eps, momentum_decay),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 def _torch_mu_product(group: dict[str, Any], step: int) -> float:

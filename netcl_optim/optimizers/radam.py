@@ -9,7 +9,6 @@ __all__ = ["RAdam", "radam", "scale_by_radam"]
 import math
 from typing import Any
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, FINITE, NON_NEGATIVE, POSITIVE, UNIT, check, invalid, require
 from ..stateful._declaration import (
@@ -26,10 +25,8 @@ from ..stateful._declaration import (
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch.optim.RAdam's moments (optax keeps RAdam's in a ScaleByAdamState, as here); the bias
 # corrections count the steps since they were created
@@ -189,17 +186,13 @@ def radam(
     it rectifies from ``rho_t >= threshold`` and adds eps to the bias-corrected root
     (``sqrt(v / (1 - b2^t) + eps_root) + eps``); it has no weight decay.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    decoupled = require("decoupled_weight_decay", decoupled_weight_decay, BOOL)
-    parts = ascent(maximize)
-    if weight_decay and not decoupled:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov))
-    if weight_decay and decoupled:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=require("decoupled_weight_decay", decoupled_weight_decay, BOOL),
+        maximize=maximize,
+    )
 
 
 class RAdam(Optimizer):

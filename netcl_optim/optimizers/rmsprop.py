@@ -7,7 +7,6 @@ __all__ = ["RMSProp", "RMSprop", "rmsprop"]
 
 from typing import Any
 
-from .. import _validation
 from .._base import GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, NON_NEGATIVE, UNIT, check
 from ..stateful._declaration import (
@@ -22,11 +21,8 @@ from ..stateful._declaration import (
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByRmsState, ScaleByRStdDevState, scale_by_rms
-from ..transforms._combining import chain
 from ..transforms._momentum import trace
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ._shared import DECAY_COUNT, optimizer_chain
 from .sgd import MOMENTUM_BUFFER
 
 # torch.optim.RMSprop's running averages of g^2 and (centered) of g
@@ -56,16 +52,14 @@ def rmsprop(
     ``chain(scale(-1), add_decayed_weights, scale_by_rms, trace, scale_by_learning_rate)``,
     omitting what is zero or off.
     """
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay, momentum=momentum)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_rms(alpha, eps, centered))
-    if momentum:
-        parts.append(trace(momentum))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    check(NON_NEGATIVE, momentum=momentum)
+    return optimizer_chain(
+        scale_by_rms(alpha, eps, centered),
+        *([trace(momentum)] if momentum else []),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
 
 
 class RMSProp(Optimizer):

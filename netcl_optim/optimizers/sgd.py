@@ -22,11 +22,8 @@ from ..stateful._declaration import (
 )
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
-from ..transforms._combining import chain
 from ..transforms._momentum import TraceState, trace
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch.optim.SGD's momentum buffer: created (from the grad) on a parameter's first step with
 # momentum; trace's count tells that first step
@@ -62,13 +59,10 @@ def sgd(
     _validation.learning_rate("learning_rate", learning_rate)
     check(NON_NEGATIVE, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     NESTEROV.check(nesterov=nesterov, momentum=momentum, dampening=dampening)
-    parts = ascent(maximize)
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    if momentum:
-        parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    core = [trace(momentum, nesterov=nesterov, dampening=dampening)] if momentum else []
+    return optimizer_chain(
+        *core, learning_rate=learning_rate, weight_decay=weight_decay, maximize=maximize
+    )
 
 
 def momentum(

@@ -8,17 +8,14 @@ __all__ = ["Yogi", "scale_by_yogi", "yogi"]
 
 from typing import Any
 
-from .. import _validation
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
-from ..transforms._combining import chain, elementwise
-from ..transforms._scaling import scale_by_learning_rate
-from ..transforms._weight_decay import add_decayed_weights
-from ._shared import DECAY_COUNT, ascent
+from ..transforms._combining import elementwise
+from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2;
 # u <- (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) [+ eps_root]) + eps). Both moments start at
@@ -103,13 +100,13 @@ def _yogi(
     weight_decay: float,
     maximize: bool,
 ) -> GradientTransformation:
-    _validation.learning_rate("learning_rate", learning_rate)
-    check(NON_NEGATIVE, weight_decay=weight_decay)
-    parts = [*ascent(maximize), scale_by_yogi(b1, b2, eps, eps_root, initial_accumulator_value)]
-    if weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(learning_rate))
-    return chain(*parts)
+    return optimizer_chain(
+        scale_by_yogi(b1, b2, eps, eps_root, initial_accumulator_value),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        decoupled=True,
+        maximize=maximize,
+    )
 
 
 def yogi(
