@@ -444,7 +444,6 @@ OPTIMIZERS: list[Optimizer] = [
                                                    h["eps"], weight_decay=h["weight_decay"]),
               parts=(("scale_by_adamax", {"b1": 0.5, "b2": 0.9, "eps": 1e-4}),
                      ("add_decayed_weights", {"weight_decay": 0.1}), _lr(3e-2))),
-    # rows: adabelief, yogi, sign_sgd, signum
     # rows: nadam, nadamw
     # torch's NAdam (momentum-decay schedule); optax's nadam is adam(nesterov=True), another rule
     Optimizer(id="nadam", factory="nadam", kwargs={}, reference=ref.nadam_tx, stateful="NAdam",
@@ -553,7 +552,7 @@ OPTIMIZERS: list[Optimizer] = [
                   "optax_rule": st.just(True)}),
               parts=(("scale_by_rprop", {"learning_rate": 0.05, "optax_rule": True}),
                      ("scale", {"step_size": -1.0}))),
-    # rows: ema, sign_sgd, signum
+    # rows: adabelief, yogi
     # torch.optim has neither: optax's rules; the classes' lr defaults (1e-3, 1e-2) are the rows'
     Optimizer(id="adabelief", factory="adabelief", kwargs={"learning_rate": 1e-3},
               reference=ref.adabelief_tx, stateful="AdaBelief", slots=2,
@@ -589,6 +588,11 @@ OPTIMIZERS: list[Optimizer] = [
               reference=ref.yogi_tx, stateful="Yogi", slots=2,
               optax=lambda optax, h: optax.yogi(h["learning_rate"], h["b1"], h["b2"], h["eps"]),
               parts=(("scale_by_yogi", {"b1": 0.5, "b2": 0.99, "eps": 1e-4}), _lr(3e-2))),
+    # rows: amsgrad, asgd
+    # rows: noisy_sgd
+    # rows: sign_sgd, signum, optimistic
+    # rows: adan, adopt
+    # rows: ademamix, madgrad, cocob
 ]  # fmt: skip
 
 BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}

@@ -724,7 +724,6 @@ def adamaxw_tx(
     return chain(scale_by_adamax(b1, b2, eps), *parts, scale_by_learning_rate(learning_rate))
 
 
-# references: adabelief, yogi, sign_sgd, signum
 # references: nadam, nadamw
 
 
@@ -1018,7 +1017,7 @@ def rprop_optax_tx(
                                 max_step_size, optax_rule), scale(-1.0))  # fmt: skip
 
 
-# references: ema, sign_sgd, signum
+# references: adabelief, yogi
 
 
 def scale_by_belief(
@@ -1128,6 +1127,21 @@ def yogi_tx(
 functional = types.SimpleNamespace(
     sgd=sgd_tx, momentum=momentum_tx, adam=adam_tx, adamw=adamw_tx, rmsprop=rmsprop_tx
 )
+
+
+# references: amsgrad, asgd
+
+
+# references: noisy_sgd
+
+
+# references: sign_sgd, signum, ema, optimistic
+
+
+# references: adan, adopt
+
+
+# references: ademamix, madgrad, cocob
 
 
 def transform_rule(make: Callable[..., Transform]) -> Callable[..., tuple[np.ndarray, dict]]:
