@@ -5,6 +5,7 @@ Run from anywhere (``netcl_optim`` must be importable)::
     python benchmarks/bench_step.py                 # full run: several minutes
     python benchmarks/bench_step.py --quick         # Adam and SGD-momentum at 1M and tree160
     python benchmarks/bench_step.py --optimizers adam,adamw --sizes 10M --json r.json --png r.png
+    python benchmarks/bench_step.py --optimizers all --sizes tree160,10M --variants breadth
 
 The optimizers are the rows of ``tests/optimizer_table.py`` with a ``bench`` name (that name on
 the command line), each at lr 1e-3 and its row's other hyperparameters.
@@ -23,8 +24,10 @@ buffers: the floor of a pure step, which cannot write in place); ``stateful``
 ``step (donate)`` (``donate=True``: into the donated buffers); ``step (per leaf)`` and
 ``step (per leaf, donate)`` (trees only: separate arrays, one launch per leaf); ``update+apply``
 (``tx.update`` then ``no.apply_updates``: two launches); torch ``fused=True`` (``foreach`` where
-torch has no fused kernel); optax under ``jax.jit`` with donated params and state. Only the
-device-side step is timed: gradients are set once.
+torch has no fused kernel) and torch's default (on CPU a Python loop over the tensors); optax under
+``jax.jit`` with donated params and state. Only the device-side step is timed: gradients are set
+once. ``--variants`` times a subset (``breadth``: what the README's table of every optimizer
+compares).
 """
 
 from __future__ import annotations
@@ -100,11 +103,18 @@ class OptimizerSpec:
         return self.row.make_stateful(no, params, {**self.row.class_kwargs(), "lr": LR})
 
     def torch_fused(self, torch: Any) -> bool:
-        """Whether torch has a fused kernel (torch 2.x: SGD, Adam and AdamW, not RMSprop)."""
+        """Whether torch has a fused kernel (torch 2.13: SGD, Adam, AdamW and Adagrad)."""
         return "fused" in inspect.signature(getattr(torch.optim, self.row.torch)).parameters
 
-    def torch(self, torch: Any, params: list) -> Any:
-        mode = {"fused": True} if self.torch_fused(torch) else {"foreach": True}
+    def torch_best(self, torch: Any) -> dict[str, bool]:
+        """torch's fastest mode on CPU: ``fused=True`` where it has a fused kernel, else
+        ``foreach=True`` (a multi-tensor op per step instead of a loop over tensors)."""
+        return {"fused": True} if self.torch_fused(torch) else {"foreach": True}
+
+    def torch(self, torch: Any, params: list, mode: dict[str, bool] | None = None) -> Any:
+        """torch's optimizer in ``mode`` (keyword flags; ``{}``: torch's default, which on CPU
+        is a Python loop over the tensors)."""
+        mode = self.torch_best(torch) if mode is None else mode
         return self.row.make_torch(torch, params, self.hyper, **mode)
 
     def optax(self, optax: Any) -> Any:
@@ -117,12 +127,21 @@ class OptimizerSpec:
 
     @property
     def roles(self) -> str:
-        slots = {0: "", 1: ", buf", 2: ", m, v", 3: ", sq, gavg, buf"}[self.slots]
+        slots = "".join(f", s{k}" for k in range(self.slots))
         return f"read g; read+write p{slots}"
 
 
 OPTIMIZERS = {row.bench: OptimizerSpec(row) for row in optimizer_table.BENCH}
 ALL_OPTIMIZERS = tuple(OPTIMIZERS)
+# what the README's table of every optimizer compares (--variants breadth)
+BREADTH_VARIANTS = (
+    "stateful",
+    "step (donate)",
+    "torch fused",
+    "torch foreach",
+    "torch default",
+    "optax jit",
+)
 
 
 # ---------------------------------------------------------------------------- problems
@@ -349,17 +368,19 @@ class UpdateApplyVariant(StepVariant):
 
 @dataclass
 class TorchVariant(Variant):
-    """torch.optim with ``fused=True`` (or ``foreach=True``), one tensor per leaf."""
+    """torch.optim with ``fused=True`` (or ``foreach=True``; ``mode={}``: torch's default, a
+    loop over the tensors on CPU), one tensor per leaf."""
 
     torch: Any = None
     spec: OptimizerSpec = None
+    mode: dict[str, bool] | None = None
 
     def setup(self, problem: Problem) -> None:
         torch = self.torch
         self.params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in problem.params]
         for p, g in zip(self.params, problem.grads, strict=True):
             p.grad = torch.from_numpy(g.copy())
-        self.optimizer = self.spec.torch(torch, self.params)
+        self.optimizer = self.spec.torch(torch, self.params, self.mode)
 
     def run(self) -> None:
         self.optimizer.step()
@@ -449,10 +470,11 @@ def make_variants(
             DonatedStepVariant("step (per leaf, donate)", queue=queue, spec=spec, packed=False)
         )
     variants.append(UpdateApplyVariant("update+apply", queue=queue, spec=spec))
-    if libs.torch is not None:
+    if libs.torch is not None and spec.row.torch is not None:
         label = "torch fused" if spec.torch_fused(libs.torch) else "torch foreach"
         variants.append(TorchVariant(label, torch=libs.torch, spec=spec))
-    if libs.optax is not None:
+        variants.append(TorchVariant("torch default", torch=libs.torch, spec=spec, mode={}))
+    if libs.optax is not None and spec.row.optax is not None:
         variants.append(OptaxVariant("optax jit", jax=libs.jax, optax=libs.optax, spec=spec))
     return variants
 
@@ -532,11 +554,15 @@ def run_group(
     warmup: int = 3,
     target_s: float = 0.05,
     calls: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[Row]:
-    """Set up, warm up, check and time every variant of one (optimizer, size); free them."""
+    """Set up, warm up, check and time every variant of one (optimizer, size), or those named
+    in ``only`` (with "limit" and "step", which the others are measured against); free them."""
     problem = make_problem(size)
     variants = []
     for v in make_variants(spec, problem, queue, libs):
+        if only is not None and v.label not in only and v.label not in ("limit", "step"):
+            continue
         try:
             v.setup(problem)
             variants.append(v)
@@ -853,13 +879,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Adam and SGD-momentum at 1M and tree160, fewer rounds, < 1 min",
     )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--optimizers", help=f"comma-separated, from {','.join(OPTIMIZERS)}")
+    parser.add_argument(
+        "--optimizers", help=f"comma-separated, from {','.join(OPTIMIZERS)}; or all (default)"
+    )
     parser.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}")
     parser.add_argument("--rounds", type=int, help="timed blocks per variant (7; quick 3)")
     parser.add_argument(
         "--no-fixed-costs",
         action="store_true",
         help="skip the dispatch and new-process measurements",
+    )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated variant labels to time (limit and step always run); "
+        f"'breadth' for {','.join(BREADTH_VARIANTS)}",
     )
     parser.add_argument("--json", help="write all results to this path")
     parser.add_argument("--png", help="write a bar chart of %% of limit to this path")
@@ -871,7 +904,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     else:
         defaults = (",".join(ALL_OPTIMIZERS), ",".join(FULL_SIZES), 7)
     args.optimizers = (args.optimizers or defaults[0]).split(",")
+    if args.optimizers == ["all"]:
+        args.optimizers = list(ALL_OPTIMIZERS)
     args.sizes = (args.sizes or defaults[1]).split(",")
+    if args.variants == "breadth":
+        args.variants = ",".join(BREADTH_VARIANTS)
+    args.variants = args.variants.split(",") if args.variants else None
     args.rounds = args.rounds or defaults[2]
     for name in args.optimizers:
         if name not in OPTIMIZERS:
@@ -901,7 +939,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows: list[Row] = []
     for name in args.optimizers:
         for size in args.sizes:
-            group = run_group(OPTIMIZERS[name], size, queue, libs, args.rounds, **timing)
+            group = run_group(
+                OPTIMIZERS[name], size, queue, libs, args.rounds, only=args.variants, **timing
+            )
             table = format_table(group)
             print(table.split("\n", 2)[2] if rows else table, flush=True)
             rows += group

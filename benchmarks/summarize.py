@@ -1,10 +1,14 @@
 """The README's Performance table from a ``bench_step.py --json`` file.
 
     python benchmarks/summarize.py benchmarks/results/bench_step.json
+    python benchmarks/summarize.py --breadth benchmarks/results/bench_all.json
 
 Cells are the median step time as % of the limit kernel's (same run, same blocks). The two
 ratios compare like with like: the stateful ``step()`` with torch's optimizer object, and the
 donated functional ``no.step`` with optax under ``jax.jit`` with donated buffers.
+
+``--breadth``: the table of every optimizer (a ``--variants breadth`` run), with torch's fastest
+mode on CPU (fused, else foreach) and its default (a loop over the tensors) side by side.
 """
 
 from __future__ import annotations
@@ -28,9 +32,7 @@ def _ratio(cells: dict, slow: str, fast: str) -> str:
 
 
 def table(result: dict) -> str:
-    groups: dict[tuple[str, str], dict[str, dict]] = {}
-    for row in result["rows"]:
-        groups.setdefault((row["optimizer"], row["size"]), {})[row["variant"]] = row
+    groups = _groups(result)
     head = [
         "optimizer",
         "size",
@@ -73,12 +75,54 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _groups(result: dict) -> dict[tuple[str, str], dict[str, dict]]:
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in result["rows"]:
+        groups.setdefault((row["optimizer"], row["size"]), {})[row["variant"]] = row
+    return groups
+
+
+def breadth_table(result: dict) -> str:
+    head = [
+        "optimizer",
+        "B/param",
+        "size",
+        "stateful `step()`",
+        "`no.step` donate",
+        "torch fastest",
+        "torch default",
+        "optax jit+donate",
+        "stateful vs torch fastest",
+        "stateful vs torch default",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (optimizer, size), cells in _groups(result).items():
+        fastest = next((v for v in ("torch fused", "torch foreach") if v in cells), None)
+        torch = "-" if fastest is None else f"{_pct(cells, fastest)} ({fastest.split()[1]})"
+        cols = [
+            optimizer,
+            str(cells["limit"]["bytes_per_param"]),
+            size,
+            _pct(cells, "stateful"),
+            _pct(cells, "step (donate)"),
+            torch,
+            _pct(cells, "torch default"),
+            _pct(cells, "optax jit"),
+            "-" if fastest is None else _ratio(cells, fastest, "stateful"),
+            _ratio(cells, "torch default", "stateful"),
+        ]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("json_path")
+    parser.add_argument("--breadth", action="store_true", help="the table of every optimizer")
     args = parser.parse_args(argv)
     with open(args.json_path) as f:
-        text = table(json.load(f))
+        result = json.load(f)
+    text = breadth_table(result) if args.breadth else table(result)
     print(text)
     return text
 

@@ -124,3 +124,27 @@ def test_summary_table_from_the_json(smoke):
     groups = {(r["optimizer"], r["size"]) for r in rows}
     assert len(lines) == 2 + len(groups)
     assert all(line.startswith("| ") and line.count("|") == 12 for line in lines[2:])
+
+
+def test_all_optimizers_and_breadth_variants(bench):
+    args = bench.parse_args(["--optimizers", "all", "--variants", "breadth"])
+    assert args.optimizers == [row.bench for row in optimizer_table.BENCH]
+    assert args.variants == list(bench.BREADTH_VARIANTS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--optimizers", "adam,nonesuch"])
+
+
+def test_breadth_run_and_table(bench, tmp_path):
+    """A ``--variants breadth`` group times only those variants (and limit and step), and
+    summarize.py --breadth makes one line of it."""
+    argv = ["--smoke", "--optimizers", "adam", "--sizes", "10K", "--variants", "breadth"]
+    result = bench.main([*argv, "--no-fixed-costs", "--json", str(tmp_path / "b.json")])
+    labels = {r["variant"] for r in result["rows"]}
+    assert {"limit", "step", "stateful", "step (donate)"} <= labels
+    assert labels <= {"limit", "step", *bench.BREADTH_VARIANTS}
+    path = BENCH.parent / "summarize.py"
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = module.main(["--breadth", str(tmp_path / "b.json")]).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| adam | 28 | 10K | ")
