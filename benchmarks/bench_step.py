@@ -405,7 +405,9 @@ class OptaxVariant(Variant):
         self.params = [jax.numpy.array(a, copy=True) for a in problem.params]
         self.grads = [jax.numpy.array(a, copy=True) for a in problem.grads]
         tx = self.spec.optax(optax)
-        self.state = tx.init(self.params)
+        # copies: some rules' state starts as the params (madgrad, cocob), and a buffer may
+        # be donated once only
+        self.state = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), tx.init(self.params))
 
         def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
             updates, state = tx.update(grads, state, params)

@@ -34,12 +34,21 @@ from .optimizers.adadelta import *  # noqa: F403
 from .optimizers.adagrad import *  # noqa: F403
 from .optimizers.adam import *  # noqa: F403
 from .optimizers.adamax import *  # noqa: F403
+from .optimizers.adan import *  # noqa: F403
+from .optimizers.ademamix import *  # noqa: F403
+from .optimizers.adopt import *  # noqa: F403
+from .optimizers.asgd import *  # noqa: F403
+from .optimizers.cocob import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
+from .optimizers.madgrad import *  # noqa: F403
 from .optimizers.nadam import *  # noqa: F403
+from .optimizers.noisy_sgd import *  # noqa: F403
+from .optimizers.optimistic import *  # noqa: F403
 from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.rprop import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
+from .optimizers.sign import *  # noqa: F403
 from .optimizers.yogi import *  # noqa: F403
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule

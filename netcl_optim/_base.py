@@ -169,6 +169,12 @@ class Fragment:
     ``slot_init`` declares each slot's start value (empty: all zeros): ``init`` and the
     stateful optimizers' fresh buffers hold it, so the source just reads the slot. It only
     changes allocation, not the kernel (it is not in ``key``).
+
+    ``element_index`` (opt-in, in ``key``): the source may read ``idx`` (``ulong``), the
+    element's position in its dtype group's packed layout (leaves back to back in tree
+    order; the same whether the tree is packed, stepped leaf by leaf or sharded), and call
+    the counter-based generator's helpers (``philox4x32_10``, ``philox_normal``; see
+    ``fusion/_random.py``), for noise that depends on the element and not on the launch.
     """
 
     name: str
@@ -179,6 +185,7 @@ class Fragment:
     needs_params: bool = False
     reduction: Reduction | None = None
     slot_init: tuple[float, ...] = ()
+    element_index: bool = False
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,11 +195,9 @@ class Fragment:
                 f"{len(self.slots)} slots"
             )
         object.__setattr__(self, "slot_init", tuple(float(v) for v in self.slot_init))
-        object.__setattr__(
-            self,
-            "key",
-            (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction),
-        )
+        key = (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction)
+        # an opt-in capability extends the key only when asked: other kernels keep their names
+        object.__setattr__(self, "key", (*key, "element_index") if self.element_index else key)
 
     # as a leaf Plan
     children: ClassVar[tuple[GradientTransformation, ...]] = ()

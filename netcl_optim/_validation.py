@@ -60,10 +60,6 @@ def real(value: Any) -> float | None:
     return None
 
 
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == 2
-
-
 def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
@@ -203,12 +199,18 @@ def greater_than(bound: float) -> Rule:
 def pair(rule: Rule, what: str) -> Rule:
     """A pair (tuple or list of 2) whose items each follow ``rule``, described as ``what``
     (e.g. ``"a pair (beta1, beta2), each in [0, 1)"``); returned as a tuple."""
+    return tuple_of(2, rule, what)
 
-    def convert(value: Any) -> tuple[Any, Any] | None:
-        if not _is_pair(value):
+
+def tuple_of(n: int, rule: Rule, what: str) -> Rule:
+    """A tuple or list of ``n`` items that each follow ``rule``, described as ``what`` (e.g.
+    ``"a triple (beta1, beta2, beta3), each in [0, 1)"``); returned as a tuple."""
+
+    def convert(value: Any) -> tuple[Any, ...] | None:
+        if not isinstance(value, (tuple, list)) or len(value) != n:
             return None
         items = tuple(rule.convert(v) for v in value)
-        return None if None in items else items  # type: ignore[return-value]
+        return None if None in items else items
 
     return Rule(what, convert, lambda v: isinstance(v, (tuple, list)) or _numeric(v))
 

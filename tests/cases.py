@@ -39,6 +39,8 @@ TRANSFORMS: list[Case] = [
     Case("trace", "trace", {"decay": 0.9}, ref.trace),
     Case("trace-nesterov", "trace", {"decay": 0.8, "nesterov": True}, ref.trace),
     Case("trace-dampening", "trace", {"decay": 0.7, "dampening": 0.4}, ref.trace),
+    Case("ema", "ema", {"decay": 0.9}, ref.ema),
+    Case("ema-no_debias", "ema", {"decay": 0.5, "debias": False}, ref.ema),
     Case("scale_by_adam", "scale_by_adam", {}, ref.scale_by_adam),
     Case("scale_by_adam-custom", "scale_by_adam",
          {"b1": 0.5, "b2": 0.9, "eps": 1e-4, "eps_root": 1e-6}, ref.scale_by_adam),

@@ -35,7 +35,7 @@ Hyper = dict[str, Any]
 
 _TORCH_NAME = {"learning_rate": "lr"}
 _TORCH_PAIRS = {
-    "betas": ("b1", "b2"),
+    "betas": ("b1", "b2", "b3"),  # b3 where the rule has a third beta (Adan, AdEMAMix)
     "etas": ("eta_minus", "eta_plus"),  # Rprop
     "step_sizes": ("min_step_size", "max_step_size"),
 }  # torch's tuple -> the functional names of its items
@@ -47,12 +47,14 @@ def _torch_key(name: str) -> str:
 
 
 def torch_names(hyper: Hyper) -> Hyper:
-    """Functional names -> torch's: ``learning_rate`` -> ``lr``, ``b1``, ``b2`` -> ``betas``
-    (both must be given); every other name as it is."""
+    """Functional names -> torch's: ``learning_rate`` -> ``lr``, ``b1``, ``b2`` (and ``b3``
+    where the rule has it) -> ``betas`` (b1 and b2 must be given); every other name as it is."""
     out = {}
     for name, value in hyper.items():
         key = _torch_key(name)
-        out[key] = tuple(hyper[n] for n in _TORCH_PAIRS[key]) if key in _TORCH_PAIRS else value
+        if key in _TORCH_PAIRS:
+            value = tuple(hyper[n] for n in _TORCH_PAIRS[key] if n != "b3" or n in hyper)
+        out[key] = value
     return out
 
 
@@ -62,7 +64,7 @@ def functional_names(hyper: Hyper) -> Hyper:
     out: Hyper = {}
     for key, value in hyper.items():
         if key in _TORCH_PAIRS:
-            out.update(zip(_TORCH_PAIRS[key], value, strict=True))
+            out.update(zip(_TORCH_PAIRS[key][: len(value)], value, strict=True))
         else:
             out[plain.get(key, key)] = value
     return out
@@ -118,6 +120,10 @@ class Optimizer(Case):
     # the same maths as an explicit chain of (factory, kwargs) building blocks
     parts: tuple[tuple[str, Hyper], ...] | None = None
     bench: str | None = None  # its name on benchmarks/bench_step.py's command line
+    # its noise depends on each element's index in the packed layout of the tree (add_noise),
+    # so a per-parameter float64 rule cannot follow it (test_noise.py checks the stateful
+    # class's partial steps against the functional alias instead)
+    element_indexed: bool = False
 
     def full(self, kwargs: Hyper | None = None) -> Hyper:
         """Every hyperparameter: ``kwargs`` (the row's by default) over the reference's defaults."""
@@ -363,7 +369,7 @@ OPTIMIZERS: list[Optimizer] = [
                   "learning_rate": _learning_rate(st, 0.01), "b1": st.floats(0.0, 0.99),
                   "b2": st.floats(0.0, 0.999), "weight_decay": _weight_decay(st)}),
               parts=(("scale_by_lion", {}), ("add_decayed_weights", {"weight_decay": 0.1}),
-                     _lr(1e-3))),
+                     _lr(1e-3)), bench="lion"),
     # rows: adagrad, adadelta
     # torch's Adagrad (eps outside the root, accumulator from 0; lr_decay a host schedule)
     Optimizer(id="adagrad", factory="adagrad", kwargs={}, reference=ref.adagrad_tx,
@@ -418,7 +424,7 @@ OPTIMIZERS: list[Optimizer] = [
               rule=ref.adamax, stateful="Adamax", torch="Adamax", slots=2,
               optax=lambda optax, h: _coupled_decay(optax, h["weight_decay"], optax.adamax(
                   h["learning_rate"], h["b1"], h["b2"], h["eps"])),
-              hyper=adam_hyper, parts=(("scale_by_adamax", {}), _lr(2e-3))),
+              hyper=adam_hyper, parts=(("scale_by_adamax", {}), _lr(2e-3)), bench="adamax"),
     Optimizer(id="adamax-wd_coupled", factory="adamax",
               kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
                       "weight_decay": 0.1},
@@ -448,7 +454,7 @@ OPTIMIZERS: list[Optimizer] = [
     # torch's NAdam (momentum-decay schedule); optax's nadam is adam(nesterov=True), another rule
     Optimizer(id="nadam", factory="nadam", kwargs={}, reference=ref.nadam_tx, stateful="NAdam",
               torch="NAdam", slots=2, hyper=adam_hyper,
-              parts=(("scale_by_nadam", {}), _lr(2e-3))),
+              parts=(("scale_by_nadam", {}), _lr(2e-3)), bench="nadam"),
     Optimizer(id="nadam-wd_coupled", factory="nadam",
               kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
                       "weight_decay": 0.1, "momentum_decay": 1e-2},
@@ -478,7 +484,7 @@ OPTIMIZERS: list[Optimizer] = [
                   "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
                   "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
                   "weight_decay": _weight_decay(st), "decoupled_weight_decay": st.booleans()}),
-              parts=(("scale_by_radam", {}), _lr(1e-3))),
+              parts=(("scale_by_radam", {}), _lr(1e-3)), bench="radam"),
     Optimizer(id="radam-wd_coupled", factory="radam",
               kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
                       "weight_decay": 0.1},
@@ -565,7 +571,7 @@ OPTIMIZERS: list[Optimizer] = [
                   "b2": st.floats(0.0, 0.9999), "eps": st.floats(-16, -4).map(lambda e: 10.0**e),
                   "eps_root": st.sampled_from([0.0, 1e-16]) | _eps(st),
                   "nesterov": st.booleans()}),
-              parts=(("scale_by_belief", {}), _lr(1e-3))),
+              parts=(("scale_by_belief", {}), _lr(1e-3)), bench="adabelief"),
     Optimizer(id="adabelief-nesterov-custom", factory="adabelief",
               kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-8,
                       "eps_root": 0.0, "nesterov": True},
@@ -582,17 +588,298 @@ OPTIMIZERS: list[Optimizer] = [
                   "learning_rate": _learning_rate(st, 0.1),
                   "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
                   "b2": st.floats(0.0, 0.9999), "eps": _eps(st)}),
-              parts=(("scale_by_yogi", {}), _lr(1e-2))),
+              parts=(("scale_by_yogi", {}), _lr(1e-2)), bench="yogi"),
     Optimizer(id="yogi-custom", factory="yogi",
               kwargs={"learning_rate": 3e-2, "b1": 0.5, "b2": 0.99, "eps": 1e-4},
               reference=ref.yogi_tx, stateful="Yogi", slots=2,
               optax=lambda optax, h: optax.yogi(h["learning_rate"], h["b1"], h["b2"], h["eps"]),
               parts=(("scale_by_yogi", {"b1": 0.5, "b2": 0.99, "eps": 1e-4}), _lr(3e-2))),
     # rows: amsgrad, asgd
+    # torch's AMSGrad (Adam/AdamW(amsgrad=True): max over the raw v, then / sqrt(bc2))
+    Optimizer(id="adam-amsgrad", factory="adam", kwargs={"amsgrad": True},
+              reference=ref.adam_amsgrad_tx, rule=ref.adam_amsgrad, stateful="Adam",
+              torch="Adam", slots=3,
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "weight_decay": _weight_decay(st), "amsgrad": st.just(True)}),
+              parts=(("adam", {"learning_rate": 1e-3, "amsgrad": True}),), bench="amsgrad"),
+    Optimizer(id="adamw-amsgrad", factory="adamw",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                      "weight_decay": 0.1, "amsgrad": True},
+              reference=ref.adamw_amsgrad_tx, rule=ref.adamw_amsgrad, stateful="AdamW",
+              torch="AdamW", slots=3, needs_params=True,
+              parts=(("adamw", {"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                                "weight_decay": 0.1, "amsgrad": True}),)),
+    # optax's AMSGrad (max over the bias-corrected v; raw v and no correction when off)
+    Optimizer(id="amsgrad", factory="amsgrad", kwargs={"learning_rate": 1e-3},
+              reference=ref.amsgrad_tx, slots=3,
+              optax=lambda optax, h: optax.amsgrad(
+                  h["learning_rate"], h["b1"], h["b2"], h["eps"], h["eps_root"],
+                  bias_correction_mu=h["bias_correction_mu"],
+                  bias_correction_nu=h["bias_correction_nu"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0]) | st.floats(0.0, 1e-6),
+                  "bias_correction_mu": st.booleans(), "bias_correction_nu": st.booleans()}),
+              parts=(("scale_by_amsgrad", {}), _lr(1e-3))),
+    Optimizer(id="amsgrad-no_bias_correction", factory="amsgrad",
+              kwargs={"learning_rate": 1e-2, "b2": 0.99, "eps_root": 1e-8,
+                      "bias_correction_mu": False, "bias_correction_nu": False},
+              reference=ref.amsgrad_tx, slots=3,
+              optax=lambda optax, h: optax.amsgrad(
+                  h["learning_rate"], h["b1"], h["b2"], h["eps"], h["eps_root"],
+                  bias_correction_mu=h["bias_correction_mu"],
+                  bias_correction_nu=h["bias_correction_nu"]),
+              parts=(("scale_by_amsgrad", {"b2": 0.99, "eps_root": 1e-8,
+                                           "bias_correction_mu": False,
+                                           "bias_correction_nu": False}), _lr(1e-2))),
+    # torch's ASGD (eta, mu float32 from the step; lr inside the update); optax has none
+    Optimizer(id="asgd", factory="asgd", kwargs={}, reference=ref.asgd_tx, rule=ref.asgd,
+              stateful="ASGD", torch="ASGD", slots=1, needs_params=True,
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "lambd": st.sampled_from([1e-4]) | st.floats(0.0, 0.5),
+                  "alpha": st.sampled_from([0.75]) | st.floats(0.0, 1.0),
+                  "t0": st.sampled_from([1e6, 0.0]) | st.floats(0.0, 20.0),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_asgd", {}),), bench="asgd"),
+    Optimizer(id="asgd-wd_coupled", factory="asgd",
+              kwargs={"learning_rate": 5e-2, "lambd": 1e-2, "alpha": 0.5, "t0": 10.0,
+                      "weight_decay": 0.05},
+              reference=ref.asgd_tx, rule=ref.asgd, stateful="ASGD", torch="ASGD", slots=1,
+              needs_params=True,
+              parts=(("add_decayed_weights", {"weight_decay": 0.05}),
+                     ("scale_by_asgd", {"learning_rate": 5e-2, "lambd": 1e-2, "alpha": 0.5,
+                                        "t0": 10.0}))),
     # rows: noisy_sgd
+    # torch.optim has none; optax's noise comes from jax.random, so its parity (eta = 0) and
+    # the noise's statistics are in test_noise.py; the reference draws the same Philox bits
+    Optimizer(id="noisy_sgd", factory="noisy_sgd", kwargs={"learning_rate": 0.05},
+              reference=ref.noisy_sgd_tx, stateful="NoisySGD", slots=0,
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "eta": st.sampled_from([0.0, 0.01]) | st.floats(0.0, 1.0),
+                  "gamma": st.sampled_from([0.55]) | st.floats(0.0, 2.0),
+                  "seed": st.sampled_from([0, 2**64 - 1]) | st.integers(0, 2**64 - 1)}),
+              parts=(("add_noise", {"eta": 0.01, "gamma": 0.55}), _lr(0.05)),
+              bench="noisy_sgd", element_indexed=True),
+    Optimizer(id="noisy_sgd-custom", factory="noisy_sgd",
+              kwargs={"learning_rate": 0.02, "eta": 0.3, "gamma": 1.0, "seed": 2**40 + 17},
+              reference=ref.noisy_sgd_tx, stateful="NoisySGD", slots=0,
+              parts=(("add_noise", {"eta": 0.3, "gamma": 1.0, "seed": 2**40 + 17}),
+                     _lr(0.02)), element_indexed=True),
     # rows: sign_sgd, signum, optimistic
+    # torch.optim has none of these: optax's rules (sign_sgd, signum, optimistic_adam_v2 and
+    # optimistic_gradient_descent, pinned to optax 0.2.8); the classes' lr default is 1e-3
+    Optimizer(id="sign_sgd", factory="sign_sgd", kwargs={"learning_rate": 1e-3},
+              reference=ref.sign_sgd_tx, stateful="SignSGD", slots=0,
+              optax=lambda optax, h: optax.sign_sgd(h["learning_rate"]),
+              hyper=lambda st: st.fixed_dictionaries({"learning_rate": _learning_rate(st, 0.01)}),
+              parts=(("scale_by_sign", {}), _lr(1e-3)), bench="sign_sgd"),
+    Optimizer(id="signum", factory="signum", kwargs={"learning_rate": 1e-3},
+              reference=ref.signum_tx, stateful="Signum", slots=1,
+              optax=lambda optax, h: optax.signum(h["learning_rate"], h["beta"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.01),
+                  "beta": st.sampled_from([0.0, 0.9]) | st.floats(0.0, 0.999)}),
+              parts=(("ema", {"decay": 0.9, "debias": False}), ("scale_by_sign", {}), _lr(1e-3)),
+              bench="signum"),
+    Optimizer(id="signum-custom", factory="signum", kwargs={"learning_rate": 3e-3, "beta": 0.5},
+              reference=ref.signum_tx, stateful="Signum", slots=1,
+              optax=lambda optax, h: optax.signum(h["learning_rate"], h["beta"]),
+              parts=(("ema", {"decay": 0.5, "debias": False}), ("scale_by_sign", {}), _lr(3e-3))),
+    Optimizer(id="optimistic_gradient_descent", factory="optimistic_gradient_descent",
+              kwargs={"learning_rate": 1e-2}, reference=ref.optimistic_gradient_descent_tx,
+              slots=1,
+              optax=lambda optax, h: optax.optimistic_gradient_descent(
+                  h["learning_rate"], h["alpha"], h["beta"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "alpha": st.floats(0.0, 2.0), "beta": st.floats(0.0, 2.0)}),
+              parts=(("scale_by_optimistic_gradient", {}), _lr(1e-2)), bench="optimistic_gd"),
+    Optimizer(id="optimistic_gradient_descent-custom", factory="optimistic_gradient_descent",
+              kwargs={"learning_rate": 3e-2, "alpha": 0.5, "beta": 2.0},
+              reference=ref.optimistic_gradient_descent_tx, slots=1,
+              optax=lambda optax, h: optax.optimistic_gradient_descent(
+                  h["learning_rate"], h["alpha"], h["beta"]),
+              parts=(("scale_by_optimistic_gradient", {"alpha": 0.5, "beta": 2.0}), _lr(3e-2))),
+    Optimizer(id="optimistic_adam", factory="optimistic_adam_v2", kwargs={"learning_rate": 1e-3},
+              reference=ref.optimistic_adam_v2_tx, stateful="OptimisticAdam", slots=3,
+              optax=lambda optax, h: optax.optimistic_adam_v2(
+                  h["learning_rate"], alpha=h["alpha"], beta=h["beta"], b1=h["b1"], b2=h["b2"],
+                  eps=h["eps"], eps_root=h["eps_root"], nesterov=h["nesterov"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.01),
+                  "alpha": st.floats(0.0, 2.0), "beta": st.floats(0.0, 2.0),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0, 1e-16]) | _eps(st),
+                  "nesterov": st.booleans()}),
+              bench="optimistic_adam"),
+    Optimizer(id="optimistic_adam-custom", factory="optimistic_adam_v2",
+              kwargs={"learning_rate": 1e-2, "alpha": 0.7, "beta": 0.3, "b1": 0.8, "b2": 0.99,
+                      "eps": 1e-6, "eps_root": 1e-8, "nesterov": False},
+              reference=ref.optimistic_adam_v2_tx, stateful="OptimisticAdam", slots=3,
+              optax=lambda optax, h: optax.optimistic_adam_v2(
+                  h["learning_rate"], alpha=h["alpha"], beta=h["beta"], b1=h["b1"], b2=h["b2"],
+                  eps=h["eps"], eps_root=h["eps_root"], nesterov=h["nesterov"])),
     # rows: adan, adopt
+    # torch.optim has neither: optax's adan (decoupled decay; its eps_root is 1e-8, the
+    # building block's 0) and optax.contrib's adopt; the classes' lr default (1e-3) is the rows'
+    Optimizer(id="adan", factory="adan", kwargs={"learning_rate": 1e-3}, reference=ref.adan_tx,
+              stateful="Adan", slots=4, needs_params=True,
+              optax=lambda optax, h: optax.adan(h["learning_rate"], h["b1"], h["b2"], h["b3"],
+                                                h["eps"], h["eps_root"], h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.98]) | st.floats(0.05, 0.99),
+                  "b2": st.sampled_from([0.0, 0.92]) | st.floats(0.05, 0.99),
+                  "b3": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0, 1e-8]) | st.floats(0.0, 1e-6),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_adan", {"eps_root": 1e-8}), _lr(1e-3)), bench="adan"),
+    Optimizer(id="adan-wd-custom", factory="adan",
+              kwargs={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.8, "b3": 0.999, "eps": 1e-6,
+                      "eps_root": 0.0, "weight_decay": 0.05},
+              reference=ref.adan_tx, stateful="Adan", slots=4, needs_params=True,
+              optax=lambda optax, h: optax.adan(h["learning_rate"], h["b1"], h["b2"], h["b3"],
+                                                h["eps"], h["eps_root"], h["weight_decay"]),
+              parts=(("scale_by_adan", {"b1": 0.9, "b2": 0.8, "b3": 0.999, "eps": 1e-6}),
+                     ("add_decayed_weights", {"weight_decay": 0.05}), _lr(1e-2))),
+    Optimizer(id="adopt", factory="adopt", kwargs={"learning_rate": 1e-3},
+              reference=ref.adopt_tx, stateful="ADOPT", slots=2,
+              optax=lambda optax, h: optax.contrib.adopt(
+                  h["learning_rate"], h["b1"], h["b2"], h["eps"], nesterov=h["nesterov"],
+                  use_clipping=h["use_clipping"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st), "nesterov": st.booleans(),
+                  "use_clipping": st.booleans()}),
+              parts=(("scale_by_adopt", {}), _lr(1e-3)), bench="adopt"),
+    Optimizer(id="adopt-nesterov-custom", factory="adopt",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-4,
+                      "nesterov": True},
+              reference=ref.adopt_tx, stateful="ADOPT", slots=2,
+              optax=lambda optax, h: optax.contrib.adopt(
+                  h["learning_rate"], h["b1"], h["b2"], h["eps"], nesterov=h["nesterov"],
+                  use_clipping=h["use_clipping"]),
+              parts=(("scale_by_adopt", {"b1": 0.8, "b2": 0.99, "eps": 1e-4, "nesterov": True}),
+                     _lr(1e-2))),
+    # unclipped, g / eps can be huge after a zero gradient: a larger eps keeps float16 finite
+    Optimizer(id="adopt-no_clipping", factory="adopt",
+              kwargs={"learning_rate": 1e-3, "eps": 1e-3, "use_clipping": False},
+              reference=ref.adopt_tx, stateful="ADOPT", slots=2,
+              optax=lambda optax, h: optax.contrib.adopt(
+                  h["learning_rate"], h["b1"], h["b2"], h["eps"], nesterov=h["nesterov"],
+                  use_clipping=h["use_clipping"]),
+              parts=(("scale_by_adopt", {"eps": 1e-3, "use_clipping": False}), _lr(1e-3))),
     # rows: ademamix, madgrad, cocob
+    # torch.optim has none of these: optax.contrib's rules (the classes' lr defaults in kwargs)
+    Optimizer(id="ademamix", factory="ademamix", kwargs={"learning_rate": 1e-3},
+              reference=ref.ademamix_tx, stateful="AdEMAMix", slots=3,
+              optax=lambda optax, h: optax.contrib.ademamix(
+                  h["learning_rate"], h["b1"], h["b2"], h["b3"], h["alpha"], h["eps"],
+                  weight_decay=h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "b3": st.floats(0.0, 0.9999),
+                  "alpha": st.sampled_from([0.0, 5.0]) | st.floats(0.0, 10.0), "eps": _eps(st),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_ademamix", {"alpha": 5.0}), _lr(1e-3)), bench="ademamix"),
+    Optimizer(id="ademamix-wd_decoupled-custom", factory="ademamix",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "b3": 0.999, "alpha": 2.0,
+                      "eps": 1e-6, "weight_decay": 0.1},
+              reference=ref.ademamix_tx, stateful="AdEMAMix", slots=3, needs_params=True,
+              optax=lambda optax, h: optax.contrib.ademamix(
+                  h["learning_rate"], h["b1"], h["b2"], h["b3"], h["alpha"], h["eps"],
+                  weight_decay=h["weight_decay"]),
+              parts=(("scale_by_ademamix", {"b1": 0.8, "b2": 0.99, "b3": 0.999, "alpha": 2.0,
+                                            "eps": 1e-6}),
+                     ("add_decayed_weights", {"weight_decay": 0.1}), _lr(1e-2))),
+    # the paper's warmups as schedules of the count (b3 and alpha; the classes take numbers)
+    Optimizer(id="ademamix-schedules", factory="ademamix",
+              kwargs={"learning_rate": cosine,
+                      "b3": lambda c: 0.99 + 0.0099 * min(float(c), 10.0) / 10.0,
+                      "alpha": lambda c: 5.0 * min(float(c), 10.0) / 10.0},
+              reference=ref.ademamix_tx, slots=3,
+              optax=lambda optax, h: optax.contrib.ademamix(
+                  h["learning_rate"], h["b1"], h["b2"], h["b3"], h["alpha"], h["eps"],
+                  weight_decay=h["weight_decay"]),
+              parts=(("scale_by_ademamix",
+                      {"b3": lambda c: 0.99 + 0.0099 * min(float(c), 10.0) / 10.0,
+                       "alpha": lambda c: 5.0 * min(float(c), 10.0) / 10.0}), _lr(cosine))),
+    Optimizer(id="simplified_ademamix", factory="simplified_ademamix",
+              kwargs={"learning_rate": 1e-3}, reference=ref.simplified_ademamix_tx, slots=2,
+              optax=lambda optax, h: optax.contrib.simplified_ademamix(
+                  h["learning_rate"], h["b1"], h["b2"], h["alpha"], h["eps"], h["eps_root"],
+                  h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.01),
+                  "b1": st.sampled_from([0.0, 0.99]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999),
+                  "alpha": st.sampled_from([0.0]) | st.floats(0.0, 10.0), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0]) | st.floats(0.0, 1e-6),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_simplified_ademamix", {}), _lr(1e-3)), bench="simplified_ademamix"),
+    Optimizer(id="simplified_ademamix-alpha_schedule-wd_decoupled", factory="simplified_ademamix",
+              kwargs={"learning_rate": 1e-3, "b1": 0.9, "b2": 0.99,
+                      "alpha": lambda c: 2.0 * min(float(c), 10.0) / 10.0, "eps_root": 1e-8,
+                      "weight_decay": 0.1},
+              reference=ref.simplified_ademamix_tx, slots=2, needs_params=True,
+              optax=lambda optax, h: optax.contrib.simplified_ademamix(
+                  h["learning_rate"], h["b1"], h["b2"], h["alpha"], h["eps"], h["eps_root"],
+                  h["weight_decay"])),
+    # the learning rate is inside the rule; x0 (the first params) is taken at the first step
+    Optimizer(id="madgrad", factory="madgrad", kwargs={"learning_rate": 1e-2},
+              reference=ref.madgrad_tx, stateful="MADGRAD", slots=3,
+              optax=lambda optax, h: optax.contrib.madgrad(h["learning_rate"], h["momentum"],
+                                                           h["weight_decay"], h["eps"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "momentum": st.sampled_from([0.0, 0.9]) | st.floats(0.0, 0.99),
+                  "weight_decay": _weight_decay(st),
+                  "eps": st.floats(-8, -2).map(lambda e: 10.0**e)}),
+              parts=(("scale_by_madgrad", {"learning_rate": 1e-2}),), bench="madgrad"),
+    Optimizer(id="madgrad-wd_coupled-custom", factory="madgrad",
+              kwargs={"learning_rate": 3e-2, "momentum": 0.5, "weight_decay": 0.01,
+                      "eps": 1e-5},
+              reference=ref.madgrad_tx, stateful="MADGRAD", slots=3, needs_params=True,
+              optax=lambda optax, h: optax.contrib.madgrad(h["learning_rate"], h["momentum"],
+                                                           h["weight_decay"], h["eps"]),
+              parts=(("add_decayed_weights", {"weight_decay": 0.01}),
+                     ("scale_by_madgrad", {"learning_rate": 3e-2, "momentum": 0.5,
+                                           "eps": 1e-5}))),
+    Optimizer(id="madgrad-schedule", factory="madgrad", kwargs={"learning_rate": cosine},
+              reference=ref.madgrad_tx, slots=3,
+              optax=lambda optax, h: optax.contrib.madgrad(h["learning_rate"], h["momentum"],
+                                                           h["weight_decay"], h["eps"]),
+              parts=(("scale_by_madgrad", {"learning_rate": cosine}),)),
+    # lr scales the gradient (1.0: the paper's rule); p0 is taken at the first step
+    Optimizer(id="cocob", factory="cocob", kwargs={}, reference=ref.cocob_tx, stateful="COCOB",
+              slots=5,
+              optax=lambda optax, h: optax.contrib.cocob(h["learning_rate"], h["alpha"],
+                                                         h["eps"], h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": st.sampled_from([1.0]) | st.floats(0.1, 2.0),
+                  "alpha": st.sampled_from([100.0]) | st.floats(1.0, 200.0),
+                  "eps": st.floats(-10, -4).map(lambda e: 10.0**e),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_learning_rate", {"learning_rate": 1.0, "flip_sign": False}),
+                     ("scale_by_cocob", {})), bench="cocob"),
+    Optimizer(id="cocob-wd_coupled-custom", factory="cocob",
+              kwargs={"learning_rate": 0.5, "alpha": 10.0, "eps": 1e-6, "weight_decay": 0.01},
+              reference=ref.cocob_tx, stateful="COCOB", slots=5, needs_params=True,
+              optax=lambda optax, h: optax.contrib.cocob(h["learning_rate"], h["alpha"],
+                                                         h["eps"], h["weight_decay"]),
+              parts=(("add_decayed_weights", {"weight_decay": 0.01}),
+                     ("scale_by_learning_rate", {"learning_rate": 0.5, "flip_sign": False}),
+                     ("scale_by_cocob", {"alpha": 10.0, "eps": 1e-6}))),
 ]  # fmt: skip
 
 BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}

@@ -1132,16 +1132,768 @@ functional = types.SimpleNamespace(
 # references: amsgrad, asgd
 
 
+def adam_amsgrad(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = True,
+    decoupled: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.Adam/AdamW(amsgrad=True): vmax = max(vmax, v) over the raw v;
+    denom = sqrt(vmax) / sqrt(bc2) + eps (coupled L2, or p *= 1 - lr wd when decoupled)."""
+    assert amsgrad
+    p, g = _f64(p), _f64(g)
+    if decoupled:
+        p = p * (1 - learning_rate * weight_decay)
+    elif weight_decay != 0:
+        g = g + weight_decay * p
+    if "step" not in state:
+        state.update(step=0, exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p),
+                     max_exp_avg_sq=np.zeros_like(p))  # fmt: skip
+    state["step"] += 1
+    t = state["step"]
+    m = state["exp_avg"] + (1 - b1) * (g - state["exp_avg"])
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    vmax = np.maximum(state["max_exp_avg_sq"], v)
+    state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] = m, v, vmax
+    denom = np.sqrt(vmax) / math.sqrt(1 - b2**t) + eps
+    return p - (learning_rate / (1 - b1**t)) * m / denom, state
+
+
+def adamw_amsgrad(p: Any, g: Any, state: dict, **hp: Any) -> tuple[np.ndarray, dict]:
+    return adam_amsgrad(p, g, state, **{"weight_decay": 0.01, **hp}, decoupled=True)
+
+
+def scale_by_amsgrad(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    torch_rule: bool = False,
+) -> Transform:
+    """optax's scale_by_amsgrad: vmax = max(vmax, v / bc2) (raw v without bias_correction_nu),
+    u = mhat / (sqrt(vmax + eps_root) + eps); torch_rule: vmax over the raw v, then
+    u = mhat / (sqrt(vmax) / sqrt(bc2) + eps)."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params),
+                "nu_max": _zeros(params)}  # fmt: skip
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: b1 * m + (1 - b1) * _f64(g), u, state["mu"])
+        nu = tree_map(lambda g, v: b2 * v + (1 - b2) * _f64(g) ** 2, u, state["nu"])
+        bc1 = 1 - b1**t if bias_correction_mu or torch_rule else 1.0
+        bc2 = 1 - b2**t
+        if torch_rule:
+            vmax = tree_map(np.maximum, state["nu_max"], nu)
+            out = tree_map(lambda m, w: (m / bc1) / (np.sqrt(w) / math.sqrt(bc2) + eps), mu, vmax)
+        else:
+            c2 = bc2 if bias_correction_nu else 1.0
+            vmax = tree_map(lambda w, v: np.maximum(w, v / c2), state["nu_max"], nu)
+            out = tree_map(lambda m, w: (m / bc1) / (np.sqrt(w + eps_root) + eps), mu, vmax)
+        return out, {"count": t, "mu": mu, "nu": nu, "nu_max": vmax}
+
+    return Transform(init, update)
+
+
+def adam_amsgrad_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = True,
+) -> Transform:
+    """torch's Adam(amsgrad=True): [coupled L2] + the torch AMSGrad scaling + lr."""
+    assert amsgrad
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_amsgrad(b1, b2, eps, torch_rule=True),
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def adamw_amsgrad_tx(
+    learning_rate: float | Callable[[int], float] = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    amsgrad: bool = True,
+) -> Transform:
+    """torch's AdamW(amsgrad=True): the torch AMSGrad scaling + decoupled decay + lr."""
+    assert amsgrad
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_amsgrad(b1, b2, eps, torch_rule=True), *parts,
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def amsgrad_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+) -> Transform:
+    """optax's amsgrad: scale_by_amsgrad + lr."""
+    return chain(
+        scale_by_amsgrad(b1, b2, eps, eps_root, bias_correction_mu, bias_correction_nu),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def asgd_eta(lr: float, lambd: float, alpha: float, count: int) -> float:
+    """torch's eta after count steps: computed in double, stored as float32."""
+    return float(np.float32(lr / ((1 + lambd * lr * count) ** alpha)))
+
+
+def scale_by_asgd(
+    learning_rate: float | Callable[[int], float] = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+) -> Transform:
+    """torch's ASGD step as an update: u = -lambd eta p - eta g (= p (1 - lambd eta) - eta g
+    - p); ax = p + u if mu == 1 else ax + (p + u - ax) mu; eta, mu (float32) from the count,
+    eta from the previous step's lr."""
+
+    def init(params):
+        return {"count": 0, "ax": _zeros(params)}
+
+    def update(u, state, params=None):
+        c = state["count"]
+        lr = learning_rate(max(c - 1, 0)) if callable(learning_rate) else learning_rate
+        eta = asgd_eta(lr, lambd, alpha, c)
+        mu = float(np.float32(1 / max(1, c - t0)))
+        out = tree_map(lambda p, g: -(lambd * eta) * _f64(p) - eta * _f64(g), params, u)
+        new_p = tree_map(lambda p, d: _f64(p) + d, params, out)
+        if mu == 1:
+            ax = new_p
+        else:
+            ax = tree_map(lambda a, q: a + (q - a) * mu, state["ax"], new_p)
+        return out, {"count": c + 1, "ax": ax}
+
+    return Transform(init, update)
+
+
+def asgd_tx(
+    learning_rate: float | Callable[[int], float] = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """torch's ASGD: [coupled L2] + scale_by_asgd (the learning rate is inside)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_asgd(learning_rate, lambd, alpha, t0))
+
+
+def asgd(
+    p: Any,
+    g: Any,
+    state: dict,
+    *,
+    learning_rate: float = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+) -> tuple[np.ndarray, dict]:
+    """torch.optim.ASGD with its state keys: step, eta, mu (float32 values), ax."""
+    p, g = _f64(p), _f64(g)
+    if "step" not in state:
+        state.update(step=0, eta=float(np.float32(learning_rate)), mu=1.0, ax=np.zeros_like(p))
+    state["step"] += 1
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    eta = state["eta"]
+    p = p * (1 - lambd * eta) - eta * g
+    state["ax"] = p.copy() if state["mu"] == 1 else state["ax"] + (p - state["ax"]) * state["mu"]
+    t = state["step"]
+    state["eta"] = asgd_eta(learning_rate, lambd, alpha, t)
+    state["mu"] = float(np.float32(1 / max(1, t - t0)))
+    return p, state
+
+
 # references: noisy_sgd
+
+# The storage dtype (tree) of run_transform's run: add_noise numbers each element within the
+# leaves of its storage dtype (float16 and float32 leaves are separate groups).
+_STORAGE: contextvars.ContextVar[Any] = contextvars.ContextVar("storage_dtype", default=None)
+
+_PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_W = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: Sequence[Any], key: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Philox-4x32-10 (Salmon et al. 2011, Random123's philox4x32_10) in uint64 arithmetic:
+    ``counter`` four arrays (or ints) of 32-bit words, ``key`` two 32-bit words; returns the
+    four output words (uint64 arrays holding 32-bit values)."""
+    c = [np.asarray(x, dtype=np.uint64) & _U32 for x in counter]
+    k = [np.uint64(key[0]) & _U32, np.uint64(key[1]) & _U32]
+    for r in range(10):
+        if r:
+            k = [(k[0] + _PHILOX_W[0]) & _U32, (k[1] + _PHILOX_W[1]) & _U32]
+        p0 = _PHILOX_M[0] * c[0]  # < 2**64: exact
+        p1 = _PHILOX_M[1] * c[2]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ k[0],
+            p1 & _U32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ k[1],
+            p0 & _U32,
+        ]
+    return tuple(c)
+
+
+def _ndtri(p: np.ndarray) -> np.ndarray:
+    """Phi^-1(p) for p in (0, 1) in float64 (Wichura 1988, AS 241 PPND16: rel. error ~1e-16)."""
+    q = p - 0.5
+    r = np.where(q < 0, p, 1.0 - p)  # the nearer tail's mass
+    z = np.empty_like(p)
+    c = np.abs(q) <= 0.425
+    s = 0.180625 - q[c] ** 2
+    a = [
+        3.387132872796366608,
+        133.14166789178437745,
+        1971.5909503065514427,
+        13731.693765509461125,
+        45921.953931549871457,
+        67265.770927008700853,
+        33430.575583588128105,
+        2509.080928730122673,
+    ]
+    b = [
+        1.0,
+        42.31333070160091,
+        687.1870074920579,
+        5394.196021424751,
+        21213.79430158660,
+        39307.89580009271,
+        28729.08573572194,
+        5226.495278852545,
+    ]
+    num = (((((a[7] * s + a[6]) * s + a[5]) * s + a[4]) * s + a[3]) * s + a[2]) * s + a[1]
+    den = (((((b[7] * s + b[6]) * s + b[5]) * s + b[4]) * s + b[3]) * s + b[2]) * s + b[1]
+    z[c] = q[c] * (num * s + a[0]) / (den * s + b[0])
+    t = np.sqrt(-np.log(r[~c]))
+    near = t <= 5.0
+    u = np.where(near, t - 1.6, t - 5.0)
+    cn = [
+        1.42343711074968357734,
+        4.63033784615654529590,
+        5.76949722146069140550,
+        3.64784832476320460504,
+        1.27045825245236838258,
+        0.241780725177450611770,
+        0.0227238449892691845833,
+        7.74545014278341407640e-4,
+    ]
+    dn = [
+        1.0,
+        2.05319162663775882187,
+        1.67638483018380384940,
+        0.689767334985100004550,
+        0.148103976427480074590,
+        0.0151986665636164571966,
+        5.47593808499534494600e-4,
+        1.05075007164441684324e-9,
+    ]
+    ef = [
+        6.65790464350110377720,
+        5.46378491116411436990,
+        1.78482653991729133580,
+        0.296560571828504891230,
+        0.0265321895265761230930,
+        0.00124266094738807843860,
+        2.71155556874348757815e-5,
+        2.01033439929228813265e-7,
+    ]
+    ff = [
+        1.0,
+        0.599832206555887937690,
+        0.136929880922735805310,
+        0.0148753612908506148525,
+        7.86869131145613259100e-4,
+        1.84631831751005468180e-5,
+        1.42151175831644588870e-7,
+        2.04426310338993978564e-15,
+    ]
+    n = np.where(near, cn[7], ef[7])
+    d = np.where(near, dn[7], ff[7])
+    for k in range(6, -1, -1):
+        n = n * u + np.where(near, cn[k], ef[k])
+        d = d * u + np.where(near, dn[k], ff[k])
+    z[~c] = np.where(q[~c] < 0, -1.0, 1.0) * n / d
+    return z
+
+
+def philox_normal(bits: Sequence[np.ndarray], double: bool) -> np.ndarray:
+    """The normal from Philox words as the kernels draw it, in float64. Float compute:
+    inversion, Phi^-1(u) at u = (word 0 + 1/2) / 2^32 (the kernel evaluates it by Giles's
+    erfinv, rel. error < 1e-6). Double compute: Box-Muller from 53-bit uniforms from all
+    four words."""
+    if double:
+        a = ((bits[0] << np.uint64(32)) | bits[1]) >> np.uint64(11)
+        b = ((bits[2] << np.uint64(32)) | bits[3]) >> np.uint64(11)
+        u1, u2 = (a + np.uint64(1)).astype(F64) * 2.0**-53, b.astype(F64) * 2.0**-53
+        return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    u = (np.asarray(bits[0]).astype(F64) + 0.5) * 2.0**-32
+    return _ndtri(np.atleast_1d(u)).reshape(np.shape(u))
+
+
+def noise_of(tree: Any, t: int, seed: int, storage: Any = None) -> Any:
+    """The standard normals of step ``t`` for every element of ``tree`` (float64): element
+    index = position among the leaves of the same storage dtype (``storage``: one dtype, a
+    tree of them, or None for float64), back to back in tree order."""
+    leaves, treedef = optree.tree_flatten(tree, none_is_leaf=False)
+    if storage is None or isinstance(storage, (np.dtype, type)):
+        dtypes = [np.dtype(F64 if storage is None else storage)] * len(leaves)
+    else:
+        dtypes = [np.dtype(d) for d in optree.tree_leaves(storage)]
+    origin: dict[np.dtype, int] = {}
+    out = []
+    for x, d in zip(leaves, dtypes, strict=True):
+        size = int(np.size(x))
+        idx = np.arange(origin.get(d, 0), origin.get(d, 0) + size, dtype=np.uint64)
+        origin[d] = origin.get(d, 0) + size
+        bits = philox4x32_10((idx, idx >> np.uint64(32), t, 0), (seed, seed >> 32))
+        out.append(philox_normal(bits, d == np.float64).reshape(np.shape(x)))
+    return optree.tree_unflatten(treedef, out)
+
+
+def add_noise(eta: float, gamma: float, seed: int = 0) -> Transform:
+    """optax's add_noise with the library's generator: t = count + 1;
+    u = g + sqrt(eta / t^gamma) z, z = noise_of(u, t, seed) (see noise_of)."""
+
+    def init(params):
+        return {"count": 0}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        std = math.sqrt(eta / float(t) ** gamma)
+        z = noise_of(u, t, seed, _STORAGE.get())
+        return tree_map(lambda g, n: _f64(g) + std * n, u, z), {"count": t}
+
+    return Transform(init, update)
+
+
+def noisy_sgd_tx(
+    learning_rate: float | Callable[[int], float],
+    eta: float = 0.01,
+    gamma: float = 0.55,
+    seed: int = 0,
+    maximize: bool = False,
+) -> Transform:
+    """[scale(-1)] + add_noise + lr: optax's noisy_sgd (and NoisySGD without weight decay)."""
+    head = [scale(-1.0)] if maximize else []
+    return chain(*head, add_noise(eta, gamma, seed), scale_by_learning_rate(learning_rate))
+
+
+def noisy_sgd_wd_tx(
+    learning_rate: float | Callable[[int], float],
+    eta: float = 0.01,
+    gamma: float = 0.55,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> Transform:
+    """NoisySGD: [scale(-1)] + coupled decay (g + wd p) + add_noise + lr."""
+    head = [scale(-1.0)] if maximize else []
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*head, *decay, add_noise(eta, gamma, seed), scale_by_learning_rate(learning_rate))
 
 
 # references: sign_sgd, signum, ema, optimistic
 
 
+def _per_leaf(fn: Callable[..., Any], *trees: Any) -> Any:
+    """``fn(*leaves, dtype)`` over the trees, ``dtype`` the leaf's compute dtype of the run
+    (None: float64; see _COMPUTE)."""
+    compute = _COMPUTE.get()
+    if compute is None or isinstance(compute, (np.dtype, type)):
+        return tree_map(lambda *xs: fn(*xs, compute), *trees)
+    return tree_map(fn, *trees, compute)
+
+
+def _sign(x: Any) -> np.ndarray:
+    """jnp.sign: -1, 0, +1, NaN for NaN."""
+    return _f64(np.sign(_f64(x)))
+
+
+def scale_by_sign() -> Transform:
+    """optax's scale_by_sign: u = sign(u) (stateless)."""
+    return Transform(lambda params: (), lambda u, state, params=None: (tree_map(_sign, u), state))
+
+
+def ema(decay: float, debias: bool = True) -> Transform:
+    """optax's ema: e = (1 - decay) u + decay e, rounded as the run's compute precision rounds
+    it (the sign of e is signum's update, see _COMPUTE); u = e / (1 - decay^t) with debias,
+    else e."""
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        e = _per_leaf(lambda g, m, d: _lion_moment(g, m, decay, d), u, state["ema"])
+        out = tree_map(lambda m: m / (1 - decay**t), e) if debias else tree_map(np.copy, e)
+        return out, {"count": t, "ema": e}
+
+    return Transform(lambda params: {"count": 0, "ema": _zeros(params)}, update)
+
+
+def sign_sgd_tx(learning_rate: float | Callable[[int], float]) -> Transform:
+    """scale_by_sign + lr: optax's sign_sgd."""
+    return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
+
+
+def signum_tx(learning_rate: float | Callable[[int], float], beta: float = 0.9) -> Transform:
+    """ema(beta, debias=False) + scale_by_sign + lr: optax's signum."""
+    return chain(ema(beta, debias=False), scale_by_sign(), scale_by_learning_rate(learning_rate))
+
+
+def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> Transform:
+    """optax's optimistic gradient: u = (alpha + beta) g - beta g_prev (g_prev = g at the first
+    step), then g_prev = g."""
+
+    def update(u, state, params=None):
+        first = state["count"] == 0
+        prev = tree_f64(u) if first else state["previous_gradient"]
+        out = tree_map(lambda g, q: (alpha + beta) * _f64(g) - beta * q, u, prev)
+        return out, {"count": state["count"] + 1, "previous_gradient": tree_f64(u)}
+
+    return Transform(lambda params: {"count": 0, "previous_gradient": _zeros(params)}, update)
+
+
+def optimistic_gradient_descent_tx(
+    learning_rate: float | Callable[[int], float], alpha: float = 1.0, beta: float = 1.0
+) -> Transform:
+    """scale_by_optimistic_gradient + lr: optax's optimistic_gradient_descent."""
+    return chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(learning_rate))
+
+
+def scale_by_adam_optax(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    nesterov: bool = False,
+) -> Transform:
+    """optax's scale_by_adam: u = mhat / (sqrt(v / (1-b2^t) + eps_root) + eps), mhat = m /
+    (1-b1^t) or, with nesterov, b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        mu = tree_map(lambda g, m: (1 - b1) * _f64(g) + b1 * m, u, state["mu"])
+        nu = tree_map(lambda g, v: (1 - b2) * _f64(g) ** 2 + b2 * v, u, state["nu"])
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        if nesterov:
+            bc1_next = 1 - b1 ** (t + 1)
+            mhat = tree_map(lambda g, m: b1 * (m / bc1_next) + (1 - b1) * (_f64(g) / bc1), u, mu)
+        else:
+            mhat = tree_map(lambda m: m / bc1, mu)
+        out = tree_map(lambda m, v: m / (np.sqrt(v / bc2 + eps_root) + eps), mhat, nu)
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def optimistic_adam_v2_tx(
+    learning_rate: float | Callable[[int], float],
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    nesterov: bool = True,
+) -> Transform:
+    """optax's scale_by_adam (nesterov by default) + scale_by_optimistic_gradient + lr:
+    optax's optimistic_adam_v2."""
+    return chain(
+        scale_by_adam_optax(b1, b2, eps, eps_root, nesterov),
+        scale_by_optimistic_gradient(alpha, beta),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
 # references: adan, adopt
 
 
+def scale_by_adan(
+    b1: float = 0.98, b2: float = 0.92, b3: float = 0.99, eps: float = 1e-8, eps_root: float = 0.0
+) -> Transform:
+    """optax's Adan scaling: d = g - g_prev (0 at the first step); m = (1-b1) g + b1 m;
+    v = (1-b2) d + b2 v; n = (1-b3) (g + (1-b2) d)^2 + b3 n;
+    u = (mhat + (1-b2) vhat) / (sqrt(nhat + eps_root) + eps)."""
+
+    def init(params):
+        zeros = _zeros(params)
+        return {"count": 0, "m": zeros, "v": _zeros(params), "n": _zeros(params),
+                "g": _zeros(params)}  # fmt: skip
+
+    def update(u, state, params=None):
+        c = state["count"]
+        t = c + 1
+        d = tree_map(lambda g, q: 0.0 * _f64(g) if c == 0 else _f64(g) - q, u, state["g"])
+        m = tree_map(lambda g, x: (1 - b1) * _f64(g) + b1 * x, u, state["m"])
+        v = tree_map(lambda x, y: (1 - b2) * x + b2 * y, d, state["v"])
+        n = tree_map(lambda g, x, y: (1 - b3) * (_f64(g) + (1 - b2) * x) ** 2 + b3 * y,
+                     u, d, state["n"])  # fmt: skip
+        bc1, bc2, bc3 = 1 - b1**t, 1 - b2**t, 1 - b3**t
+        out = tree_map(
+            lambda x, y, z: (x / bc1 + (1 - b2) * (y / bc2)) / (np.sqrt(z / bc3 + eps_root) + eps),
+            m, v, n,
+        )  # fmt: skip
+        return out, {"count": t, "m": m, "v": v, "n": n, "g": tree_map(_f64, u)}
+
+    return Transform(init, update)
+
+
+def adan_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    eps_root: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """scale_by_adan + [add_decayed_weights] + lr: optax's adan (decoupled decay)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_adan(b1, b2, b3, eps, eps_root), *parts,
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def scale_by_adopt(
+    b1: float = 0.9,
+    b2: float = 0.9999,
+    eps: float = 1e-6,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+) -> Transform:
+    """optax.contrib's ADOPT scaling: x = clip(g / max(sqrt(nu_old), eps), -t^0.25, t^0.25)
+    (t from 0); nu = (1-b2) g^2 + b2 nu; m = (1-b1) x + b1 m; u = m (nesterov:
+    (1-b1) x + b1 m); at t = 0, nu = g^2 and m is kept."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        c = state["count"]
+        b1_, b2_ = (b1, b2) if c > 0 else (1.0, 0.0)
+        x = tree_map(lambda g, v: _f64(g) / np.maximum(np.sqrt(v), eps), u, state["nu"])
+        if use_clipping:
+            x = tree_map(lambda y: np.clip(y, -(c**0.25), c**0.25), x)
+        nu = tree_map(lambda g, v: (1 - b2_) * _f64(g) ** 2 + b2_ * v, u, state["nu"])
+        mu = tree_map(lambda y, m: (1 - b1_) * y + b1_ * m, x, state["mu"])
+        out = tree_map(lambda y, m: (1 - b1_) * y + b1_ * m, x, mu) if nesterov else mu
+        return out, {"count": c + 1, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def adopt_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.9999,
+    eps: float = 1e-6,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+) -> Transform:
+    """scale_by_adopt + lr: optax.contrib's adopt."""
+    return chain(scale_by_adopt(b1, b2, eps, nesterov, use_clipping),
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
 # references: ademamix, madgrad, cocob
+
+
+def _at(value: Any, count: int) -> float:
+    """A hyperparameter's value at ``count``: a float, or a schedule of the count."""
+    return float(value(count)) if callable(value) else value
+
+
+def scale_by_ademamix(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float | Callable[[int], float] = 0.9999,
+    alpha: float | Callable[[int], float] = 6.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> Transform:
+    """optax.contrib's AdEMAMix scaling: m1 = (1-b1) g + b1 m1; m2 = (1-b3) g + b3 m2;
+    nu = (1-b2) g^2 + b2 nu; u = (m1 / (1-b1^t) + alpha m2) / (sqrt(nu / (1-b2^t) + eps_root)
+    + eps); b3 and alpha may be schedules of the count before the step."""
+
+    def init(params):
+        return {"count": 0, "m1": _zeros(params), "m2": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        c = state["count"]
+        t, c_b3, c_alpha = c + 1, _at(b3, c), _at(alpha, c)
+        m1 = tree_map(lambda g, m: (1 - b1) * _f64(g) + b1 * m, u, state["m1"])
+        m2 = tree_map(lambda g, m: (1 - c_b3) * _f64(g) + c_b3 * m, u, state["m2"])
+        nu = tree_map(lambda g, v: (1 - b2) * _f64(g) ** 2 + b2 * v, u, state["nu"])
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        out = tree_map(
+            lambda a, b, v: (a / bc1 + c_alpha * b) / (np.sqrt(v / bc2 + eps_root) + eps),
+            m1, m2, nu,
+        )  # fmt: skip
+        return out, {"count": t, "m1": m1, "m2": m2, "nu": nu}
+
+    return Transform(init, update)
+
+
+def ademamix_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: float | Callable[[int], float] = 0.9999,
+    alpha: float | Callable[[int], float] = 5.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """scale_by_ademamix + [add_decayed_weights] + lr: optax.contrib's ademamix."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_ademamix(b1, b2, b3, alpha, eps), *parts,
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def scale_by_simplified_ademamix(
+    b1: float = 0.99,
+    b2: float = 0.95,
+    alpha: float | Callable[[int], float] = 0.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> Transform:
+    """optax.contrib's simplified AdEMAMix scaling: m = g + b1 m; n = g^2 + b2 (n - g^2)
+    (computed as (1-b2) g^2 + b2 n); u = (m + alpha g) / (sqrt(n / (1-b2^t) + eps_root) + eps)."""
+
+    def init(params):
+        return {"count": 0, "mu": _zeros(params), "nu": _zeros(params)}
+
+    def update(u, state, params=None):
+        c = state["count"]
+        t, c_alpha = c + 1, _at(alpha, c)
+        mu = tree_map(lambda g, m: _f64(g) + b1 * m, u, state["mu"])
+        nu = tree_map(lambda g, n: (1 - b2) * _f64(g) ** 2 + b2 * n, u, state["nu"])
+        bc2 = 1 - b2**t
+        out = tree_map(
+            lambda g, m, n: (m + c_alpha * _f64(g)) / (np.sqrt(n / bc2 + eps_root) + eps),
+            u, mu, nu,
+        )  # fmt: skip
+        return out, {"count": t, "mu": mu, "nu": nu}
+
+    return Transform(init, update)
+
+
+def simplified_ademamix_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.99,
+    b2: float = 0.95,
+    alpha: float | Callable[[int], float] = 0.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """scale_by_simplified_ademamix + [add_decayed_weights] + lr: optax.contrib's
+    simplified_ademamix."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root), *parts,
+                 scale_by_learning_rate(learning_rate))  # fmt: skip
+
+
+def madgrad_lamb(learning_rate: float, eps: float, count: int) -> float:
+    """(lr + eps) sqrt(k + 1), in float32 as optax.contrib computes it (the root of its int32
+    count is a float32 array, lr + eps a weakly typed scalar)."""
+    f32 = np.float32
+    return float(f32(learning_rate + eps) * np.sqrt(f32(count + 1)))
+
+
+def scale_by_madgrad(
+    learning_rate: float | Callable[[int], float], momentum: float = 0.9, eps: float = 1e-6
+) -> Transform:
+    """optax.contrib's MADGRAD scaling: G = G + lamb g^2; s = s + lamb g;
+    z = x0 - s / (cbrt(G) + eps); u = (1 - momentum) z + momentum p - p (x0: the first
+    params). x0 is kept as d = x0 - p (d = -sum of the updates), so u = (1 - momentum)
+    (d - s / (cbrt(G) + eps)): optax's value without the rounding of p's magnitude, and no
+    dependence on how the params were rounded (as the device computes it)."""
+
+    def init(params):
+        return {"count": 0, "gsq": _zeros(params), "s": _zeros(params), "d": _zeros(params)}
+
+    def update(u, state, params=None):
+        c = state["count"]
+        lamb = madgrad_lamb(_at(learning_rate, c), eps, c)
+        gsq = tree_map(lambda g, a: a + lamb * _f64(g) ** 2, u, state["gsq"])
+        s = tree_map(lambda g, a: a + lamb * _f64(g), u, state["s"])
+        out = tree_map(lambda d, a, b: (1 - momentum) * (d - a / (np.cbrt(b) + eps)),
+                       state["d"], s, gsq)  # fmt: skip
+        d = tree_map(lambda d, x: d - x, state["d"], out)
+        return out, {"count": c + 1, "gsq": gsq, "s": s, "d": d}
+
+    return Transform(init, update)
+
+
+def madgrad_tx(
+    learning_rate: float | Callable[[int], float],
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    eps: float = 1e-6,
+) -> Transform:
+    """[add_decayed_weights] + scale_by_madgrad: optax.contrib's madgrad (coupled decay)."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_madgrad(learning_rate, momentum, eps))
+
+
+def scale_by_cocob(alpha: float = 100.0, eps: float = 1e-8) -> Transform:
+    """optax.contrib's COCOB scaling: L = max(L, |g|) (L starts at eps); G = G + |g|;
+    R = max(R - g (p - p0), 0); C = C - g; u = -p + (p0 + bet) (p0: the first params),
+    bet = C / (L max(G + L, alpha L)) (L + R). p0 is kept as d = p0 - p (-bet after a step),
+    so u = d + bet: optax's value without the rounding of p's magnitude, and no dependence on
+    how the params were rounded (as the device computes it)."""
+
+    def init(params):
+        return {"d": _zeros(params), "C": _zeros(params),
+                "L": tree_map(lambda x: np.full(np.shape(x), eps), params),
+                "G": _zeros(params), "R": _zeros(params)}  # fmt: skip
+
+    def update(u, state, params=None):
+        d = state["d"]
+        L = tree_map(lambda a, g: np.maximum(a, np.abs(_f64(g))), state["L"], u)
+        G = tree_map(lambda a, g: a + np.abs(_f64(g)), state["G"], u)
+        R = tree_map(lambda r, g, x: np.maximum(r + _f64(g) * x, 0.0), state["R"], u, d)
+        C = tree_map(lambda a, g: a - _f64(g), state["C"], u)
+        bet = tree_map(lambda c, l, gg, r: c / (l * np.maximum(gg + l, alpha * l)) * (l + r),
+                       C, L, G, R)  # fmt: skip
+        out = tree_map(lambda x, b: x + b, d, bet)
+        new_d = tree_map(lambda b: -b, bet)
+        return out, {"d": new_d, "C": C, "L": L, "G": G, "R": R}
+
+    return Transform(init, update)
+
+
+def cocob_tx(
+    learning_rate: float | Callable[[int], float] = 1.0,
+    alpha: float = 100.0,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """[add_decayed_weights] + lr (not negated) + scale_by_cocob: optax.contrib's cocob."""
+    parts = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*parts, scale_by_learning_rate(learning_rate, flip_sign=False),
+                 scale_by_cocob(alpha, eps))  # fmt: skip
 
 
 def transform_rule(make: Callable[..., Transform]) -> Callable[..., tuple[np.ndarray, dict]]:
@@ -1182,9 +1934,11 @@ def run_transform(
     """
     params = _round(tree_f64(params0), storage_dtype)
     token = _COMPUTE.set(_compute_dtype(storage_dtype))
+    stored = _STORAGE.set(storage_dtype)
     try:
         return _run(tx, params, grads_seq, storage_dtype)
     finally:
+        _STORAGE.reset(stored)
         _COMPUTE.reset(token)
 
 

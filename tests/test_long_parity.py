@@ -21,6 +21,8 @@ LONG = [
     "radam",
     "radam-wd_coupled",
     "radam-wd_decoupled",
+    "asgd",
+    "asgd-wd_coupled",
 ]
 SHAPES = {"w": (16, 9), "b": (7,)}
 

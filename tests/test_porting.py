@@ -283,7 +283,8 @@ def test_torch_implementation_flags_still_load(cl_queue):
     opt = S.Adam(params)
     opt.load_state_dict(topt.state_dict())
     assert opt.lr == 0.1
-    assert set(opt.param_groups[0]) == {"params", "lr", "betas", "eps", "weight_decay", "maximize"}
+    assert set(opt.param_groups[0]) == {"params", "lr", "betas", "eps", "weight_decay",
+                                        "amsgrad", "maximize"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- names, signatures
@@ -303,17 +304,23 @@ SIGNATURES = {
                 "nesterov: bool = False, *, maximize: bool = False, foreach: bool | None = None, "
                 "differentiable: bool = False, fused: bool | None = None) -> None",
     "Adam": "(params, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), "
-            "eps: float = 1e-08, weight_decay: float = 0.0, *, foreach: bool | None = None, "
+            "eps: float = 1e-08, weight_decay: float = 0.0, amsgrad: bool = False, *, "
+            "foreach: bool | None = None, "
             "maximize: bool = False, capturable: bool | None = False, "
             "differentiable: bool = False, fused: bool | None = None) -> None",
     "AdamW": "(params, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), "
-             "eps: float = 1e-08, weight_decay: float = 0.01, *, maximize: bool = False, "
+             "eps: float = 1e-08, weight_decay: float = 0.01, amsgrad: bool = False, *, "
+             "maximize: bool = False, "
              "foreach: bool | None = None, capturable: bool | None = False, "
              "differentiable: bool = False, fused: bool | None = None) -> None",
     "RMSprop": "(params, lr: float = 0.001, alpha: float = 0.99, eps: float = 1e-08, "
                "weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, "
                "capturable: bool | None = False, foreach: bool | None = None, "
                "maximize: bool = False, differentiable: bool = False) -> None",
+    "ASGD": "(params, lr: float = 0.01, lambd: float = 0.0001, alpha: float = 0.75, "
+            "t0: float = 1000000.0, weight_decay: float = 0.0, foreach: bool | None = None, "
+            "maximize: bool = False, differentiable: bool = False, "
+            "capturable: bool | None = False) -> None",
 }  # fmt: skip
 # where our defaults differ from torch's (kept from before torch's names were adopted)
 DEFAULTS_UNLIKE_TORCH = {("SGD", "lr"), ("RMSprop", "lr")}

@@ -20,7 +20,7 @@ import pyopencl.array as cla
 from .._base import GradientTransformation, OpaquePlan, is_elementwise, is_fusible
 from .._device import queue_of
 from .._state_check import register, wrapper
-from ..fusion import flatten_like, walk
+from ..fusion import element_origin, flatten_like, walk
 from ..transforms._update import step as _step
 from ._comm import agree, check_device_leaves, committed, get_comm, path_names, signature
 from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
@@ -171,7 +171,8 @@ class _Sharded:
         def work(ctx: Any) -> Any:
             leaves, treedef, queue, plan, p = ctx
             u = self._slices(leaves, plan, queue)
-            out, inner = self.tx.update(u, _inner(state), p, **extra_args)
+            with _origins(plan):
+                out, inner = self.tx.update(u, _inner(state), p, **extra_args)
             return (queue, leaves, treedef, plan, out, self._outputs(out, plan, queue)), inner
 
         gather, inner = agree(self.comm, what, check, work, lambda: path_names(updates))
@@ -193,7 +194,8 @@ class _Sharded:
         def work(ctx: Any) -> Any:
             leaves, treedef, queue, plan, p = ctx
             g = self._slices(leaves, plan, queue)
-            new_p, inner = _step(self.tx, p, g, _inner(state), **extra_args)
+            with _origins(plan):
+                new_p, inner = _step(self.tx, p, g, _inner(state), **extra_args)
             p_leaves = optree.tree_leaves(params)
             q = queue_of(p_leaves)
             return (q, p_leaves, treedef, plan, new_p, self._outputs(new_p, plan, q)), inner
@@ -201,6 +203,12 @@ class _Sharded:
         gather, inner = agree(self.comm, what, check, work, lambda: path_names(grads))
         with committed(self.comm, what):
             return self._gather(*gather), ShardState(inner)
+
+
+def _origins(plan: tuple[DtypeShard, ...]) -> Any:
+    """Steps on the slices number their elements from the slices' starts in the flat
+    buffers, as the whole tree's step does (``Fragment.element_index``)."""
+    return element_origin({sh.lay.dtype: sh.lo for sh in plan})
 
 
 def _inner(state: Any) -> Any:

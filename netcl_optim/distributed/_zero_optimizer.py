@@ -195,6 +195,8 @@ class ZeroRedundancyOptimizer:
         data = list(arrays)
         flats: list[_FlatDtype] = []
         shard_params: list[list[Any]] = [[] for _ in groups]
+        # per group and dtype, the group's element index where this rank's slice starts
+        origins: list[dict[np.dtype, int]] = [{} for _ in groups]
         for sh in plan_shards(arrays, self.comm):
             xs = [arrays[i] for i in sh.idx]
             if sh.lay.total == 0 or contiguous_run(xs) is None:
@@ -211,6 +213,7 @@ class ZeroRedundancyOptimizer:
                 g_hi = sh.lay.offsets[ks[-1]] + sh.lay.sizes[ks[-1]]
                 a, b = max(g_lo, sh.lo) - sh.lo, min(g_hi, sh.hi) - sh.lo
                 a, b = (a, b) if a < b else (0, 0)
+                origins[gi][sh.lay.dtype] = max(g_lo, sh.lo) - g_lo
                 view = flat.view(queue, a, b, base, off + sh.lo)
                 shard = Parameter(view)
                 flat.parts.append((gi, shard, a, b))
@@ -221,7 +224,10 @@ class ZeroRedundancyOptimizer:
             ig = {k: v for k, v in g.items() if k != "params"}
             ig["params"] = shard_params[gi]
             inner_groups.append(ig)
-        return data, flats, opt_class(inner_groups, **kwargs)
+        optimizer = opt_class(inner_groups, **kwargs)
+        for rec, group_origins in zip(optimizer._groups, origins, strict=True):
+            rec.element_origins = group_origins  # element-indexed noise as unsharded
+        return data, flats, optimizer
 
     # ------------------------------------------------------------------ torch-like API
 

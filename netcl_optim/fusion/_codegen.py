@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._base import Fragment
+from ._random import random_helpers
 
 _CTYPE = {
     np.dtype(np.float16): "half",
@@ -66,6 +67,10 @@ class Arg(NamedTuple):
 
 # Argument names: the executor binds its arrays and per-step values by these.
 U_IN, P_IN, OUT = "u_in", "p_in", "out"
+# A kernel with an ``element_index`` fragment also takes the index of its first element as
+# the offset of a buffer-and-offset pair (the buffer, the updates', is not read), so that
+# its launches keep the (buffer, offset) shape of every other array argument.
+INDEX = "index"
 
 
 def slot_arg(slot: str, k: int, io: str = "") -> str:
@@ -92,9 +97,10 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     """The kernel source, its name and its argument list for ``fragments`` under ``spec``.
 
     Arguments, in order: updates, params (when read), output (unless params are updated
-    in place), each part's slots (in; out too when pure), each part's reduction buffer,
-    then each part's scalars. Buffers come with an element offset, so the kernel serves a
-    whole packed tree or one leaf alike.
+    in place), each part's slots (in; out too when pure), the element index base (when a
+    fragment asks for ``element_index``: see ``INDEX``), each part's reduction buffer, then
+    each part's scalars. Buffers come with an element offset, so the kernel serves a whole
+    packed tree or one leaf alike.
     """
     storage = ctype(spec.dtype)
     real = "double" if storage == "double" else "float"
@@ -123,6 +129,9 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
                 buffer(slot_arg(slot, k, "out"), slot_t, False)
             else:
                 buffer(slot_arg(slot, k), slot_t, False)
+    indexed = any(frag.element_index for frag in fragments)
+    if indexed:
+        buffer(INDEX, "uchar", True)
     for k, frag in enumerate(fragments):
         if frag.reduction is not None:
             params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
@@ -133,6 +142,8 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
     body = ["    const long i = get_global_id(0);"]
+    if indexed:
+        body.append(f"    const ulong idx = (ulong)({INDEX}_off + i);")
     body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")
     if spec.needs_params or spec.apply:
         body.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
@@ -162,6 +173,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     src = (
         f"//CL// {name}: {title or 'copy'}\n"
         + preamble(real, "double" in (real, spec.acc))
+        + (random_helpers(real) if indexed else "")
         + f"__kernel void {name}(\n    "
         + ",\n    ".join(params)
         + ")\n{\n"

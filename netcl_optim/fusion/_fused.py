@@ -4,7 +4,9 @@ them; in place, the launches are cached by the arrays' identity (``_cache``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,7 +37,7 @@ from ._checks import (
     same_dtype,
     slot_dtype,
 )
-from ._codegen import OUT, P_IN, U_IN, Arg, KernelSpec, reduction_arg, scalar_arg, slot_arg
+from ._codegen import INDEX, OUT, P_IN, U_IN, Arg, KernelSpec, reduction_arg, scalar_arg, slot_arg
 from ._launch import Launch, launch_all, leaves_disjoint
 from ._programs import fused_kernel
 from ._reductions import acc_ctype, reduce_parts
@@ -52,6 +54,24 @@ class Binding(NamedTuple):
 
 
 _bindings: dict[KernelSpec, Binding] = {}
+
+# Per dtype, the element index (see ``Fragment.element_index``) of the first element of the
+# trees being stepped: 0, except where they are a slice of a larger flat buffer (ZeRO).
+_ORIGIN: contextvars.ContextVar[Mapping[np.dtype, int] | None] = contextvars.ContextVar(
+    "element_origin", default=None
+)
+
+
+@contextlib.contextmanager
+def element_origin(origins: Mapping[np.dtype, int]) -> Iterator[None]:
+    """Steps run inside see, per dtype, their updates' first element as element index
+    ``origins[dtype]`` (ZeRO's shards: their slice's start in the flat buffer), so that
+    element-indexed noise is the same bits as the whole tree's."""
+    token = _ORIGIN.set({np.dtype(d): int(o) for d, o in origins.items()})
+    try:
+        yield
+    finally:
+        _ORIGIN.reset(token)
 
 
 def _binding(spec: KernelSpec, fragments: Sequence[Any], args: list[Arg]) -> Binding:
@@ -121,6 +141,8 @@ def run_parts(
         slot_leaves.append(per_part)
     fragments = [p.fragment for p in parts]
     keys = tuple(f.key for f in fragments)
+    if any(f.element_index for f in fragments):  # the launches hold the index origin
+        keys = (*keys, tuple(sorted((_ORIGIN.get() or {}).items(), key=str)))
     cache_key = None
     if inplace and apply:
         cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
@@ -200,6 +222,7 @@ def _plan_launches(
     inplace_params = inplace and apply
     mode = "inplace" if inplace else "pure"
     keys = tuple(f.key for f in fragments)
+    origins = _ORIGIN.get() or {}
 
     def pick(leaves: list[Any], idx: list[int]) -> list[Any]:
         return leaves if single else [leaves[i] for i in idx]
@@ -251,10 +274,15 @@ def _plan_launches(
                     add_input(slot_arg(slot, k), ins, slot_lay)
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
+        origin = origins.get(dtype, 0)
+        if INDEX in binding.arrays:  # the updates' buffer (not read), the first index
+            runs[INDEX] = None if runs[U_IN] is None else (runs[U_IN][0], origin)
+            arrays[INDEX] = arrays[U_IN]
         bound = [runs[name] for name in binding.arrays]
         if None not in bound:
             if packed_bases is not None:
-                packed_bases.extend(id(base) for base, _ in bound)
+                written = [run for n, run in zip(binding.arrays, bound, strict=True) if n != INDEX]
+                packed_bases.extend(id(base) for base, _ in written)
             if lay.total:
                 launches.append((kernel, lay.total, [v for run in bound for v in run]))
         else:
@@ -263,9 +291,10 @@ def _plan_launches(
             for j, size in enumerate(lay.sizes):
                 if size:
                     leaf_args = []
-                    for column in columns:
+                    for name, column in zip(binding.arrays, columns, strict=True):
                         a = column[j]
-                        leaf_args += [a.base_data, element_offset(a)]
+                        off = origin + lay.offsets[j] if name == INDEX else element_offset(a)
+                        leaf_args += [a.base_data, off]
                     launches.append((kernel, size, leaf_args))
     return launches, binding, out_leaves, new_slot_leaves, packed_bases
 

@@ -26,6 +26,7 @@ from .._validation import (
     invalid,
     pair,
     require,
+    tuple_of,
 )
 
 
@@ -105,6 +106,7 @@ Entry = Hyperparameter | TorchKeyword | _KeywordOnly
 
 # torch's names shared by several classes
 BETAS = Hyperparameter("betas", (0.9, 0.999), pair(UNIT, "a pair (beta1, beta2), each in [0, 1)"))
+BETAS3 = tuple_of(3, UNIT, "a triple (beta1, beta2, beta3), each in [0, 1)")  # Adan, AdEMAMix
 EPS = Hyperparameter("eps", 1e-8, POSITIVE)
 MAXIMIZE = Hyperparameter("maximize", False, BOOL)
 FOREACH = TorchKeyword("foreach", None)

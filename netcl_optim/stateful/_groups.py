@@ -56,6 +56,9 @@ class Group:
         self.blocks: dict[str, list[Block]] = {}
         self.grad_views: list[cla.Array] | None = None
         self.grad_blocks: list[Block] = []
+        # per dtype, the element index of the group's first element (Fragment.element_index):
+        # set by ZeroRedundancyOptimizer, whose groups are slices of the whole model's
+        self.element_origins: dict[np.dtype, int] = {}
 
     def _allocate(
         self, dtype_of: Callable[[np.dtype], np.dtype], start: float = 0.0

@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
+from ..fusion import element_origin
 from ..transforms._update import step_
 from . import _state_dict
 from ._declaration import Declaration, Entry, Requirement, as_stored
@@ -256,7 +257,11 @@ class Optimizer(abc.ABC):
             params = [rec.params[i].data for i in cohort]
             grads = [rec.params[i].grad for i in cohort]
         state = assemble(chain.template, self._torch_states, buffers, counts)
-        step_(chain.tx, params, grads, state)
+        if rec.element_origins:
+            with element_origin(rec.element_origins):
+                step_(chain.tx, params, grads, state)
+        else:
+            step_(chain.tx, params, grads, state)
         if whole:
             rec.steps = [s + 1 for s in rec.steps]
             for k in chain.keys:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Mapping
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -113,13 +112,15 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
             where[_index(pid)] = (gi, i)
     new_groups = [_import_group(opt, saved, gi) for gi, saved in enumerate(saved_groups)]
 
+    group_keys = [_group_keys(type(opt), group) for group in new_groups]
     staged = []
     for pid, entry in state_dict["state"].items():
         idx = _index(pid)
         if idx not in where:
             raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
         gi, i = where[idx]
-        staged.append((gi, i, *_import_entry(opt, entry, opt._groups[gi], i, idx)))
+        keys = group_keys[gi]
+        staged.append((gi, i, *_import_entry(opt, entry, opt._groups[gi], i, idx, keys)))
 
     for group, rec, new in zip(opt.param_groups, opt._groups, new_groups, strict=True):
         group.clear()
@@ -206,30 +207,32 @@ def _import_group(opt: Optimizer, saved: Mapping[str, Any], gi: int) -> dict[str
     return group
 
 
-@cache
-def required_keys(cls: type[Optimizer]) -> tuple[str, ...]:
-    """The keys a saved entry with state must hold: ``"step"`` (if the class keeps one) and
-    the buffers of the class's chain at its default hyperparameters."""
-    declaration = cls._declaration
-    defaults = {h.name: h.default for h in declaration.hyperparameters}
-    template = cls.functional(**declaration.validate(defaults, in_group=True)).init([])
+def _group_keys(cls: type[Optimizer], group: Mapping[str, Any]) -> tuple[str, ...]:
+    """The keys a saved entry of a parameter in ``group`` (validated) holds once it has state:
+    ``"step"`` (if the class keeps one) and the buffers of the group's chain (Adam's
+    ``max_exp_avg_sq`` only where ``amsgrad``)."""
+    values = cls._declaration.validate(group, in_group=True)
+    template = cls.functional(**values).init([])
     keys = keys_of(template, cls._torch_states, cls.__name__)
     return ((STEP,) if cls.torch_step else ()) + tuple(keys)
 
 
 def _import_entry(
-    opt: Optimizer, entry: Any, rec: Group, i: int, pid: int
+    opt: Optimizer, entry: Any, rec: Group, i: int, pid: int, keys: tuple[str, ...]
 ) -> tuple[int, dict[str, np.ndarray]]:
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
-    unknown = set(entry) - {STEP, *opt._state_keys, *opt.torch_scalars}
+    unknown = set(entry) - {STEP, *keys, *opt.torch_scalars}
     if unknown:
         raise ValueError(
-            f"{where} has keys {sorted(unknown)} that {type(opt).__name__} does not use"
+            f"{where} has keys {sorted(unknown)} that {type(opt).__name__} does not use "
+            "with its group's hyperparameters"
         )
     arrays = {}
-    for k in opt._state_keys:
+    for k in keys:
+        if k == STEP:
+            continue
         v = entry.get(k)
         if v is None:  # absent (torch may also hold None before a first step)
             continue
@@ -240,7 +243,7 @@ def _import_entry(
             raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
         arrays[k] = np.require(a, dtype=state_dtype(rec.dtypes[i]), requirements="C")
     if any(v is not None for v in entry.values()):
-        missing = [k for k in required_keys(type(opt)) if entry.get(k) is None]
+        missing = [k for k in keys if entry.get(k) is None]
         if missing:
             raise ValueError(f"{where} lacks {missing}")
     step = 1 if arrays else 0

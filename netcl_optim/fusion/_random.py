@@ -1,0 +1,121 @@
+"""The counter-based generator of the kernels: Philox-4x32-10 (Salmon, Moraes, Dror and
+Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011; Random123's ``philox4x32_10``)
+and a standard normal from its output, as OpenCL C helpers that codegen puts in the
+preamble of a kernel whose fragment asks for ``element_index``.
+
+A draw is a pure function of a 64-bit key and a 128-bit counter, so each element's noise
+depends only on (seed, element index, step), never on how the work is launched.
+
+Speed on CPU devices (PoCL): a kernel is fast only when the work-item loop vectorises, and
+one call that is not inlined (a helper the compiler keeps out of line, or a libm builtin
+such as ``log``/``cospi``, which PoCL runs one lane at a time) keeps the whole kernel scalar,
+~100x off the memory floor. So the helpers are forced inline and the float normal uses no
+builtin but ``sqrt``: its ``log`` is a branch-free polynomial (below).
+"""
+
+from __future__ import annotations
+
+# Unrolled, with ulong products for the 32 x 32 -> 64-bit multiplies (vpmuludq once
+# vectorised; mul_hi is a call PoCL does not vectorise), always inlined (see above).
+_PHILOX = """\
+#define RNG_INLINE static inline __attribute__((always_inline))
+/* Philox-4x32-10 (Random123's philox4x32_10): 10 rounds, the key bumped between rounds */
+#define PHILOX_ROUND(c, k) { \\
+    const ulong p0 = (ulong)0xD2511F53u * c.x, p1 = (ulong)0xCD9E8D57u * c.z; \\
+    c = (uint4)((uint)(p1 >> 32) ^ c.y ^ k.x, (uint)p1, (uint)(p0 >> 32) ^ c.w ^ k.y, (uint)p0); }
+#define PHILOX_BUMP(k) (k += (uint2)(0x9E3779B9u, 0xBB67AE85u))
+RNG_INLINE uint4 philox4x32_10(uint4 c, uint2 k)
+{
+    PHILOX_ROUND(c, k); PHILOX_BUMP(k); PHILOX_ROUND(c, k); PHILOX_BUMP(k);
+    PHILOX_ROUND(c, k); PHILOX_BUMP(k); PHILOX_ROUND(c, k); PHILOX_BUMP(k);
+    PHILOX_ROUND(c, k); PHILOX_BUMP(k); PHILOX_ROUND(c, k); PHILOX_BUMP(k);
+    PHILOX_ROUND(c, k); PHILOX_BUMP(k); PHILOX_ROUND(c, k); PHILOX_BUMP(k);
+    PHILOX_ROUND(c, k); PHILOX_BUMP(k); PHILOX_ROUND(c, k);
+    return c;
+}
+/* a 32-bit word from two 16-bit halves held exactly in real scalars */
+#define WORD16(lo, hi) ((uint)(lo) | ((uint)(hi) << 16))
+"""
+
+_NORMAL = {
+    # Inversion: z = Phi^-1(u) for u = (r.x + 1/2) / 2^32, i.e. the midpoints of 2^32 equal
+    # cells (|z| <= 6.34). With y = |2u - 1| = (2m + 1) / 2^32 (m from the low 31 bits), z =
+    # sign(u - 1/2) sqrt(2) erfinv(y), erfinv by Giles's single-precision
+    # approximation (M. Giles, "Approximating the erfinv function", GPU Computing Gems, 2010):
+    # w = -log(1 - y^2), then a polynomial in w - 2.5 (w < 5: Giles's) or in sqrt(w) - 3 (the
+    # tails: refitted here to reach w = 23, |z| = 6.34, where Giles's stops at float's
+    # 1 - 2^-24; rel. error < 3e-7), both evaluated and one selected, so no branch.
+    # 1 - y^2 = q (1 + y), q = 1 - y held as (2^32 - (2m + 1)) / 2^32 up to one rounding,
+    # so the tails keep their precision. log: Cephes's logf (rel. error < 1e-7), inlined.
+    "float": """\
+RNG_INLINE float rng_log(float v) /* v normal, > 0: log(v) as Cephes's logf */
+{
+    const uint iv = as_uint(v);
+    const float m = as_float((iv & 0x007FFFFFu) | 0x3F000000u); /* v = m 2^e, m in [1/2, 1) */
+    const int lo = m < 0.70710678f; /* to x = m' - 1, m' in [sqrt(1/2), sqrt(2)): exact */
+    const float e = (float)((int)(iv >> 23) - 126 - lo);
+    const float x = lo ? m + m - 1.0f : m - 1.0f;
+    const float z = x * x;
+    float p = 7.0376836292e-2f;
+    p = p * x - 1.1514610310e-1f;
+    p = p * x + 1.1676998740e-1f;
+    p = p * x - 1.2420140846e-1f;
+    p = p * x + 1.4249322787e-1f;
+    p = p * x - 1.6668057665e-1f;
+    p = p * x + 2.0000714765e-1f;
+    p = p * x - 2.4999993993e-1f;
+    p = p * x + 3.3333331174e-1f;
+    float r = x * z * p;
+    r += -2.12194440e-4f * e; /* log 2 = 0.693359375 - 2.12194440e-4 */
+    r += -0.5f * z;
+    return (x + r) + 0.693359375f * e;
+}
+/* N(0, 1) from r.x by inversion (see _random.py) */
+RNG_INLINE float philox_normal(uint4 r)
+{
+    /* u - 1/2 = +-(2m + 1) / 2^33: m the low 31 bits, complemented below one half */
+    const uint a = ((r.x ^ (((r.x >> 31) - 1u) & 0x7FFFFFFFu)) << 1) | 1u; /* 2m + 1 */
+    const float y = (float)a * 0x1p-32f, q = (float)(0u - a) * 0x1p-32f; /* y, 1 - y */
+    const float w = -rng_log(q * (1.0f + y));
+    const float c = w - 2.5f; /* centre: w < 5 */
+    float p = 2.81022636e-08f;
+    p = p * c + 3.43273939e-07f;
+    p = p * c - 3.5233877e-06f;
+    p = p * c - 4.39150654e-06f;
+    p = p * c + 0.00021858087f;
+    p = p * c - 0.00125372503f;
+    p = p * c - 0.00417768164f;
+    p = p * c + 0.246640727f;
+    p = p * c + 1.50140941f;
+    const float s = SQRT(w) - 3.0f; /* tails */
+    float t = 2.9375617e-05f;
+    t = t * s - 1.2551958e-04f;
+    t = t * s - 4.207854e-05f;
+    t = t * s + 1.2559316e-03f;
+    t = t * s - 3.5379543e-03f;
+    t = t * s + 5.782256e-03f;
+    t = t * s - 7.6634656e-03f;
+    t = t * s + 9.431105e-03f;
+    t = t * s + 1.0016772f;
+    t = t * s + 2.8329773f;
+    const float z = 1.41421356f * ((w < 5.0f ? p : t) * y);
+    return as_float(as_uint(z) ^ (~r.x & 0x80000000u)); /* negative below one half */
+}
+""",
+    # Box-Muller in double (log and cospi are libm builtins: this path stays scalar on PoCL)
+    "double": """\
+/* N(0, 1) from all four words: 53-bit uniforms (r.x:r.y, r.z:r.w), exact in double */
+RNG_INLINE double philox_normal(uint4 r)
+{
+    const ulong a = ((((ulong)r.x) << 32) | r.y) >> 11, b = ((((ulong)r.z) << 32) | r.w) >> 11;
+    const double u1 = (double)(a + 1) * 0x1p-53;
+    const double u2 = (double)b * 0x1p-53;
+    return SQRT(-2.0 * log(u1)) * cospi(2.0 * u2);
+}
+""",
+}
+
+
+def random_helpers(real: str) -> str:
+    """The helpers' OpenCL C for compute type ``real`` (``float`` or ``double``)."""
+    return _PHILOX + _NORMAL[real]
