@@ -32,9 +32,60 @@ def preamble(real: str, uses_double: bool) -> str:
         "/* torch's lerp: exact at both ends */",
         "#define LERP(a, b, w) \\",
         "    ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))",
-        "",
+        _BRANCH_FREE[real],
     ]
     return "\n".join(lines)
+
+
+# OpenCL's isnan, sign and fabs bit for bit, and a cube root within 1 ulp, without a library
+# call: PoCL's builtins are calls, and one call keeps it from vectorising the whole kernel (a
+# step then runs at a fifth of the memory bandwidth or less; benchmarks/README.md, "Library
+# calls"). Fragments use these; tests/test_kernel_calls.py keeps the builtins out.
+_COMMON = """\
+#define ISNAN(x) ((x) != (x))
+/* sign(): 1, -1, +-0 as given, 0 for NaN */
+#define SIGN(x) ((x) > 0 ? (real)1 : (x) < 0 ? (real)-1 : ISNAN(x) ? (real)0 : (x))
+"""
+_BRANCH_FREE = {
+    "float": _COMMON
+    + """\
+#define FABS(x) as_float(as_uint((float)(x)) & 0x7fffffffu)
+/* cube root: a guess from the exponent bits (Kahan), then Newton steps; subnormals scaled */
+static inline __attribute__((always_inline)) float CBRT(const float x)
+{
+    const float a = FABS(x);
+    const int tiny = a < 0x1p-100f;
+    const float s = tiny ? a * 0x1p+120f : a;
+    float y = as_float(as_uint(s) / 3u + 0x2a5137a0u);
+    y = y - (y * y * y - s) / (3.0f * y * y);
+    y = y - (y * y * y - s) / (3.0f * y * y);
+    y = y - (y * y * y - s) / (3.0f * y * y);
+    y = tiny ? y * 0x1p-40f : y;
+    const float signed_y = as_float(as_uint(y) | (as_uint(x) & 0x80000000u));
+    return (a == 0.0f || a == INFINITY || ISNAN(x)) ? x : signed_y;
+}
+""",
+    "double": _COMMON
+    + """\
+#define FABS(x) as_double(as_ulong((double)(x)) & 0x7fffffffffffffffUL)
+/* cube root: a guess from the exponent bits (Kahan), then Newton steps; subnormals scaled */
+static inline __attribute__((always_inline)) double CBRT(const double x)
+{
+    const double a = FABS(x);
+    const int tiny = a < 0x1p-900;
+    const double s = tiny ? a * 0x1p+960 : a;
+    double y = as_double(as_ulong(s) / 3UL + 0x2a9f7893782da1ceUL);
+    y = y - (y * y * y - s) / (3.0 * y * y);
+    y = y - (y * y * y - s) / (3.0 * y * y);
+    y = y - (y * y * y - s) / (3.0 * y * y);
+    y = y - (y * y * y - s) / (3.0 * y * y);
+    y = y - (y * y * y - s) / (3.0 * y * y);
+    y = tiny ? y * 0x1p-320 : y;
+    const double signed_y = as_double(as_ulong(y) | (as_ulong(x) & 0x8000000000000000UL));
+    return (a == 0.0 || a == INFINITY || ISNAN(x)) ? x : signed_y;
+}
+""",
+}
 
 
 def load(storage: str, ptr: str, index: str) -> str:

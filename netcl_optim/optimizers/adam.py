@@ -42,7 +42,7 @@ from ._shared import DECAY_COUNT, optimizer_chain
 _AMSGRAD_TORCH = """
 mu = LERP(mu, u, one_minus_b1);
 nu = nu * b2 + one_minus_b2 * u * u;
-nu_max = (nu_max > nu || isnan(nu_max)) ? nu_max : nu;
+nu_max = (nu_max > nu || ISNAN(nu_max)) ? nu_max : nu;
 u = (mu * inv_bc1) / (SQRT(nu_max) * inv_sqrt_bc2 + eps);
 """
 # optax's scale_by_amsgrad: m <- (1 - b1) g + b1 m; v <- (1 - b2) g^2 + b2 v; the max over
@@ -52,7 +52,7 @@ _AMSGRAD_OPTAX = """
 mu = one_minus_b1 * u + b1 * mu;
 nu = one_minus_b2 * (u * u) + b2 * nu;
 const real nu_hat = nu * inv_bc2;
-nu_max = (nu_max > nu_hat || isnan(nu_max)) ? nu_max : nu_hat;
+nu_max = (nu_max > nu_hat || ISNAN(nu_max)) ? nu_max : nu_hat;
 u = (mu * inv_bc1) / (SQRT(nu_max + eps_root) + eps);
 """
 

@@ -32,8 +32,8 @@ from ._shared import DECAY_COUNT, optimizer_chain
 _ADAMAX = """
 mu = LERP(mu, u, one_minus_b1);
 const real nu_decayed = nu * b2;
-const real abs_u_eps = fabs(u) + eps;
-nu = (nu_decayed > abs_u_eps || isnan(nu_decayed)) ? nu_decayed : abs_u_eps;
+const real abs_u_eps = FABS(u) + eps;
+nu = (nu_decayed > abs_u_eps || ISNAN(nu_decayed)) ? nu_decayed : abs_u_eps;
 u = (mu * inv_bc1) / nu;
 """
 

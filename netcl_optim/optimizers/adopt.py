@@ -24,7 +24,7 @@ from ._shared import DECAY_COUNT, optimizer_chain
 # and c = clip_value_fn(0). NaN propagates as jnp.maximum and jnp.clip propagate it.
 _NORMALIZED = """
 const real r = SQRT(nu);
-real x = u / ((r > eps || isnan(r)) ? r : eps);
+real x = u / ((r > eps || ISNAN(r)) ? r : eps);
 """
 _CLIP = "x = x < -clip ? -clip : (x > clip ? clip : x);\n"
 _MOMENTS = """

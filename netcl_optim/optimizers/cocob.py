@@ -26,7 +26,7 @@ from ._shared import DECAY_COUNT, ascent
 # the params nor the kernel a read of them, and u carries no rounding of p's magnitude
 # (optax's -p + (p0 + bet) does). max() keeps a NaN, as jnp.maximum.
 _COCOB = """
-const real c_abs = fabs(u);
+const real c_abs = FABS(u);
 scale = scale >= c_abs ? scale : c_abs;
 subgradients = subgradients + c_abs;
 const real r = reward + u * init_offset;

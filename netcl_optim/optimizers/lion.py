@@ -21,7 +21,7 @@ from ._shared import DECAY_COUNT, optimizer_chain
 _LION = """
 const real c = one_minus_b1 * u + b1 * mu;
 mu = one_minus_b2 * u + b2 * mu;
-u = isnan(c) ? c : sign(c);
+u = ISNAN(c) ? c : SIGN(c);
 """
 
 

@@ -32,7 +32,7 @@ from ._shared import DECAY_COUNT, ascent
 _MADGRAD = """
 grad_sum_sq = grad_sum_sq + lamb * (u * u);
 s = s + lamb * u;
-u = one_minus_momentum * (x0_offset - s / (cbrt(grad_sum_sq) + eps));
+u = one_minus_momentum * (x0_offset - s / (CBRT(grad_sum_sq) + eps));
 x0_offset = x0_offset - u;
 """
 

@@ -65,7 +65,7 @@ step = step < min_step ? min_step : step;
 step = step > max_step ? max_step : step;
 step_sizes = s == 0 ? step_sizes : step;
 const real previous = prev_updates;
-prev_updates = s < 0 ? (real)0 : step_sizes * (isnan(u) ? u : sign(u));
+prev_updates = s < 0 ? (real)0 : step_sizes * (ISNAN(u) ? u : SIGN(u));
 u = s < 0 ? (real)0 : previous;
 """
 

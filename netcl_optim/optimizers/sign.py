@@ -27,7 +27,7 @@ from ..transforms._ema import EmaState, ema
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # jnp.sign: -1, +-0 (its sign kept), +1, and NaN for NaN (OpenCL's sign() would make it 0)
-_SIGN = "u = isnan(u) ? u : sign(u);\n"
+_SIGN = "u = ISNAN(u) ? u : SIGN(u);\n"
 
 # Signum's momentum: "momentum_buffer" (torch's name for SGD's), counting the steps
 SIGNUM_MOMENTUM = torch_state(EmaState, ema="momentum_buffer", count="momentum_buffer")

@@ -24,7 +24,7 @@ from ._shared import DECAY_COUNT, optimizer_chain
 _MOMENTS = """
 const real g2 = u * u;
 mu = one_minus_b1 * u + b1 * mu;
-nu = nu - one_minus_b2 * sign(nu - g2) * g2;
+nu = nu - one_minus_b2 * SIGN(nu - g2) * g2;
 """
 _YOGI = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2) + eps);\n"
 _YOGI_EPS_ROOT = _MOMENTS + "u = (mu * inv_bc1) / (SQRT(nu * inv_bc2 + eps_root) + eps);\n"

@@ -125,7 +125,7 @@ def zero_nans() -> GradientTransformation:
 
     Device: a fragment, fused into the neighbouring kernel.
     """
-    return elementwise(Fragment("zero_nans", "u = isnan(u) ? (real)0 : u;"))
+    return elementwise(Fragment("zero_nans", "u = ISNAN(u) ? (real)0 : u;"))
 
 
 # ---------------------------------------------------------------------------- partition

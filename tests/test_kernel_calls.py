@@ -1,0 +1,91 @@
+"""Fused kernels call no OpenCL library function: on PoCL (the default CPU device) a builtin
+such as ``sign``, ``fabs``, ``isnan`` or ``cbrt`` is a call, and one call keeps the whole kernel
+from being vectorised; the step then runs several times slower than the memory allows
+(benchmarks/README.md, "Library calls"). Fragments use the preamble's inline forms instead
+(``SIGN``, ``FABS``, ``ISNAN``, ``CBRT``, ``SQRT``, ``LERP``)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from cases import CASE_IDS, CASES
+
+import netcl_optim as no
+from netcl_optim.fusion import walk
+from netcl_optim.fusion._codegen import preamble
+from netcl_optim.fusion._random import random_helpers
+
+# what a fragment may call: the preamble's inline helpers and reinterpreting casts
+ALLOWED = {"SQRT", "LERP", "SIGN", "FABS", "ISNAN", "CBRT", "WORD16", "philox4x32_10",
+           "philox_normal", "as_float", "as_uint", "as_double", "as_ulong"}  # fmt: skip
+# the preamble's own helpers may use these compiler intrinsics and casts, nothing else
+PREAMBLE_ALLOWED = ALLOWED | {"__builtin_sqrtf", "__builtin_sqrt", "__attribute__",
+                              "always_inline", "PHILOX_ROUND", "PHILOX_BUMP", "RNG_INLINE",
+                              "if", "for", "while", "return", "sizeof"}  # fmt: skip
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+
+
+def _calls(source: str) -> set[str]:
+    source = re.sub(r"/\*.*?\*/", "", source, flags=re.S)  # comments
+    source = re.sub(r"//[^\n]*", "", source)
+    defined = set(re.findall(r"#define\s+(\w+)\(", source))  # macro definitions
+    defined |= set(re.findall(r"\b(?:float|double|uint4|real)\s+(\w+)\s*\(", source))  # functions
+    return {name for name in _CALL.findall(source) if name not in defined}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fragments_call_no_library_function(case):
+    sources = [t.plan.source for t in walk(case.make(no)) if hasattr(t.plan, "source")]
+    for source in sources:
+        assert _calls(source) <= ALLOWED, (case.id, _calls(source) - ALLOWED)
+
+
+@pytest.mark.parametrize("real", ["float", "double"])
+def test_the_preamble_helpers_call_no_library_function(real):
+    source = preamble(real, real == "double") + random_helpers("float")
+    assert _calls(source) <= PREAMBLE_ALLOWED, _calls(source) - PREAMBLE_ALLOWED
+
+
+def test_only_float64_noise_calls_the_library():
+    """The float64 normal (Box-Muller) still calls log and cospi: float64 noise is scalar on
+    PoCL. Listed here so that a change to it is seen."""
+    assert _calls(random_helpers("double")) - PREAMBLE_ALLOWED == {"log", "cospi"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inline_forms_equal_the_builtins(cl_queue, dtype):
+    """SIGN, FABS and ISNAN give OpenCL's sign, fabs and isnan bit for bit (signed zeros,
+    infinities, NaN, subnormals); CBRT is within 1 ulp of the exact cube root."""
+    import pyopencl as cl
+    import pyopencl.array as cla
+
+    from netcl_optim._device import has_fp64
+
+    if dtype == np.float64 and not has_fp64(cl_queue.device):
+        pytest.skip("the device has no fp64")
+    real = "double" if dtype == np.float64 else "float"
+    tiny = np.finfo(dtype).smallest_subnormal
+    special = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, tiny, -tiny, 8.0, -27.0]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([special, rng.standard_normal(5000) * 10.0 ** rng.uniform(-30, 30, 5000)])
+    x = x.astype(dtype)
+    outs = ["SIGN(x)", "sign(x)", "FABS(x)", "fabs(x)", "(real)ISNAN(x)", "(real)isnan(x)",
+            "CBRT(x)"]  # fmt: skip
+    body = " ".join(f"o[{len(outs)} * i + {k}] = {e};" for k, e in enumerate(outs))
+    src = (preamble(real, real == "double") + "__kernel void k(__global const real *a, "
+           "__global real *o) { const size_t i = get_global_id(0); const real x = a[i]; "
+           + body + " }")  # fmt: skip
+    kernel = cl.Program(cl_queue.context, src).build().k
+    a = cla.to_device(cl_queue, x)
+    out = cla.zeros(cl_queue, len(outs) * x.size, dtype)
+    kernel(cl_queue, x.shape, None, a.data, out.data)
+    o = out.get().reshape(-1, len(outs))
+    for k in (0, 2, 4):  # ours against the builtin, bit for bit
+        assert o[:, k].tobytes() == o[:, k + 1].tobytes(), outs[k]
+    cbrt, exact = o[:, 6], np.cbrt(x.astype(np.float64))
+    ok = np.isfinite(x) & (x != 0)
+    ulps = np.abs(cbrt[ok] - exact[ok]) / np.spacing(np.abs(exact[ok]).astype(dtype))
+    assert ulps.max() <= 1.0
+    assert cbrt[~ok].tobytes() == x[~ok].tobytes()  # zeros, infinities, NaN as given
