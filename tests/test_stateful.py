@@ -752,3 +752,30 @@ def test_table_covers_every_class(cl_queue):
         group = row.make_stateful(no, make_params(cl_queue, [np.ones(2, np.float32)]))
         want = row.torch_kwargs()
         assert {k: group.param_groups[0][k] for k in want} == want, row.id
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adopt_weight_decay_is_its_chain(cl_queue, decoupled, maximize):
+    """ADOPT's weight decay (the class's own: optax.contrib's adopt has none, so no table row
+    pins it) is add_decayed_weights before scale_by_adopt (coupled, the default) or after it
+    (decoupled), bit for bit."""
+    rng = np.random.default_rng(3)
+    values = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (5,))]
+    params = make_params(cl_queue, values)
+    opt = S.ADOPT(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled,
+                  maximize=maximize)  # fmt: skip
+    core = [no.scale_by_adopt(0.9, 0.9999, 1e-6)]
+    decay = [no.add_decayed_weights(0.1)]
+    sign = [no.scale(-1.0)] if maximize else []
+    parts = [*sign, *core, *decay] if decoupled else [*sign, *decay, *core]
+    tx = no.chain(*parts, no.scale_by_learning_rate(1e-2))
+    ref_params = [dev(v, cl_queue) for v in values]
+    state = tx.init(ref_params)
+    for _ in range(5):
+        grads = [rng.standard_normal(v.shape).astype(np.float32) for v in values]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = dev(g, cl_queue)
+        opt.step()
+        ref_params, state = no.step(tx, ref_params, [dev(g, cl_queue) for g in grads], state)
+        assert [a.tobytes() for a in host(params)] == [r.get().tobytes() for r in ref_params]
