@@ -41,3 +41,39 @@ def optimizer_chain(
     decay = [add_decayed_weights(weight_decay, mask)] if weight_decay else []
     before, after = ([], decay) if require("decoupled", decoupled, BOOL) else (decay, [])
     return chain(*ascent(maximize), *before, *core, *after, scale_by_learning_rate(learning_rate))
+
+
+# The host scalars of an optax-style two-moment rule (AdaBelief; optax's Adam, which
+# optimistic_adam_v2 uses): the bias corrections' reciprocals, the next step's for nesterov.
+MOMENT_SCALARS = (
+    "one_minus_b1",
+    "b1",
+    "one_minus_b2",
+    "b2",
+    "inv_bc1",
+    "inv_bc1_next",
+    "inv_bc2",
+    "eps",
+    "eps_root",
+)
+
+
+def moment_host_step(b1: float, b2: float, eps: float, eps_root: float) -> Any:
+    """The ``host_step`` giving :data:`MOMENT_SCALARS` for a state with a ``count``."""
+
+    def host_step(state: Any, **_: Any) -> tuple[tuple[float, ...], Any]:
+        t = state.count + 1
+        values = (
+            1.0 - b1,
+            b1,
+            1.0 - b2,
+            b2,
+            1.0 / (1.0 - b1**t),
+            1.0 / (1.0 - b1 ** (t + 1)),
+            1.0 / (1.0 - b2**t),
+            eps,
+            eps_root,
+        )
+        return values, state._replace(count=t)
+
+    return host_step

@@ -14,7 +14,7 @@ from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparamete
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import elementwise
-from ._shared import DECAY_COUNT, optimizer_chain
+from ._shared import DECAY_COUNT, MOMENT_SCALARS, moment_host_step, optimizer_chain
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  s <- (1 - b2) (g - m)^2 + b2 s;  s <- s + eps_root;
 # u <- (m / (1 - b1^t)) / (sqrt(s / (1 - b2^t)) + eps) (reciprocals of the bias corrections
@@ -73,37 +73,12 @@ def scale_by_belief(
     nesterov = require("nesterov", nesterov, BOOL)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
-    def host_step(state: ScaleByBeliefState, **_: Any):
-        t = state.count + 1
-        values = (
-            1.0 - b1,
-            b1,
-            1.0 - b2,
-            b2,
-            1.0 / (1.0 - b1**t),
-            1.0 / (1.0 - b1 ** (t + 1)),
-            1.0 / (1.0 - b2**t),
-            eps,
-            eps_root,
-        )
-        return values, state._replace(count=t)
-
     fragment = Fragment(
         "scale_by_belief",
         _BELIEF_NESTEROV if nesterov else _BELIEF,
         slots=("mu", "nu"),
-        scalars=(
-            "one_minus_b1",
-            "b1",
-            "one_minus_b2",
-            "b2",
-            "inv_bc1",
-            "inv_bc1_next",
-            "inv_bc2",
-            "eps",
-            "eps_root",
-        ),
-        host_step=host_step,
+        scalars=MOMENT_SCALARS,
+        host_step=moment_host_step(b1, b2, eps, eps_root),
     )
     return elementwise(fragment, init=lambda mu, nu: ScaleByBeliefState(count=0, mu=mu, nu=nu))
 

@@ -25,7 +25,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
 from ..transforms._combining import elementwise
-from ._shared import DECAY_COUNT, optimizer_chain
+from ._shared import DECAY_COUNT, MOMENT_SCALARS, moment_host_step, optimizer_chain
 
 # optax: prev <- g on the first step (is_initial_step), u <- (alpha + beta) g - beta prev,
 # then prev <- g (the incoming update)
@@ -119,37 +119,12 @@ def _scale_by_optax_adam(
         )
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
-    def host_step(state: ScaleByAdamState, **_: Any):
-        t = state.count + 1
-        values = (
-            1.0 - b1,
-            b1,
-            1.0 - b2,
-            b2,
-            1.0 / (1.0 - b1**t),
-            1.0 / (1.0 - b1 ** (t + 1)),
-            1.0 / (1.0 - b2**t),
-            eps,
-            eps_root,
-        )
-        return values, state._replace(count=t)
-
     fragment = Fragment(
         "scale_by_adam_optax_nesterov" if nesterov else "scale_by_adam_optax",
         _ADAM_NESTEROV if nesterov else _ADAM,
         slots=("mu", "nu"),
-        scalars=(
-            "one_minus_b1",
-            "b1",
-            "one_minus_b2",
-            "b2",
-            "inv_bc1",
-            "inv_bc1_next",
-            "inv_bc2",
-            "eps",
-            "eps_root",
-        ),
-        host_step=host_step,
+        scalars=MOMENT_SCALARS,
+        host_step=moment_host_step(b1, b2, eps, eps_root),
     )
     return elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
 
