@@ -50,17 +50,18 @@ _BRANCH_FREE = {
     "float": _COMMON
     + """\
 #define FABS(x) as_float(as_uint((float)(x)) & 0x7fffffffu)
-/* cube root: a guess from the exponent bits (Kahan), then Newton steps; subnormals scaled */
+/* cube root: a guess from the exponent bits (Kahan, 5 bits), one Halley step (15 bits), one
+   Newton step (30 bits); subnormals and values near the top of the range scaled by 2^+-120 */
 static inline __attribute__((always_inline)) float CBRT(const float x)
 {
     const float a = FABS(x);
-    const int tiny = a < 0x1p-100f;
-    const float s = tiny ? a * 0x1p+120f : a;
-    float y = as_float(as_uint(s) / 3u + 0x2a5137a0u);
+    const int tiny = a < 0x1p-100f, huge = a > 0x1p+100f;
+    const float s = a * (tiny ? 0x1p+120f : huge ? 0x1p-120f : 1.0f);
+    float y = as_float((uint)((float)as_int(s) * 0.333333333f) + 0x2a5137a0u);
+    const float t = y * y * y;
+    y = y * ((t + s + s) / (t + t + s));
     y = y - (y * y * y - s) / (3.0f * y * y);
-    y = y - (y * y * y - s) / (3.0f * y * y);
-    y = y - (y * y * y - s) / (3.0f * y * y);
-    y = tiny ? y * 0x1p-40f : y;
+    y = y * (tiny ? 0x1p-40f : huge ? 0x1p+40f : 1.0f);
     const float signed_y = as_float(as_uint(y) | (as_uint(x) & 0x80000000u));
     return (a == 0.0f || a == INFINITY || ISNAN(x)) ? x : signed_y;
 }
@@ -68,19 +69,20 @@ static inline __attribute__((always_inline)) float CBRT(const float x)
     "double": _COMMON
     + """\
 #define FABS(x) as_double(as_ulong((double)(x)) & 0x7fffffffffffffffUL)
-/* cube root: a guess from the exponent bits (Kahan), then Newton steps; subnormals scaled */
+/* cube root: the same scheme in double: Kahan's guess, two Halley steps (45 bits), one
+   Newton step; subnormals and values near the top of the range scaled by 2^+-960 */
 static inline __attribute__((always_inline)) double CBRT(const double x)
 {
     const double a = FABS(x);
-    const int tiny = a < 0x1p-900;
-    const double s = tiny ? a * 0x1p+960 : a;
+    const int tiny = a < 0x1p-900, huge = a > 0x1p+900;
+    const double s = a * (tiny ? 0x1p+960 : huge ? 0x1p-960 : 1.0);
     double y = as_double(as_ulong(s) / 3UL + 0x2a9f7893782da1ceUL);
+    double t = y * y * y;
+    y = y * ((t + s + s) / (t + t + s));
+    t = y * y * y;
+    y = y * ((t + s + s) / (t + t + s));
     y = y - (y * y * y - s) / (3.0 * y * y);
-    y = y - (y * y * y - s) / (3.0 * y * y);
-    y = y - (y * y * y - s) / (3.0 * y * y);
-    y = y - (y * y * y - s) / (3.0 * y * y);
-    y = y - (y * y * y - s) / (3.0 * y * y);
-    y = tiny ? y * 0x1p-320 : y;
+    y = y * (tiny ? 0x1p-320 : huge ? 0x1p+320 : 1.0);
     const double signed_y = as_double(as_ulong(y) | (as_ulong(x) & 0x8000000000000000UL));
     return (a == 0.0 || a == INFINITY || ISNAN(x)) ? x : signed_y;
 }
