@@ -73,9 +73,8 @@ def test_inline_forms_equal_the_builtins(cl_queue, dtype):
     uint = np.uint32 if dtype == np.float32 else np.uint64
     top = (np.asarray(big, dtype).view(uint) - np.arange(2000, dtype=uint)).view(dtype)
     any_bits = rng.integers(0, np.iinfo(uint).max, 20000, dtype=uint, endpoint=True).view(dtype)
-    x = np.concatenate([np.asarray(special, dtype),
-                        (rng.standard_normal(5000) * 10.0 ** rng.uniform(-30, 30, 5000)).astype(dtype),
-                        top, -top, any_bits])  # fmt: skip
+    spread = rng.standard_normal(5000) * 10.0 ** rng.uniform(-30, 30, 5000)
+    x = np.concatenate([np.asarray(special, dtype), spread.astype(dtype), top, -top, any_bits])
     outs = ["SIGN(x)", "sign(x)", "FABS(x)", "fabs(x)", "(real)ISNAN(x)", "(real)isnan(x)",
             "CBRT(x)"]  # fmt: skip
     body = " ".join(f"o[{len(outs)} * i + {k}] = {e};" for k, e in enumerate(outs))
