@@ -11,6 +11,7 @@ from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
 from ._base import Reduction as Reduction
+from ._base import SegmentReduction as SegmentReduction
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load as load
 from ._checkpoint import save as save
@@ -39,6 +40,9 @@ from .optimizers.ademamix import *  # noqa: F403
 from .optimizers.adopt import *  # noqa: F403
 from .optimizers.asgd import *  # noqa: F403
 from .optimizers.cocob import *  # noqa: F403
+from .optimizers.fromage import *  # noqa: F403
+from .optimizers.lamb import *  # noqa: F403
+from .optimizers.lars import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
 from .optimizers.madgrad import *  # noqa: F403
 from .optimizers.nadam import *  # noqa: F403
@@ -77,15 +81,26 @@ from .stateful import ReduceLROnPlateau as ReduceLROnPlateau
 from .stateful import StepLR as StepLR
 from .stateful import WarmupCosine as WarmupCosine
 from .stateful._clip import clip_grad_norm as clip_grad_norm
+from .stateful._clip import clip_grad_norm_ as clip_grad_norm_
 from .stateful._clip import clip_grad_norm_device as clip_grad_norm_device
+from .stateful._clip import clip_grad_value_ as clip_grad_value_
+from .stateful._clip import clip_grads_with_norm_ as clip_grads_with_norm_
+from .stateful._clip import get_total_norm as get_total_norm
 from .stateful._grad_scaler import AMPGradScaler as AMPGradScaler
 from .transforms._adaptive import ScaleByAdamState as ScaleByAdamState
 from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState
 from .transforms._adaptive import scale_by_adam as scale_by_adam
 from .transforms._adaptive import scale_by_rms as scale_by_rms
+from .transforms._blocks import centralize as centralize
+from .transforms._blocks import clip_by_block_rms as clip_by_block_rms
+from .transforms._blocks import normalize_by_update_norm as normalize_by_update_norm
+from .transforms._blocks import scale_by_param_block_norm as scale_by_param_block_norm
+from .transforms._blocks import scale_by_param_block_rms as scale_by_param_block_rms
+from .transforms._blocks import scale_by_trust_ratio as scale_by_trust_ratio
 from .transforms._clipping import clip as clip
 from .transforms._clipping import clip_by_global_norm as clip_by_global_norm
+from .transforms._clipping import global_norm as global_norm
 from .transforms._combining import chain as chain
 from .transforms._combining import elementwise as elementwise
 from .transforms._combining import identity as identity

@@ -157,6 +157,34 @@ class Reduction:
     scalars: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class SegmentReduction:
+    """Sums over each segment of the incoming updates, run before a fragment that reads a
+    value per segment (a norm per leaf, a mean per row): see ``fusion/_segments.py``.
+
+    ``segments``: ``"leaf"`` (one per leaf; a 0-d leaf is a segment of one element) or
+    ``"rows"`` (one per index along the first axis of each leaf of ndim >= 2; a leaf of
+    ndim <= 1 is one segment whose sums are 0 and whose ``n`` is 0). ``terms``: OpenCL C
+    expressions of ``u`` (and ``p`` when ``needs_params``), each summed over the segment in
+    the reduction type (double where the device has fp64). ``finish``: one expression per
+    name of ``outputs``, over the sums ``s0, s1, ...`` and ``n`` (the segment's element
+    count), evaluated once per segment; the fragment's source reads the outputs of its
+    element's segment by those names (as ``real``).
+    """
+
+    terms: tuple[str, ...]
+    outputs: tuple[str, ...]
+    finish: tuple[str, ...]
+    segments: str = "leaf"
+    needs_params: bool = False
+
+    def __post_init__(self) -> None:
+        if self.segments not in ("leaf", "rows"):
+            raise ValueError(f"SegmentReduction: unknown segments {self.segments!r}")
+        if len(self.finish) != len(self.outputs):
+            raise ValueError("SegmentReduction: one finish expression per output")
+
+
 @dataclass(frozen=True, eq=False)
 class Fragment:
     """OpenCL C for one element-wise transform, to be fused with its neighbours.
@@ -186,6 +214,7 @@ class Fragment:
     reduction: Reduction | None = None
     slot_init: tuple[float, ...] = ()
     element_index: bool = False
+    segment_reduction: SegmentReduction | None = None
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -195,9 +224,17 @@ class Fragment:
                 f"{len(self.slots)} slots"
             )
         object.__setattr__(self, "slot_init", tuple(float(v) for v in self.slot_init))
+        if self.reduction is not None and self.segment_reduction is not None:
+            raise ValueError(f"Fragment {self.name!r}: a whole-tree and a segment reduction")
+        if self.segment_reduction is not None and self.segment_reduction.needs_params:
+            object.__setattr__(self, "needs_params", True)
         key = (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction)
         # an opt-in capability extends the key only when asked: other kernels keep their names
-        object.__setattr__(self, "key", (*key, "element_index") if self.element_index else key)
+        if self.element_index:
+            key = (*key, "element_index")
+        if self.segment_reduction is not None:
+            key = (*key, self.segment_reduction)
+        object.__setattr__(self, "key", key)
 
     # as a leaf Plan
     children: ClassVar[tuple[GradientTransformation, ...]] = ()
@@ -214,7 +251,13 @@ class Fragment:
 
     @property
     def elementwise(self) -> bool:
-        return self.reduction is None
+        return self.reduction is None and self.segment_reduction is None
+
+    @property
+    def reduces(self) -> bool:
+        """Whether a reduction (whole-tree or per segment) runs before this fragment: it
+        then starts a fused segment, over materialised updates."""
+        return self.reduction is not None or self.segment_reduction is not None
 
     def split(self, state: OptState) -> None:
         return None

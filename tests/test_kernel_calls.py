@@ -19,7 +19,7 @@ from netcl_optim.fusion._random import random_helpers
 
 # what a fragment may call: the preamble's inline helpers and reinterpreting casts
 ALLOWED = {"SQRT", "LERP", "SIGN", "FABS", "ISNAN", "CBRT", "WORD16", "philox4x32_10",
-           "philox_normal", "as_float", "as_uint", "as_double", "as_ulong"}  # fmt: skip
+           "philox_normal", "as_float", "as_uint", "as_int", "as_double", "as_ulong"}  # fmt: skip
 # the preamble's own helpers may use these compiler intrinsics and casts, nothing else
 PREAMBLE_ALLOWED = ALLOWED | {"__builtin_sqrtf", "__builtin_sqrt", "__attribute__",
                               "always_inline", "PHILOX_ROUND", "PHILOX_BUMP", "RNG_INLINE",

@@ -18,6 +18,9 @@ DOCUMENTED = {
     # issue 14: reliability
     "CheckpointError",
     "DonatedArrayError",
+    # issue 16: torch.nn.utils' clipping helpers, optax.global_norm
+    "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
+    "global_norm",
 }  # fmt: skip
 
 

@@ -83,18 +83,23 @@ def store(
     donated: bool,
     step_order: tuple[int, ...] | None,
 ) -> None:
-    """Keep ``launches`` (array arguments as ``buffer, offset`` pairs) over ``leaves``."""
+    """Keep ``launches`` (array arguments as ``buffer, offset`` pairs) over ``leaves``; a
+    buffer that is no leaf's (a table, a segment workspace: kept for the program's life)
+    is kept as it is."""
     if len(_entries) >= MAX_ENTRIES:
         _entries.clear()
     index: dict[int, int] = {}
     for i, x in enumerate(leaves):
         index.setdefault(id(x.base_data), i)
-    templates = [
-        (kernel, n, [Leaf(index[id(a)]) if i % 2 == 0 else a for i, a in enumerate(args)])
-        for kernel, n, args in launches
-    ]
+    templates = [(kernel, n, [_template(a, i, index) for i, a in enumerate(args)])
+                 for kernel, n, args in launches]  # fmt: skip
     refs = [weakref.ref(x) for x in leaves]
     _entries[entry_key] = Entry(refs, templates, independent, donated, step_order)
+
+
+def _template(arg: Any, position: int, index: dict[int, int]) -> Any:
+    """A launch argument as cached: a leaf's buffer as its :class:`Leaf` index."""
+    return Leaf(index[id(arg)]) if position % 2 == 0 and id(arg) in index else arg
 
 
 def discard(entry_key: tuple) -> None:

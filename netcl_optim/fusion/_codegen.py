@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._base import Fragment
+from ._launch import TILE
 from ._random import random_helpers
 
 _CTYPE = {
@@ -111,6 +112,7 @@ class KernelSpec(NamedTuple):
     apply: bool  # write p + u to the params instead of u to a new updates buffer
     needs_params: bool
     acc: str  # C type of reduction results: "double" where the device has fp64, else "float"
+    tiling: str = ""  # with a segment reduction: "full" or "partial" groups (see _segments)
 
 
 class Arg(NamedTuple):
@@ -124,6 +126,9 @@ U_IN, P_IN, OUT = "u_in", "p_in", "out"
 # the offset of a buffer-and-offset pair (the buffer, the updates', is not read), so that
 # its launches keep the (buffer, offset) shape of every other array argument.
 INDEX = "index"
+# A tiled kernel (one with a segment reduction) takes the work-group table as a buffer and
+# the index of its launch's first group as the offset (see ``_segments``).
+TILE_ARG = "tile"
 
 
 def slot_arg(slot: str, k: int, io: str = "") -> str:
@@ -134,6 +139,11 @@ def slot_arg(slot: str, k: int, io: str = "") -> str:
 def reduction_arg(k: int) -> str:
     """The buffer of part ``k``'s reduction results."""
     return f"red_{k}"
+
+
+def segment_arg(k: int) -> str:
+    """The buffer of part ``k``'s segment reduction outputs (``K`` per segment)."""
+    return f"seg_{k}"
 
 
 def scalar_arg(name: str, k: int) -> str:
@@ -185,6 +195,11 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     indexed = any(frag.element_index for frag in fragments)
     if indexed:
         buffer(INDEX, "uchar", True)
+    if spec.tiling:
+        buffer(TILE_ARG, "long", True)
+        for k, frag in enumerate(fragments):
+            if frag.segment_reduction is not None:
+                buffer(segment_arg(k), spec.acc, True)
     for k, frag in enumerate(fragments):
         if frag.reduction is not None:
             params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
@@ -194,7 +209,16 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             params.append(f"const real {scalar_arg(s, k)}")
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
-    body = ["    const long i = get_global_id(0);"]
+    if spec.tiling:  # the group's first element and segment from the table
+        body = [
+            f"    const long tile_row = 3 * ({TILE_ARG}_off + (long)get_group_id(0));",
+            f"    const long seg = {TILE_ARG}[tile_row + 1];",
+            f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
+        ]
+        if spec.tiling == "partial":
+            body.append(f"    if ((long)get_local_id(0) < {TILE_ARG}[tile_row + 2]) {{")
+    else:
+        body = ["    const long i = get_global_id(0);"]
     if indexed:
         body.append(f"    const ulong idx = (ulong)({INDEX}_off + i);")
     body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")
@@ -207,6 +231,13 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         if frag.reduction is not None:
             for j, out in enumerate(frag.reduction.outputs):
                 body.append(f"        const real {out} = (real){reduction_arg(k)}[{j}];")
+        red = frag.segment_reduction
+        if red is not None:
+            arg, width = segment_arg(k), len(red.outputs)
+            for j, out in enumerate(red.outputs):
+                body.append(
+                    f"        const real {out} = (real){arg}[{arg}_off + {width} * seg + {j}];"
+                )
         for slot in frag.slots:
             src = slot_arg(slot, k, "in" if pure else "")
             body.append(f"        real {slot} = {src}[{src}_off + i];")
@@ -221,12 +252,15 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         body.append("    " + store(storage, dst, f"{dst}_off + i", "p + u"))
     else:
         body.append("    " + store(storage, OUT, OUT + "_off + i", "u"))
+    if spec.tiling == "partial":
+        body.append("    }")
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (
         f"//CL// {name}: {title or 'copy'}\n"
         + preamble(real, "double" in (real, spec.acc))
         + (random_helpers(real) if indexed else "")
+        + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
         + f"__kernel void {name}(\n    "
         + ",\n    ".join(params)
         + ")\n{\n"

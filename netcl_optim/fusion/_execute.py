@@ -120,7 +120,7 @@ def _segments(parts: list[Part]) -> list[list[Part]]:
     """Split before every part with a reduction: its input must be materialised first."""
     segments: list[list[Part]] = [[]]
     for part in parts:
-        if part.fragment.reduction is not None and segments[-1]:
+        if part.fragment.reduces and segments[-1]:
             segments.append([])
         segments[-1].append(part)
     return segments

@@ -37,10 +37,23 @@ from ._checks import (
     same_dtype,
     slot_dtype,
 )
-from ._codegen import INDEX, OUT, P_IN, U_IN, Arg, KernelSpec, reduction_arg, scalar_arg, slot_arg
+from ._codegen import (
+    INDEX,
+    OUT,
+    P_IN,
+    TILE_ARG,
+    U_IN,
+    Arg,
+    KernelSpec,
+    reduction_arg,
+    scalar_arg,
+    segment_arg,
+    slot_arg,
+)
 from ._launch import Launch, launch_all, leaves_disjoint
 from ._programs import fused_kernel
 from ._reductions import acc_ctype, reduce_parts
+from ._segments import reduce_segments, segmentation, tiled_launches
 
 
 class Binding(NamedTuple):
@@ -149,6 +162,7 @@ def run_parts(
         found = _cache.lookup(cache_key, donate)
         if found is not None:
             hit, objs = found
+            _segment_values(queue, fragments, u_leaves, p_leaves)
             values = _step_values(parts, reduce_parts(parts, u_leaves, queue), hit.step_order)
             launch_all(queue, _cache.bind(hit, objs, values), hit.independent)
             if not donate:
@@ -162,8 +176,9 @@ def run_parts(
         check_leaves(u_leaves, others, updates, queue, u_role)
 
     inplace_params = inplace and apply
+    seg_values = _segment_values(queue, fragments, u_leaves, p_leaves)
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
-        queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params
+        queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params, seg_values
     )
     if donate and (packed_bases is None or len(set(packed_bases)) != len(packed_bases)):
         # no array written may share memory with another (sure already if every role is
@@ -199,6 +214,23 @@ def run_parts(
     return optree.tree_unflatten(treedef, out_leaves), _slot_trees(treedef, new_slot_leaves)
 
 
+def _segment_values(
+    queue: cl.CommandQueue, fragments: list[Any], u_leaves: list[Any], p_leaves: list[Any]
+) -> dict[np.dtype, cla.Array]:
+    """Run the segment reduction that starts ``fragments`` (if any) over each dtype group
+    of the updates (and params): its values buffer per dtype (see ``_segments``)."""
+    red = fragments[0].segment_reduction if fragments else None
+    if red is None:
+        return {}
+    acc = acc_ctype(queue)
+    out = {}
+    for dtype, idx in _group_by_dtype(u_leaves).items():
+        us = [u_leaves[i] for i in idx]
+        ps = [p_leaves[i] for i in idx] if red.needs_params else []
+        out[dtype] = reduce_segments(queue, red, us, ps, acc)
+    return out
+
+
 def _plan_launches(
     queue: cl.CommandQueue,
     fragments: list[Any],
@@ -208,10 +240,12 @@ def _plan_launches(
     apply: bool,
     inplace: bool,
     needs_params: bool,
+    seg_values: dict[np.dtype, cla.Array],
 ) -> tuple[list[Launch], Binding, list[Any], list[list[list[Any]]], list[int] | None]:
     """The fused kernel's launches (array arguments only, bound by name; one per dtype where
-    every role is packed, else one per leaf), with fresh outputs allocated: ``(launches,
-    binding, output leaves, new slot leaves, every role's buffer id while all are packed)``."""
+    every role is packed, else one per leaf; tiled where a segment reduction starts the
+    fragments: see ``_segments``), with fresh outputs allocated: ``(launches, binding,
+    output leaves, new slot leaves, every role's buffer id while all are packed)``."""
     acc = acc_ctype(queue)
     ctx = queue.context
     by_dtype = _group_by_dtype(u_leaves)
@@ -250,8 +284,9 @@ def _plan_launches(
         runs[name] = (block.buffer, block.offset // lay_.dtype.itemsize)
         return block.views
 
+    red = fragments[0].segment_reduction if fragments else None
     for dtype, idx in by_dtype.items():
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc)
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, "full" if red else "")
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
@@ -275,6 +310,28 @@ def _plan_launches(
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
         origin = origins.get(dtype, 0)
+        if red is not None:
+            seg = segmentation(lay.shapes, red.segments)
+            partial, _ = fused_kernel(ctx, fragments, spec._replace(tiling="partial"))
+            groups = seg.tables(queue)["groups"].base_data
+            fixed = {segment_arg(0): (seg_values[dtype].base_data, 0)}
+            if INDEX in binding.arrays:  # elements are indexed by their place in the layout
+                fixed[INDEX] = (arrays[U_IN][0].base_data, origin)
+            columns = [
+                (name, None if name in fixed else arrays.get(name), fixed.get(name, runs.get(name)))
+                for name in binding.arrays
+            ]
+            tiled = tiled_launches(seg, (kernel, partial), groups, columns, lay.offsets, TILE_ARG)
+            launches.extend(tiled)
+            if packed_bases is not None and all(
+                run is not None for name, _, run in columns if name != TILE_ARG
+            ):
+                packed_bases.extend(
+                    id(run[0]) for name, _, run in columns if name not in fixed and name != TILE_ARG
+                )
+            else:
+                packed_bases = None
+            continue
         if INDEX in binding.arrays:  # the updates' buffer (not read), the first index
             runs[INDEX] = None if runs[U_IN] is None else (runs[U_IN][0], origin)
             arrays[INDEX] = arrays[U_IN]

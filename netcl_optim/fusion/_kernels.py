@@ -192,3 +192,72 @@ def clip_scale(
     ``red`` a ``"clip"`` reduction's result buffer (its coefficient). One launch."""
     acc = acc_ctype(queue)
     launch(_clip_scale_kernel(queue, dtype, acc), queue, n, [x, x_off, red])
+
+
+# ---------------------------------------------------------------------------- clip value, coef
+
+
+@cache
+def _clip_value_source(storage: str) -> tuple[str, str]:
+    real = "double" if storage == "double" else "float"
+    name = f"netcl_clip_value_{storage}"
+    clamp = "v < -c ? -c : (v > c ? c : v)"  # torch's clamp_min then clamp_max: NaN stays NaN
+    if storage == "half":  # stores only a clamped value: a NaN keeps its bits
+        body = (
+            "const real v = vload_half(x_off + i, x);\n"
+            "    if (v < -c || v > c) vstore_half_rte(v < -c ? -c : c, x_off + i, x);"
+        )
+    else:
+        body = f"const real v = x[x_off + i];\n    x[x_off + i] = {clamp};"
+    src = f"""//CL// {name}: x = clamp(x, -c, c), in place
+{preamble(real, real == "double")}
+__kernel void {name}(__global {storage} *restrict x, const long x_off, const real c)
+{{
+    const long i = get_global_id(0);
+    {body}
+}}
+"""
+    return src, name
+
+
+def clamp_value(
+    queue: cl.CommandQueue, dtype: np.dtype, x: Any, x_off: int, n: int, c: float
+) -> None:
+    """In place: ``x = clamp(x, -c, c)`` over ``n`` elements of the buffer ``x`` from
+    ``x_off`` (half clamped in float; NaN stays NaN). One launch (none for ``n == 0``)."""
+    if not n:
+        return
+    storage = ctype(dtype)
+    src, name = _clip_value_source(storage)
+    real = np.float64 if storage == "double" else np.float32
+    launch(build(queue.context, src, name, [None, np.int64, real]), queue, n, [x, x_off, c])
+
+
+@cache
+def _clip_coef_source(storage: str, acc: str) -> tuple[str, str]:
+    name = f"netcl_clip_coef_{storage}_{acc}"
+    load = "vload_half(norm_off, norm)" if storage == "half" else "norm[norm_off]"
+    src = f"""//CL// {name}: out = [norm, clamp(max_norm / (norm + 1e-6), max=1)] (NaN stays NaN)
+{preamble(acc, "double" in (storage, acc))}
+__kernel void {name}(__global const {storage} *restrict norm, const long norm_off,
+                     __global {acc} *restrict out, const {acc} max_norm)
+{{
+    const {acc} t = ({acc}){load};
+    const {acc} c = max_norm / (t + ({acc})1e-6);
+    out[0] = t;
+    out[1] = isnan(c) ? c : fmin(c, ({acc})1);
+}}
+"""
+    return src, name
+
+
+def clip_coefficient(norm: cla.Array, max_norm: float, out: cla.Array) -> None:
+    """``out[:2] = [norm, min(1, max_norm / (norm + 1e-6))]`` from the one-element device
+    array ``norm`` (``out``: the reduction type of its queue, see ``acc_ctype``), as a
+    ``"clip"`` reduction leaves them for :func:`clip_scale`. One single-work-item launch."""
+    queue = norm.queue
+    acc = acc_ctype(queue)
+    src, name = _clip_coef_source(ctype(norm.dtype), acc)
+    acc_dtype = np.float64 if acc == "double" else np.float32
+    kernel = build(queue.context, src, name, [None, np.int64, None, acc_dtype])
+    launch(kernel, queue, 1, [norm.base_data, element_offset(norm), out.base_data, max_norm])

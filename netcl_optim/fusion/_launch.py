@@ -14,6 +14,12 @@ SPLIT = 256  # big launches are split so the main part's size has a good local s
 SIDE_QUEUE_FROM = 16  # independent launches in one step that go to the side queue (CPU)
 
 Launch = tuple[cl.Kernel, int, list[Any]]  # kernel, work-items, arguments
+TILE = 256  # work-items per work-group of a tiled kernel (see _segments)
+
+
+class Tiled(int):
+    """A launch's work size in whole work-groups of ``TILE`` work-items: the kernel is tiled
+    (each group reads its place from a table) and runs with that local size."""
 
 
 class LaunchCounter:
@@ -50,7 +56,10 @@ def launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -
     """Enqueue ``n`` work-items with no bounds check in the kernel. A large size that is not a
     multiple of 32 runs as a multiple of 256 plus a tail at a global offset: the runtime picks
     the local size from the divisors of the global size, and a prime 1M ran 90x slower (PoCL)."""
-    if n >= 4 * SPLIT and n % 32:
+    if type(n) is Tiled:
+        kernel(queue, (n,), (TILE,), *args)
+        launched = 1
+    elif n >= 4 * SPLIT and n % 32:
         main = n - n % SPLIT
         kernel(queue, (main,), None, *args)
         kernel(queue, (n - main,), None, *args, global_offset=(main,))

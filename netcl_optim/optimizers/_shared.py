@@ -24,6 +24,11 @@ def ascent(maximize: bool) -> list[GradientTransformation]:
     return [scale(-1.0)] if require("maximize", maximize, BOOL) else []
 
 
+def check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
+    """A float learning rate >= 0, or a schedule (checked when evaluated)."""
+    _validation.learning_rate("learning_rate", learning_rate)
+
+
 def optimizer_chain(
     *core: GradientTransformation,
     learning_rate: ScalarOrSchedule,

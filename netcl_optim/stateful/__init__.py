@@ -10,7 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from ._clip import clip_grad_norm as clip_grad_norm
+from ._clip import clip_grad_norm_ as clip_grad_norm_
 from ._clip import clip_grad_norm_device as clip_grad_norm_device
+from ._clip import clip_grad_value_ as clip_grad_value_
+from ._clip import clip_grads_with_norm_ as clip_grads_with_norm_
+from ._clip import get_total_norm as get_total_norm
 from ._grad_scaler import AMPGradScaler as AMPGradScaler
 from ._lambda_lr import LambdaLR as LambdaLR
 from ._lr_scheduler import LRScheduler as LRScheduler
@@ -40,7 +44,11 @@ __all__ = [
     "StepLR",
     "WarmupCosine",
     "clip_grad_norm",
+    "clip_grad_norm_",
     "clip_grad_norm_device",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
 ]
 
 
