@@ -14,7 +14,9 @@ For each (optimizer, size) group every variant is set up, warmed up (kernel buil
 compiles), then timed in interleaved round-robin blocks, each block ending with a sync. The table
 gives the median and min ms per step over blocks, GB/s (the optimizer's minimum bytes per param
 times n over the median time) and the percentage of the "limit": a plain OpenCL kernel that moves
-exactly those bytes in place with trivial math, timed in the same blocks. Calls per block are
+exactly those bytes in place with trivial math, timed in the same blocks (for a step that takes
+several passes over the params, as LAMB and LARS do, one such kernel per pass: ``PASSES``, bytes
+summed; LAMB also gets a ``limit (2 passes)``, ``EXTRA_LIMITS``). Calls per block are
 chosen per variant from one probe step (a block takes ~50 ms; 20 ms with --quick). The max|dp|
 column compares each variant's params after the (equal) warm-up steps with those of ``step``.
 
@@ -78,6 +80,55 @@ def optional(name: str) -> Any:
 
 
 @dataclass(frozen=True)
+class Pass:
+    """One pass over the params of a step that takes several: the float32 buffers (named by
+    role) it reads only, reads and writes in place, and writes only. A pass that only reads
+    is a reduction (its per-leaf sums are a few bytes: not counted)."""
+
+    reads: tuple[str, ...] = ()
+    updates: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    @property
+    def bytes_per_param(self) -> int:
+        return FLOAT32 * (len(self.reads) + 2 * len(self.updates) + len(self.writes))
+
+    @property
+    def roles(self) -> str:
+        parts = [("read", self.reads), ("read+write", self.updates), ("write", self.writes)]
+        return "; ".join(f"{verb} {', '.join(names)}" for verb, names in parts if names)
+
+
+def passes_bytes(passes: Sequence[Pass]) -> int:
+    return sum(p.bytes_per_param for p in passes)
+
+
+def passes_roles(passes: Sequence[Pass]) -> str:
+    """``"3 passes: read g; ... | read u, p | ..."``."""
+    return f"{len(passes)} passes: " + " | ".join(p.roles for p in passes)
+
+
+# A step with a per-leaf reduction of its updates (the trust ratio's ||u|| and ||p||) must
+# write the updates before it can reduce them, then read them again (see the docstring of
+# netcl_optim/fusion/_segments.py). u: the updates; t: LARS's momentum trace.
+_LAMB_ADAM = Pass(reads=("g",), updates=("m", "v"), writes=("u",))  # the fused Adam kernel
+_LAMB_APPLY = Pass(reads=("u",), updates=("p",))  # trust ratio, lr, apply (tiled launches)
+PASSES: dict[str, tuple[Pass, ...]] = {
+    # weight_decay 0 (the row's): with decay the Adam pass reads p too (+4 B)
+    "lamb": (_LAMB_ADAM, Pass(reads=("u", "p")), _LAMB_APPLY),
+    # weight_decay 0: reduce g and p, then trust ratio, lr, trace and apply in one pass
+    "lars": (Pass(reads=("g", "p")), Pass(reads=("g",), updates=("p", "t"))),
+    # reduce g and p, then trust ratio, lr, shrink and apply in one pass
+    "fromage": (Pass(reads=("g", "p")), Pass(reads=("g",), updates=("p",))),
+}
+# Limits timed beside the main one, by variant label: LAMB with the sums inside the Adam pass
+# (a work-group reduction; slower than a separate reduce launch on PoCL's CPU device).
+EXTRA_LIMITS: dict[str, dict[str, tuple[Pass, ...]]] = {
+    "lamb": {"limit (2 passes)": (_LAMB_ADAM, _LAMB_APPLY)},
+}
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """A benchmarked row of ``tests/optimizer_table.py`` as each library spells it, at ``LR``."""
 
@@ -121,12 +172,27 @@ class OptimizerSpec:
         return self.row.make_optax(optax, self.hyper)
 
     @property
+    def passes(self) -> tuple[Pass, ...] | None:
+        """The passes over the params of a step that takes several (``PASSES``), else None."""
+        return PASSES.get(self.row.bench)
+
+    @property
+    def extra_limits(self) -> dict[str, tuple[Pass, ...]]:
+        """Other limits timed beside the main one, by variant label (``EXTRA_LIMITS``)."""
+        return EXTRA_LIMITS.get(self.row.bench, {})
+
+    @property
     def bytes_per_param(self) -> int:
-        """Read g; read and write p and every slot (float32)."""
+        """Read g; read and write p and every slot (float32); a multi-pass step: the sum of
+        its passes' bytes."""
+        if self.passes is not None:
+            return passes_bytes(self.passes)
         return FLOAT32 * (1 + 2 * (1 + self.slots))
 
     @property
     def roles(self) -> str:
+        if self.passes is not None:
+            return passes_roles(self.passes)
         slots = "".join(f", s{k}" for k in range(self.slots))
         return f"read g; read+write p{slots}"
 
@@ -281,6 +347,82 @@ class LimitVariant(Variant):
         self.kernel(self.queue, (self.n,), None, *[b.data for b in buffers], np.float32(LR))
         if self.out_of_place:
             self.state, self.outputs = self.outputs, self.state
+
+    def sync(self) -> None:
+        self.queue.finish()
+
+
+def _pass_source(step: Pass, out_of_place: bool = False) -> tuple[str, str, list[str]]:
+    """A plain kernel for one pass: ``x = a * (sum of the reads)``, each updated buffer
+    ``+= x`` (in place, or into a second buffer: ``out_of_place``), each written one ``= x``.
+    A pass that only reads stores ``x`` to ``sink[0]`` where it is NaN (never): a store the
+    compiler must keep. Returns the source, the kernel name and the buffer roles in argument
+    order (``<role>_out``: the second buffer of an updated role)."""
+    r, u, w = len(step.reads), len(step.updates), len(step.writes)
+    name = f"netcl_bench_pass_r{r}_u{u}_w{w}" + ("_oop" if out_of_place else "")
+    sink = [] if u or w else ["sink"]
+    roles = [*step.reads, *step.updates, *step.writes, *sink]
+    if out_of_place:
+        roles += [f"{role}_out" for role in step.updates]
+    const = set(step.reads) | (set(step.updates) if out_of_place else set())
+    args = [f"__global {'const ' * (role in const)}float *restrict {role}" for role in roles]
+    body = [f"    {role}{'_out' * out_of_place}[i] = {role}[i] + x;" for role in step.updates]
+    body += [f"    {role}[i] = x;" for role in step.writes]
+    body += ["    if (x != x) sink[0] = x;"] if sink else []
+    total = " + ".join(f"{role}[i]" for role in step.reads)
+    where = "to new buffers" if out_of_place else "in place"
+    src = (
+        f"//CL// {name}: {step.roles} {where}\n"
+        "#pragma OPENCL FP_CONTRACT OFF\n"
+        f"__kernel void {name}(\n    {', '.join([*args, 'const float a'])})\n{{\n"
+        "    const size_t i = get_global_id(0);\n"
+        f"    const float x = a * ({total});\n" + "\n".join(body) + "\n}\n"
+    )
+    return src, name, roles
+
+
+@dataclass
+class PassesLimitVariant(Variant):
+    """The limit of a step that takes several passes: one plain kernel per pass, back to back,
+    over one buffer per role, shared between the passes (the updates ``u`` that one pass
+    writes are the next one's input, as in the step). ``out_of_place``: each pass writes its
+    updated roles to a second buffer, and the two swap right after it."""
+
+    queue: cl.CommandQueue = None
+    passes: tuple[Pass, ...] = ()
+    out_of_place: bool = False
+
+    def setup(self, problem: Problem) -> None:
+        q = self.queue
+        self.kernels = []
+        for step in self.passes:
+            src, name, roles = _pass_source(step, self.out_of_place)
+            kernel = build(q.context, src, name, [None] * len(roles) + [np.float32])
+            self.kernels.append((kernel, step, roles))
+        names = dict.fromkeys(r for p in self.passes for r in (*p.reads, *p.updates, *p.writes))
+        initial = {"g": problem.flat_grads, "p": problem.flat_params}
+        zeros = np.zeros(problem.n, np.float32)
+        self.buffers = {role: cla.to_device(q, initial.get(role, zeros)) for role in names}
+        self.spare = {
+            role: cla.empty_like(self.buffers[role]) for p in self.passes for role in p.updates
+        }
+        self.sink = cla.zeros(q, 1, np.float32)
+        self.n = problem.n
+
+    def run(self) -> None:
+        for kernel, step, roles in self.kernels:
+            bufs = [self._buffer(role) for role in roles]
+            kernel(self.queue, (self.n,), None, *bufs, np.float32(LR))
+            if self.out_of_place:
+                for role in step.updates:
+                    self.buffers[role], self.spare[role] = self.spare[role], self.buffers[role]
+
+    def _buffer(self, role: str) -> Any:
+        if role == "sink":
+            return self.sink.data
+        if role.endswith("_out"):
+            return self.spare[role.removesuffix("_out")].data
+        return self.buffers[role].data
 
     def sync(self) -> None:
         self.queue.finish()
@@ -455,13 +597,29 @@ class Libraries:
         return out
 
 
+def limit_variants(spec: OptimizerSpec, queue: cl.CommandQueue) -> list[Variant]:
+    """The limit and its out-of-place form (one kernel, or one per pass of a multi-pass
+    step), and the spec's extra limits."""
+    if spec.passes is None:
+        return [
+            LimitVariant("limit", queue=queue, slots=spec.slots),
+            LimitVariant("limit (out of place)", queue=queue, slots=spec.slots, out_of_place=True),
+        ]
+    out: list[Variant] = [
+        PassesLimitVariant("limit", queue=queue, passes=spec.passes),
+        PassesLimitVariant(
+            "limit (out of place)", queue=queue, passes=spec.passes, out_of_place=True
+        ),
+    ]
+    for label, passes in spec.extra_limits.items():
+        out.append(PassesLimitVariant(label, queue=queue, passes=passes))
+    return out
+
+
 def make_variants(
     spec: OptimizerSpec, problem: Problem, queue: cl.CommandQueue, libs: Libraries
 ) -> list[Variant]:
-    variants: list[Variant] = [
-        LimitVariant("limit", queue=queue, slots=spec.slots),
-        LimitVariant("limit (out of place)", queue=queue, slots=spec.slots, out_of_place=True),
-    ]
+    variants: list[Variant] = limit_variants(spec, queue)
     if libs.stateful is not None:
         variants.append(StatefulVariant("stateful", queue=queue, spec=spec, module=libs.stateful))
     variants.append(StepVariant("step", queue=queue, spec=spec))
@@ -563,7 +721,7 @@ def run_group(
     problem = make_problem(size)
     variants = []
     for v in make_variants(spec, problem, queue, libs):
-        if only is not None and v.label not in only and v.label not in ("limit", "step"):
+        if only is not None and v.label not in (*only, "limit", "step", *spec.extra_limits):
             continue
         try:
             v.setup(problem)
@@ -577,16 +735,18 @@ def run_group(
     rows = []
     for label, times in samples.items():
         median = statistics.median(times)
+        extra = spec.extra_limits.get(label)
+        moved = spec.bytes_per_param if extra is None else passes_bytes(extra)
         rows.append(
             Row(
                 optimizer=spec.name,
                 size=size,
                 n=problem.n,
                 variant=label,
-                bytes_per_param=spec.bytes_per_param,
+                bytes_per_param=moved,
                 median_ms=median * 1e3,
                 min_ms=min(times) * 1e3,
-                gbps=spec.bytes_per_param * problem.n / median / 1e9,
+                gbps=moved * problem.n / median / 1e9,
                 pct_of_limit=100 * limit / median,
                 max_abs_diff=diffs[label],
             )
@@ -793,6 +953,43 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_extra_limits(rows: list[Row], spec: OptimizerSpec) -> str:
+    """One line per extra limit of ``spec`` (LAMB: 2 passes): each variant's median as % of
+    that limit's, from the same blocks."""
+    lines = []
+    for size in dict.fromkeys(r.size for r in rows):
+        group = [r for r in rows if r.size == size]
+        by_label = {r.variant: r for r in group}
+        for label in spec.extra_limits:
+            extra = by_label.get(label)
+            if extra is None:
+                continue
+            cells = [
+                f"{r.variant} {100 * extra.median_ms / r.median_ms:.0f}%"
+                for r in group
+                if not r.variant.startswith("limit")
+            ]
+            head = f"  {spec.name}/{size} as % of {label} ({extra.bytes_per_param} B):"
+            lines.append(f"{head} {', '.join(cells)}")
+    return "\n".join(lines)
+
+
+def limits_info(specs: Sequence[OptimizerSpec]) -> dict[str, dict]:
+    """Bytes and passes of each multi-pass spec's limit and extra limits (for the JSON)."""
+
+    def describe(passes: tuple[Pass, ...]) -> dict:
+        return {"bytes_per_param": passes_bytes(passes), "passes": [p.roles for p in passes]}
+
+    return {
+        spec.name: {
+            "limit": describe(spec.passes),
+            **{label: describe(passes) for label, passes in spec.extra_limits.items()},
+        }
+        for spec in specs
+        if spec.passes is not None
+    }
+
+
 def format_fixed(dispatch: list[dict], first: list[dict]) -> str:
     lines = [
         "Python dispatch, 1000-element tree (us per call):",
@@ -935,6 +1132,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in args.optimizers:
         spec = OPTIMIZERS[name]
         print(f"  {spec.name:<26} {spec.bytes_per_param:>3} B  ({spec.roles})")
+        for label, passes in spec.extra_limits.items():
+            print(f"    {label:<24} {passes_bytes(passes):>3} B  ({passes_roles(passes)})")
     timing: dict[str, Any] = {"target_s": 0.02 if args.quick else 0.05}
     if args.smoke:
         timing = {"warmup": 1, "calls": 2}
@@ -946,6 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             table = format_table(group)
             print(table.split("\n", 2)[2] if rows else table, flush=True)
+            if OPTIMIZERS[name].extra_limits:
+                print(format_extra_limits(group, OPTIMIZERS[name]), flush=True)
             rows += group
     dispatch, first = [], []
     if not args.no_fixed_costs:
@@ -955,6 +1156,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(format_fixed(dispatch, first))
     print()
     print(format_table(rows))
+    for name in args.optimizers:
+        spec = OPTIMIZERS[name]
+        if spec.extra_limits:
+            print(format_extra_limits([r for r in rows if r.optimizer == spec.name], spec))
+    limits = limits_info([OPTIMIZERS[name] for name in args.optimizers])
     result = {
         "machine": info,
         "notes": libs.notes(),
@@ -962,6 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "rows": [asdict(r) for r in rows],
         "dispatch": dispatch,
         "first_step": first,
+        **({"limits": limits} if limits else {}),
     }
     if args.json:
         with open(args.json, "w") as f:

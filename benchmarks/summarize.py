@@ -9,6 +9,11 @@ donated functional ``no.step`` with optax under ``jax.jit`` with donated buffers
 
 ``--breadth``: the table of every optimizer (a ``--variants breadth`` run), with torch's fastest
 mode on CPU (fused, else foreach) and its default (a loop over the tensors) side by side.
+
+A step that takes several passes over the params (LAMB, LARS: the JSON's ``limits``) is
+measured against one limit kernel per pass: its B/param is the sum, followed by the number of
+passes; a line under the table gives each extra limit (LAMB in 2 passes) and the cells as %
+of it.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ def table(result: dict) -> str:
             )
             + " |"
         )
-    return "\n".join(lines)
+    extra = _extra_limits(result, ("stateful", "step (donate)", "step", "optax jit"))
+    return "\n".join(lines + (["", *extra] if extra else []))
 
 
 def _groups(result: dict) -> dict[tuple[str, str], dict[str, dict]]:
@@ -101,7 +107,7 @@ def breadth_table(result: dict) -> str:
         torch = "-" if fastest is None else f"{_pct(cells, fastest)} ({fastest.split()[1]})"
         cols = [
             optimizer,
-            str(cells["limit"]["bytes_per_param"]),
+            _bytes(result, optimizer, cells),
             size,
             _pct(cells, "stateful"),
             _pct(cells, "step (donate)"),
@@ -112,7 +118,35 @@ def breadth_table(result: dict) -> str:
             _ratio(cells, "torch default", "stateful"),
         ]
         lines.append("| " + " | ".join(cols) + " |")
-    return "\n".join(lines)
+    extra = _extra_limits(result, ("stateful", "step (donate)", "optax jit"))
+    return "\n".join(lines + (["", *extra] if extra else []))
+
+
+def _bytes(result: dict, optimizer: str, cells: dict) -> str:
+    """The limit's bytes per param, and its passes where it takes several."""
+    moved = str(cells["limit"]["bytes_per_param"])
+    limit = result.get("limits", {}).get(optimizer, {}).get("limit")
+    return moved if limit is None else f"{moved} ({len(limit['passes'])} passes)"
+
+
+def _extra_limits(result: dict, variants: tuple[str, ...]) -> list[str]:
+    """Per group with an extra limit (LAMB in 2 passes): ``variants`` as % of it."""
+    lines = []
+    for (optimizer, size), cells in _groups(result).items():
+        for label, info in result.get("limits", {}).get(optimizer, {}).items():
+            if label == "limit" or label not in cells:
+                continue
+            pct = [
+                f"{v} {100 * cells[label]['median_ms'] / cells[v]['median_ms']:.0f}%"
+                for v in variants
+                if v in cells
+            ]
+            passes = len(info["passes"])
+            lines.append(
+                f"{optimizer}, {size}: against a {passes}-pass limit of "
+                f"{info['bytes_per_param']} B/param: {', '.join(pct)}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> str:

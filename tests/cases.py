@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import reference as ref
+import reference_reductions as rr
 from optimizer_table import OPTIMIZERS, Case
 
 
@@ -52,6 +53,20 @@ TRANSFORMS: list[Case] = [
     Case("clip", "clip", {"max_delta": 0.5}, ref.clip),
     Case("clip_by_global_norm", "clip_by_global_norm", {"max_norm": 1.0},
          ref.clip_by_global_norm, reduction=True),
+    # a value per leaf (or per row) of the same step: segment reductions
+    Case("scale_by_trust_ratio", "scale_by_trust_ratio", {}, rr.scale_by_trust_ratio,
+         needs_params=True),
+    Case("scale_by_trust_ratio-custom", "scale_by_trust_ratio",
+         {"min_norm": 1e-2, "trust_coefficient": 0.5, "eps": 1e-3}, rr.scale_by_trust_ratio,
+         needs_params=True),
+    Case("scale_by_param_block_norm", "scale_by_param_block_norm", {},
+         rr.scale_by_param_block_norm, needs_params=True, param_scale=1e-3),
+    Case("scale_by_param_block_rms", "scale_by_param_block_rms", {"min_scale": 0.05},
+         rr.scale_by_param_block_rms, needs_params=True, param_scale=1e-3),
+    Case("clip_by_block_rms", "clip_by_block_rms", {"threshold": 0.5}, rr.clip_by_block_rms),
+    Case("centralize", "centralize", {}, rr.centralize),
+    Case("normalize_by_update_norm", "normalize_by_update_norm", {"scale_factor": 2.0},
+         rr.normalize_by_update_norm, reduction=True),
 ]  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import reference as ref
+import reference_reductions as rr
 
 Hyper = dict[str, Any]
 
@@ -92,6 +93,10 @@ class Case:
     # Tolerance factor against the reference: coupled weight decay feeding an adaptive scaling
     # (float32 rounding of g + wd * p divided by an eps-sized denominator, see test_functional).
     conditioning: float = 1.0
+    # The drawn params and grads are multiplied by this in the reference tests: a rule that
+    # scales the updates by a block norm of the params (up to 1e3 * sqrt(n) there) overflows
+    # float16.
+    param_scale: float = 1.0
 
     def make(self, no: Any, kwargs: Hyper | None = None) -> Any:
         """The transform, from ``kwargs`` (the row's by default)."""
@@ -124,6 +129,10 @@ class Optimizer(Case):
     # so a per-parameter float64 rule cannot follow it (test_noise.py checks the stateful
     # class's partial steps against the functional alias instead)
     element_indexed: bool = False
+    # a value per leaf in the same step (segment reductions, fusion/_segments.py): a packed
+    # step takes at most this many launches (reduce, finish, full and partial work-groups
+    # and the kernel before them), whatever the number of leaves; ZeRO refuses it for now
+    segmented: int = 0
 
     def full(self, kwargs: Hyper | None = None) -> Hyper:
         """Every hyperparameter: ``kwargs`` (the row's by default) over the reference's defaults."""
@@ -778,6 +787,68 @@ OPTIMIZERS: list[Optimizer] = [
                   h["learning_rate"], h["b1"], h["b2"], h["eps"], nesterov=h["nesterov"],
                   use_clipping=h["use_clipping"]),
               parts=(("scale_by_adopt", {"eps": 1e-3, "use_clipping": False}), _lr(1e-3))),
+    # rows: lamb, lars, fromage
+    # a value per leaf (the trust ratio ||p|| / ||u||) in the same step; torch.optim has none
+    Optimizer(id="lamb", factory="lamb", kwargs={"learning_rate": 1e-3}, segmented=5,
+              reference=rr.lamb_tx, stateful="Lamb", slots=2,
+              optax=lambda optax, h: optax.lamb(h["learning_rate"], h["b1"], h["b2"], h["eps"],
+                                                h["eps_root"], h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0]) | st.floats(0.0, 1e-6),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_adam", {"eps": 1e-6}), ("scale_by_trust_ratio", {}), _lr(1e-3)),
+              bench="lamb"),
+    Optimizer(id="lamb-wd-custom", factory="lamb",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-8, "eps_root": 1e-8,
+                      "weight_decay": 0.1},
+              segmented=5, reference=rr.lamb_tx, stateful="Lamb", slots=2, needs_params=True,
+              optax=lambda optax, h: optax.lamb(h["learning_rate"], h["b1"], h["b2"], h["eps"],
+                                                h["eps_root"], h["weight_decay"]),
+              parts=(("scale_by_adam", {"b1": 0.8, "b2": 0.99, "eps": 1e-8, "eps_root": 1e-8}),
+                     ("add_decayed_weights", {"weight_decay": 0.1}),
+                     ("scale_by_trust_ratio", {}), _lr(1e-2))),
+    Optimizer(id="lamb-schedule", factory="lamb", kwargs={"learning_rate": cosine},
+              segmented=5, reference=rr.lamb_tx, slots=2,
+              optax=lambda optax, h: optax.lamb(h["learning_rate"], h["b1"], h["b2"], h["eps"],
+                                                h["eps_root"], h["weight_decay"])),
+    Optimizer(id="lars", factory="lars", kwargs={"learning_rate": 1.0}, segmented=4,
+              reference=rr.lars_tx, stateful="LARS", slots=1, needs_params=True,
+              optax=lambda optax, h: optax.lars(
+                  h["learning_rate"], h["weight_decay"], trust_coefficient=h["trust_coefficient"],
+                  eps=h["eps"], momentum=h["momentum"], nesterov=h["nesterov"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": st.floats(0.1, 10.0),
+                  "weight_decay": _weight_decay(st),
+                  "trust_coefficient": st.sampled_from([1e-3]) | st.floats(1e-4, 1.0),
+                  "eps": st.sampled_from([0.0]) | _eps(st),
+                  "momentum": st.sampled_from([0.0, 0.9]) | st.floats(0.0, 0.99),
+                  "nesterov": st.booleans()}),
+              parts=(("scale_by_trust_ratio", {"trust_coefficient": 1e-3}), _lr(1.0),
+                     ("trace", {"decay": 0.9})),
+              bench="lars"),
+    Optimizer(id="lars-wd-nesterov-custom", factory="lars",
+              kwargs={"learning_rate": 0.5, "weight_decay": 1e-2, "trust_coefficient": 0.02,
+                      "eps": 1e-4, "momentum": 0.8, "nesterov": True},
+              segmented=5, reference=rr.lars_tx, stateful="LARS", slots=1, needs_params=True,
+              optax=lambda optax, h: optax.lars(
+                  h["learning_rate"], h["weight_decay"], trust_coefficient=h["trust_coefficient"],
+                  eps=h["eps"], momentum=h["momentum"], nesterov=h["nesterov"]),
+              parts=(("add_decayed_weights", {"weight_decay": 1e-2}),
+                     ("scale_by_trust_ratio", {"trust_coefficient": 0.02, "eps": 1e-4}),
+                     _lr(0.5), ("trace", {"decay": 0.8, "nesterov": True}))),
+    Optimizer(id="fromage", factory="fromage", kwargs={"learning_rate": 1e-2},
+              segmented=4, reference=rr.fromage_tx, stateful="Fromage", slots=0, needs_params=True,
+              optax=lambda optax, h: optax.fromage(h["learning_rate"], h["min_norm"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st),
+                  "min_norm": st.sampled_from([1e-6]) | st.floats(0.0, 1e-2)}),
+              bench="fromage"),
+    Optimizer(id="fromage-schedule", factory="fromage", kwargs={"learning_rate": cosine},
+              segmented=4, reference=rr.fromage_tx, slots=0, needs_params=True,
+              optax=lambda optax, h: optax.fromage(h["learning_rate"], h["min_norm"])),
     # rows: ademamix, madgrad, cocob
     # torch.optim has none of these: optax.contrib's rules (the classes' lr defaults in kwargs)
     Optimizer(id="ademamix", factory="ademamix", kwargs={"learning_rate": 1e-3},

@@ -49,7 +49,9 @@ def _norm(x: Any) -> float:
 
 
 def _rms(x: Any) -> float:
-    return math.sqrt(float(np.mean(_f64(x) ** 2)))
+    """The root mean square of one leaf (NaN for an empty one, as optax's mean)."""
+    x = _f64(x)
+    return math.sqrt(float(np.mean(x**2))) if x.size else math.nan
 
 
 def _floor(value: float, minimum: float) -> float:
@@ -105,7 +107,7 @@ def centralize() -> Transform:
     """Per leaf of rank > 1: u - mean(u over axes 1..); rank 0 and 1 pass through."""
 
     def leaf(g):
-        if g.ndim <= 1:
+        if g.ndim <= 1 or g.size == 0:  # an empty leaf: nothing to centre
             return g
         return g - g.mean(axis=tuple(range(1, g.ndim)), keepdims=True)
 
@@ -200,6 +202,31 @@ def lamb_tx(
     eps: float = 1e-6,
     eps_root: float = 0.0,
     weight_decay: float = 0.0,
+) -> Transform:
+    """optax.lamb without a mask (the table's rows: the stateful class has none)."""
+    return lamb_masked_tx(learning_rate, b1, b2, eps, eps_root, weight_decay)
+
+
+def lars_tx(
+    learning_rate: float | Callable[[int], float],
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+) -> Transform:
+    """optax.lars with both masks True (the table's rows: the stateful class has none)."""
+    return lars_masked_tx(learning_rate, weight_decay, True, trust_coefficient, eps, True,
+                          momentum, nesterov)  # fmt: skip
+
+
+def lamb_masked_tx(
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
     mask: Any = None,
 ) -> Transform:
     """optax.lamb: scale_by_adam -> add_decayed_weights -> scale_by_trust_ratio() -> lr
@@ -212,7 +239,7 @@ def lamb_tx(
     )
 
 
-def lars_tx(
+def lars_masked_tx(
     learning_rate: float | Callable[[int], float],
     weight_decay: float = 0.0,
     weight_decay_mask: Any = True,

@@ -102,7 +102,8 @@ def test_functional_resume_is_bitwise(cl_queue, tmp_path, row: Optimizer):
         params, state = no.step(tx, params, g, state)
         with count_launches() as c:
             p2, s2 = no.step(tx, p2, g, s2)
-        assert c.launches == 1  # params, grads and every slot packed
+        # params, grads and every slot packed: one launch (a segmented rule: a constant)
+        assert c.launches <= row.segmented if row.segmented else c.launches == 1
     assert [bits(a.get()) for a in p2] == [bits(a.get()) for a in params]
 
 

@@ -295,6 +295,17 @@ def _check_against_reference(
 # ---------------------------------------------------------------------------------------------
 
 
+def _scaled(prob: Problem, case: Case) -> Problem:
+    """``prob`` with its params and grads times ``case.param_scale`` (in their dtypes)."""
+    if case.param_scale == 1.0:
+        return prob
+
+    def scaled(tree: Any) -> Any:
+        return optree.tree_map(lambda x: (x * case.param_scale).astype(x.dtype), tree)
+
+    return Problem(scaled(prob.params), [scaled(g) for g in prob.grads], prob.dtypes)
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @given(prob=problems())
 def test_case_matches_reference(cl_queue, case: Case, prob: Problem):
@@ -305,7 +316,7 @@ def test_case_matches_reference(cl_queue, case: Case, prob: Problem):
     _check_against_reference(
         case.make(no),
         case.make_reference(),
-        prob,
+        _scaled(prob, case),
         cl_queue,
         coupled=case.reduction,
         conditioning=case.conditioning,
@@ -353,6 +364,7 @@ def test_step_is_update_then_apply_bitwise_float16(cl_queue, case: Case, prob: P
     ``update`` returns float16 updates that ``apply_updates`` adds: the two may differ by one
     float16 rounding of the update, never more, and the float32 state is bit-identical."""
     tx = case.make(no)
+    prob = _scaled(prob, case)
     params = no.to_device(prob.params, cl_queue)
     state = tx.init(params)
     p_a, s_a, p_b, s_b = params, state, params, state

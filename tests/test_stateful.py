@@ -144,7 +144,10 @@ def test_bitwise_equal_to_functional(cl_queue, row: Optimizer, packed_grads: boo
             set_grads(params, gs, cl_queue)
         with count_launches() as c:
             opt.step()
-        assert c.launches == (1 if packed_grads else len(SHAPES))
+        if row.segmented:  # a constant number packed; a few per leaf otherwise
+            assert c.launches <= (row.segmented if packed_grads else 4 * len(SHAPES) + 1)
+        else:
+            assert c.launches == (1 if packed_grads else len(SHAPES))
         fparams, fstate = no.step(tx, fparams, [dev(g, cl_queue) for g in gs], fstate)
         assert_bitwise(host(params), [p.get() for p in fparams])
 

@@ -26,6 +26,19 @@ from ._comm import agree, check_device_leaves, committed, get_comm, path_names, 
 from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
 
 
+def check_per_leaf(tx: GradientTransformation, what: str) -> None:
+    """Raise ValueError if ``tx`` needs a value per leaf (a segment reduction: LAMB's trust
+    ratio): a shard holds pieces of leaves, so its values would be wrong."""
+    for t in walk(tx):
+        if is_fusible(t) and getattr(t.plan, "segment_reduction", None) is not None:
+            raise ValueError(
+                f"{what}: {t.plan.name} needs a value per leaf (a norm of each layer), but a "
+                "shard holds pieces of leaves: ZeRO sharding does not support such rules "
+                "yet. Run the optimizer unsharded on the all-reduced gradients (every rank "
+                "steps the whole model)"
+            )
+
+
 def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -> None:
     """Raise unless ``tx`` is element-wise all through, so that running it on a slice of the
     flat parameters gives the same bits as running it on the whole tree.
@@ -33,9 +46,11 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     Accepted: fragments without a reduction, chains of them, :func:`inject_hyperparams` and
     ``MultiSteps`` over them. Rejected (ValueError): whole-tree reductions
     (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
-    would be a partial one. Rejected (TypeError): opaque transforms (not fused, e.g.
+    would be a partial one; per-leaf ones (``scale_by_trust_ratio``: LAMB, LARS), for now.
+    Rejected (TypeError): opaque transforms (not fused, e.g.
     ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
     """
+    check_per_leaf(tx, what)
     culprit = next((t for t in walk(tx) if not is_elementwise(t)), None)  # innermost first
     if culprit is None:
         return

@@ -23,6 +23,7 @@ from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
 from ._comm import agree, check_device_leaves, committed, get_comm, packed_run, signature
 from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
+from ._shard import check_per_leaf
 
 
 def state_nbytes(state: Any) -> int:
@@ -225,6 +226,8 @@ class ZeroRedundancyOptimizer:
             ig["params"] = shard_params[gi]
             inner_groups.append(ig)
         optimizer = opt_class(inner_groups, **kwargs)
+        for gi in range(len(inner_groups)):  # before any parameter takes its new data
+            check_per_leaf(optimizer._chain(gi).tx, "ZeroRedundancyOptimizer")
         for rec, group_origins in zip(optimizer._groups, origins, strict=True):
             rec.element_origins = group_origins  # element-indexed noise as unsharded
         return data, flats, optimizer

@@ -45,17 +45,21 @@ def lars(
     ``chain(add_decayed_weights(weight_decay, weight_decay_mask), masked(scale_by_trust_ratio,
     trust_ratio_mask), scale_by_learning_rate, trace(momentum, nesterov))``: the momentum
     is taken after the learning rate, as optax does. A mask is a pytree of bools like the
-    params, a callable of the params, or ``True`` (every leaf). torch.optim has no LARS.
+    params, a callable of the params, or ``True`` (every leaf). A zero weight decay is left
+    out of the chain (optax adds ``0 * p``, NaN where ``p`` is infinite), and so is a zero
+    momentum (optax's ``trace(0)`` passes the updates through). torch.optim has no LARS.
     """
     check_learning_rate(learning_rate)
-    decay = add_decayed_weights(weight_decay)
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    if decay and weight_decay_mask is not True:
+        decay = [masked(decay[0], weight_decay_mask)]
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
     return chain(
         *ascent(maximize),
-        decay if weight_decay_mask is True else masked(decay, weight_decay_mask),
+        *decay,
         trust if trust_ratio_mask is True else masked(trust, trust_ratio_mask),
         scale_by_learning_rate(learning_rate),
-        trace(decay=momentum, nesterov=nesterov),
+        *([trace(decay=momentum, nesterov=nesterov)] if momentum else []),
     )
 
 
