@@ -47,6 +47,7 @@ from .optimizers.lion import *  # noqa: F403
 from .optimizers.madgrad import *  # noqa: F403
 from .optimizers.nadam import *  # noqa: F403
 from .optimizers.noisy_sgd import *  # noqa: F403
+from .optimizers.novograd import *  # noqa: F403
 from .optimizers.optimistic import *  # noqa: F403
 from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403

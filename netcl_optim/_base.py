@@ -170,6 +170,12 @@ class SegmentReduction:
     name of ``outputs``, over the sums ``s0, s1, ...`` and ``n`` (the segment's element
     count), evaluated once per segment; the fragment's source reads the outputs of its
     element's segment by those names (as ``real``).
+
+    ``state``: fields of the fragment's state that hold one value per segment (with
+    ``segments="leaf"``: a tree of 0-d arrays like the params, NovoGrad's ``nu``), and
+    ``update``: each one's new value, over the old values (by name), the sums, ``n`` and the
+    fragment's scalars. The finish runs once per segment, so it writes them; the outputs
+    read the new values (by name, as stored).
     """
 
     terms: tuple[str, ...]
@@ -177,10 +183,16 @@ class SegmentReduction:
     finish: tuple[str, ...]
     segments: str = "leaf"
     needs_params: bool = False
+    state: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.segments not in ("leaf", "rows"):
             raise ValueError(f"SegmentReduction: unknown segments {self.segments!r}")
+        if len(self.update) != len(self.state):
+            raise ValueError("SegmentReduction: one update expression per state field")
+        if self.state and self.segments != "leaf":
+            raise ValueError("SegmentReduction: state per segment needs segments='leaf'")
         if len(self.finish) != len(self.outputs):
             raise ValueError("SegmentReduction: one finish expression per output")
 
@@ -262,26 +274,36 @@ class Fragment:
     def split(self, state: OptState) -> None:
         return None
 
+    @property
+    def segment_state(self) -> tuple[str, ...]:
+        """The state fields with one value per segment (see :class:`SegmentReduction`)."""
+        return self.segment_reduction.state if self.segment_reduction is not None else ()
+
     def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
-        """One :class:`Part`: the scalars' values from ``host_step`` and the state's slots."""
+        """One :class:`Part`: the scalars' values from ``host_step`` and the state's slots
+        (then its per-segment fields)."""
         if self.host_step is None:
             values, advanced = (), state
         else:
             values, advanced = self.host_step(state, **extra_args)
         slots = tuple(getattr(state, s) for s in self.slots)
-        part = Part(self, tuple(values), slots)
+        per_segment = tuple(getattr(state, s) for s in self.segment_state)
+        part = Part(self, tuple(values), slots, per_segment)
+        fields = self.slots + self.segment_state
 
         def rebuild(new_slots: list[tuple[Any, ...]]) -> OptState:
-            if not self.slots:
+            if not fields:
                 return advanced
-            return advanced._replace(**dict(zip(self.slots, new_slots[0], strict=True)))
+            return advanced._replace(**dict(zip(fields, new_slots[0], strict=True)))
 
         return [part], rebuild
 
 
 class Part(NamedTuple):
-    """One fragment's work in one step: its scalars' values and its input slot trees."""
+    """One fragment's work in one step: its scalars' values, its input slot trees and its
+    per-segment state trees (see :class:`SegmentReduction`)."""
 
     fragment: Fragment
     scalars: tuple[float, ...]
     slots: tuple[Any, ...]
+    segment_state: tuple[Any, ...] = ()

@@ -187,7 +187,7 @@ def fragment_spec(fragment: Fragment, init: Callable[..., Any] | None) -> Spec |
     if init is None:
         return NamedTupleSpec(EmptyState)
     try:
-        probe = init(*[None] * len(fragment.slots))
+        probe = init(*[None] * (len(fragment.slots) + len(fragment.segment_state)))
     except Exception:  # a user-written init that needs its slot trees: check the slots only
         return FieldsSpec(fragment.slots) if fragment.slots else None
     if isinstance(probe, tuple) and hasattr(probe, "_fields"):

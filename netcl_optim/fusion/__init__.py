@@ -13,6 +13,7 @@ from ._checks import flatten_like as flatten_like
 from ._execute import execute as execute
 from ._execute import walk as walk
 from ._fused import element_origin as element_origin
+from ._fused import init_leaf_values as init_leaf_values
 from ._fused import init_slots as init_slots
 from ._fused import run_parts as run_parts
 from ._kernels import clip_scale as clip_scale

@@ -24,6 +24,7 @@ from .._packing import (
     element_offset,
     hand_over,
     layout,
+    pack,
 )
 from . import _cache
 from ._checks import (
@@ -162,21 +163,25 @@ def run_parts(
         found = _cache.lookup(cache_key, donate)
         if found is not None:
             hit, objs = found
-            _segment_values(queue, fragments, u_leaves, p_leaves)
+            _segment_values(queue, parts, u_leaves, p_leaves, treedef, inplace, u_role)
             values = _step_values(parts, reduce_parts(parts, u_leaves, queue), hit.step_order)
             launch_all(queue, _cache.bind(hit, objs, values), hit.independent)
             if not donate:
-                return params, [part.slots for part in parts]
+                return params, [(*part.slots, *part.segment_state) for part in parts]
             p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, True)
             written = _written(p_leaves, slot_leaves)
             new_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
             _cache.move(cache_key, new_key, hit, len(u_leaves), written)
-            return optree.tree_unflatten(treedef, p_leaves), _slot_trees(treedef, slot_leaves)
+            trees = _slot_trees(treedef, slot_leaves)
+            trees[0] = (*trees[0], *parts[0].segment_state)
+            return optree.tree_unflatten(treedef, p_leaves), trees
     if not all_valid(u_leaves, others, queue):
         check_leaves(u_leaves, others, updates, queue, u_role)
 
     inplace_params = inplace and apply
-    seg_values = _segment_values(queue, fragments, u_leaves, p_leaves)
+    seg_values, seg_state = _segment_values(
+        queue, parts, u_leaves, p_leaves, treedef, inplace, u_role
+    )
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
         queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params, seg_values
     )
@@ -211,24 +216,96 @@ def run_parts(
             cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
         leaves = [*u_leaves, *_written(p_leaves, slot_leaves)]
         _cache.store(cache_key, leaves, launches, independent, donate, binding.step_order)
-    return optree.tree_unflatten(treedef, out_leaves), _slot_trees(treedef, new_slot_leaves)
+    trees = _slot_trees(treedef, new_slot_leaves)
+    if seg_state:
+        trees[0] = (*trees[0], *seg_state)
+    return optree.tree_unflatten(treedef, out_leaves), trees
 
 
 def _segment_values(
-    queue: cl.CommandQueue, fragments: list[Any], u_leaves: list[Any], p_leaves: list[Any]
-) -> dict[np.dtype, cla.Array]:
-    """Run the segment reduction that starts ``fragments`` (if any) over each dtype group
-    of the updates (and params): its values buffer per dtype (see ``_segments``)."""
-    red = fragments[0].segment_reduction if fragments else None
+    queue: cl.CommandQueue,
+    parts: Sequence[Part],
+    u_leaves: list[Any],
+    p_leaves: list[Any],
+    treedef: optree.PyTreeSpec,
+    inplace: bool,
+    u_role: str,
+) -> tuple[dict[np.dtype, cla.Array], tuple[Any, ...]]:
+    """Run the segment reduction that starts ``parts`` (if any) over each dtype group of
+    the updates (and params): its values buffer per dtype (see ``_segments``), and the new
+    trees of the part's per-segment state (written in place when ``inplace``, else fresh)."""
+    red = parts[0].fragment.segment_reduction if parts else None
     if red is None:
-        return {}
+        return {}, ()
+    part = parts[0]
+    what = part.fragment.name
+    olds = [
+        _segment_state_leaves(tree, treedef, u_leaves, f"state.{name} of {what}", u_role, queue)
+        for name, tree in zip(red.state, part.segment_state, strict=True)
+    ]
+    news: list[list[Any]] = [list(leaves) for leaves in olds]
+    scalars = tuple(zip(part.fragment.scalars, part.scalars, strict=True))
     acc = acc_ctype(queue)
     out = {}
     for dtype, idx in _group_by_dtype(u_leaves).items():
         us = [u_leaves[i] for i in idx]
         ps = [p_leaves[i] for i in idx] if red.needs_params else []
-        out[dtype] = reduce_segments(queue, red, us, ps, acc)
-    return out
+        state, copy_back = [], []
+        for f, leaves in enumerate(olds):
+            group = [leaves[i] for i in idx]
+            old = contiguous_run(group)
+            if old is None:  # scattered 0-d arrays: through a packed copy
+                packed = pack(group, queue)
+                old = (packed[0].base_data, element_offset(packed[0]))
+                if inplace:
+                    copy_back.append((packed, group))
+            if inplace:
+                new = old
+            else:
+                fresh = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
+                new = (fresh.buffer, fresh.offset // fresh.views[0].dtype.itemsize)
+                for i, view in zip(idx, fresh.views, strict=True):
+                    news[f][i] = view
+            state.append((old, new))
+        out[dtype] = reduce_segments(queue, red, us, ps, acc, scalars, tuple(state))
+        for packed, group in copy_back:
+            for src, dst in zip(packed, group, strict=True):
+                _copy(queue, dst, src)
+    new_trees = tuple(optree.tree_unflatten(treedef, leaves) for leaves in news)
+    return out, new_trees
+
+
+def _copy(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
+    """Device-to-device copy of one small array (no host round trip)."""
+    cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
+                    dest_offset=dst.offset, src_offset=src.offset)  # fmt: skip
+
+
+def _segment_state_leaves(
+    tree: Any,
+    treedef: optree.PyTreeSpec,
+    u_leaves: list[Any],
+    what: str,
+    u_role: str,
+    queue: cl.CommandQueue,
+) -> list[Any]:
+    """The leaves of a per-leaf state tree: like ``u_role``'s, each a 0-d device array of
+    the state dtype of its leaf, on ``queue``'s context (raises naming the first that
+    is not)."""
+    leaves = flatten_like(tree, treedef, what, u_role)
+    names = path_names(tree)
+    for i, (x, u) in enumerate(zip(leaves, u_leaves, strict=True)):
+        want = state_dtype(u.dtype)
+        if not isinstance(x, cla.Array) or type(x) is DonatedArray:
+            raise TypeError(f"{what}: leaf {names[i]} is a {type(x).__name__}, not a device array")
+        if x.shape != () or x.dtype != want:
+            raise ValueError(
+                f"{what}: leaf {names[i]} has shape {x.shape} and dtype {x.dtype}; expected "
+                f"shape () and dtype {want} (one value per leaf of {u_role})"
+            )
+        if x.context != queue.context:
+            raise ValueError(f"{what}: leaf {names[i]} lives in another OpenCL context")
+    return leaves
 
 
 def _plan_launches(
@@ -425,3 +502,22 @@ def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
         optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
         for start in starts
     ]
+
+
+def init_leaf_values(params: Any, count: int) -> list[Any]:
+    """``count`` state trees like ``params`` with one zero per leaf (0-d arrays of the state
+    dtype, packed in one buffer per dtype): per-leaf state (``SegmentReduction.state``)."""
+    leaves, treedef = optree.tree_flatten(params)
+    if not leaves:
+        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
+    queue = queue_of_leaves(leaves)
+    trees = []
+    for _ in range(count):
+        out: list[Any] = [None] * len(leaves)
+        for dtype, idx in _group_by_dtype(leaves).items():
+            block = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
+            block.fill(queue, 0.0)
+            for i, view in zip(idx, block.views, strict=True):
+                out[i] = view
+        trees.append(optree.tree_unflatten(treedef, out))
+    return trees

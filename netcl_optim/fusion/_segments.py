@@ -206,26 +206,46 @@ __kernel void {name}({", ".join(args)},
     return src, name
 
 
-def _finish_source(red: SegmentReduction, acc: str) -> tuple[str, str]:
-    digest = hashlib.sha1(repr((red.terms, red.finish)).encode()).hexdigest()[:10]
-    name = f"netcl_segfinish_{acc}_{digest}"
+def _finish_source(
+    red: SegmentReduction, acc: str, scalars: tuple[str, ...], state_t: str
+) -> tuple[str, str]:
+    """One work-item per segment: its sums (its chunks' partials in order), its state's new
+    values (read, updated, written: ``state_t`` storage) and its outputs. The fragment's
+    ``scalars`` come in the reduction type."""
+    key = repr((red.terms, red.finish, red.state, red.update, scalars, state_t))
+    name = f"netcl_segfinish_{acc}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     t, k = len(red.terms), len(red.outputs)
+    args = [f"__global const {acc} *restrict partials", "__global const long *restrict segs",
+            f"__global {acc} *restrict values"]  # fmt: skip
+    for f in red.state:
+        args += [f"__global const {state_t} *restrict {f}_in, const long {f}_in_off",
+                 f"__global {state_t} *restrict {f}_out, const long {f}_out_off"]  # fmt: skip
+    args += [f"const {acc} {sc}" for sc in scalars]
     sums = "".join(f"    {acc} s{j} = 0;\n" for j in range(t))
     adds = "".join(f"        s{j} = s{j} + partials[{t} * c + {j}];\n" for j in range(t))
+    old = "".join(f"    {acc} {f} = ({acc}){f}_in[{f}_in_off + s];\n" for f in red.state)
+    new = "".join(
+        f"        const {acc} next_{f} = ({acc})({expr});\n"
+        for f, expr in zip(red.state, red.update, strict=True)
+    )
+    # the outputs see the values as stored (rounded to the state's type), as a later step will
+    new += "".join(f"        {f} = ({acc})({state_t})next_{f};\n" for f in red.state)
+    store = "".join(f"    {f}_out[{f}_out_off + s] = ({state_t}){f};\n" for f in red.state)
     outs = "".join(
         f"    values[{k} * s + {j}] = ({acc})({expr});\n" for j, expr in enumerate(red.finish)
     )
-    src = f"""//CL// {name}: each segment's sums and outputs ({", ".join(red.outputs)})
-{preamble(acc, acc == "double")}
-__kernel void {name}(__global const {acc} *restrict partials,
-    __global const long *restrict segs, __global {acc} *restrict values)
+    src = f"""//CL// {name}: each segment's sums, state and outputs ({", ".join(red.outputs)})
+{preamble(acc, "double" in (acc, state_t))}
+__kernel void {name}({", ".join(args)})
 {{
     const long s = get_global_id(0);
     const long first = segs[3 * s], stop = first + segs[3 * s + 1];
     const {acc} n = ({acc})segs[3 * s + 2];
 {sums}    for (long c = first; c < stop; c++) {{
 {adds}    }}
-{outs}}}
+{old}    {{
+{new}    }}
+{store}{outs}}}
 """
     return src, name
 
@@ -233,17 +253,26 @@ __kernel void {name}(__global const {acc} *restrict partials,
 _kernels: dict[tuple, cl.Kernel] = {}
 
 
-def _kernel(ctx: cl.Context, kind: str, red: SegmentReduction, storage: str, acc: str):
-    key = (ctx, kind, red, storage, acc)
+def _reducer(ctx: cl.Context, red: SegmentReduction, storage: str, acc: str) -> cl.Kernel:
+    key = (ctx, "reduce", red, storage, acc)
     kernel = _kernels.get(key)
     if kernel is None:
-        if kind == "reduce":
-            src, name = _reduce_source(red, storage, acc)
-            roles = 2 if red.needs_params else 1
-            dtypes = [None, np.int64] * roles + [None, np.int64, None]
-        else:
-            src, name = _finish_source(red, acc)
-            dtypes = [None, None, None]
+        src, name = _reduce_source(red, storage, acc)
+        roles = 2 if red.needs_params else 1
+        dtypes = [None, np.int64] * roles + [None, np.int64, None]
+        kernel = _kernels[key] = build(ctx, src, name, dtypes)
+    return kernel
+
+
+def _finisher(
+    ctx: cl.Context, red: SegmentReduction, acc: str, scalars: tuple[str, ...], state_t: str
+) -> cl.Kernel:
+    key = (ctx, "finish", red, acc, scalars, state_t)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        src, name = _finish_source(red, acc, scalars, state_t)
+        a = np.float64 if acc == "double" else np.float32
+        dtypes = [None, None, None] + [None, np.int64] * (2 * len(red.state)) + [a] * len(scalars)
         kernel = _kernels[key] = build(ctx, src, name, dtypes)
     return kernel
 
@@ -262,9 +291,14 @@ def reduce_segments(
     u_leaves: list[cla.Array],
     p_leaves: list[cla.Array],
     acc: str,
+    scalars: tuple[tuple[str, float], ...] = (),
+    state: tuple[tuple[Any, Any], ...] = (),
 ) -> cla.Array:
     """Run ``red`` over one dtype group's leaves (``p_leaves`` when it reads params) into
-    its workspace's values buffer, returned (see the module docstring)."""
+    its workspace's values buffer, returned (see the module docstring). ``scalars``: the
+    fragment's ``(name, value)`` pairs; ``state``: per field of ``red.state``, the
+    ``(buffer, offset)`` of the old and of the new values, one per segment (may be the
+    same)."""
     acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
     dtype = u_leaves[0].dtype
     seg = segmentation(tuple(x.shape for x in u_leaves), red.segments)
@@ -273,7 +307,7 @@ def reduce_segments(
         return values
     tables = seg.tables(queue)
     ctx = queue.context
-    reducer = _kernel(ctx, "reduce", red, ctype(dtype), acc)
+    reducer = _reducer(ctx, red, ctype(dtype), acc)
     roles = [u_leaves] + ([p_leaves] if red.needs_params else [])
     lay = layout(seg.shapes, dtype)
     runs = [contiguous_run(leaves, lay) for leaves in roles]
@@ -289,9 +323,12 @@ def reduce_segments(
                     a = leaves[j]
                     args += [a.base_data, element_offset(a) - lay.offsets[j]]
                 _reduce(reducer, queue, c1 - c0, [*args, chunk_table, c0, partials.base_data])
-    finisher = _kernel(ctx, "finish", red, ctype(dtype), acc)
-    launch(finisher, queue, seg.count, [partials.base_data, tables["segs"].base_data,
-                                        values.base_data])  # fmt: skip
+    state_t = "double" if dtype == np.float64 else "float"
+    finisher = _finisher(ctx, red, acc, tuple(name for name, _ in scalars), state_t)
+    args = [partials.base_data, tables["segs"].base_data, values.base_data]
+    for old, new in state:
+        args += [*old, *new]
+    launch(finisher, queue, seg.count, args + [value for _, value in scalars])
     return values
 
 

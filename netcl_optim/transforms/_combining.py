@@ -27,7 +27,7 @@ from .._state_check import (
     register,
     spec_of,
 )
-from ..fusion import execute, init_slots
+from ..fusion import execute, init_leaf_values, init_slots
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,12 +137,14 @@ def elementwise(
     fragment: Fragment, init: Callable[..., OptState] | None = None
 ) -> GradientTransformation:
     """A transform from a fragment: ``init`` receives the fragment's slot trees (packed,
-    shaped like the params, each filled with its ``slot_init`` value, zero by default) as
-    positional arguments; ``update`` is a chain of one."""
+    shaped like the params, each filled with its ``slot_init`` value, zero by default), then
+    its per-leaf state trees (``SegmentReduction.state``: one zero per leaf), as positional
+    arguments; ``update`` is a chain of one."""
 
     def init_fn(params: Any) -> OptState:
         slots = init_slots(params, fragment.slot_starts) if fragment.slots else []
-        return init(*slots) if init is not None else EmptyState()
+        per_leaf = init_leaf_values(params, len(fragment.segment_state))
+        return init(*slots, *per_leaf) if init is not None else EmptyState()
 
     tx: GradientTransformation
 
