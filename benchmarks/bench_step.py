@@ -120,6 +120,8 @@ PASSES: dict[str, tuple[Pass, ...]] = {
     "lars": (Pass(reads=("g", "p")), Pass(reads=("g",), updates=("p", "t"))),
     # reduce g and p, then trust ratio, lr, shrink and apply in one pass
     "fromage": (Pass(reads=("g", "p")), Pass(reads=("g",), updates=("p",))),
+    # reduce g (||g||^2 per leaf; nu updated by the finish launch), then m, lr and apply
+    "novograd": (Pass(reads=("g",)), Pass(reads=("g",), updates=("p", "m"))),
 }
 # Limits timed beside the main one, by variant label: LAMB with the sums inside the Adam pass
 # (a work-group reduction; slower than a separate reduce launch on PoCL's CPU device).

@@ -849,6 +849,27 @@ OPTIMIZERS: list[Optimizer] = [
     Optimizer(id="fromage-schedule", factory="fromage", kwargs={"learning_rate": cosine},
               segmented=4, reference=rr.fromage_tx, slots=0, needs_params=True,
               optax=lambda optax, h: optax.fromage(h["learning_rate"], h["min_norm"])),
+    # a second moment per leaf (state not shaped like the params: 0-d per parameter)
+    Optimizer(id="novograd", factory="novograd", kwargs={"learning_rate": 1e-3}, segmented=4,
+              reference=rr.novograd_tx, stateful="NovoGrad", slots=1,
+              optax=lambda optax, h: optax.novograd(h["learning_rate"], h["b1"], h["b2"],
+                                                    h["eps"], h["eps_root"], h["weight_decay"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
+                  "b2": st.sampled_from([0.25]) | st.floats(0.0, 0.999), "eps": _eps(st),
+                  "eps_root": st.sampled_from([0.0]) | st.floats(0.0, 1e-6),
+                  "weight_decay": _weight_decay(st)}),
+              parts=(("scale_by_novograd", {"eps": 1e-6}), _lr(1e-3)), bench="novograd"),
+    Optimizer(id="novograd-wd-custom", factory="novograd",
+              kwargs={"learning_rate": 1e-2, "b1": 0.8, "b2": 0.5, "eps": 1e-8, "eps_root": 1e-8,
+                      "weight_decay": 0.1},
+              segmented=4, reference=rr.novograd_tx, stateful="NovoGrad", slots=1,
+              needs_params=True,
+              optax=lambda optax, h: optax.novograd(h["learning_rate"], h["b1"], h["b2"],
+                                                    h["eps"], h["eps_root"], h["weight_decay"]),
+              parts=(("scale_by_novograd", {"b1": 0.8, "b2": 0.5, "eps": 1e-8, "eps_root": 1e-8,
+                                            "weight_decay": 0.1}), _lr(1e-2))),
     # rows: ademamix, madgrad, cocob
     # torch.optim has none of these: optax.contrib's rules (the classes' lr defaults in kwargs)
     Optimizer(id="ademamix", factory="ademamix", kwargs={"learning_rate": 1e-3},

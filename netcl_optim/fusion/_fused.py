@@ -278,7 +278,7 @@ def _segment_values(
 def _copy(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
     """Device-to-device copy of one small array (no host round trip)."""
     cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
-                    dest_offset=dst.offset, src_offset=src.offset)  # fmt: skip
+                    dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
 def _segment_state_leaves(

@@ -61,16 +61,18 @@ class Group:
         self.element_origins: dict[np.dtype, int] = {}
 
     def _allocate(
-        self, dtype_of: Callable[[np.dtype], np.dtype], start: float = 0.0
+        self, dtype_of: Callable[[np.dtype], np.dtype], start: float = 0.0, per_leaf: bool = False
     ) -> tuple[list, list[Block]]:
-        """Views packed per dtype, filled with ``start``, and the packed block of each dtype."""
+        """Views packed per dtype, filled with ``start``, and the packed block of each dtype;
+        shaped like the params, or ``per_leaf``: one 0-d view per parameter."""
         views: list[Any] = [None] * len(self.params)
         blocks = []
         by_dtype: dict[np.dtype, list[int]] = {}
         for i, d in enumerate(self.dtypes):
             by_dtype.setdefault(d, []).append(i)
         for dtype, idx in by_dtype.items():
-            lay = layout(tuple(self.shapes[i] for i in idx), dtype_of(dtype))
+            shapes = tuple(() if per_leaf else self.shapes[i] for i in idx)
+            lay = layout(shapes, dtype_of(dtype))
             block = lay.allocate(self.queue)
             block.fill(self.queue, start)
             blocks.append(block)
@@ -78,11 +80,12 @@ class Group:
                 views[i] = v
         return views, blocks
 
-    def ensure(self, key: str, start: float = 0.0) -> None:
+    def ensure(self, key: str, start: float = 0.0, per_leaf: bool = False) -> None:
         """Create the state buffer ``key`` (packed per dtype), filled with its slot's
-        ``start`` value, if it is missing."""
+        ``start`` value, if it is missing: shaped like the params, or ``per_leaf`` (one
+        value per parameter: 0-d views)."""
         if key not in self.bufs:
-            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start)
+            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start, per_leaf)
             self.counts[key] = [0] * len(self.params)
             if start:
                 self.starts[key] = start

@@ -31,19 +31,20 @@ from ._groups import (
     group_params,
     pack_params,
 )
-from ._torch_state import STEP, TorchState, assemble, keys_of, slot_starts
+from ._torch_state import STEP, TorchState, assemble, keys_of, per_leaf_keys, slot_starts
 
 _CHAIN_CACHE_SIZE = 32
 
 
 class _Chain(NamedTuple):
-    """A group's functional optimizer, its state template, the torch keys it keeps and the
-    non-zero start values of their fresh buffers."""
+    """A group's functional optimizer, its state template, the torch keys it keeps, the
+    non-zero start values of their fresh buffers and the keys with one value per parameter."""
 
     tx: GradientTransformation
     template: Any
     keys: list[str]
     starts: dict[str, float]
+    per_leaf: frozenset[str] = frozenset()
 
 
 def _freeze(v: Any) -> Any:
@@ -205,7 +206,8 @@ class Optimizer(abc.ABC):
         tx = self.functional(**values)
         template = tx.init([])
         keys = keys_of(template, self._torch_states, type(self).__name__)
-        chain = _Chain(tx, template, keys, slot_starts(tx, self._torch_states))
+        starts = slot_starts(tx, self._torch_states)
+        chain = _Chain(tx, template, keys, starts, per_leaf_keys(tx, self._torch_states))
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains.popitem(last=False)
@@ -237,7 +239,7 @@ class Optimizer(abc.ABC):
                 work.append((rec, members, self._chain(gi)))
         for rec, members, chain in work:
             for k in chain.keys:
-                rec.ensure(k, chain.starts.get(k, 0.0))
+                rec.ensure(k, chain.starts.get(k, 0.0), k in chain.per_leaf)
             for cohort in rec.cohorts(members, chain.keys):
                 self._run(rec, cohort, chain)
         return loss

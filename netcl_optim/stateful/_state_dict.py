@@ -21,7 +21,7 @@ from .._device import state_dtype
 from .._validation import invalid
 from ._declaration import as_stored
 from ._groups import Group
-from ._torch_state import STEP, keys_of
+from ._torch_state import STEP, keys_of, per_leaf_keys
 
 if TYPE_CHECKING:
     from ._optimizer import Optimizer
@@ -113,6 +113,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
     new_groups = [_import_group(opt, saved, gi) for gi, saved in enumerate(saved_groups)]
 
     group_keys = [_group_keys(type(opt), group) for group in new_groups]
+    per_leaf = [_per_leaf(type(opt), group) for group in new_groups]
     staged = []
     for pid, entry in state_dict["state"].items():
         idx = _index(pid)
@@ -120,7 +121,8 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
             raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
         gi, i = where[idx]
         keys = group_keys[gi]
-        staged.append((gi, i, *_import_entry(opt, entry, opt._groups[gi], i, idx, keys)))
+        imported = _import_entry(opt, entry, opt._groups[gi], i, idx, keys, per_leaf[gi])
+        staged.append((gi, i, *imported))
 
     for group, rec, new in zip(opt.param_groups, opt._groups, new_groups, strict=True):
         group.clear()
@@ -132,7 +134,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
         rec = opt._groups[gi]
         rec.steps[i] = step
         for k, a in arrays.items():
-            rec.ensure(k, starts[gi].get(k, 0.0))
+            rec.ensure(k, starts[gi].get(k, 0.0), k in per_leaf[gi])
             if a.size:
                 rec.bufs[k][i].set(a)
             rec.counts[k][i] = max(step, 1)
@@ -217,8 +219,20 @@ def _group_keys(cls: type[Optimizer], group: Mapping[str, Any]) -> tuple[str, ..
     return ((STEP,) if cls.torch_step else ()) + tuple(keys)
 
 
+def _per_leaf(cls: type[Optimizer], group: Mapping[str, Any]) -> frozenset[str]:
+    """The keys of ``group``'s chain with one value per parameter (0-d entries)."""
+    values = cls._declaration.validate(group, in_group=True)
+    return per_leaf_keys(cls.functional(**values), cls._torch_states)
+
+
 def _import_entry(
-    opt: Optimizer, entry: Any, rec: Group, i: int, pid: int, keys: tuple[str, ...]
+    opt: Optimizer,
+    entry: Any,
+    rec: Group,
+    i: int,
+    pid: int,
+    keys: tuple[str, ...],
+    per_leaf: frozenset[str] = frozenset(),
 ) -> tuple[int, dict[str, np.ndarray]]:
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
@@ -237,8 +251,9 @@ def _import_entry(
         if v is None:  # absent (torch may also hold None before a first step)
             continue
         a = v.get() if isinstance(v, cla.Array) else np.asarray(v)
-        if a.shape != rec.shapes[i]:
-            raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {rec.shapes[i]}")
+        shape = () if k in per_leaf else rec.shapes[i]
+        if a.shape != shape:
+            raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
         if a.dtype.kind not in "fiu":
             raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
         arrays[k] = np.require(a, dtype=state_dtype(rec.dtypes[i]), requirements="C")

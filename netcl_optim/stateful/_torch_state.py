@@ -138,3 +138,21 @@ def slot_starts(
             if start and field in keys:
                 starts.setdefault(keys[field], start)
     return starts
+
+
+def per_leaf_keys(
+    tx: GradientTransformation, declared: Mapping[type, TorchState]
+) -> frozenset[str]:
+    """The torch keys whose buffers hold one value per parameter (a fragment's per-leaf
+    state, ``SegmentReduction.state``: NovoGrad's ``exp_avg_sq``), not one per element."""
+    keys: set[str] = set()
+    for t in _transforms(tx):
+        fragment = t.plan
+        if not isinstance(fragment, Fragment) or not fragment.segment_state:
+            continue
+        spec = spec_of(t)
+        state = declared.get(spec.cls) if isinstance(spec, NamedTupleSpec) else None
+        if state is not None:
+            names = dict(state.slots)
+            keys.update(names[f] for f in fragment.segment_state if f in names)
+    return frozenset(keys)

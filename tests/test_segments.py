@@ -1,0 +1,134 @@
+"""Segment reductions (a value per leaf or per row, fusion/_segments.py): constant launch
+counts, the same bits packed or separate, zero norms, per-leaf state and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import netcl_optim as no
+from netcl_optim.fusion import count_launches
+from netcl_optim.fusion._launch import TILE
+from netcl_optim.fusion._segments import CHUNK, segmentation
+
+# leaves below, at and above a work-group and a reduce chunk, a 0-d one and an empty one
+SHAPES = [(TILE - 1,), (TILE,), (3, TILE + 5), (CHUNK + 3,), (), (0,), (2, CHUNK // 3)]
+
+
+def _tree(rng: np.random.Generator, dtype=np.float32, shapes=SHAPES) -> list[np.ndarray]:
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _run(tx, params, grads, packed: bool, queue):
+    ps = no.to_device(params, queue)
+    if packed:
+        ps = no.pack(ps)
+    state = tx.init(ps)
+    for g in grads:
+        gd = no.to_device(g, queue)
+        ps, state = no.step(tx, ps, no.pack(gd) if packed else gd, state)
+    return [p.get() for p in ps], state
+
+
+@pytest.mark.parametrize("make", [lambda: no.lamb(1e-2, weight_decay=0.1),
+                                  lambda: no.novograd(1e-2),
+                                  lambda: no.chain(no.centralize(), no.sgd(0.1))],
+                         ids=["lamb", "novograd", "centralize"])  # fmt: skip
+def test_packed_and_separate_give_the_same_bits(cl_queue, make):
+    rng = np.random.default_rng(0)
+    params = _tree(rng)
+    grads = [_tree(rng) for _ in range(4)]
+    a, _ = _run(make(), params, grads, True, cl_queue)
+    b, _ = _run(make(), params, grads, False, cl_queue)
+    assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
+
+
+def test_sums_are_the_float64_sums(cl_queue):
+    """Norms of leaves longer than a chunk, in float64, to rounding."""
+    rng = np.random.default_rng(1)
+    params = _tree(rng, np.float64)
+    grads = _tree(rng, np.float64)
+    tx = no.scale_by_trust_ratio(trust_coefficient=1.0)
+    u, _ = tx.update(no.pack(no.to_device(grads, cl_queue)), tx.init([]),
+                     no.pack(no.to_device(params, cl_queue)))  # fmt: skip
+    for got, g, p in zip(u, grads, params, strict=True):
+        pn, gn = np.linalg.norm(p), np.linalg.norm(g)
+        ratio = 1.0 if pn == 0 or gn == 0 else pn / gn
+        np.testing.assert_allclose(got.get(), g * ratio, rtol=1e-13, atol=0)
+
+
+def test_launches_do_not_grow_with_the_number_of_leaves(cl_queue):
+    """A packed LAMB step: the Adam kernel, one reduce, one finish and the full and partial
+    work-groups, for 3 leaves or 160."""
+    counts = []
+    for n_leaves in (3, 160):
+        rng = np.random.default_rng(n_leaves)
+        shapes = [(int(k),) for k in rng.integers(1, 5000, n_leaves)]
+        ps = no.pack(no.to_device(_tree(rng, shapes=shapes), cl_queue))
+        tx = no.lamb(1e-3)
+        state = tx.init(ps)
+        g = no.pack(no.to_device(_tree(rng, shapes=shapes), cl_queue))
+        ps, state = no.step(tx, ps, g, state)
+        with count_launches() as c:
+            no.step(tx, ps, g, state)
+        counts.append(c.launches)
+    assert counts[0] == counts[1] <= 6, counts
+
+
+def test_zero_leaves_keep_the_rules_value(cl_queue):
+    """A zero param leaf or a zero update leaf: trust ratio 1 (LAMB, LARS, Fromage step as
+    their rule says, no NaN); NovoGrad's zero-gradient leaf does not move."""
+    shapes = [(4, 3), (5,)]
+    params = [np.zeros(shapes[0], np.float32), np.ones(shapes[1], np.float32)]
+    grads = [np.ones(shapes[0], np.float32), np.zeros(shapes[1], np.float32)]
+    for tx in (no.lamb(0.1), no.lars(0.1), no.fromage(0.1), no.novograd(0.1)):
+        got, _ = _run(tx, params, [grads, grads], True, cl_queue)
+        assert all(np.isfinite(x).all() for x in got)
+        np.testing.assert_array_equal(got[1], params[1] * (got[1][0] / params[1][0]))
+    tx = no.scale_by_trust_ratio()
+    u, _ = tx.update(no.to_device(grads, cl_queue), tx.init([]), no.to_device(params, cl_queue))
+    assert [x.get().tobytes() for x in u] == [g.tobytes() for g in grads]  # ratio 1
+
+
+def test_per_leaf_state_is_one_value_per_leaf(cl_queue):
+    rng = np.random.default_rng(2)
+    params = _tree(rng)
+    ps = no.to_device(params, cl_queue)
+    state = no.scale_by_novograd().init(ps)
+    assert [x.shape for x in state.nu] == [()] * len(SHAPES)
+    assert [x.dtype for x in state.nu] == [np.dtype(np.float32)] * len(SHAPES)
+    g = _tree(rng)
+    _u, new = no.scale_by_novograd().update(no.to_device(g, cl_queue), state, ps)
+    for nu, x in zip(new.nu, g, strict=True):  # the first step: ||g||^2
+        np.testing.assert_allclose(nu.get(), np.sum(x.astype(np.float64) ** 2), rtol=1e-6)
+    assert all(float(x.get()) == 0.0 for x in state.nu)  # pure: the old state is untouched
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda nu: [np.zeros(2, np.float32), *nu[1:]], "shape"),
+        (lambda nu: [nu[0].astype(np.float64), *nu[1:]], "dtype"),
+        (lambda nu: nu[:-1], "tree structure"),
+    ],
+    ids=["shape", "dtype", "structure"],
+)
+def test_bad_per_leaf_state_is_refused_and_nothing_changes(cl_queue, bad, match):
+    rng = np.random.default_rng(3)
+    params = _tree(rng, shapes=[(3, 2), (4,)])
+    ps = no.to_device(params, cl_queue)
+    tx = no.scale_by_novograd()
+    state = tx.init(ps)
+    host_nu = [x.get() for x in state.nu]
+    broken = state._replace(nu=no.to_device(bad(host_nu), cl_queue))
+    before = [x.get().tobytes() for x in state.mu]
+    with pytest.raises((ValueError, TypeError), match=match):
+        tx.update(no.to_device(_tree(rng, shapes=[(3, 2), (4,)]), cl_queue), broken, ps)
+    assert [x.get().tobytes() for x in state.mu] == before
+
+
+def test_rows_segments():
+    """Rows of a leaf of ndim >= 2 are segments; a vector is one segment, not reduced."""
+    seg = segmentation(((3, 4), (5,), ()), "rows")
+    assert seg.count == 3 + 1 + 1
+    assert seg.segs[:, 2].tolist() == [4, 4, 4, 0, 0]  # n: reduced rows, then none
