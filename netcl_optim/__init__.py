@@ -93,6 +93,7 @@ from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState
 from .transforms._adaptive import scale_by_adam as scale_by_adam
 from .transforms._adaptive import scale_by_rms as scale_by_rms
+from .transforms._blocks import adaptive_grad_clip as adaptive_grad_clip
 from .transforms._blocks import centralize as centralize
 from .transforms._blocks import clip_by_block_rms as clip_by_block_rms
 from .transforms._blocks import normalize_by_update_norm as normalize_by_update_norm

@@ -162,13 +162,15 @@ class SegmentReduction:
     """Sums over each segment of the incoming updates, run before a fragment that reads a
     value per segment (a norm per leaf, a mean per row): see ``fusion/_segments.py``.
 
-    ``segments``: ``"leaf"`` (one per leaf; a 0-d leaf is a segment of one element) or
+    ``segments``: ``"leaf"`` (one per leaf; a 0-d leaf is a segment of one element),
     ``"rows"`` (one per index along the first axis of each leaf of ndim >= 2; a leaf of
-    ndim <= 1 is one segment whose sums are 0 and whose ``n`` is 0). ``terms``: OpenCL C
-    expressions of ``u`` (and ``p`` when ``needs_params``), each summed over the segment in
-    the reduction type (double where the device has fp64). ``finish``: one expression per
-    name of ``outputs``, over the sums ``s0, s1, ...`` and ``n`` (the segment's element
-    count), evaluated once per segment; the fragment's source reads the outputs of its
+    ndim <= 1 is one segment whose sums are 0 and whose ``n`` is 0), or ``"units:<spec>"``
+    (adaptive_grad_clip's units: rows or columns, see ``fusion/_segments.unit_axes``).
+    ``terms``: OpenCL C expressions of ``u`` (and ``p`` when ``needs_params``), each summed
+    over the segment in the reduction type (double where the device has fp64). ``finish``:
+    one expression per name of ``outputs``, over the sums ``s0, s1, ...`` and ``n`` (the
+    segment's element count), evaluated once per segment; the fragment's source reads the
+    outputs of its
     element's segment by those names (as ``real``).
 
     ``state``: fields of the fragment's state that hold one value per segment (with
@@ -187,7 +189,7 @@ class SegmentReduction:
     update: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.segments not in ("leaf", "rows"):
+        if self.segments not in ("leaf", "rows") and not self.segments.startswith("units:"):
             raise ValueError(f"SegmentReduction: unknown segments {self.segments!r}")
         if len(self.update) != len(self.state):
             raise ValueError("SegmentReduction: one update expression per state field")

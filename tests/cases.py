@@ -65,6 +65,11 @@ TRANSFORMS: list[Case] = [
          rr.scale_by_param_block_rms, needs_params=True, param_scale=1e-3),
     Case("clip_by_block_rms", "clip_by_block_rms", {"threshold": 0.5}, rr.clip_by_block_rms),
     Case("centralize", "centralize", {}, rr.centralize),
+    Case("adaptive_grad_clip", "adaptive_grad_clip", {"clipping": 0.05},
+         rr.adaptive_grad_clip, needs_params=True),
+    Case("adaptive_grad_clip-out_in", "adaptive_grad_clip",
+         {"clipping": 0.1, "eps": 1e-2, "layout": "out_in"}, rr.adaptive_grad_clip,
+         needs_params=True),
     Case("normalize_by_update_norm", "normalize_by_update_norm", {"scale_factor": 2.0},
          rr.normalize_by_update_norm, reduction=True),
 ]  # fmt: skip

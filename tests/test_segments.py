@@ -132,3 +132,54 @@ def test_rows_segments():
     seg = segmentation(((3, 4), (5,), ()), "rows")
     assert seg.count == 3 + 1 + 1
     assert seg.segs[:, 2].tolist() == [4, 4, 4, 0, 0]  # n: reduced rows, then none
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_adaptive_grad_clip_units_packed_or_separate(cl_queue, layout):
+    """Columns (strided units) and rows, leaves over a work-group, rank 4: the same bits
+    packed or separate, and the float64 reference's numbers."""
+    import reference_reductions as rr
+
+    rng = np.random.default_rng(4)
+    shapes = [(TILE + 3, 5), (3, 3, 2, 7), (7,), (1, 9), (2, 3, 300)]
+    params = _tree(rng, np.float64, shapes)
+    grads = [3 * g for g in _tree(rng, np.float64, shapes)]
+    tx = no.adaptive_grad_clip(0.05, layout=layout)
+    outs = []
+    for packed in (True, False):
+        ps, gs = no.to_device(params, cl_queue), no.to_device(grads, cl_queue)
+        if packed:
+            ps, gs = no.pack(ps), no.pack(gs)
+        u, _ = tx.update(gs, tx.init(ps), ps)
+        outs.append([x.get() for x in u])
+    assert [x.tobytes() for x in outs[0]] == [x.tobytes() for x in outs[1]]
+    ref = rr.adaptive_grad_clip(0.05, layout=layout)
+    want, _ = ref.update(grads, ref.init(params), params)
+    for got, w in zip(outs[0], want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-12, atol=0)
+    assert any((got != g).any() for got, g in zip(outs[0], grads, strict=True))  # some clip
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"layout": "io"}, ValueError, "Invalid layout"),
+        ({"axis": "0"}, TypeError, "Invalid axis"),
+        ({"clipping": -1.0}, ValueError, "Invalid clipping"),
+    ],
+)
+def test_adaptive_grad_clip_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        no.adaptive_grad_clip(**{"clipping": 0.1, **kwargs})
+
+
+def test_adaptive_grad_clip_axes_must_fit_every_leaf(cl_queue):
+    """Units over axes that are not consecutive, or a leaf without the axis: refused before
+    anything runs, inputs unchanged."""
+    ps = no.to_device([np.ones((2, 3, 4), np.float32), np.ones((), np.float32)], cl_queue)
+    gs = no.to_device([np.ones((2, 3, 4), np.float32), np.ones((), np.float32)], cl_queue)
+    for axis, match in (((0, 2), "consecutive"), (0, r"shape \(\)")):
+        tx = no.adaptive_grad_clip(0.1, axis=axis)
+        with pytest.raises(ValueError, match=match):
+            tx.update(gs, tx.init(ps), ps)
+        assert all((x.get() == 1).all() for x in [*ps, *gs])

@@ -209,16 +209,28 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             params.append(f"const real {scalar_arg(s, k)}")
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
-    if spec.tiling:  # the group's first element and segment from the table
+    red = fragments[0].segment_reduction if fragments else None
+    if spec.tiling and red is not None and red.segments.startswith("units:"):
+        # the group's first element and its place in its leaf: each element's segment
+        # (a unit) from its place (see _segments.Segmentation)
+        body = [
+            f"    const long tile_row = 6 * ({TILE_ARG}_off + (long)get_group_id(0));",
+            f"    const long pos = {TILE_ARG}[tile_row + 3] + (long)get_local_id(0);",
+            f"    const long inner = {TILE_ARG}[tile_row + 5];",
+            f"    const long seg = {TILE_ARG}[tile_row + 1] + (pos / {TILE_ARG}[tile_row + 4])"
+            " * inner + pos % inner;",
+            f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
+        ]
+    elif spec.tiling:  # the group's first element and segment from the table
         body = [
             f"    const long tile_row = 3 * ({TILE_ARG}_off + (long)get_group_id(0));",
             f"    const long seg = {TILE_ARG}[tile_row + 1];",
             f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
         ]
-        if spec.tiling == "partial":
-            body.append(f"    if ((long)get_local_id(0) < {TILE_ARG}[tile_row + 2]) {{")
     else:
         body = ["    const long i = get_global_id(0);"]
+    if spec.tiling == "partial":
+        body.append(f"    if ((long)get_local_id(0) < {TILE_ARG}[tile_row + 2]) {{")
     if indexed:
         body.append(f"    const ulong idx = (ulong)({INDEX}_off + i);")
     body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")

@@ -29,6 +29,7 @@ local array in vectors; a tree of barriers: 29 ms), where the separate reduce la
 from __future__ import annotations
 
 import hashlib
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -45,55 +46,129 @@ from ._programs import build
 CHUNK = 8192  # elements per partial sum of the reduce launch
 
 
+def unit_axes(shape: tuple[int, ...], spec: str) -> tuple[int, int] | None:
+    """The consecutive axes ``(first, last)`` a unit's sum runs over for a ``"units:"``
+    segmentation (``None``: the whole leaf is one unit). ``spec``: ``"in_out"`` (optax's
+    ``unitwise_norm``: a leaf of squeezed rank <= 1 is one unit; rank 2 and 3 sum over axis
+    0, rank 4 over (0, 1, 2), rank 5 over (0, 1, 2, 3); the units are the trailing axes of
+    a JAX ``[in, out]`` / HWIO weight), ``"out_in"`` (torch's ``[out, in]`` / OIHW: rank <= 1
+    is one unit, else the sum runs over axes 1..: the units are the rows of axis 0), or
+    ``"axes=a,b,.."`` (given axes, consecutive; negative ones count from the end)."""
+    ndim = len(shape)
+    if spec == "out_in":
+        return None if ndim <= 1 else (1, ndim - 1)
+    if spec == "in_out":
+        if sum(1 for n in shape if n != 1) <= 1:
+            return None
+        last = {2: 0, 3: 0, 4: 2, 5: 3}.get(ndim)
+        if last is None:
+            raise ValueError(
+                f"Invalid shape: {shape} (adaptive_grad_clip's default units need rank <= 5; "
+                "pass axis)"
+            )
+        return (0, last)
+    given = sorted({int(a) % ndim if ndim else int(a) for a in spec[5:].split(",")})
+    if ndim == 0 or given[-1] >= ndim or given != list(range(given[0], given[-1] + 1)):
+        raise ValueError(
+            f"Invalid axis: ({spec[5:]}) for a leaf of shape {shape} (must be consecutive "
+            "axes of the leaf)"
+        )
+    return (given[0], given[-1])
+
+
+def leaf_view(shape: tuple[int, ...], kind: str) -> tuple[int, int, int, bool]:
+    """A leaf as ``[outer, mid, inner]`` whose segments are its ``(outer, inner)`` pairs,
+    each a sum over ``mid``, and whether they are reduced (see ``SegmentReduction``)."""
+    size = math.prod(shape)
+    if kind == "leaf":
+        return 1, size, 1, True
+    if kind == "rows":
+        if len(shape) < 2:
+            return 1, size, 1, False
+        return shape[0], size // shape[0] if shape[0] else 0, 1, True
+    axes = unit_axes(shape, kind[len("units:") :])
+    if axes is None:
+        return 1, size, 1, True
+    a, b = axes
+    return math.prod(shape[:a]), math.prod(shape[a : b + 1]), math.prod(shape[b + 1 :]), True
+
+
 class Segmentation:
     """The segments of leaves with ``shapes`` packed back to back, with the host tables of
     the reduce, finish and tiled launches (``int64``):
 
-    - ``segs``: per segment ``(first chunk, chunks, n)``, ``n`` its element count (0 for a
-      segment that is not reduced: a leaf of ndim <= 1 when segments are rows);
-    - ``chunks``: per chunk ``(first element, elements)``;
-    - ``groups``: per work-group ``(first element, segment, elements)``: every full group
-      first, then every partial one (``full`` of them are full);
-    - per leaf, its ranges: ``leaf_chunks``, ``leaf_full`` and ``leaf_tail`` (``(start,
-      stop)`` into the chunk table, the full groups and the partial groups).
+    - ``segs``: per segment ``(first partial, partials, n)``, ``n`` its element count (0 for
+      a segment that is not reduced: a leaf of ndim <= 1 when segments are rows);
+    - ``chunks``: per chunk of a contiguous segment ``(first element, elements)``; then
+      ``strided``: per segment whose elements are apart (a column) ``(first element,
+      elements, stride)``; partials are the chunks' then the strided segments';
+    - ``groups``: per work-group, ``(first element, segment, elements)``, each group inside
+      one segment (``general``: ``(first element, first segment of its leaf, elements,
+      place in the leaf, mid * inner, inner)``, each group inside one leaf, its elements'
+      segments from their place: the ``"units:"`` kinds); every full group first, then every
+      partial one (``full`` of them are full);
+    - per leaf, its ranges: ``leaf_chunks``, ``leaf_strided``, ``leaf_full`` and
+      ``leaf_tail`` (``(start, stop)`` into those tables, the tails counted from ``full``).
     """
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...], kind: str) -> None:
         self.shapes = shapes
         self.kind = kind
+        self.general = kind.startswith("units:")
         lay = layout(shapes, np.dtype(np.float32))
-        segs: list[tuple[int, int, int]] = []
+        segs: list[list[int]] = []
         chunks: list[tuple[int, int]] = []
-        full: list[tuple[int, int, int]] = []
-        tail: list[tuple[int, int, int]] = []
+        strided: list[tuple[int, int, int]] = []
+        strided_segs: list[int] = []
+        full: list[tuple[int, ...]] = []
+        tail: list[tuple[int, ...]] = []
         self.leaf_chunks: list[tuple[int, int]] = []
+        self.leaf_strided: list[tuple[int, int]] = []
         self.leaf_full: list[tuple[int, int]] = []
         self.leaf_tail: list[tuple[int, int]] = []
+
+        def tile(start: int, n: int, seg: int, place: tuple[int, ...] = ()) -> None:
+            """Work-groups over ``n`` elements from ``start``; ``place``: (the first one's
+            place in its leaf, mid * inner, inner) for a general table."""
+            for g in range(0, n, TILE):
+                count = min(TILE, n - g)
+                row = (start + g, seg, count, *((place[0] + g, *place[1:]) if place else ()))
+                (full if count == TILE else tail).append(row)
+
         for shape, offset, size in zip(shapes, lay.offsets, lay.sizes, strict=True):
-            c0, f0, t0 = len(chunks), len(full), len(tail)
-            if kind == "rows" and len(shape) >= 2:
-                rows = shape[0]
-                width = size // rows if rows else 0
-                pieces = [(offset + r * width, width, True) for r in range(rows)]
-            else:
-                pieces = [(offset, size, kind == "leaf")]
-            for start, n, reduced in pieces:
-                seg = len(segs)
-                first = len(chunks)
-                if reduced:
-                    chunks.extend((start + k, min(CHUNK, n - k)) for k in range(0, n, CHUNK))
-                segs.append((first, len(chunks) - first, n if reduced else 0))
-                whole = n // TILE
-                full.extend((start + g * TILE, seg, TILE) for g in range(whole))
-                if n % TILE:
-                    tail.append((start + whole * TILE, seg, n % TILE))
+            c0, s0, f0, t0 = len(chunks), len(strided), len(full), len(tail)
+            outer, mid, inner, reduced = leaf_view(shape, kind)
+            first_seg = len(segs)
+            for o in range(outer):
+                for i in range(inner):
+                    base = offset + o * mid * inner + i
+                    if not reduced:
+                        segs.append([len(chunks), 0, 0])
+                    elif inner == 1:
+                        first = len(chunks)
+                        chunks.extend((base + k, min(CHUNK, mid - k)) for k in range(0, mid, CHUNK))
+                        segs.append([first, len(chunks) - first, mid])
+                    else:
+                        strided_segs.append(len(segs))
+                        strided.append((base, mid, inner))
+                        segs.append([-1, 1, mid])  # its partial: after every chunk's
+                    if not self.general:
+                        tile(base, mid, len(segs) - 1)
+            if self.general:
+                tile(offset, size, first_seg, (0, mid * inner, inner))
             self.leaf_chunks.append((c0, len(chunks)))
+            self.leaf_strided.append((s0, len(strided)))
             self.leaf_full.append((f0, len(full)))
             self.leaf_tail.append((t0, len(tail)))
+        for k, seg in enumerate(strided_segs):
+            segs[seg][0] = len(chunks) + k
+        width = 6 if self.general else 3
         self.segs = np.array(segs, np.int64).reshape(-1, 3)
         self.chunks = np.array(chunks, np.int64).reshape(-1, 2)
+        self.strided = np.array(strided, np.int64).reshape(-1, 3)
+        self.partials = len(chunks) + len(strided)
         self.full = len(full)
-        self.groups = np.array(full + tail, np.int64).reshape(-1, 3)
+        self.groups = np.array(full + tail, np.int64).reshape(-1, width)
         self._device: dict[cl.Context, dict[str, cla.Array]] = {}
 
     @property
@@ -106,9 +181,9 @@ class Segmentation:
         tables = self._device.get(queue.context)
         if tables is None:
             tables = {
-                name: cla.to_device(queue, host if host.size else np.zeros(3, np.int64))
+                name: cla.to_device(queue, host if host.size else np.zeros(6, np.int64))
                 for name, host in (("segs", self.segs), ("chunks", self.chunks),
-                                   ("groups", self.groups))
+                                   ("strided", self.strided), ("groups", self.groups))
             }  # fmt: skip
             queue.finish()  # uploads done before any queue may use them
             self._device[queue.context] = tables
@@ -138,7 +213,7 @@ def workspace(
     key = (queue, seg, np.dtype(dtype), len(red.terms), len(red.outputs), np.dtype(acc_dtype))
     ws = _workspaces.get(key)
     if ws is None:
-        partials = cla.empty(queue, (max(len(red.terms) * len(seg.chunks), 1),), acc_dtype)
+        partials = cla.empty(queue, (max(len(red.terms) * seg.partials, 1),), acc_dtype)
         values = cla.zeros(queue, (max(len(red.outputs) * seg.count, 1),), acc_dtype)
         ws = _workspaces[key] = (partials, values)
     return ws
@@ -206,6 +281,40 @@ __kernel void {name}({", ".join(args)},
     return src, name
 
 
+def _strided_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str, str]:
+    """One partial per strided segment (a column: ``count`` elements ``stride`` apart), summed
+    in order in the reduction type; neighbouring work-items read neighbouring elements."""
+    digest = hashlib.sha1(repr((red.terms, red.needs_params)).encode()).hexdigest()[:10]
+    name = f"netcl_segsum_strided_{storage}_{acc}_{digest}"
+    real = "double" if storage == "double" else "float"
+    roles = ["u"] + (["p"] if red.needs_params else [])
+    t = len(red.terms)
+    args = [f"__global const {storage} *restrict {r}_in, const long {r}_in_off" for r in roles]
+
+    def load(r: str) -> str:
+        return f"vload_half(k, {r}_in)" if storage == "half" else f"{r}_in[k]"
+
+    loads = "".join(f"        const {acc} {r} = ({acc}){load(r)};\n" for r in roles)
+    adds = "".join(f"        r{j} = r{j} + ({term});\n" for j, term in enumerate(red.terms))
+    sums = "".join(f"    {acc} r{j} = 0;\n" for j in range(t))
+    stores = "".join(f"    partials[{t} * (first + c) + {j}] = r{j};\n" for j in range(t))
+    shift = "".join(f"    {r}_in += {r}_in_off;\n" for r in roles)
+    src = f"""//CL// {name}: one partial per strided segment ({", ".join(red.terms)})
+{preamble(real, "double" in (real, acc))}
+__kernel void {name}({", ".join(args)},
+    __global const long *restrict strided, const long strided_off,
+    __global {acc} *restrict partials, const long first)
+{{
+{shift}    const long c = strided_off + (long)get_global_id(0);
+    const long base = strided[3 * c], count = strided[3 * c + 1], stride = strided[3 * c + 2];
+{sums}    for (long m = 0; m < count; m++) {{
+        const long k = base + m * stride;
+{loads}{adds}    }}
+{stores}}}
+"""
+    return src, name
+
+
 def _finish_source(
     red: SegmentReduction, acc: str, scalars: tuple[str, ...], state_t: str
 ) -> tuple[str, str]:
@@ -264,6 +373,17 @@ def _reducer(ctx: cl.Context, red: SegmentReduction, storage: str, acc: str) -> 
     return kernel
 
 
+def _strided_reducer(ctx: cl.Context, red: SegmentReduction, storage: str, acc: str) -> cl.Kernel:
+    key = (ctx, "strided", red, storage, acc)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        src, name = _strided_source(red, storage, acc)
+        roles = 2 if red.needs_params else 1
+        dtypes = [None, np.int64] * roles + [None, np.int64, None, np.int64]
+        kernel = _kernels[key] = build(ctx, src, name, dtypes)
+    return kernel
+
+
 def _finisher(
     ctx: cl.Context, red: SegmentReduction, acc: str, scalars: tuple[str, ...], state_t: str
 ) -> cl.Kernel:
@@ -307,22 +427,29 @@ def reduce_segments(
         return values
     tables = seg.tables(queue)
     ctx = queue.context
-    reducer = _reducer(ctx, red, ctype(dtype), acc)
     roles = [u_leaves] + ([p_leaves] if red.needs_params else [])
     lay = layout(seg.shapes, dtype)
     runs = [contiguous_run(leaves, lay) for leaves in roles]
-    chunk_table = tables["chunks"].base_data
-    if len(seg.chunks) and None not in runs:
-        args = [v for run in runs for v in run]
-        _reduce(reducer, queue, len(seg.chunks), [*args, chunk_table, 0, partials.base_data])
-    elif len(seg.chunks):
-        for j, (c0, c1) in enumerate(seg.leaf_chunks):
-            if c1 > c0:
+    for table, ranges in (("chunks", seg.leaf_chunks), ("strided", seg.leaf_strided)):
+        total = ranges[-1][1] if ranges else 0
+        if not total:
+            continue
+        if table == "chunks":
+            kernel, run_ = _reducer(ctx, red, ctype(dtype), acc), _reduce
+        else:  # one work-item per column: PoCL vectorises across neighbouring columns
+            kernel, run_ = _strided_reducer(ctx, red, ctype(dtype), acc), _launch_strided
+        rows = tables[table].base_data
+        tail = [rows, 0, partials.base_data, len(seg.chunks)]
+        if None not in runs:
+            run_(kernel, queue, total, [v for run in runs for v in run] + tail)
+            continue
+        for j, (r0, r1) in enumerate(ranges):
+            if r1 > r0:
                 args = []
                 for leaves in roles:
                     a = leaves[j]
                     args += [a.base_data, element_offset(a) - lay.offsets[j]]
-                _reduce(reducer, queue, c1 - c0, [*args, chunk_table, c0, partials.base_data])
+                run_(kernel, queue, r1 - r0, [*args, rows, r0, partials.base_data, len(seg.chunks)])
     state_t = "double" if dtype == np.float64 else "float"
     finisher = _finisher(ctx, red, acc, tuple(name for name, _ in scalars), state_t)
     args = [partials.base_data, tables["segs"].base_data, values.base_data]
@@ -335,8 +462,12 @@ def reduce_segments(
 def _reduce(kernel: cl.Kernel, queue: cl.CommandQueue, chunks: int, args: list[Any]) -> None:
     """One work-item per work-group: each sums its chunk in its own vector loop (a larger
     group would have PoCL vectorise across chunks, with a gather per load)."""
-    kernel(queue, (chunks,), (1,), *args)
+    kernel(queue, (chunks,), (1,), *args[:-1])  # the chunk kernel takes no partial base
     note_launches(kernel.function_name)
+
+
+def _launch_strided(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
+    launch(kernel, queue, n, args)
 
 
 def tiled_launches(

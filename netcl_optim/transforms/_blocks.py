@@ -34,6 +34,7 @@ _ROW_MEAN = SegmentReduction(
     terms=("u",), outputs=("row_mean",), finish=("n > 0 ? s0 / n : 0",), segments="rows"
 )
 _GLOBAL_NORM = Reduction("sumsq", "norm", outputs=("update_norm",))
+_LAYOUTS = ("in_out", "out_in")
 
 
 def _constant(name: str, values: tuple[float, ...]) -> Any:
@@ -119,6 +120,63 @@ def centralize() -> GradientTransformation:
     return elementwise(Fragment("centralize", "u = u - row_mean;", segment_reduction=_ROW_MEAN))
 
 
+def adaptive_grad_clip(
+    clipping: float,
+    eps: float = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+    *,
+    layout: str = "in_out",
+) -> GradientTransformation:
+    """optax's adaptive gradient clipping (Brock et al., 2021, NFNets), per unit::
+
+        max_norm = clipping * max(||p_unit||, eps)
+        u <- u                                   where ||u_unit|| < max_norm
+        u <- u * max_norm / max(||u_unit||, 1e-6)  elsewhere
+
+    The units of a leaf, by ``layout`` (``axis``, consecutive axes, overrides it):
+
+    - ``"in_out"`` (optax's, JAX weights ``[in, out]``, HWIO): a leaf whose squeezed rank is
+      <= 1 is one unit; rank 2 and 3 sum over axis 0 (a unit per column, or per ``(heads,
+      out)`` pair), rank 4 over axes (0, 1, 2) (a unit per output channel), rank 5 over
+      (0, 1, 2, 3); other ranks raise (pass ``axis``);
+    - ``"out_in"`` (torch weights ``[out, in]``, OIHW): rank <= 1 is one unit; otherwise a
+      unit per index of axis 0 (a row: an output unit), the sum over the other axes.
+
+    optax's ``adaptive_grad_clip`` has no ``layout`` (it is ``"in_out"``). Needs ``params``.
+    The norms come from one reduction over the tree (columns as well as rows; see
+    ``fusion/_segments.py``); each element finds its unit by an integer division.
+    """
+    check(NON_NEGATIVE, clipping=clipping, eps=eps)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"Invalid layout: {layout!r} (must be 'in_out' or 'out_in')")
+    if axis is None:
+        kind = f"units:{layout}"
+    else:
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+            raise TypeError(f"Invalid axis: {axis!r} (must be an int or a tuple of ints)")
+        kind = "units:axes=" + ",".join(map(str, axes))
+    norms = SegmentReduction(
+        terms=("u * u", "p * p"),
+        outputs=("u_norm", "p_norm"),
+        finish=("sqrt(s0)", "sqrt(s1)"),
+        segments=kind,
+        needs_params=True,
+    )
+    source = """\
+const real max_norm = clipping * (p_norm < eps ? eps : p_norm);
+const real clipped = u * (max_norm / (u_norm < (real)1e-6 ? (real)1e-6 : u_norm));
+u = u_norm < max_norm ? u : clipped;"""
+    fragment = Fragment(
+        "adaptive_grad_clip",
+        source,
+        scalars=("clipping", "eps"),
+        host_step=_constant("agc", (float(clipping), float(eps))),
+        segment_reduction=norms,
+    )
+    return elementwise(fragment)
+
+
 def normalize_by_update_norm(
     scale_factor: float = 1.0, eps: float = 1e-6
 ) -> GradientTransformation:
@@ -137,6 +195,7 @@ def normalize_by_update_norm(
 
 
 __all__ = [
+    "adaptive_grad_clip",
     "centralize",
     "clip_by_block_rms",
     "normalize_by_update_norm",
