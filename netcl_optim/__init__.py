@@ -113,6 +113,13 @@ from .transforms._masking import MaskedState as MaskedState
 from .transforms._masking import masked as masked
 from .transforms._momentum import TraceState as TraceState
 from .transforms._momentum import trace as trace
+from .transforms._monitor import MonitorState as MonitorState
+from .transforms._monitor import SnapshotState as SnapshotState
+from .transforms._monitor import leaf_norms as leaf_norms
+from .transforms._monitor import measure_with_ema as measure_with_ema
+from .transforms._monitor import monitor as monitor
+from .transforms._monitor import snapshot as snapshot
+from .transforms._monitor import update_param_ratio as update_param_ratio
 from .transforms._plateau import ReduceLROnPlateauState as ReduceLROnPlateauState
 from .transforms._plateau import reduce_on_plateau as reduce_on_plateau
 from .transforms._scaling import ScaleByScheduleState as ScaleByScheduleState

@@ -183,3 +183,14 @@ def test_adaptive_grad_clip_axes_must_fit_every_leaf(cl_queue):
         with pytest.raises(ValueError, match=match):
             tx.update(gs, tx.init(ps), ps)
         assert all((x.get() == 1).all() for x in [*ps, *gs])
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_norms_of_tiny_and_huge_float32_leaves(cl_queue, scale):
+    """Squares that underflow or overflow float32 (|x| < 1e-19 or > 1e19): the chunk is
+    summed again in double, so the norm is right (a float32 sum would give 0 or inf and
+    the trust ratio would wrongly be 1)."""
+    x = (np.random.default_rng(5).standard_normal(CHUNK + 7) * scale).astype(np.float32)
+    got = no.leaf_norms(no.to_device([x], cl_queue))[0].get()
+    if got.dtype == np.float64:  # a device with fp64
+        np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64)), rtol=1e-12)

@@ -15,6 +15,7 @@ from ._execute import walk as walk
 from ._fused import element_origin as element_origin
 from ._fused import init_leaf_values as init_leaf_values
 from ._fused import init_slots as init_slots
+from ._fused import leaf_values as leaf_values
 from ._fused import run_parts as run_parts
 from ._kernels import clip_scale as clip_scale
 from ._kernels import scale_into as scale_into

@@ -521,3 +521,33 @@ def init_leaf_values(params: Any, count: int) -> list[Any]:
                 out[i] = view
         trees.append(optree.tree_unflatten(treedef, out))
     return trees
+
+
+def leaf_values(red: Any, tree: Any, params: Any = None) -> Any:
+    """``red``'s first output per leaf of ``tree`` (a ``"leaf"`` segment reduction over the
+    leaves, and ``params`` when it reads them), as a tree of 0-d arrays of the reduction
+    type, packed per dtype; no host sync. Raises for leaves that are not device arrays."""
+    leaves, treedef = flatten(tree)
+    if not leaves:
+        return optree.tree_unflatten(treedef, [])
+    queue = queue_of_leaves(leaves)
+    p_leaves = flatten_like(params, treedef, "params", "updates") if red.needs_params else []
+    others = [("params", p_leaves, same_dtype)] if red.needs_params else []
+    if not all_valid(leaves, others, queue):
+        check_leaves(leaves, others, tree, queue, "updates")
+    acc = acc_ctype(queue)
+    acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
+    if len(red.outputs) != 1:
+        raise ValueError("leaf_values: the reduction must have one output")
+    out: list[Any] = [None] * len(leaves)
+    for idx in _group_by_dtype(leaves).values():
+        us = [leaves[i] for i in idx]
+        ps = [p_leaves[i] for i in idx] if red.needs_params else []
+        values = reduce_segments(queue, red, us, ps, acc)  # a workspace: copied out
+        block = layout(((),) * len(idx), acc_dtype).allocate(queue)
+        nbytes = len(idx) * acc_dtype.itemsize
+        cl.enqueue_copy(queue, block.buffer, values.base_data, byte_count=nbytes,
+                        dst_offset=block.offset)  # fmt: skip
+        for i, view in zip(idx, block.views, strict=True):
+            out[i] = view
+    return optree.tree_unflatten(treedef, out)
