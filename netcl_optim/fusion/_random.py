@@ -9,8 +9,8 @@ depends only on (seed, element index, step), never on how the work is launched.
 Speed on CPU devices (PoCL): a kernel is fast only when the work-item loop vectorises, and
 one call that is not inlined (a helper the compiler keeps out of line, or a libm builtin
 such as ``log``/``cospi``, which PoCL runs one lane at a time) keeps the whole kernel scalar,
-~100x off the memory floor. So the helpers are forced inline and the float normal uses no
-builtin but ``sqrt``: its ``log`` is a branch-free polynomial (below).
+~100x off the memory floor. So the helpers are forced inline and the normals use no builtin
+but ``sqrt``: their ``log`` (and the double path's ``cos``) are branch-free polynomials.
 """
 
 from __future__ import annotations
@@ -102,15 +102,71 @@ RNG_INLINE float philox_normal(uint4 r)
     return as_float(as_uint(z) ^ (~r.x & 0x80000000u)); /* negative below one half */
 }
 """,
-    # Box-Muller in double (log and cospi are libm builtins: this path stays scalar on PoCL)
+    # Box-Muller in double, with log and cos(pi x) inlined (libm's builtins are calls, which
+    # PoCL runs one lane at a time): log by 2 atanh((m - 1) / (m + 1)) and cos by Taylor
+    # series after exact reductions, each within ~2 ulp.
     "double": """\
+RNG_INLINE double rng_log_d(double v) /* v normal, > 0 */
+{
+    const ulong iv = as_ulong(v);
+    const double m1 = as_double((iv & 0x000FFFFFFFFFFFFFUL) | 0x3FF0000000000000UL);
+    const int hi = m1 > 1.4142135623730951; /* to m in [sqrt(1/2), sqrt(2)): exact */
+    const double m = hi ? m1 * 0.5 : m1;
+    const double e = (double)((long)(iv >> 52) - 1023 + hi);
+    const double s = (m - 1.0) / (m + 1.0), z = s * s; /* |s| < 0.1716 */
+    double p = 1.0 / 25.0;
+    p = p * z + 1.0 / 23.0;
+    p = p * z + 1.0 / 21.0;
+    p = p * z + 1.0 / 19.0;
+    p = p * z + 1.0 / 17.0;
+    p = p * z + 1.0 / 15.0;
+    p = p * z + 1.0 / 13.0;
+    p = p * z + 1.0 / 11.0;
+    p = p * z + 1.0 / 9.0;
+    p = p * z + 1.0 / 7.0;
+    p = p * z + 1.0 / 5.0;
+    p = p * z + 1.0 / 3.0;
+    /* log 2 = 0.693145751953125 + 1.428606820309417232e-6 (Cephes's split: e * the first
+       is exact) */
+    return (e * 1.428606820309417232e-6 + (2.0 * s) * (p * z) + 2.0 * s) + e * 0.693145751953125;
+}
+RNG_INLINE double rng_cospi_d(double x) /* cos(pi x), x in [0, 2) */
+{
+    const double a = x > 1.0 ? 2.0 - x : x;          /* [0, 1], exact */
+    const double b = a > 0.5 ? 1.0 - a : a;          /* [0, 1/2], exact; the sign below */
+    const int near = b <= 0.25;
+    const double t = 3.141592653589793 * (near ? b : 0.5 - b); /* |t| <= pi/4 */
+    const double z = t * t;
+    double c = -1.0 / 6402373705728000.0;            /* cos: down to t^18 / 18! */
+    c = c * z + 1.0 / 20922789888000.0;
+    c = c * z - 1.0 / 87178291200.0;
+    c = c * z + 1.0 / 479001600.0;
+    c = c * z - 1.0 / 3628800.0;
+    c = c * z + 1.0 / 40320.0;
+    c = c * z - 1.0 / 720.0;
+    c = c * z + 1.0 / 24.0;
+    c = c * z - 0.5;
+    c = c * z + 1.0;
+    double n = 1.0 / 121645100408832000.0;           /* sin: down to t^19 / 19! */
+    n = n * z - 1.0 / 355687428096000.0;
+    n = n * z + 1.0 / 1307674368000.0;
+    n = n * z - 1.0 / 6227020800.0;
+    n = n * z + 1.0 / 39916800.0;
+    n = n * z - 1.0 / 362880.0;
+    n = n * z + 1.0 / 5040.0;
+    n = n * z - 1.0 / 120.0;
+    n = n * z + 1.0 / 6.0;
+    const double sine = t - t * z * n;
+    const double r = near ? c : sine;
+    return a > 0.5 ? -r : r;
+}
 /* N(0, 1) from all four words: 53-bit uniforms (r.x:r.y, r.z:r.w), exact in double */
 RNG_INLINE double philox_normal(uint4 r)
 {
     const ulong a = ((((ulong)r.x) << 32) | r.y) >> 11, b = ((((ulong)r.z) << 32) | r.w) >> 11;
     const double u1 = (double)(a + 1) * 0x1p-53;
     const double u2 = (double)b * 0x1p-53;
-    return SQRT(-2.0 * log(u1)) * cospi(2.0 * u2);
+    return SQRT(-2.0 * rng_log_d(u1)) * rng_cospi_d(2.0 * u2);
 }
 """,
 }
