@@ -209,22 +209,11 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             params.append(f"const real {scalar_arg(s, k)}")
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
-    red = fragments[0].segment_reduction if fragments else None
-    if spec.tiling and red is not None and red.segments.startswith("units:"):
-        # the group's first element and its place in its leaf: each element's segment
-        # (a unit) from its place (see _segments.Segmentation)
+    if spec.tiling:  # the group's first element and segment from the table (_segments)
         body = [
-            f"    const long tile_row = 6 * ({TILE_ARG}_off + (long)get_group_id(0));",
-            f"    const long pos = {TILE_ARG}[tile_row + 3] + (long)get_local_id(0);",
-            f"    const long inner = {TILE_ARG}[tile_row + 5];",
-            f"    const long seg = {TILE_ARG}[tile_row + 1] + (pos / {TILE_ARG}[tile_row + 4])"
-            " * inner + pos % inner;",
-            f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
-        ]
-    elif spec.tiling:  # the group's first element and segment from the table
-        body = [
-            f"    const long tile_row = 3 * ({TILE_ARG}_off + (long)get_group_id(0));",
-            f"    const long seg = {TILE_ARG}[tile_row + 1];",
+            f"    const long tile_row = 4 * ({TILE_ARG}_off + (long)get_group_id(0));",
+            f"    const long seg = {TILE_ARG}[tile_row + 1]"
+            f" + {TILE_ARG}[tile_row + 3] * (long)get_local_id(0);",
             f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
         ]
     else:

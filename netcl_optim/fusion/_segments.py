@@ -1,19 +1,23 @@
-"""Reductions per segment (a leaf, or a row of a leaf) of one dtype group's packed layout,
-and the tables by which a fused kernel finds the segment of its element. No host sync.
+"""Reductions per segment (a leaf, a row of a leaf, or a unit: a row or a column) of one
+dtype group's packed layout, and the tables by which a fused kernel finds the segment of its
+element. No host sync.
 
 A step whose fused kernel reads a value per segment (``SegmentReduction``) runs, per dtype
 group and whatever the number of leaves:
 
 1. a **reduce** launch: one work-item per chunk (at most ``CHUNK`` elements, never across
-   segments), each summing the reduction's terms over its chunk in the reduction type;
-2. a **finish** launch: one work-item per segment, adding its chunks' partials in order and
-   evaluating the outputs into a small buffer (``K`` values per segment);
+   segments), each summing the reduction's terms over its chunk in the reduction type; where
+   the segments are columns, one more launch: one work-item per block of ``ROWS`` rows,
+   streaming them and keeping a partial per column;
+2. a **finish** launch: one work-item per segment, adding its partials in order, updating
+   its state (``SegmentReduction.state``) and evaluating the outputs into a small buffer
+   (``K`` values per segment);
 3. the fused kernel as **tiled** launches: work-groups of ``TILE`` work-items, each group
-   inside one segment (a table gives its first element and segment): one launch over the
-   full groups (no bounds check, so PoCL vectorises it) and one over each segment's partial
-   last group (checked).
+   inside one segment, or inside one row of columns (work-item ``k`` in column ``first +
+   k``; a table gives each group's first element and segment): one launch over the full
+   groups (no bounds check, so PoCL vectorises it) and one over the partial ones (checked).
 
-So a packed tree steps in 4 launches per dtype group. Separate arrays take one reduce launch
+So a packed tree steps in 4 launches per dtype group (5 with columns). Separate arrays take one reduce launch
 and up to two fused launches per leaf (one finish). Chunks and groups start at their
 segment's first element whichever way the tree is laid out, so a packed tree and the same
 tree as separate arrays sum in the same order: the same bits.
@@ -23,7 +27,8 @@ reduction needs a barrier, and on PoCL's CPU device the barrier and the reductio
 cost more than re-reading the updates: on a 12.5M-element Adam-like kernel (2 cores), 6.4 ms
 without a sum, 10.9 ms with the best barrier form tried (one work-item adding the group's
 local array in vectors; a tree of barriers: 29 ms), where the separate reduce launch over
-``u`` and ``p`` takes 2.2 ms at 10M elements.
+``u`` and ``p`` takes 2.2 ms at 10M elements. Nor inside a work-item over 8 or 16
+consecutive elements (no barrier, one partial per work-item): 9-16 ms against 6 ms.
 """
 
 from __future__ import annotations
@@ -93,20 +98,25 @@ def leaf_view(shape: tuple[int, ...], kind: str) -> tuple[int, int, int, bool]:
     return math.prod(shape[:a]), math.prod(shape[a : b + 1]), math.prod(shape[b + 1 :]), True
 
 
+ROWS = 32  # rows of columns per work-item of the column reduce launch
+
+
 class Segmentation:
     """The segments of leaves with ``shapes`` packed back to back, with the host tables of
     the reduce, finish and tiled launches (``int64``):
 
-    - ``segs``: per segment ``(first partial, partials, n)``, ``n`` its element count (0 for
-      a segment that is not reduced: a leaf of ndim <= 1 when segments are rows);
-    - ``chunks``: per chunk of a contiguous segment ``(first element, elements)``; then
-      ``strided``: per segment whose elements are apart (a column) ``(first element,
-      elements, stride)``; partials are the chunks' then the strided segments';
-    - ``groups``: per work-group, ``(first element, segment, elements)``, each group inside
-      one segment (``general``: ``(first element, first segment of its leaf, elements,
-      place in the leaf, mid * inner, inner)``, each group inside one leaf, its elements'
-      segments from their place: the ``"units:"`` kinds); every full group first, then every
-      partial one (``full`` of them are full);
+    - ``segs``: per segment ``(first partial, partials, n, stride)``: its partials are
+      ``stride`` apart; ``n`` its element count (0 for a segment that is not reduced: a leaf
+      of ndim <= 1 when segments are rows);
+    - ``chunks``: per chunk of a contiguous segment ``(first element, elements)``;
+      ``strided``: per block of up to ``ROWS`` rows of columns (segments whose elements are a
+      row apart) ``(first element, rows, row length, its first partial)``: its work-item
+      streams the rows and keeps one partial per column (``row length`` of them, in order);
+      the partials are the chunks', then the column blocks';
+    - ``groups``: per work-group ``(first element, segment, elements, step)``: the group's
+      elements are consecutive and its work-item ``k`` is in segment ``segment + step * k``
+      (``step`` 0: a group inside one segment; 1: inside one row of columns); every full
+      group first, then every partial one (``full`` of them are full);
     - per leaf, its ranges: ``leaf_chunks``, ``leaf_strided``, ``leaf_full`` and
       ``leaf_tail`` (``(start, stop)`` into those tables, the tails counted from ``full``).
     """
@@ -114,61 +124,69 @@ class Segmentation:
     def __init__(self, shapes: tuple[tuple[int, ...], ...], kind: str) -> None:
         self.shapes = shapes
         self.kind = kind
-        self.general = kind.startswith("units:")
         lay = layout(shapes, np.dtype(np.float32))
         segs: list[list[int]] = []
         chunks: list[tuple[int, int]] = []
-        strided: list[tuple[int, int, int]] = []
-        strided_segs: list[int] = []
-        full: list[tuple[int, ...]] = []
-        tail: list[tuple[int, ...]] = []
+        strided: list[tuple[int, int, int, int]] = []
+        column_partials = 0
+        len_chunks_marker = -(1 << 40)  # column partials follow the chunks': fixed below
+        full: list[tuple[int, int, int, int]] = []
+        tail: list[tuple[int, int, int, int]] = []
         self.leaf_chunks: list[tuple[int, int]] = []
         self.leaf_strided: list[tuple[int, int]] = []
         self.leaf_full: list[tuple[int, int]] = []
         self.leaf_tail: list[tuple[int, int]] = []
 
-        def tile(start: int, n: int, seg: int, place: tuple[int, ...] = ()) -> None:
-            """Work-groups over ``n`` elements from ``start``; ``place``: (the first one's
-            place in its leaf, mid * inner, inner) for a general table."""
+        def tile(start: int, n: int, seg: int, step: int) -> None:
             for g in range(0, n, TILE):
                 count = min(TILE, n - g)
-                row = (start + g, seg, count, *((place[0] + g, *place[1:]) if place else ()))
+                row = (start + g, seg + step * g, count, step)
                 (full if count == TILE else tail).append(row)
 
-        for shape, offset, size in zip(shapes, lay.offsets, lay.sizes, strict=True):
+        for shape, offset in zip(shapes, lay.offsets, strict=True):
             c0, s0, f0, t0 = len(chunks), len(strided), len(full), len(tail)
             outer, mid, inner, reduced = leaf_view(shape, kind)
-            first_seg = len(segs)
             for o in range(outer):
-                for i in range(inner):
-                    base = offset + o * mid * inner + i
-                    if not reduced:
-                        segs.append([len(chunks), 0, 0])
-                    elif inner == 1:
+                block = offset + o * mid * inner
+                if inner == 1:  # contiguous segments: chunks, and groups inside each
+                    seg = len(segs)
+                    if reduced:
                         first = len(chunks)
-                        chunks.extend((base + k, min(CHUNK, mid - k)) for k in range(0, mid, CHUNK))
-                        segs.append([first, len(chunks) - first, mid])
+                        chunks.extend(
+                            (block + k, min(CHUNK, mid - k)) for k in range(0, mid, CHUNK)
+                        )
+                        segs.append([first, len(chunks) - first, mid, 1])
                     else:
-                        strided_segs.append(len(segs))
-                        strided.append((base, mid, inner))
-                        segs.append([-1, 1, mid])  # its partial: after every chunk's
-                    if not self.general:
-                        tile(base, mid, len(segs) - 1)
-            if self.general:
-                tile(offset, size, first_seg, (0, mid * inner, inner))
+                        segs.append([len(chunks), 0, 0, 1])
+                    tile(block, mid, seg, 0)
+                    continue
+                first_seg = len(segs)
+                blocks = -(-mid // ROWS)
+                for b in range(blocks):  # a work-item per ROWS rows: their column sums
+                    rows = min(ROWS, mid - b * ROWS)
+                    strided.append(
+                        (block + b * ROWS * inner, rows, inner, column_partials + b * inner)
+                    )
+                for i in range(inner):  # column i: one partial per block of rows, inner apart
+                    segs.append([len_chunks_marker + column_partials + i, blocks, mid, inner])
+                column_partials += blocks * inner
+                for m in range(mid):  # a row of columns: work-item k in column first + k
+                    tile(block + m * inner, inner, first_seg, 1)
             self.leaf_chunks.append((c0, len(chunks)))
             self.leaf_strided.append((s0, len(strided)))
             self.leaf_full.append((f0, len(full)))
             self.leaf_tail.append((t0, len(tail)))
-        for k, seg in enumerate(strided_segs):
-            segs[seg][0] = len(chunks) + k
-        width = 6 if self.general else 3
-        self.segs = np.array(segs, np.int64).reshape(-1, 3)
+        for row in segs:
+            if row[0] < 0:
+                row[0] += len(chunks) - len_chunks_marker
+        self.segs = np.array(segs, np.int64).reshape(-1, 4)
         self.chunks = np.array(chunks, np.int64).reshape(-1, 2)
-        self.strided = np.array(strided, np.int64).reshape(-1, 3)
-        self.partials = len(chunks) + len(strided)
+        self.strided = np.array(
+            [(e, r, w, len(chunks) + first) for e, r, w, first in strided], np.int64
+        ).reshape(-1, 4)
+        self.partials = len(chunks) + column_partials
         self.full = len(full)
-        self.groups = np.array(full + tail, np.int64).reshape(-1, width)
+        self.groups = np.array(full + tail, np.int64).reshape(-1, 4)
         self._device: dict[cl.Context, dict[str, cla.Array]] = {}
 
     @property
@@ -298,35 +316,47 @@ __kernel void {name}({", ".join(args)},
 
 
 def _strided_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str, str]:
-    """One partial per strided segment (a column: ``count`` elements ``stride`` apart), summed
-    in order in the reduction type; neighbouring work-items read neighbouring elements."""
+    """One work-item per block of rows of columns: it streams the rows (contiguous memory),
+    adding each column's terms in the reduction type into that column's partial (the
+    block's ``row length`` partials stay in cache); the first row sets them. Each column's
+    sum is then its blocks' partials in order: the same whatever the launch."""
     digest = hashlib.sha1(repr((red.terms, red.needs_params)).encode()).hexdigest()[:10]
-    name = f"netcl_segsum_strided_{storage}_{acc}_{digest}"
-    real = "double" if storage == "double" else "float"
+    name = f"netcl_segsum_columns_{storage}_{acc}_{digest}"
     roles = ["u"] + (["p"] if red.needs_params else [])
     t = len(red.terms)
     args = [f"__global const {storage} *restrict {r}_in, const long {r}_in_off" for r in roles]
 
-    def load(r: str) -> str:
-        return f"vload_half(k, {r}_in)" if storage == "half" else f"{r}_in[k]"
+    def load1(r: str) -> str:
+        return f"({acc})" + (f"vload_half(k, {r}_in)" if storage == "half" else f"{r}_in[k]")
 
-    loads = "".join(f"        const {acc} {r} = ({acc}){load(r)};\n" for r in roles)
-    adds = "".join(f"        r{j} = r{j} + ({term});\n" for j, term in enumerate(red.terms))
-    sums = "".join(f"    {acc} r{j} = 0;\n" for j in range(t))
-    stores = "".join(f"    partials[{t} * (first + c) + {j}] = r{j};\n" for j in range(t))
+    loads = "".join(f"            const {acc} {r} = {load1(r)};\n" for r in roles)
+    first_row = "".join(
+        f"            partials[{t} * (p0 + c) + {j}] = ({term});\n"
+        for j, term in enumerate(red.terms)
+    )
+    next_rows = "".join(
+        f"            partials[{t} * (p0 + c) + {j}] += ({term});\n"
+        for j, term in enumerate(red.terms)
+    )
     shift = "".join(f"    {r}_in += {r}_in_off;\n" for r in roles)
-    src = f"""//CL// {name}: one partial per strided segment ({", ".join(red.terms)})
-{preamble(real, "double" in (real, acc))}
+    src = f"""//CL// {name}: one work-item per block of rows of columns ({", ".join(red.terms)})
+{preamble("double" if "double" in (storage, acc) else "float", "double" in (storage, acc))}
 __kernel void {name}({", ".join(args)},
     __global const long *restrict strided, const long strided_off,
-    __global {acc} *restrict partials, const long first)
+    __global {acc} *restrict partials, const long unused)
 {{
-{shift}    const long c = strided_off + (long)get_global_id(0);
-    const long base = strided[3 * c], count = strided[3 * c + 1], stride = strided[3 * c + 2];
-{sums}    for (long m = 0; m < count; m++) {{
-        const long k = base + m * stride;
-{loads}{adds}    }}
-{stores}}}
+{shift}    const long e = 4 * (strided_off + (long)get_global_id(0));
+    const long base = strided[e], rows = strided[e + 1], width = strided[e + 2];
+    const long p0 = strided[e + 3];
+    for (long c = 0; c < width; c++) {{
+        const long k = base + c;
+{loads.replace("            ", "        ")}{first_row.replace("            ", "        ")}    }}
+    for (long m = 1; m < rows; m++) {{
+        for (long c = 0; c < width; c++) {{
+            const long k = base + m * width + c;
+{loads}{next_rows}        }}
+    }}
+}}
 """
     return src, name
 
@@ -364,9 +394,9 @@ def _finish_source(
 __kernel void {name}({", ".join(args)})
 {{
     const long s = get_global_id(0);
-    const long first = segs[3 * s], stop = first + segs[3 * s + 1];
-    const {acc} n = ({acc})segs[3 * s + 2];
-{sums}    for (long c = first; c < stop; c++) {{
+    const long first = segs[4 * s], count = segs[4 * s + 1], stride = segs[4 * s + 3];
+    const {acc} n = ({acc})segs[4 * s + 2];
+{sums}    for (long c = first; c < first + count * stride; c += stride) {{
 {adds}    }}
 {old}    {{
 {new}    }}
@@ -452,7 +482,7 @@ def reduce_segments(
             continue
         if table == "chunks":
             kernel, run_ = _reducer(ctx, red, ctype(dtype), acc), _reduce
-        else:  # one work-item per column: PoCL vectorises across neighbouring columns
+        else:  # columns: a work-item streams a block of rows
             kernel, run_ = _strided_reducer(ctx, red, ctype(dtype), acc), _launch_strided
         rows = tables[table].base_data
         tail = [rows, 0, partials.base_data, len(seg.chunks)]
@@ -483,7 +513,10 @@ def _reduce(kernel: cl.Kernel, queue: cl.CommandQueue, chunks: int, args: list[A
 
 
 def _launch_strided(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
-    launch(kernel, queue, n, args)
+    """One work-item per work-group, as :func:`_reduce`: each loops over its columns' rows
+    with vector loads across the columns."""
+    kernel(queue, (n,), (1,), *args)
+    note_launches(kernel.function_name)
 
 
 def tiled_launches(

@@ -144,7 +144,7 @@ def adaptive_grad_clip(
 
     optax's ``adaptive_grad_clip`` has no ``layout`` (it is ``"in_out"``). Needs ``params``.
     The norms come from one reduction over the tree (columns as well as rows; see
-    ``fusion/_segments.py``); each element finds its unit by an integer division.
+    ``fusion/_segments.py``: columns are summed by streaming their rows).
     """
     check(NON_NEGATIVE, clipping=clipping, eps=eps)
     if layout not in _LAYOUTS:
