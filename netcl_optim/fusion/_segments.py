@@ -17,10 +17,10 @@ group and whatever the number of leaves:
    k``; a table gives each group's first element and segment): one launch over the full
    groups (no bounds check, so PoCL vectorises it) and one over the partial ones (checked).
 
-So a packed tree steps in 4 launches per dtype group (5 with columns). Separate arrays take one reduce launch
-and up to two fused launches per leaf (one finish). Chunks and groups start at their
-segment's first element whichever way the tree is laid out, so a packed tree and the same
-tree as separate arrays sum in the same order: the same bits.
+So a packed tree steps in 4 launches per dtype group (5 with columns). Separate arrays take
+one reduce launch and up to two fused launches per leaf (one finish). Chunks and groups
+start at their segment's first element whichever way the tree is laid out, so a packed tree
+and the same tree as separate arrays sum in the same order: the same bits.
 
 Why not sum inside the fused kernel that produces the updates (one pass fewer)? A work-group
 reduction needs a barrier, and on PoCL's CPU device the barrier and the reduction after it
