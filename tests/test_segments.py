@@ -194,3 +194,23 @@ def test_norms_of_tiny_and_huge_float32_leaves(cl_queue, scale):
     got = no.leaf_norms(no.to_device([x], cl_queue))[0].get()
     if got.dtype == np.float64:  # a device with fp64
         np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64)), rtol=1e-12)
+
+
+def test_one_element_rows(cl_queue):
+    """Rows of one element, back to back ((n, 1) leaves): groups span many segments (work-item
+    k in segment k); centralize gives optax's zeros, AGC out_in the reference's values."""
+    import reference_reductions as rr
+
+    rng = np.random.default_rng(6)
+    shapes = [(3 * TILE + 5, 1), (7, 4), (1, 1)]
+    grads = _tree(rng, np.float64, shapes)
+    params = _tree(rng, np.float64, shapes)
+    u, _ = no.centralize().update(no.pack(no.to_device(grads, cl_queue)), no.EmptyState())
+    ref = rr.centralize()
+    for got, want in zip(u, ref.update(grads, ref.init(params))[0], strict=True):
+        np.testing.assert_allclose(got.get(), want, rtol=0, atol=1e-15)
+    tx = no.adaptive_grad_clip(0.05, layout="out_in")
+    got, _ = tx.update(no.to_device(grads, cl_queue), tx.init([]), no.to_device(params, cl_queue))
+    ref = rr.adaptive_grad_clip(0.05, layout="out_in")
+    for g, w in zip(got, ref.update(grads, ref.init(params), params)[0], strict=True):
+        np.testing.assert_allclose(g.get(), w, rtol=1e-12, atol=0)

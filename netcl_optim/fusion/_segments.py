@@ -146,6 +146,8 @@ class Segmentation:
         for shape, offset in zip(shapes, lay.offsets, strict=True):
             c0, s0, f0, t0 = len(chunks), len(strided), len(full), len(tail)
             outer, mid, inner, reduced = leaf_view(shape, kind)
+            if inner == 1 and mid == 1 and outer > 1:  # one-element segments, back to back:
+                tile(offset, outer, len(segs), 1)  # groups across them, work-item k in seg k
             for o in range(outer):
                 block = offset + o * mid * inner
                 if inner == 1:  # contiguous segments: chunks, and groups inside each
@@ -158,7 +160,8 @@ class Segmentation:
                         segs.append([first, len(chunks) - first, mid, 1])
                     else:
                         segs.append([len(chunks), 0, 0, 1])
-                    tile(block, mid, seg, 0)
+                    if mid != 1 or outer == 1:
+                        tile(block, mid, seg, 0)
                     continue
                 first_seg = len(segs)
                 blocks = -(-mid // ROWS)
