@@ -99,3 +99,15 @@ def test_bad_measures_are_refused():
         no.snapshot(3, no.leaf_norms)
     with pytest.raises(ValueError, match="needs params"):
         no.update_param_ratio().update({}, None)
+
+
+def test_a_foreign_state_is_refused(cl_queue):
+    params = no.to_device(_tree(7), cl_queue)
+    with pytest.raises(ValueError, match="SnapshotState"):
+        no.snapshot("n", no.leaf_norms).update(params, no.EmptyState())
+    mon = no.monitor({"n": no.leaf_norms, "r": no.update_param_ratio()})
+    with pytest.raises(ValueError, match="MonitorState"):
+        mon.update(params, no.EmptyState(), params)
+    other = no.monitor({"n": no.leaf_norms}).init(params)
+    with pytest.raises(ValueError, match="2 measures"):
+        mon.update(params, other, params)

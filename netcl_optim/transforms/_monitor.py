@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .._base import EmptyState, GradientTransformation, OpaquePlan, SegmentReduction
+from .._state_check import NamedTupleSpec, check_state, register
 from ..fusion import leaf_values
 from ._combining import chain
 from ._ema import ema
@@ -88,10 +89,14 @@ def snapshot(measure_name: str, measure: Callable[[Any], Any]) -> GradientTransf
     def init(params: Any) -> SnapshotState:
         return SnapshotState({measure_name: measure(params)})
 
+    tx: GradientTransformation
+
     def update(updates: Any, state: SnapshotState, params: Any = None, **_: Any):
+        check_state(tx, state)
         return updates, SnapshotState({measure_name: measure(updates)})
 
-    return GradientTransformation(init, update, OpaquePlan("snapshot", ()))
+    tx = GradientTransformation(init, update, OpaquePlan("snapshot", ()))
+    return register(tx, lambda: NamedTupleSpec(SnapshotState))
 
 
 def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
@@ -109,14 +114,23 @@ def monitor(measures: Mapping[str, Any]) -> GradientTransformation:
     def init(params: Any) -> MonitorState:
         return MonitorState({}, tuple(t.init(params) for t in txs))
 
+    tx: GradientTransformation
+
     def update(updates: Any, state: MonitorState, params: Any = None, **extra_args: Any):
+        check_state(tx, state)
+        if len(state.measure_states) != len(txs):
+            raise ValueError(
+                f"state does not match this monitor: {len(state.measure_states)} measure "
+                f"states for {len(txs)} measures; pass the state its init returned"
+            )
         measurements, states = {}, []
         for name, t, s in zip(names, txs, state.measure_states, strict=True):
             measurements[name], new = t.update(updates, s, params, **extra_args)
             states.append(new)
         return updates, MonitorState(measurements, tuple(states))
 
-    return GradientTransformation(init, update, OpaquePlan("monitor", txs))
+    tx = GradientTransformation(init, update, OpaquePlan("monitor", txs))
+    return register(tx, lambda: NamedTupleSpec(MonitorState))
 
 
 def measure_with_ema(
