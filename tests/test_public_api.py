@@ -21,6 +21,12 @@ DOCUMENTED = {
     # issue 16: torch.nn.utils' clipping helpers, optax.global_norm
     "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
     "global_norm",
+    # issue 16: a value per leaf, row or unit; per-leaf state; measurements
+    "SegmentReduction", "scale_by_trust_ratio", "scale_by_param_block_norm",
+    "scale_by_param_block_rms", "clip_by_block_rms", "centralize", "normalize_by_update_norm",
+    "adaptive_grad_clip", "lamb", "Lamb", "lars", "LARS", "fromage", "Fromage", "novograd",
+    "NovoGrad", "scale_by_novograd", "monitor", "snapshot", "measure_with_ema", "leaf_norms",
+    "update_param_ratio",
 }  # fmt: skip
 
 
