@@ -214,3 +214,21 @@ def test_one_element_rows(cl_queue):
     ref = rr.adaptive_grad_clip(0.05, layout="out_in")
     for g, w in zip(got, ref.update(grads, ref.init(params), params)[0], strict=True):
         np.testing.assert_allclose(g.get(), w, rtol=1e-12, atol=0)
+
+
+def test_a_group_inside_one_segment_reads_its_values_once():
+    """The fused kernel reads a segment value with a group-uniform index unless some group
+    spans several segments (columns): a per-lane index there made PoCL gather and cut LAMB,
+    LARS and NovoGrad to a third of the memory bandwidth."""
+    from netcl_optim._base import Fragment
+    from netcl_optim.fusion._codegen import KernelSpec, fused_source
+
+    frag = no.scale_by_trust_ratio().plan
+    assert isinstance(frag, Fragment)
+    for tiling, stepped in (("full", False), ("partial", False), ("full_stepped", True),
+                            ("partial_stepped", True)):  # fmt: skip
+        spec = KernelSpec((frag.key,), np.dtype(np.float32), "pure", False, True, "double", tiling)
+        src, _, _ = fused_source([frag], spec)
+        assert ("tile[tile_row + 3]" in src) == stepped, tiling
+    assert not segmentation(((3, 4), (5,)), "leaf").stepped
+    assert segmentation(((40, 3),), "units:in_out").stepped  # columns

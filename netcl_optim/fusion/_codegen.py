@@ -112,7 +112,9 @@ class KernelSpec(NamedTuple):
     apply: bool  # write p + u to the params instead of u to a new updates buffer
     needs_params: bool
     acc: str  # C type of reduction results: "double" where the device has fp64, else "float"
-    tiling: str = ""  # with a segment reduction: "full" or "partial" groups (see _segments)
+    # with a segment reduction: "full" or "partial" groups, "_stepped" where a group's
+    # work-items may be in consecutive segments (columns; see _segments)
+    tiling: str = ""
 
 
 class Arg(NamedTuple):
@@ -210,15 +212,19 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
     if spec.tiling:  # the group's first element and segment from the table (_segments)
+        # (a segment uniform over the group keeps its values' loads scalar: PoCL then
+        # vectorises the kernel; a stepped one is read per lane)
+        step = f" + {TILE_ARG}[tile_row + 3] * (long)get_local_id(0)"
         body = [
             f"    const long tile_row = 4 * ({TILE_ARG}_off + (long)get_group_id(0));",
             f"    const long seg = {TILE_ARG}[tile_row + 1]"
-            f" + {TILE_ARG}[tile_row + 3] * (long)get_local_id(0);",
+            + (step if spec.tiling.endswith("_stepped") else "")
+            + ";",
             f"    const long i = {TILE_ARG}[tile_row] + (long)get_local_id(0);",
         ]
     else:
         body = ["    const long i = get_global_id(0);"]
-    if spec.tiling == "partial":
+    if spec.tiling.startswith("partial"):
         body.append(f"    if ((long)get_local_id(0) < {TILE_ARG}[tile_row + 2]) {{")
     if indexed:
         body.append(f"    const ulong idx = (ulong)({INDEX}_off + i);")
@@ -253,7 +259,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         body.append("    " + store(storage, dst, f"{dst}_off + i", "p + u"))
     else:
         body.append("    " + store(storage, OUT, OUT + "_off + i", "u"))
-    if spec.tiling == "partial":
+    if spec.tiling.startswith("partial"):
         body.append("    }")
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))

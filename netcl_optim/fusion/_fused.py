@@ -363,7 +363,11 @@ def _plan_launches(
 
     red = fragments[0].segment_reduction if fragments else None
     for dtype, idx in by_dtype.items():
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, "full" if red else "")
+        tiling = ""
+        if red is not None:  # groups stepping across segments need the per-lane form
+            seg = segmentation(tuple(u_leaves[i].shape for i in idx), red.segments)
+            tiling = "full_stepped" if seg.stepped else "full"
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling)
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
@@ -388,8 +392,8 @@ def _plan_launches(
                 place(new_slot_leaves[k][s], idx, news)
         origin = origins.get(dtype, 0)
         if red is not None:
-            seg = segmentation(lay.shapes, red.segments)
-            partial, _ = fused_kernel(ctx, fragments, spec._replace(tiling="partial"))
+            partial_tiling = tiling.replace("full", "partial")
+            partial, _ = fused_kernel(ctx, fragments, spec._replace(tiling=partial_tiling))
             groups = seg.tables(queue)["groups"].base_data
             fixed = {segment_arg(0): (seg_values[dtype].base_data, 0)}
             if INDEX in binding.arrays:  # elements are indexed by their place in the layout

@@ -190,6 +190,7 @@ class Segmentation:
         self.partials = len(chunks) + column_partials
         self.full = len(full)
         self.groups = np.array(full + tail, np.int64).reshape(-1, 4)
+        self.stepped = bool(self.groups[:, 3].any())  # some group spans several segments
         self._device: dict[cl.Context, dict[str, cla.Array]] = {}
 
     @property
