@@ -3,6 +3,8 @@
 Modules, one job each: ``_codegen`` (fragments -> kernel source), ``_programs`` (build and
 cache programs), ``_checks`` (leaves and trees usable before anything runs), ``_launch``
 (launches, the side queue, counting), ``_reductions`` (whole-tree norms and flags),
+``_segments`` (sums per leaf, row or unit: tables and kernels), ``_per_segment`` (running
+them for a part, with its per-leaf state), ``_random`` (the counter-based generator),
 ``_cache`` (the in-place step's launches, by array identity), ``_fused`` (one segment of
 fused parts: bind and launch), ``_execute`` (the executor: the only code that walks plans)
 and ``_kernels`` (amp's and clipping's own kernels).
@@ -13,14 +15,14 @@ from ._checks import flatten_like as flatten_like
 from ._execute import execute as execute
 from ._execute import walk as walk
 from ._fused import element_origin as element_origin
-from ._fused import init_leaf_values as init_leaf_values
 from ._fused import init_slots as init_slots
-from ._fused import leaf_values as leaf_values
 from ._fused import run_parts as run_parts
 from ._kernels import clip_scale as clip_scale
 from ._kernels import scale_into as scale_into
 from ._kernels import unscale as unscale
 from ._launch import count_launches as count_launches
+from ._per_segment import init_leaf_values as init_leaf_values
+from ._per_segment import leaf_values as leaf_values
 from ._programs import clear_kernel_caches as clear_kernel_caches
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves

@@ -13,7 +13,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .. import _device
-from .._device import check_float_dtype, state_dtype
+from .._device import check_float_dtype, default_queue, state_dtype
 from .._packing import (
     DONATED,
     DonatedArray,
@@ -244,3 +244,21 @@ def check_unshared(roles: list[tuple[str, Any, list[Any], bool]]) -> None:
         "params and state in place, so a donated array must share no memory with any other "
         "array of the step (pass separate arrays, or donate=False)"
     )
+
+
+def group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
+    dtypes = [x.dtype for x in leaves]
+    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
+        return {dtypes[0]: list(range(len(dtypes)))}
+    groups: dict[np.dtype, list[int]] = {}
+    for i, d in enumerate(dtypes):
+        groups.setdefault(d, []).append(i)
+    return groups
+
+
+def queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
+    """The queue of the first usable device array among ``leaves``, else the default one."""
+    for x in leaves:
+        if isinstance(x, cla.Array) and type(x) is not DonatedArray and x.queue is not None:
+            return x.queue
+    return default_queue()

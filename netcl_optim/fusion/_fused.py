@@ -15,16 +15,14 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import Part
-from .._device import check_float_dtype, default_queue, state_dtype
+from .._device import check_float_dtype, state_dtype
 from .._packing import (
-    DonatedArray,
     Layout,
     allocate_like,
     contiguous_run,
     element_offset,
     hand_over,
     layout,
-    pack,
 )
 from . import _cache
 from ._checks import (
@@ -34,7 +32,9 @@ from ._checks import (
     check_unshared,
     flatten,
     flatten_like,
+    group_by_dtype,
     path_names,
+    queue_of_leaves,
     same_dtype,
     slot_dtype,
 )
@@ -52,9 +52,10 @@ from ._codegen import (
     slot_arg,
 )
 from ._launch import Launch, launch_all, leaves_disjoint
+from ._per_segment import segment_values
 from ._programs import fused_kernel
 from ._reductions import acc_ctype, reduce_parts
-from ._segments import reduce_segments, segmentation, tiled_launches
+from ._segments import segmentation, tiled_launches
 
 
 class Binding(NamedTuple):
@@ -163,7 +164,7 @@ def run_parts(
         found = _cache.lookup(cache_key, donate)
         if found is not None:
             hit, objs = found
-            _segment_values(queue, parts, u_leaves, p_leaves, treedef, inplace, u_role)
+            segment_values(queue, parts, u_leaves, p_leaves, treedef, inplace, u_role)
             values = _step_values(parts, reduce_parts(parts, u_leaves, queue), hit.step_order)
             launch_all(queue, _cache.bind(hit, objs, values), hit.independent)
             if not donate:
@@ -179,7 +180,7 @@ def run_parts(
         check_leaves(u_leaves, others, updates, queue, u_role)
 
     inplace_params = inplace and apply
-    seg_values, seg_state = _segment_values(
+    seg_values, seg_state = segment_values(
         queue, parts, u_leaves, p_leaves, treedef, inplace, u_role
     )
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
@@ -222,92 +223,6 @@ def run_parts(
     return optree.tree_unflatten(treedef, out_leaves), trees
 
 
-def _segment_values(
-    queue: cl.CommandQueue,
-    parts: Sequence[Part],
-    u_leaves: list[Any],
-    p_leaves: list[Any],
-    treedef: optree.PyTreeSpec,
-    inplace: bool,
-    u_role: str,
-) -> tuple[dict[np.dtype, cla.Array], tuple[Any, ...]]:
-    """Run the segment reduction that starts ``parts`` (if any) over each dtype group of
-    the updates (and params): its values buffer per dtype (see ``_segments``), and the new
-    trees of the part's per-segment state (written in place when ``inplace``, else fresh)."""
-    red = parts[0].fragment.segment_reduction if parts else None
-    if red is None:
-        return {}, ()
-    part = parts[0]
-    what = part.fragment.name
-    olds = [
-        _segment_state_leaves(tree, treedef, u_leaves, f"state.{name} of {what}", u_role, queue)
-        for name, tree in zip(red.state, part.segment_state, strict=True)
-    ]
-    news: list[list[Any]] = [list(leaves) for leaves in olds]
-    scalars = tuple(zip(part.fragment.scalars, part.scalars, strict=True))
-    acc = acc_ctype(queue)
-    out = {}
-    for dtype, idx in _group_by_dtype(u_leaves).items():
-        us = [u_leaves[i] for i in idx]
-        ps = [p_leaves[i] for i in idx] if red.needs_params else []
-        state, copy_back = [], []
-        for f, leaves in enumerate(olds):
-            group = [leaves[i] for i in idx]
-            old = contiguous_run(group)
-            if old is None:  # scattered 0-d arrays: through a packed copy
-                packed = pack(group, queue)
-                old = (packed[0].base_data, element_offset(packed[0]))
-                if inplace:
-                    copy_back.append((packed, group))
-            if inplace:
-                new = old
-            else:
-                fresh = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
-                new = (fresh.buffer, fresh.offset // fresh.views[0].dtype.itemsize)
-                for i, view in zip(idx, fresh.views, strict=True):
-                    news[f][i] = view
-            state.append((old, new))
-        out[dtype] = reduce_segments(queue, red, us, ps, acc, scalars, tuple(state))
-        for packed, group in copy_back:
-            for src, dst in zip(packed, group, strict=True):
-                _copy(queue, dst, src)
-    new_trees = tuple(optree.tree_unflatten(treedef, leaves) for leaves in news)
-    return out, new_trees
-
-
-def _copy(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
-    """Device-to-device copy of one small array (no host round trip)."""
-    cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
-                    dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
-
-
-def _segment_state_leaves(
-    tree: Any,
-    treedef: optree.PyTreeSpec,
-    u_leaves: list[Any],
-    what: str,
-    u_role: str,
-    queue: cl.CommandQueue,
-) -> list[Any]:
-    """The leaves of a per-leaf state tree: like ``u_role``'s, each a 0-d device array of
-    the state dtype of its leaf, on ``queue``'s context (raises naming the first that
-    is not)."""
-    leaves = flatten_like(tree, treedef, what, u_role)
-    names = path_names(tree)
-    for i, (x, u) in enumerate(zip(leaves, u_leaves, strict=True)):
-        want = state_dtype(u.dtype)
-        if not isinstance(x, cla.Array) or type(x) is DonatedArray:
-            raise TypeError(f"{what}: leaf {names[i]} is a {type(x).__name__}, not a device array")
-        if x.shape != () or x.dtype != want:
-            raise ValueError(
-                f"{what}: leaf {names[i]} has shape {x.shape} and dtype {x.dtype}; expected "
-                f"shape () and dtype {want} (one value per leaf of {u_role})"
-            )
-        if x.context != queue.context:
-            raise ValueError(f"{what}: leaf {names[i]} lives in another OpenCL context")
-    return leaves
-
-
 def _plan_launches(
     queue: cl.CommandQueue,
     fragments: list[Any],
@@ -325,7 +240,7 @@ def _plan_launches(
     output leaves, new slot leaves, every role's buffer id while all are packed)``."""
     acc = acc_ctype(queue)
     ctx = queue.context
-    by_dtype = _group_by_dtype(u_leaves)
+    by_dtype = group_by_dtype(u_leaves)
     single = len(by_dtype) == 1
     n_leaves = len(u_leaves)
     out_leaves: list[Any] = [None] * n_leaves
@@ -469,24 +384,6 @@ def _hand_over(
     return new_p, new_slots
 
 
-def _group_by_dtype(leaves: Sequence[cla.Array]) -> dict[np.dtype, list[int]]:
-    dtypes = [x.dtype for x in leaves]
-    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
-        return {dtypes[0]: list(range(len(dtypes)))}
-    groups: dict[np.dtype, list[int]] = {}
-    for i, d in enumerate(dtypes):
-        groups.setdefault(d, []).append(i)
-    return groups
-
-
-def queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
-    """The queue of the first usable device array among ``leaves``, else the default one."""
-    for x in leaves:
-        if isinstance(x, cla.Array) and type(x) is not DonatedArray and x.queue is not None:
-            return x.queue
-    return default_queue()
-
-
 def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
     """State trees shaped like ``params``, each packed in one buffer per dtype: ``count``
     zeroed ones, or one per value of a sequence, filled with that value."""
@@ -506,52 +403,3 @@ def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
         optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
         for start in starts
     ]
-
-
-def init_leaf_values(params: Any, count: int) -> list[Any]:
-    """``count`` state trees like ``params`` with one zero per leaf (0-d arrays of the state
-    dtype, packed in one buffer per dtype): per-leaf state (``SegmentReduction.state``)."""
-    leaves, treedef = optree.tree_flatten(params)
-    if not leaves:
-        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
-    queue = queue_of_leaves(leaves)
-    trees = []
-    for _ in range(count):
-        out: list[Any] = [None] * len(leaves)
-        for dtype, idx in _group_by_dtype(leaves).items():
-            block = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
-            block.fill(queue, 0.0)
-            for i, view in zip(idx, block.views, strict=True):
-                out[i] = view
-        trees.append(optree.tree_unflatten(treedef, out))
-    return trees
-
-
-def leaf_values(red: Any, tree: Any, params: Any = None) -> Any:
-    """``red``'s first output per leaf of ``tree`` (a ``"leaf"`` segment reduction over the
-    leaves, and ``params`` when it reads them), as a tree of 0-d arrays of the reduction
-    type, packed per dtype; no host sync. Raises for leaves that are not device arrays."""
-    leaves, treedef = flatten(tree)
-    if not leaves:
-        return optree.tree_unflatten(treedef, [])
-    queue = queue_of_leaves(leaves)
-    p_leaves = flatten_like(params, treedef, "params", "updates") if red.needs_params else []
-    others = [("params", p_leaves, same_dtype)] if red.needs_params else []
-    if not all_valid(leaves, others, queue):
-        check_leaves(leaves, others, tree, queue, "updates")
-    acc = acc_ctype(queue)
-    acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
-    if len(red.outputs) != 1:
-        raise ValueError("leaf_values: the reduction must have one output")
-    out: list[Any] = [None] * len(leaves)
-    for idx in _group_by_dtype(leaves).values():
-        us = [leaves[i] for i in idx]
-        ps = [p_leaves[i] for i in idx] if red.needs_params else []
-        values = reduce_segments(queue, red, us, ps, acc)  # a workspace: copied out
-        block = layout(((),) * len(idx), acc_dtype).allocate(queue)
-        nbytes = len(idx) * acc_dtype.itemsize
-        cl.enqueue_copy(queue, block.buffer, values.base_data, byte_count=nbytes,
-                        dst_offset=block.offset)  # fmt: skip
-        for i, view in zip(idx, block.views, strict=True):
-            out[i] = view
-    return optree.tree_unflatten(treedef, out)
