@@ -100,18 +100,22 @@ def _segment_state_leaves(
     the state dtype of its leaf, on ``queue``'s context (raises naming the first that
     is not)."""
     leaves = flatten_like(tree, treedef, what, u_role)
-    names = path_names(tree)
+    base = None  # the context is checked once per buffer (a packed state: once)
     for i, (x, u) in enumerate(zip(leaves, u_leaves, strict=True)):
         want = state_dtype(u.dtype)
         if not isinstance(x, cla.Array) or type(x) is DonatedArray:
-            raise TypeError(f"{what}: leaf {names[i]} is a {type(x).__name__}, not a device array")
+            name = path_names(tree)[i]
+            raise TypeError(f"{what}: leaf {name} is a {type(x).__name__}, not a device array")
         if x.shape != () or x.dtype != want:
             raise ValueError(
-                f"{what}: leaf {names[i]} has shape {x.shape} and dtype {x.dtype}; expected "
-                f"shape () and dtype {want} (one value per leaf of {u_role})"
+                f"{what}: leaf {path_names(tree)[i]} has shape {x.shape} and dtype {x.dtype}; "
+                f"expected shape () and dtype {want} (one value per leaf of {u_role})"
             )
-        if x.context != queue.context:
-            raise ValueError(f"{what}: leaf {names[i]} lives in another OpenCL context")
+        if x.base_data is not base:
+            base = x.base_data
+            if x.context != queue.context:
+                name = path_names(tree)[i]
+                raise ValueError(f"{what}: leaf {name} lives in another OpenCL context")
     return leaves
 
 

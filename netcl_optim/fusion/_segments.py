@@ -128,8 +128,8 @@ class Segmentation:
         segs: list[list[int]] = []
         chunks: list[tuple[int, int]] = []
         strided: list[tuple[int, int, int, int]] = []
-        column_partials = 0
-        len_chunks_marker = -(1 << 40)  # column partials follow the chunks': fixed below
+        column_partials = 0  # they follow the chunks' partials (their count known at the end)
+        columns: list[int] = []  # the segments that are columns
         full: list[tuple[int, int, int, int]] = []
         tail: list[tuple[int, int, int, int]] = []
         self.leaf_chunks: list[tuple[int, int]] = []
@@ -171,7 +171,8 @@ class Segmentation:
                         (block + b * ROWS * inner, rows, inner, column_partials + b * inner)
                     )
                 for i in range(inner):  # column i: one partial per block of rows, inner apart
-                    segs.append([len_chunks_marker + column_partials + i, blocks, mid, inner])
+                    columns.append(len(segs))
+                    segs.append([column_partials + i, blocks, mid, inner])
                 column_partials += blocks * inner
                 for m in range(mid):  # a row of columns: work-item k in column first + k
                     tile(block + m * inner, inner, first_seg, 1)
@@ -179,9 +180,8 @@ class Segmentation:
             self.leaf_strided.append((s0, len(strided)))
             self.leaf_full.append((f0, len(full)))
             self.leaf_tail.append((t0, len(tail)))
-        for row in segs:
-            if row[0] < 0:
-                row[0] += len(chunks) - len_chunks_marker
+        for k in columns:
+            segs[k][0] += len(chunks)
         self.segs = np.array(segs, np.int64).reshape(-1, 4)
         self.chunks = np.array(chunks, np.int64).reshape(-1, 2)
         self.strided = np.array(
@@ -347,7 +347,7 @@ def _strided_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str,
 {preamble("double" if "double" in (storage, acc) else "float", "double" in (storage, acc))}
 __kernel void {name}({", ".join(args)},
     __global const long *restrict strided, const long strided_off,
-    __global {acc} *restrict partials, const long unused)
+    __global {acc} *restrict partials)
 {{
 {shift}    const long e = 4 * (strided_off + (long)get_global_id(0));
     const long base = strided[e], rows = strided[e + 1], width = strided[e + 2];
@@ -429,7 +429,7 @@ def _strided_reducer(ctx: cl.Context, red: SegmentReduction, storage: str, acc: 
     if kernel is None:
         src, name = _strided_source(red, storage, acc)
         roles = 2 if red.needs_params else 1
-        dtypes = [None, np.int64] * roles + [None, np.int64, None, np.int64]
+        dtypes = [None, np.int64] * roles + [None, np.int64, None]
         kernel = _kernels[key] = build(ctx, src, name, dtypes)
     return kernel
 
@@ -485,13 +485,13 @@ def reduce_segments(
         if not total:
             continue
         if table == "chunks":
-            kernel, run_ = _reducer(ctx, red, ctype(dtype), acc), _reduce
+            kernel = _reducer(ctx, red, ctype(dtype), acc)
         else:  # columns: a work-item streams a block of rows
-            kernel, run_ = _strided_reducer(ctx, red, ctype(dtype), acc), _launch_strided
+            kernel = _strided_reducer(ctx, red, ctype(dtype), acc)
         rows = tables[table].base_data
-        tail = [rows, 0, partials.base_data, len(seg.chunks)]
         if None not in runs:
-            run_(kernel, queue, total, [v for run in runs for v in run] + tail)
+            args = [v for run in runs for v in run]
+            _one_per_group(kernel, queue, total, [*args, rows, 0, partials.base_data])
             continue
         for j, (r0, r1) in enumerate(ranges):
             if r1 > r0:
@@ -499,7 +499,7 @@ def reduce_segments(
                 for leaves in roles:
                     a = leaves[j]
                     args += [a.base_data, element_offset(a) - lay.offsets[j]]
-                run_(kernel, queue, r1 - r0, [*args, rows, r0, partials.base_data, len(seg.chunks)])
+                _one_per_group(kernel, queue, r1 - r0, [*args, rows, r0, partials.base_data])
     state_t = "double" if dtype == np.float64 else "float"
     finisher = _finisher(ctx, red, acc, tuple(name for name, _ in scalars), state_t)
     args = [partials.base_data, tables["segs"].base_data, values.base_data]
@@ -509,16 +509,10 @@ def reduce_segments(
     return values
 
 
-def _reduce(kernel: cl.Kernel, queue: cl.CommandQueue, chunks: int, args: list[Any]) -> None:
-    """One work-item per work-group: each sums its chunk in its own vector loop (a larger
-    group would have PoCL vectorise across chunks, with a gather per load)."""
-    kernel(queue, (chunks,), (1,), *args[:-1])  # the chunk kernel takes no partial base
-    note_launches(kernel.function_name)
-
-
-def _launch_strided(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
-    """One work-item per work-group, as :func:`_reduce`: each loops over its columns' rows
-    with vector loads across the columns."""
+def _one_per_group(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -> None:
+    """A reduce launch: one work-item per work-group, each running its own vector loop over
+    a chunk or a block of rows (a larger group would have PoCL vectorise across work-items,
+    with a gather per load)."""
     kernel(queue, (n,), (1,), *args)
     note_launches(kernel.function_name)
 
