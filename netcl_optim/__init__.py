@@ -32,6 +32,7 @@ from .fusion import count_launches as count_launches
 # the optimizer families: one line each (a family's module lists its names in __all__)
 from .optimizers.adabelief import *  # noqa: F403
 from .optimizers.adadelta import *  # noqa: F403
+from .optimizers.adafactor import *  # noqa: F403
 from .optimizers.adagrad import *  # noqa: F403
 from .optimizers.adam import *  # noqa: F403
 from .optimizers.adamax import *  # noqa: F403
@@ -54,6 +55,7 @@ from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.rprop import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .optimizers.sign import *  # noqa: F403
+from .optimizers.sm3 import *  # noqa: F403
 from .optimizers.yogi import *  # noqa: F403
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule
@@ -107,6 +109,8 @@ from .transforms._combining import chain as chain
 from .transforms._combining import elementwise as elementwise
 from .transforms._combining import identity as identity
 from .transforms._combining import named_chain as named_chain
+from .transforms._factored import FactoredState as FactoredState
+from .transforms._factored import scale_by_factored_rms as scale_by_factored_rms
 from .transforms._hyperparams import InjectHyperparamsState as InjectHyperparamsState
 from .transforms._hyperparams import inject_hyperparams as inject_hyperparams
 from .transforms._masking import MaskedState as MaskedState

@@ -103,6 +103,42 @@ class OpaquePlan:
         return None
 
 
+ShapeOf = Callable[[tuple[int, ...]], "tuple[int, ...] | None"]
+
+
+@dataclass(frozen=True, eq=False)
+class StagePlan:
+    """The plan of a transform that runs kernels of its own (not fragments) and can run in
+    place: ``run(updates, state, params, *, inplace, **extra_args) -> (updates, state)``.
+    In place (the stateful layer's steps), it writes the state's arrays where they are, and
+    the new state holds the same arrays; the updates it returns are always its own buffers.
+    Not fusible: the executor materialises its input and its output.
+
+    ``config``: what, beside ``kind``, makes two stages' states differ (their signature).
+    ``state_shapes``: per state field that is not shaped like the params, the shape of its
+    array for a param of a given shape (``None``: a ``(1,)`` placeholder, which torch's
+    state dicts leave out), for the stateful layer's buffers.
+    """
+
+    kind: str
+    run: Callable[..., tuple[Any, Any]]
+    config: Hashable = ()
+    state_shapes: tuple[tuple[str, ShapeOf], ...] = ()
+    children: ClassVar[tuple] = ()
+    fusible: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+
+    @property
+    def signature(self) -> Hashable:
+        return (self.kind, self.config)
+
+    def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:
+        raise TypeError(f"{self.kind} runs its own kernels: it has no fused parts")
+
+    def split(self, state: OptState) -> None:
+        return None
+
+
 class GradientTransformation(NamedTuple):
     """A pair of pure functions, as in optax.
 
@@ -173,8 +209,9 @@ class SegmentReduction:
     outputs of its
     element's segment by those names (as ``real``).
 
-    ``state``: fields of the fragment's state that hold one value per segment (with
-    ``segments="leaf"``: a tree of 0-d arrays like the params, NovoGrad's ``nu``), and
+    ``state``: fields of the fragment's state that hold one value per segment, in segment
+    order (with ``segments="leaf"``: a tree of 0-d arrays like the params, NovoGrad's
+    ``nu``; Adafactor's stage keeps its row and column factors so), and
     ``update``: each one's new value, over the old values (by name), the sums, ``n`` and the
     fragment's scalars. The finish runs once per segment, so it writes them; the outputs
     read the new values (by name, as stored).
@@ -193,8 +230,6 @@ class SegmentReduction:
             raise ValueError(f"SegmentReduction: unknown segments {self.segments!r}")
         if len(self.update) != len(self.state):
             raise ValueError("SegmentReduction: one update expression per state field")
-        if self.state and self.segments != "leaf":
-            raise ValueError("SegmentReduction: state per segment needs segments='leaf'")
         if len(self.finish) != len(self.outputs):
             raise ValueError("SegmentReduction: one finish expression per output")
 
@@ -240,7 +275,10 @@ class Fragment:
         object.__setattr__(self, "slot_init", tuple(float(v) for v in self.slot_init))
         if self.reduction is not None and self.segment_reduction is not None:
             raise ValueError(f"Fragment {self.name!r}: a whole-tree and a segment reduction")
-        if self.segment_reduction is not None and self.segment_reduction.needs_params:
+        red = self.segment_reduction
+        if red is not None and red.state and red.segments != "leaf":
+            raise ValueError(f"Fragment {self.name!r}: per-segment state needs segments='leaf'")
+        if red is not None and red.needs_params:
             object.__setattr__(self, "needs_params", True)
         key = (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction)
         # an opt-in capability extends the key only when asked: other kernels keep their names

@@ -85,7 +85,7 @@ class Case:
     built from the same kwargs (``TRANSFORMS`` in cases.py, and every optimizer row)."""
 
     id: str
-    factory: str  # attribute of netcl_optim
+    factory: str | Callable[[Any], Callable[..., Any]]  # attribute of netcl_optim, or no -> it
     kwargs: Hyper
     reference: Callable[..., ref.Transform]  # called with the same kwargs
     needs_params: bool = False
@@ -100,7 +100,8 @@ class Case:
 
     def make(self, no: Any, kwargs: Hyper | None = None) -> Any:
         """The transform, from ``kwargs`` (the row's by default)."""
-        return getattr(no, self.factory)(**(self.kwargs if kwargs is None else kwargs))
+        make = getattr(no, self.factory) if isinstance(self.factory, str) else self.factory(no)
+        return make(**(self.kwargs if kwargs is None else kwargs))
 
     def make_reference(self, kwargs: Hyper | None = None) -> ref.Transform:
         return self.reference(**(self.kwargs if kwargs is None else kwargs))
@@ -870,6 +871,40 @@ OPTIMIZERS: list[Optimizer] = [
                                                     h["eps"], h["eps_root"], h["weight_decay"]),
               parts=(("scale_by_novograd", {"b1": 0.8, "b2": 0.5, "eps": 1e-8, "eps_root": 1e-8,
                                             "weight_decay": 0.1}), _lr(1e-2))),
+    # the class follows torch's rule: the chain its docstring gives, from public blocks
+    Optimizer(id="adafactor-torch", factory=lambda no: _adafactor_torch_chain(no),
+              kwargs={"learning_rate": 1e-2}, segmented=16, reference=rr.adafactor_torch_tx,
+              rule=rr.adafactor, stateful="Adafactor", torch="Adafactor", slots=1,
+              needs_params=True, bench="adafactor",
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "beta2_decay": st.floats(-1.0, -0.5),
+                  "eps": st.tuples(st.sampled_from([None, 1e-15]), st.sampled_from([1e-3, 0.0])),
+                  "d": st.sampled_from([1.0]) | st.floats(1.0, 4.0),
+                  "weight_decay": _weight_decay(st)})),
+    Optimizer(id="adafactor-torch-custom", factory=lambda no: _adafactor_torch_chain(no),
+              kwargs={"learning_rate": 0.05, "beta2_decay": -0.6, "eps": (1e-15, 1e-2),
+                      "d": 2.0, "weight_decay": 0.1},
+              segmented=16, reference=rr.adafactor_torch_tx, rule=rr.adafactor,
+              stateful="Adafactor", torch="Adafactor", slots=1, needs_params=True),
+    # rows: adafactor (optax's rule)
+    # row and column means of g^2 (state shaped like neither the params nor one per leaf)
+    Optimizer(id="adafactor", factory="adafactor", kwargs={"learning_rate": 1e-2},
+              segmented=18, reference=rr.adafactor_optax_tx, slots=1, needs_params=True,
+              optax=lambda optax, h: optax.adafactor(**h),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "min_dim_size_to_factor": st.sampled_from([1, 3, 128]),
+                  "decay_rate": st.floats(0.5, 0.95),
+                  "clipping_threshold": st.sampled_from([None, 1.0]) | st.floats(0.1, 10.0),
+                  "momentum": st.sampled_from([None, 0.9]), "dtype_momentum": st.just(None),
+                  "weight_decay_rate": st.sampled_from([None]) | _weight_decay(st)})),
+    Optimizer(id="adafactor-factored-momentum", factory="adafactor",
+              kwargs={"learning_rate": 1e-2, "min_dim_size_to_factor": 2, "momentum": 0.9,
+                      "dtype_momentum": None, "weight_decay_rate": 1e-3,
+                      "multiply_by_parameter_scale": False},
+              segmented=18, reference=rr.adafactor_optax_tx, slots=2, needs_params=True,
+              optax=lambda optax, h: optax.adafactor(**h)),
     # rows: ademamix, madgrad, cocob
     # torch.optim has none of these: optax.contrib's rules (the classes' lr defaults in kwargs)
     Optimizer(id="ademamix", factory="ademamix", kwargs={"learning_rate": 1e-3},
@@ -976,6 +1011,21 @@ OPTIMIZERS: list[Optimizer] = [
 
 BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}
 assert len(BY_ID) == len(OPTIMIZERS)
+
+
+def _adafactor_torch_chain(no: Any) -> Callable[..., Any]:
+    """torch's Adafactor as the chain of public blocks that the class's docstring gives."""
+
+    def make(learning_rate=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0,
+             maximize=False):  # fmt: skip
+        factored = no.scale_by_factored_rms(
+            decay_rate=-beta2_decay, epsilon=0.0, factor_last_two=True,
+            eps1="finfo" if eps[0] is None else eps[0], lerp=True,
+        )  # fmt: skip
+        step = no.scale_by_adafactor_step(learning_rate, eps[1], d, weight_decay)
+        return no.chain(*([no.scale(-1.0)] if maximize else []), factored, step)
+
+    return make
 
 
 def ids(rows: list[Optimizer]) -> list[str]:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import optree
 import reference as ref
 import reference_extra as rx
 
@@ -474,7 +475,7 @@ def _ema_stored_as(decay: float, accumulator_dtype: Any) -> Transform:
     """optax.ema(decay, debias=False, accumulator_dtype): u = (1 - decay) g + decay * e, the
     state e rounded to ``accumulator_dtype`` (None: float64), and decay * e computed in that
     dtype too (a weak-typed Python float times a float32 array stays float32 in JAX)."""
-    dtype = F64 if accumulator_dtype is None else np.dtype(accumulator_dtype)
+    dtype = np.dtype(F64 if accumulator_dtype is None else accumulator_dtype)
 
     def moment(g, e):
         return (1 - decay) * _f64(g) + _f64(dtype.type(decay) * np.asarray(e).astype(dtype))
@@ -584,3 +585,52 @@ def adafactor(
     u = g / np.sqrt(np.maximum(var, eps1 * eps1))
     denom = max(1.0, _norm(u) / (u.size**0.5 * d))
     return p - (alpha / denom) * u, state
+
+
+def adafactor_torch_tx(
+    learning_rate: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> Transform:
+    """torch's Adafactor (``adafactor`` above) as a transform over trees: the update is the
+    rule's new param minus the param (eps1 None: the machine epsilon of the params' dtype, as
+    torch; an empty leaf's update is empty: torch raises ZeroDivisionError there)."""
+    hp = dict(learning_rate=learning_rate, beta2_decay=beta2_decay, eps=eps, d=d,
+              weight_decay=weight_decay, maximize=maximize)  # fmt: skip
+
+    def init(params):
+        return {"leaves": [{} for _ in ref.tree_leaves(params)]}
+
+    def update(u, state, params=None):
+        if params is None:
+            raise ValueError("adafactor needs params")
+        states = [dict(st) for st in state["leaves"]]
+        gs, ps = ref.tree_leaves(u), ref.tree_leaves(params)
+        out = []
+        for g, p, st, dtype in zip(gs, ps, states, _stored_dtypes(ps), strict=True):
+            if not np.size(p):
+                out.append(_f64(g))
+                continue
+            leaf_hp = hp
+            if hp["eps"][0] is None:  # torch: the param dtype's machine epsilon
+                leaf_hp = {**hp, "eps": (float(np.finfo(dtype).eps), hp["eps"][1])}
+            out.append(adafactor(p, g, st, **leaf_hp)[0] - _f64(p))
+        return optree.tree_unflatten(optree.tree_structure(u, none_is_leaf=False), out), {
+            "leaves": states
+        }
+
+    return Transform(init, update)
+
+
+def _stored_dtypes(leaves: list[Any]) -> list[np.dtype]:
+    """Each leaf's storage dtype during ``ref.run_transform`` (the params are float64 copies
+    there), else its own dtype."""
+    storage = ref._STORAGE.get()
+    if storage is None:
+        return [np.asarray(x).dtype for x in leaves]
+    if isinstance(storage, (np.dtype, type)):
+        return [np.dtype(storage)] * len(leaves)
+    return [np.dtype(d) for d in ref.tree_leaves(storage)]

@@ -26,7 +26,8 @@ DOCUMENTED = {
     "scale_by_param_block_rms", "clip_by_block_rms", "centralize", "normalize_by_update_norm",
     "adaptive_grad_clip", "lamb", "Lamb", "lars", "LARS", "fromage", "Fromage", "novograd",
     "NovoGrad", "scale_by_novograd", "monitor", "snapshot", "measure_with_ema", "leaf_norms",
-    "update_param_ratio",
+    "update_param_ratio", "adafactor", "Adafactor", "scale_by_factored_rms", "FactoredState",
+    "scale_by_adafactor_step", "sm3", "scale_by_sm3", "ScaleBySM3State",
 }  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import GradientTransformation, OpaquePlan, is_elementwise, is_fusible
+from .._base import GradientTransformation, OpaquePlan, StagePlan, is_elementwise, is_fusible
 from .._device import queue_of
 from .._state_check import register, wrapper
 from ..fusion import element_origin, flatten_like, walk
@@ -30,10 +30,16 @@ def check_per_leaf(tx: GradientTransformation, what: str) -> None:
     """Raise ValueError if ``tx`` needs a value per leaf (a segment reduction: LAMB's trust
     ratio): a shard holds pieces of leaves, so its values would be wrong."""
     for t in walk(tx):
+        name = None
         if is_fusible(t) and getattr(t.plan, "segment_reduction", None) is not None:
+            name = t.plan.name
+        elif isinstance(t.plan, StagePlan):  # Adafactor's row and column means
+            name = t.plan.kind
+        if name is not None:
             raise ValueError(
-                f"{what}: {t.plan.name} needs a value per leaf (a norm of each layer), but a "
-                "shard holds pieces of leaves: ZeRO sharding does not support such rules "
+                f"{what}: {name} needs a value per leaf (a norm of each layer, a mean of "
+                "each row), but a shard holds pieces of leaves: ZeRO sharding does not "
+                "support such rules "
                 "yet. Run the optimizer unsharded on the all-reduced gradients (every rank "
                 "steps the whole model)"
             )

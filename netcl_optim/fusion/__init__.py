@@ -3,7 +3,8 @@
 Modules, one job each: ``_codegen`` (fragments -> kernel source), ``_programs`` (build and
 cache programs), ``_checks`` (leaves and trees usable before anything runs), ``_launch``
 (launches, the side queue, counting), ``_reductions`` (whole-tree norms and flags),
-``_segments`` (sums per leaf, row or unit: tables and kernels), ``_per_segment`` (running
+``_segments`` (sums per leaf, row or unit: tables and kernels), ``_factored``
+(Adafactor's factored second moment), ``_per_segment`` (running
 them for a part, with its per-leaf state), ``_random`` (the counter-based generator),
 ``_cache`` (the in-place step's launches, by array identity), ``_fused`` (one segment of
 fused parts: bind and launch), ``_execute`` (the executor: the only code that walks plans)
@@ -12,8 +13,16 @@ The rest of the package uses the names below.
 """
 
 from ._checks import flatten_like as flatten_like
+from ._checks import group_by_dtype as group_by_dtype
+from ._checks import path_names as path_names
+from ._checks import queue_of_leaves as queue_of_leaves
 from ._execute import execute as execute
 from ._execute import walk as walk
+from ._factored import FactoredRule as FactoredRule
+from ._factored import check_updates as check_updates
+from ._factored import factored_step as factored_step
+from ._factored import init_packed as init_packed
+from ._factored import state_shapes as state_shapes
 from ._fused import element_origin as element_origin
 from ._fused import init_slots as init_slots
 from ._fused import run_parts as run_parts

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._base import GradientTransformation, Part
+from .._base import GradientTransformation, Part, StagePlan
 from .._state_check import checked_transform
 from ._checks import check_donation
 from ._fused import run_parts
@@ -74,10 +74,17 @@ def execute(
     i, n = 0, len(items)
     applied = False
     unchecked = donate
+    if donate and any(isinstance(item[0].plan, StagePlan) for item in items):
+        check_donation(params, updates, state, u_role)  # a stage writes before the fused runs
+        unchecked = False
     while i < n:
         child, plan, child_state = items[i]
         if plan is None:
-            u, new_states[i] = child.update(u, child_state, params, **extra_args)
+            if isinstance(child.plan, StagePlan):  # its own kernels, in place when we are
+                run = child.plan.run
+                u, new_states[i] = run(u, child_state, params, inplace=inplace, **extra_args)
+            else:
+                u, new_states[i] = child.update(u, child_state, params, **extra_args)
             i += 1
             continue
         parts: list[Part] = []

@@ -81,7 +81,18 @@ def unit_axes(shape: tuple[int, ...], spec: str) -> tuple[int, int] | None:
     return (given[0], given[-1])
 
 
-def leaf_view(shape: tuple[int, ...], kind: str) -> tuple[int, int, int, bool]:
+View = tuple[int, int, int, bool]
+
+
+def axis_view(shape: tuple[int, ...], axis: int | None) -> View:
+    """The view of a leaf whose segments are sums over ``axis`` (their order: the shape
+    without that axis, C order), or, for ``None``, one segment that is not reduced."""
+    if axis is None:
+        return 1, math.prod(shape), 1, False
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]), True
+
+
+def leaf_view(shape: tuple[int, ...], kind: str | tuple[View, ...]) -> View:
     """A leaf as ``[outer, mid, inner]`` whose segments are its ``(outer, inner)`` pairs,
     each a sum over ``mid``, and whether they are reduced (see ``SegmentReduction``)."""
     size = math.prod(shape)
@@ -121,7 +132,9 @@ class Segmentation:
       ``leaf_tail`` (``(start, stop)`` into those tables, the tails counted from ``full``).
     """
 
-    def __init__(self, shapes: tuple[tuple[int, ...], ...], kind: str) -> None:
+    def __init__(
+        self, shapes: tuple[tuple[int, ...], ...], kind: str, views: tuple[View, ...] = ()
+    ) -> None:
         self.shapes = shapes
         self.kind = kind
         lay = layout(shapes, np.dtype(np.float32))
@@ -143,9 +156,9 @@ class Segmentation:
                 row = (start + g, seg + step * g, count, step)
                 (full if count == TILE else tail).append(row)
 
-        for shape, offset in zip(shapes, lay.offsets, strict=True):
+        for j, (shape, offset) in enumerate(zip(shapes, lay.offsets, strict=True)):
             c0, s0, f0, t0 = len(chunks), len(strided), len(full), len(tail)
-            outer, mid, inner, reduced = leaf_view(shape, kind)
+            outer, mid, inner, reduced = views[j] if views else leaf_view(shape, kind)
             if inner == 1 and mid == 1 and outer > 1:  # one-element segments, back to back:
                 tile(offset, outer, len(segs), 1)  # groups across them, work-item k in seg k
             for o in range(outer):
@@ -213,8 +226,11 @@ class Segmentation:
 
 
 @lru_cache(maxsize=256)
-def segmentation(shapes: tuple[tuple[int, ...], ...], kind: str) -> Segmentation:
-    return Segmentation(shapes, kind)
+def segmentation(
+    shapes: tuple[tuple[int, ...], ...], kind: str, views: tuple[View, ...] = ()
+) -> Segmentation:
+    """The segments of ``kind`` (or, given, each leaf's ``views``: see :func:`axis_view`)."""
+    return Segmentation(shapes, kind, views)
 
 
 _workspaces: dict[tuple, tuple[cla.Array, cla.Array]] = {}
@@ -463,15 +479,18 @@ def reduce_segments(
     acc: str,
     scalars: tuple[tuple[str, float], ...] = (),
     state: tuple[tuple[Any, Any], ...] = (),
+    views: tuple[View, ...] = (),
+    state_t: str | None = None,
 ) -> cla.Array:
     """Run ``red`` over one dtype group's leaves (``p_leaves`` when it reads params) into
     its workspace's values buffer, returned (see the module docstring). ``scalars``: the
     fragment's ``(name, value)`` pairs; ``state``: per field of ``red.state``, the
-    ``(buffer, offset)`` of the old and of the new values, one per segment (may be the
-    same)."""
+    ``(buffer, offset)`` of the old and of the new values, one per segment in order (may be
+    the same), of ``state_t`` (default: float, double for double leaves). ``views``: each
+    leaf's segments (see :func:`axis_view`), instead of ``red.segments``'."""
     acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
     dtype = u_leaves[0].dtype
-    seg = segmentation(tuple(x.shape for x in u_leaves), red.segments)
+    seg = segmentation(tuple(x.shape for x in u_leaves), red.segments, tuple(views))
     partials, values = workspace(queue, seg, red, dtype, acc_dtype)
     if not seg.count:
         return values
@@ -500,7 +519,8 @@ def reduce_segments(
                     a = leaves[j]
                     args += [a.base_data, element_offset(a) - lay.offsets[j]]
                 _one_per_group(kernel, queue, r1 - r0, [*args, rows, r0, partials.base_data])
-    state_t = "double" if dtype == np.float64 else "float"
+    if state_t is None:
+        state_t = "double" if dtype == np.float64 else "float"
     finisher = _finisher(ctx, red, acc, tuple(name for name, _ in scalars), state_t)
     args = [partials.base_data, tables["segs"].base_data, values.base_data]
     for old, new in state:
@@ -568,4 +588,12 @@ def tiled_launches(
     return out
 
 
-__all__ = ["CHUNK", "TILE", "Segmentation", "reduce_segments", "segmentation", "tiled_launches"]
+__all__ = [
+    "CHUNK",
+    "TILE",
+    "Segmentation",
+    "axis_view",
+    "reduce_segments",
+    "segmentation",
+    "tiled_launches",
+]

@@ -30,6 +30,11 @@ from .._packing import (
 _NONE_TYPE = type(None)
 
 
+def _concrete(shape: Any) -> tuple[int, ...]:
+    """A state shape, a ``(1,)`` placeholder for ``None``."""
+    return (1,) if shape is None else tuple(shape)
+
+
 def is_param(p: Any) -> bool:
     """An object with ``.data`` and ``.grad`` (a :class:`Parameter`, a torch-like tensor)."""
     return hasattr(p, "data") and hasattr(p, "grad") and not isinstance(p, (cla.Array, Mapping))
@@ -61,17 +66,24 @@ class Group:
         self.element_origins: dict[np.dtype, int] = {}
 
     def _allocate(
-        self, dtype_of: Callable[[np.dtype], np.dtype], start: float = 0.0, per_leaf: bool = False
+        self,
+        dtype_of: Callable[[np.dtype], np.dtype],
+        start: float = 0.0,
+        shape_of: Callable[[tuple[int, ...]], Any] | None = None,
     ) -> tuple[list, list[Block]]:
         """Views packed per dtype, filled with ``start``, and the packed block of each dtype;
-        shaped like the params, or ``per_leaf``: one 0-d view per parameter."""
+        shaped like the params, or ``shape_of(param shape)`` (``None``: a ``(1,)``
+        placeholder)."""
         views: list[Any] = [None] * len(self.params)
         blocks = []
         by_dtype: dict[np.dtype, list[int]] = {}
         for i, d in enumerate(self.dtypes):
             by_dtype.setdefault(d, []).append(i)
         for dtype, idx in by_dtype.items():
-            shapes = tuple(() if per_leaf else self.shapes[i] for i in idx)
+            if shape_of is None:
+                shapes = tuple(self.shapes[i] for i in idx)
+            else:
+                shapes = tuple(_concrete(shape_of(self.shapes[i])) for i in idx)
             lay = layout(shapes, dtype_of(dtype))
             block = lay.allocate(self.queue)
             block.fill(self.queue, start)
@@ -80,12 +92,14 @@ class Group:
                 views[i] = v
         return views, blocks
 
-    def ensure(self, key: str, start: float = 0.0, per_leaf: bool = False) -> None:
+    def ensure(
+        self, key: str, start: float = 0.0, shape_of: Callable[[tuple], Any] | None = None
+    ) -> None:
         """Create the state buffer ``key`` (packed per dtype), filled with its slot's
-        ``start`` value, if it is missing: shaped like the params, or ``per_leaf`` (one
-        value per parameter: 0-d views)."""
+        ``start`` value, if it is missing: shaped like the params, or ``shape_of(param
+        shape)`` (one value per parameter: ``()``; ``None``: a placeholder)."""
         if key not in self.bufs:
-            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start, per_leaf)
+            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start, shape_of)
             self.counts[key] = [0] * len(self.params)
             if start:
                 self.starts[key] = start

@@ -31,20 +31,21 @@ from ._groups import (
     group_params,
     pack_params,
 )
-from ._torch_state import STEP, TorchState, assemble, keys_of, per_leaf_keys, slot_starts
+from ._torch_state import STEP, TorchState, assemble, key_shapes, keys_of, slot_starts
 
 _CHAIN_CACHE_SIZE = 32
 
 
 class _Chain(NamedTuple):
     """A group's functional optimizer, its state template, the torch keys it keeps, the
-    non-zero start values of their fresh buffers and the keys with one value per parameter."""
+    non-zero start values of their fresh buffers and the shapes of those not shaped like
+    their parameter (see ``key_shapes``)."""
 
     tx: GradientTransformation
     template: Any
     keys: list[str]
     starts: dict[str, float]
-    per_leaf: frozenset[str] = frozenset()
+    shapes: dict[str, Any]
 
 
 def _freeze(v: Any) -> Any:
@@ -207,11 +208,16 @@ class Optimizer(abc.ABC):
         template = tx.init([])
         keys = keys_of(template, self._torch_states, type(self).__name__)
         starts = slot_starts(tx, self._torch_states)
-        chain = _Chain(tx, template, keys, starts, per_leaf_keys(tx, self._torch_states))
+        chain = _Chain(tx, template, keys, starts, key_shapes(tx, self._torch_states))
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains.popitem(last=False)
         return chain
+
+    def _state_shapes(self, rec: Group) -> dict[str, Any]:
+        """The shapes of the group ``rec``'s keys not shaped like their parameter."""
+        gi = next(k for k, r in enumerate(self._groups) if r is rec)
+        return self._chain(gi).shapes
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter whose ``.grad`` is not ``None``; returns
@@ -239,7 +245,7 @@ class Optimizer(abc.ABC):
                 work.append((rec, members, self._chain(gi)))
         for rec, members, chain in work:
             for k in chain.keys:
-                rec.ensure(k, chain.starts.get(k, 0.0), k in chain.per_leaf)
+                rec.ensure(k, chain.starts.get(k, 0.0), chain.shapes.get(k))
             for cohort in rec.cohorts(members, chain.keys):
                 self._run(rec, cohort, chain)
         return loss

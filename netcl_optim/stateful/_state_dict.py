@@ -21,7 +21,7 @@ from .._device import state_dtype
 from .._validation import invalid
 from ._declaration import as_stored
 from ._groups import Group
-from ._torch_state import STEP, keys_of, per_leaf_keys
+from ._torch_state import STEP, buffer_shape, key_shapes, keys_of
 
 if TYPE_CHECKING:
     from ._optimizer import Optimizer
@@ -44,9 +44,11 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
         group = next(g for g, r in zip(opt.param_groups, opt._groups, strict=True) if r is rec)
         for k, fn in opt.torch_scalars.items():
             entry[k] = np.float32(fn(group, rec.steps[i]))
+    shapes = opt._state_shapes(rec)
     for k in opt._state_keys:
         counts = rec.counts.get(k)
-        if counts is not None and counts[i] > 0:
+        absent = buffer_shape(shapes, k, rec.shapes[i]) is None  # a placeholder
+        if counts is not None and counts[i] > 0 and not absent:
             v = rec.bufs[k][i]
             entry[k] = v.get() if host else v
     return entry
@@ -113,7 +115,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
     new_groups = [_import_group(opt, saved, gi) for gi, saved in enumerate(saved_groups)]
 
     group_keys = [_group_keys(type(opt), group) for group in new_groups]
-    per_leaf = [_per_leaf(type(opt), group) for group in new_groups]
+    shapes = [_shapes(type(opt), group) for group in new_groups]
     staged = []
     for pid, entry in state_dict["state"].items():
         idx = _index(pid)
@@ -121,7 +123,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
             raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
         gi, i = where[idx]
         keys = group_keys[gi]
-        imported = _import_entry(opt, entry, opt._groups[gi], i, idx, keys, per_leaf[gi])
+        imported = _import_entry(opt, entry, opt._groups[gi], i, idx, keys, shapes[gi])
         staged.append((gi, i, *imported))
 
     for group, rec, new in zip(opt.param_groups, opt._groups, new_groups, strict=True):
@@ -134,7 +136,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
         rec = opt._groups[gi]
         rec.steps[i] = step
         for k, a in arrays.items():
-            rec.ensure(k, starts[gi].get(k, 0.0), k in per_leaf[gi])
+            rec.ensure(k, starts[gi].get(k, 0.0), shapes[gi].get(k))
             if a.size:
                 rec.bufs[k][i].set(a)
             rec.counts[k][i] = max(step, 1)
@@ -219,10 +221,10 @@ def _group_keys(cls: type[Optimizer], group: Mapping[str, Any]) -> tuple[str, ..
     return ((STEP,) if cls.torch_step else ()) + tuple(keys)
 
 
-def _per_leaf(cls: type[Optimizer], group: Mapping[str, Any]) -> frozenset[str]:
-    """The keys of ``group``'s chain with one value per parameter (0-d entries)."""
+def _shapes(cls: type[Optimizer], group: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``group``'s chain not shaped like their parameter (see ``key_shapes``)."""
     values = cls._declaration.validate(group, in_group=True)
-    return per_leaf_keys(cls.functional(**values), cls._torch_states)
+    return key_shapes(cls.functional(**values), cls._torch_states)
 
 
 def _import_entry(
@@ -232,11 +234,14 @@ def _import_entry(
     i: int,
     pid: int,
     keys: tuple[str, ...],
-    per_leaf: frozenset[str] = frozenset(),
+    shapes: Mapping[str, Any] | None = None,
 ) -> tuple[int, dict[str, np.ndarray]]:
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
+    shapes = shapes or {}
+    # the keys this parameter has (Adafactor: row_var and col_var, or variance)
+    keys = tuple(k for k in keys if k == STEP or buffer_shape(shapes, k, rec.shapes[i]) is not None)
     unknown = set(entry) - {STEP, *keys, *opt.torch_scalars}
     if unknown:
         raise ValueError(
@@ -251,7 +256,7 @@ def _import_entry(
         if v is None:  # absent (torch may also hold None before a first step)
             continue
         a = v.get() if isinstance(v, cla.Array) else np.asarray(v)
-        shape = () if k in per_leaf else rec.shapes[i]
+        shape = tuple(buffer_shape(shapes, k, rec.shapes[i]))
         if a.shape != shape:
             raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
         if a.dtype.kind not in "fiu":

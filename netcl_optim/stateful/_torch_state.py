@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._base import Fragment, GradientTransformation
+from .._base import Fragment, GradientTransformation, ShapeOf, StagePlan
 from .._state_check import NamedTupleSpec, spec_of
 
 STEP = "step"
@@ -140,19 +140,36 @@ def slot_starts(
     return starts
 
 
-def per_leaf_keys(
+def _per_leaf(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return ()
+
+
+def key_shapes(
     tx: GradientTransformation, declared: Mapping[type, TorchState]
-) -> frozenset[str]:
-    """The torch keys whose buffers hold one value per parameter (a fragment's per-leaf
-    state, ``SegmentReduction.state``: NovoGrad's ``exp_avg_sq``), not one per element."""
-    keys: set[str] = set()
+) -> dict[str, ShapeOf]:
+    """The torch keys whose buffers are not shaped like their parameter, each with its
+    buffer's shape for a parameter's shape (``None``: the parameter has no such entry in
+    torch's dicts; the buffer is a ``(1,)`` placeholder): a fragment's per-leaf state
+    (``SegmentReduction.state``, NovoGrad's ``exp_avg_sq``: shape ``()``) and a stage's
+    (``StagePlan.state_shapes``: Adafactor's ``row_var``, ``col_var``, ``variance``)."""
+    shapes: dict[str, ShapeOf] = {}
     for t in _transforms(tx):
-        fragment = t.plan
-        if not isinstance(fragment, Fragment) or not fragment.segment_state:
+        plan = t.plan
+        if isinstance(plan, Fragment):
+            fields: dict[str, ShapeOf] = {f: _per_leaf for f in plan.segment_state}
+        elif isinstance(plan, StagePlan):
+            fields = dict(plan.state_shapes)
+        else:
             continue
-        spec = spec_of(t)
+        spec = spec_of(t) if fields else None
         state = declared.get(spec.cls) if isinstance(spec, NamedTupleSpec) else None
         if state is not None:
             names = dict(state.slots)
-            keys.update(names[f] for f in fragment.segment_state if f in names)
-    return frozenset(keys)
+            shapes.update((names[f], fn) for f, fn in fields.items() if f in names)
+    return shapes
+
+
+def buffer_shape(shapes: Mapping[str, ShapeOf], key: str, shape: tuple[int, ...]) -> Any:
+    """Key ``key``'s entry shape for a parameter of ``shape`` (``None``: it has none)."""
+    fn = shapes.get(key)
+    return shape if fn is None else fn(shape)

@@ -1,0 +1,490 @@
+"""Adafactor's factored second moment over packed trees (``scale_by_factored_rms``): the row
+and column means of ``g^2`` of each factored leaf, their EMAs (state shaped like neither the
+params nor one value per leaf), the mean of the row factors, and the scaled updates. No host
+sync.
+
+One step, per dtype group, whatever the number of leaves (see ``_segments``):
+
+1. the row sums and the column sums of ``g^2`` (a reduce launch each, two where a sum runs
+   across rows), each with a finish launch that writes the new row (column) EMA, one value
+   per segment, straight into the state (the segments' order is the state's);
+2. the mean of the new row EMA over the other factored axis: a reduce and a finish launch
+   over the row state;
+3. the updates: one launch over the factored leaves (a work-item per run of the last axis:
+   no division per element), one over the leaves that are not factored (their EMA ``v`` is
+   shaped like them), one copying the ``(1,)`` placeholders in pure mode.
+
+So 7 to 10 launches per dtype group; separate arrays are packed first (one copy each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._base import SegmentReduction
+from .._device import check_float_dtype, state_dtype
+from .._packing import contiguous_run, layout, pack
+from ._checks import all_valid, check_leaves, group_by_dtype, path_names, queue_of_leaves
+from ._codegen import ctype, preamble
+from ._launch import note_launches
+from ._programs import build
+from ._reductions import acc_ctype
+from ._segments import CHUNK, View, axis_view, reduce_segments
+
+PLACEHOLDER = (1,)
+
+
+class FactoredRule(NamedTuple):
+    """Which leaves are factored and how (optax's rule by default).
+
+    ``last_two``: factor the last two axes of every leaf of ndim >= 2, the leading ones a
+    batch (torch), and keep torch's state shapes (``row_var [..., R, 1]``, ``col_var [...,
+    1, C]``); else the two largest axes when ``factored`` and the second largest is at
+    least ``min_dim_size_to_factor`` (optax; state: the shape without one axis).
+    ``epsilon`` is added to each ``g^2`` (optax). ``eps1`` (torch): the row factors' mean is
+    floored at ``eps1`` and the variance at ``eps1^2``. ``lerp``: the EMA is torch's
+    ``v.lerp_(s, w)``, else ``keep * v + add * s``.
+    """
+
+    factored: bool = True
+    min_dim_size_to_factor: int = 128
+    last_two: bool = False
+    epsilon: float = 1e-30
+    eps1: float | None = None
+    lerp: bool = False
+
+
+def factor_dims(shape: tuple[int, ...], rule: FactoredRule) -> tuple[int, int] | None:
+    """``(d1, d0)``: the row EMA averages over axis ``d0``, the column EMA over ``d1``
+    (optax's names: the second largest and the largest axis); ``None``: not factored."""
+    if len(shape) < 2:
+        return None
+    if rule.last_two:
+        return len(shape) - 2, len(shape) - 1
+    if not rule.factored:
+        return None
+    order = np.argsort(shape)
+    if shape[order[-2]] < rule.min_dim_size_to_factor:
+        return None
+    return int(order[-2]), int(order[-1])
+
+
+def _without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def state_shapes(shape: tuple[int, ...], rule: FactoredRule) -> tuple[Any, Any, Any]:
+    """The shapes of a leaf's ``(v_row, v_col, v)``; ``None`` where it is a ``(1,)``
+    placeholder (torch keeps no such entry)."""
+    dims = factor_dims(shape, rule)
+    if dims is None:
+        return None, None, tuple(shape)
+    d1, d0 = dims
+    if rule.last_two:
+        return (*shape[:-1], 1), (*shape[:-2], 1, shape[-1]), None
+    return _without(shape, d0), _without(shape, d1), None
+
+
+def _concrete(shape: Any) -> tuple[int, ...]:
+    return PLACEHOLDER if shape is None else tuple(shape)
+
+
+class Plan:
+    """The host tables of one dtype group of leaves with ``shapes`` under ``rule``."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], rule: FactoredRule) -> None:
+        self.shapes = shapes
+        self.dims = [factor_dims(s, rule) for s in shapes]
+        per = [state_shapes(s, rule) for s in shapes]
+        self.row_shapes = tuple(_concrete(r) for r, _, _ in per)
+        self.col_shapes = tuple(_concrete(c) for _, c, _ in per)
+        self.v_shapes = tuple(_concrete(v) for _, _, v in per)
+        pairs = list(zip(shapes, self.dims, strict=True))
+        self.row_views = tuple(axis_view(s, None if d is None else d[1]) for s, d in pairs)
+        self.col_views = tuple(axis_view(s, None if d is None else d[0]) for s, d in pairs)
+        mean_views = []
+        for shape, d in zip(shapes, self.dims, strict=True):
+            if d is None:
+                mean_views.append(axis_view(PLACEHOLDER, None))
+                continue
+            d1, d0 = d
+            mean_views.append(axis_view(_without(shape, d0), d1 - 1 if d1 > d0 else d1))
+        self.mean_views: tuple[View, ...] = tuple(mean_views)
+        g_off = layout(shapes, np.float32).offsets
+        r_off = layout(self.row_shapes, np.float32).offsets
+        c_off = layout(self.col_shapes, np.float32).offsets
+        v_off = layout(self.v_shapes, np.float32).offsets
+        blocks: list[tuple[int, ...]] = []
+        rows: list[tuple[int, int, int]] = []
+        copies: list[tuple[int, int, int]] = []
+        mean_first = 0
+        for j, (shape, d) in enumerate(zip(shapes, self.dims, strict=True)):
+            outer, _, inner, _ = self.mean_views[j]
+            if d is None:
+                size = math.prod(shape)
+                rows += [
+                    (g_off[j] + k, v_off[j] + k, min(CHUNK, size - k))
+                    for k in range(0, size, CHUNK)
+                ]
+                copies += [(-1, r_off[j], 0), (-2, c_off[j], 0)]
+                mean_first += 1
+                continue
+            copies.append((-3, v_off[j], 0))
+            blocks += _blocks(shape, d, g_off[j], r_off[j], c_off[j], mean_first)
+            mean_first += outer * inner
+        self.blocks = np.array(blocks, np.int64).reshape(-1, 10)
+        self.rows = np.array(rows, np.int64).reshape(-1, 3)
+        self.copies = np.array(copies, np.int64).reshape(-1, 3)
+        self._device: dict[cl.Context, dict[str, cla.Array]] = {}
+
+    def tables(self, queue: cl.CommandQueue) -> dict[str, cla.Array]:
+        tables = self._device.get(queue.context)
+        if tables is None:
+            tables = {
+                name: cla.to_device(queue, host if host.size else np.zeros(10, np.int64))
+                for name, host in (("blocks", self.blocks), ("rows", self.rows),
+                                   ("copies", self.copies))
+            }  # fmt: skip
+            queue.finish()
+            self._device[queue.context] = tables
+        return tables
+
+
+def _blocks(
+    shape: tuple[int, ...], dims: tuple[int, int], g0: int, r0: int, c0: int, m0: int
+) -> list[tuple[int, ...]]:
+    """A factored leaf's work-items: the leaf as ``[P0, Da, P1, Db, P2]`` (``a < b`` its
+    factored axes), one per ``(p0, i, p1)``, over its ``Db * P2`` consecutive elements
+    ``(j, q)``: ``(first element, Db, P2, then the row state's index as base + j * sj + q *
+    sq, the column state's likewise, and the row mean's base (+ q))``."""
+    d0 = dims[1]
+    a, b = sorted(dims)
+    p0, da = math.prod(shape[:a]), shape[a]
+    p1, db = math.prod(shape[a + 1 : b]), shape[b]
+    p2 = math.prod(shape[b + 1 :])
+    out = []
+    for x in range(p0):
+        for i in range(da):
+            for y in range(p1):
+                first = g0 + (((x * da + i) * p1 + y) * db) * p2
+                over_b = ((x * da + i) * p1 + y) * p2  # the index without axis b, at j = q = 0
+                over_a = (x * p1 + y) * db * p2  # without axis a
+                mean = m0 + (x * p1 + y) * p2
+                if d0 == b:  # rows average over b: the row index has no j
+                    row, col = (r0 + over_b, 0, 1), (c0 + over_a, p2, 1)
+                else:
+                    row, col = (r0 + over_a, p2, 1), (c0 + over_b, 0, 1)
+                out.append((first, db, p2, *row, *col, mean))
+    return out
+
+
+@lru_cache(maxsize=128)
+def plan_of(shapes: tuple[tuple[int, ...], ...], rule: FactoredRule) -> Plan:
+    return Plan(shapes, rule)
+
+
+# ---------------------------------------------------------------------------- reductions
+
+
+def _ema(rule: FactoredRule, mean: str) -> str:
+    """The new EMA of a row (column) from the old ``v`` and this step's ``mean``."""
+    if rule.lerp:
+        return f"LERP(v, {mean}, add)"
+    return f"keep * v + add * ({mean})"
+
+
+@lru_cache(maxsize=16)
+def _segment_ema(rule: FactoredRule) -> SegmentReduction:
+    """The sums of ``g^2`` over a row (column) and its EMA, written as the finish's state
+    (a placeholder segment, ``n == 0``, keeps its value)."""
+    mean = "s0 / n + epsilon" if rule.epsilon else "s0 / n"
+    return SegmentReduction(
+        terms=("u * u",), outputs=(), finish=(), state=("v",),
+        update=(f"n > 0 ? {_ema(rule, mean)} : v",),
+    )  # fmt: skip
+
+
+_ROW_MEAN = SegmentReduction(terms=("u",), outputs=("mean",), finish=("n > 0 ? s0 / n : 1",))
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+def _apply_source(rule: FactoredRule, storage: str, state_t: str, acc: str) -> tuple[str, str]:
+    """One work-item per block (see :func:`_blocks`): the factored leaves' updates."""
+    key = repr((rule.eps1 is not None, storage, state_t, acc))
+    name = f"netcl_factored_apply_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    real = "double" if storage == "double" else "float"
+    if storage == "half":
+        load, store = "vload_half(k, g)", "vstore_half_rte(x, k, u)"
+    else:
+        load, store = "g[k]", "u[k] = x"
+    if rule.eps1 is None:  # optax: g * (r / mean)^-1/2 * c^-1/2
+        body = "const real x = load * ((real)1 / SQRT(r / m)) * ((real)1 / SQRT(c));"
+    else:  # torch: g * max(r c / max(mean, eps1), eps1^2)^-1/2
+        body = (
+            "const real var = r * c / fmax(m, (real)eps1);\n"
+            "                const real x = load * ((real)1 / SQRT(fmax(var, (real)eps1 * "
+            "(real)eps1)));"
+        )
+    body = body.replace("load", f"({real}){load}")
+    src = f"""//CL// {name}: Adafactor's factored updates, a run of the last axes per work-item
+{preamble(real, "double" in (real, state_t, acc))}
+__kernel void {name}(__global const {storage} *restrict g, const long g_off,
+    __global {storage} *restrict u, const long u_off,
+    __global const {state_t} *restrict vr, const long vr_off,
+    __global const {state_t} *restrict vc, const long vc_off,
+    __global const {acc} *restrict means,
+    __global const long *restrict blocks, const long blocks_off, const {acc} eps1)
+{{
+    g += g_off; u += u_off; vr += vr_off; vc += vc_off;
+    const long t = 10 * (blocks_off + (long)get_global_id(0));
+    const long e = blocks[t], nj = blocks[t + 1], nq = blocks[t + 2];
+    const long rb = blocks[t + 3], rsj = blocks[t + 4], rsq = blocks[t + 5];
+    const long cb = blocks[t + 6], csj = blocks[t + 7], csq = blocks[t + 8];
+    const long mb = blocks[t + 9];
+    for (long j = 0; j < nj; j++) {{
+        for (long q = 0; q < nq; q++) {{
+            const long k = e + j * nq + q;
+            const real r = (real)vr[rb + j * rsj + q * rsq];
+            const real c = (real)vc[cb + j * csj + q * csq];
+            const real m = (real)means[mb + q];
+            {{
+                {body}
+                {store};
+            }}
+        }}
+    }}
+}}
+"""
+    return src, name
+
+
+def _plain_source(rule: FactoredRule, storage: str, state_t: str, acc: str) -> tuple[str, str]:
+    """One work-item per chunk of a leaf that is not factored: its EMA ``v`` (shaped like
+    it) and its updates ``g v^-1/2``."""
+    key = repr((rule.lerp, rule.epsilon != 0, rule.eps1 is not None, storage, state_t, acc))
+    name = f"netcl_factored_plain_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    real = "double" if storage == "double" else "float"
+    if storage == "half":
+        load, store = "vload_half(gs + k, g)", "vstore_half_rte(x, gs + k, u)"
+    else:
+        load, store = "g[gs + k]", "u[gs + k] = x"
+    square = "y * y + (real)epsilon" if rule.epsilon else "y * y"
+    ema = "LERP(v, s, (real)add)" if rule.lerp else "(real)keep * v + (real)add * s"
+    scale = "v" if rule.eps1 is None else "fmax(v, (real)eps1 * (real)eps1)"
+    src = f"""//CL// {name}: Adafactor's updates of the leaves that are not factored
+{preamble(real, "double" in (real, state_t, acc))}
+__kernel void {name}(__global const {storage} *restrict g, const long g_off,
+    __global {storage} *restrict u, const long u_off,
+    __global const {state_t} *restrict v_in, const long v_in_off,
+    __global {state_t} *restrict v_out, const long v_out_off,
+    __global const long *restrict rows, const long rows_off,
+    const {acc} keep, const {acc} add, const {acc} epsilon, const {acc} eps1)
+{{
+    g += g_off; u += u_off; v_in += v_in_off; v_out += v_out_off;
+    const long t = 3 * (rows_off + (long)get_global_id(0));
+    const long gs = rows[t], vs = rows[t + 1], n = rows[t + 2];
+    for (long k = 0; k < n; k++) {{
+        const real y = ({real}){load};
+        const real s = {square};
+        real v = (real)v_in[vs + k];
+        v = ({state_t})({ema});
+        v_out[vs + k] = ({state_t})v;
+        const real x = y * ((real)1 / SQRT({scale}));
+        {store};
+    }}
+}}
+"""
+    return src, name
+
+
+def _copy_source(state_t: str) -> tuple[str, str]:
+    """Pure mode: the placeholders of the new state (``copies``: which array, which index)."""
+    name = f"netcl_factored_copy_{state_t}"
+    args = ", ".join(
+        f"__global const {state_t} *restrict {r}_in, const long {r}_in_off, "
+        f"__global {state_t} *restrict {r}_out, const long {r}_out_off"
+        for r in ("vr", "vc", "v")
+    )
+    src = f"""//CL// {name}: Adafactor's placeholders, copied to the new state
+{preamble("double" if state_t == "double" else "float", state_t == "double")}
+__kernel void {name}({args}, __global const long *restrict copies, const long copies_off)
+{{
+    const long t = 3 * (copies_off + (long)get_global_id(0));
+    const long which = copies[t], k = copies[t + 1];
+    if (which == -1) vr_out[vr_out_off + k] = vr_in[vr_in_off + k];
+    else if (which == -2) vc_out[vc_out_off + k] = vc_in[vc_in_off + k];
+    else v_out[v_out_off + k] = v_in[v_in_off + k];
+}}
+"""
+    return src, name
+
+
+_kernels: dict[tuple, cl.Kernel] = {}
+
+
+def _kernel(ctx: cl.Context, which: str, rule: FactoredRule, storage: str, state_t: str,
+            acc: str) -> cl.Kernel:  # fmt: skip
+    key = (ctx, which, rule, storage, state_t, acc)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        a = np.float64 if acc == "double" else np.float32
+        if which == "apply":
+            src, name = _apply_source(rule, storage, state_t, acc)
+            dtypes = [None, np.int64] * 4 + [None, None, np.int64, a]
+        elif which == "plain":
+            src, name = _plain_source(rule, storage, state_t, acc)
+            dtypes = [None, np.int64] * 5 + [a] * 4
+        else:
+            src, name = _copy_source(state_t)
+            dtypes = [None, np.int64] * 7
+        kernel = _kernels[key] = build(ctx, src, name, dtypes)
+    return kernel
+
+
+# ---------------------------------------------------------------------------- running
+
+
+_outputs: dict[tuple, Any] = {}
+
+
+def _run_of(leaves: list[cla.Array], shapes: tuple, queue: cl.CommandQueue) -> tuple[Any, int]:
+    """``(buffer, element offset)`` of ``leaves`` packed back to back (a packed copy if
+    they are not)."""
+    run = contiguous_run(leaves, layout(shapes, leaves[0].dtype))
+    if run is None:
+        packed = pack(leaves, queue)
+        run = contiguous_run(packed)
+        assert run is not None
+    return run
+
+
+def factored_step(
+    queue: cl.CommandQueue,
+    rule: FactoredRule,
+    grads: list[cla.Array],
+    state: tuple[list[cla.Array], list[cla.Array], list[cla.Array]],
+    keep: float,
+    add: float,
+    eps1: float,
+    inplace: bool,
+) -> tuple[list[cla.Array], tuple[list[cla.Array], ...]]:
+    """One step over one dtype group: ``(updates, (v_row, v_col, v))``. Pure: every output
+    is fresh (the inputs are unchanged); in place: the state's arrays are written where they
+    are (through a packed copy, copied back, where they are not packed) and the updates are a
+    buffer kept for the next step."""
+    dtype = grads[0].dtype
+    shapes = tuple(g.shape for g in grads)
+    plan = plan_of(shapes, rule)
+    acc = acc_ctype(queue)
+    sdtype = state_dtype(dtype)
+    storage, state_t = ctype(dtype), ctype(sdtype)
+    ctx = queue.context
+    g_run = _run_of(grads, shapes, queue)
+    lays = [layout(s, sdtype) for s in (plan.row_shapes, plan.col_shapes, plan.v_shapes)]
+    olds = [_run_of(leaves, lay.shapes, queue) for leaves, lay in zip(state, lays, strict=True)]
+    new_leaves: list[list[cla.Array]] = []
+    news = []
+    copy_back = []
+    for leaves, lay, old in zip(state, lays, olds, strict=True):
+        if inplace:
+            news.append(old)
+            new_leaves.append(leaves)
+            if contiguous_run(leaves, lay) is None:
+                copy_back.append((old, leaves, lay))
+            continue
+        block = lay.allocate(queue)
+        news.append((block.buffer, block.offset // sdtype.itemsize))
+        new_leaves.append(block.views)
+    out_lay = layout(shapes, dtype)
+    if inplace:
+        key = (queue, shapes, dtype)
+        out = _outputs.get(key)
+        if out is None:
+            out = _outputs[key] = out_lay.allocate(queue)
+    else:
+        out = out_lay.allocate(queue)
+    u_run = (out.buffer, out.offset // dtype.itemsize)
+    tables = plan.tables(queue)
+    a = np.float64 if acc == "double" else np.float32
+    scalars = (("keep", keep), ("add", add), ("epsilon", rule.epsilon))
+    ema = _segment_ema(rule)
+    # an EMA per row and per column, each written into the state by its finish
+    for views, s in ((plan.row_views, 0), (plan.col_views, 1)):
+        reduce_segments(queue, ema, grads, [], acc, scalars, ((olds[s], news[s]),), views, state_t)
+    rows = lays[0].views_of(queue, news[0][0], news[0][1] * sdtype.itemsize)
+    means = reduce_segments(queue, _ROW_MEAN, rows, [], acc, views=plan.mean_views)
+    if len(plan.blocks):
+        kernel = _kernel(ctx, "apply", rule, storage, state_t, acc)
+        args = [*g_run, *u_run, *news[0], *news[1], means.base_data, tables["blocks"].base_data,
+                0, a(eps1)]  # fmt: skip
+        kernel(queue, (len(plan.blocks),), (1,), *args)
+        note_launches(kernel.function_name)
+    if len(plan.rows):
+        kernel = _kernel(ctx, "plain", rule, storage, state_t, acc)
+        args = [*g_run, *u_run, *olds[2], *news[2], tables["rows"].base_data, 0,
+                a(keep), a(add), a(rule.epsilon), a(eps1)]  # fmt: skip
+        kernel(queue, (len(plan.rows),), (1,), *args)
+        note_launches(kernel.function_name)
+    if not inplace and len(plan.copies):
+        kernel = _kernel(ctx, "copy", rule, storage, state_t, acc)
+        args = [*olds[0], *news[0], *olds[1], *news[1], *olds[2], *news[2],
+                tables["copies"].base_data, 0]  # fmt: skip
+        kernel(queue, (len(plan.copies),), None, *args)
+        note_launches(kernel.function_name)
+    for (buf, off), leaves, lay in copy_back:
+        item = sdtype.itemsize
+        for leaf, start in zip(leaves, lay.offsets, strict=True):
+            cl.enqueue_copy(queue, leaf.base_data, buf, byte_count=leaf.nbytes,
+                            dst_offset=leaf.offset, src_offset=(off + start) * item)  # fmt: skip
+    return out.views, tuple(new_leaves)
+
+
+def init_packed(
+    leaves: list[Any], shapes: list[tuple[int, ...]], dtype_of: Any, tree: Any
+) -> list[cla.Array]:
+    """Zeroed arrays of ``shapes`` (one per leaf of ``tree``, of ``dtype_of(leaf.dtype)``),
+    packed in one buffer per dtype; raises naming a leaf that is not a float device array."""
+    if not leaves:
+        return []
+    queue = queue_of_leaves(leaves)
+    for i, x in enumerate(leaves):
+        if not isinstance(x, cla.Array):
+            raise TypeError(
+                f"init: leaf {path_names(tree)[i]} is a {type(x).__name__}, "
+                "not a pyopencl.array.Array (use netcl_optim.to_device)"
+            )
+        check_float_dtype(x.dtype, queue, f"init: leaf {path_names(tree)[i]}")
+    out: list[Any] = [None] * len(leaves)
+    for dtype, idx in group_by_dtype(leaves).items():
+        block = layout(tuple(shapes[i] for i in idx), dtype_of(dtype)).allocate(queue)
+        block.fill(queue, 0.0)
+        for i, view in zip(idx, block.views, strict=True):
+            out[i] = view
+    return out
+
+
+def check_updates(leaves: list[Any], tree: Any, queue: cl.CommandQueue) -> None:
+    """The updates' leaves: C-contiguous float device arrays on one context (raises naming
+    the first that is not)."""
+    if not all_valid(leaves, [], queue):
+        check_leaves(leaves, [], tree, queue, "updates")
+
+
+__all__ = [
+    "FactoredRule",
+    "check_updates",
+    "factor_dims",
+    "factored_step",
+    "init_packed",
+    "plan_of",
+    "state_shapes",
+]

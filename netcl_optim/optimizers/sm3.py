@@ -1,0 +1,203 @@
+"""SM3 (Anil et al., 2019, "Memory-Efficient Adaptive Optimization"): optax's
+``scale_by_sm3`` and ``sm3`` (its names, signatures and defaults). The accumulators are one
+vector per axis of each leaf (a leaf of rank <= 1: one array of its shape), so the state is
+not shaped like the params: the transform runs kernels of its own (``fusion/_sm3.py``)."""
+
+from __future__ import annotations
+
+__all__ = ["ScaleBySM3State", "scale_by_sm3", "sm3"]
+
+from typing import Any, NamedTuple
+
+import optree
+import pyopencl.array as cla
+
+from .._base import GradientTransformation, StagePlan
+from .._device import check_float_dtype, state_dtype
+from .._packing import DonatedArray, layout
+from .._state_check import NamedTupleSpec, register
+from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
+from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves
+from ..fusion._fused import init_slots
+from ..fusion._sm3 import sm3_group, sm3_mu_shapes
+from ..transforms._combining import chain
+from ..transforms._scaling import scale
+
+
+class ScaleBySM3State(NamedTuple):
+    """``mu``: per leaf, a list of accumulators (one ``(shape[i],)`` vector per axis for
+    rank >= 2, else one array of the leaf's shape); ``nu``: the momentum, like the params.
+    Both in the state dtype (float32 for float16 and float32 params)."""
+
+    mu: Any
+    nu: Any
+
+
+def _init(params: Any) -> ScaleBySM3State:
+    leaves, treedef = optree.tree_flatten(params)
+    nu = init_slots(params, 1)[0]  # checks the leaves
+    mu: list[Any] = [None] * len(leaves)
+    if leaves:
+        queue = queue_of_leaves(leaves)
+        for dtype, idx in group_by_dtype(leaves).items():
+            per_leaf = [sm3_mu_shapes(leaves[i].shape) for i in idx]
+            block = layout(tuple(s for m in per_leaf for s in m), state_dtype(dtype)).allocate(
+                queue
+            )
+            block.fill(queue, 0)
+            views = iter(block.views)
+            for i, shapes in zip(idx, per_leaf, strict=True):
+                mu[i] = [next(views) for _ in shapes]
+    return ScaleBySM3State(mu=optree.tree_unflatten(treedef, mu), nu=nu)
+
+
+def _check(
+    updates: Any, state: Any
+) -> tuple[list[cla.Array], Any, list[list[cla.Array]], list[cla.Array]]:
+    """The leaves of ``updates``, its treedef, and per leaf its accumulators and momentum;
+    raise naming the leaf if any is unusable or does not match."""
+    if not isinstance(state, ScaleBySM3State):
+        raise ValueError(
+            f"scale_by_sm3: expected a ScaleBySM3State, got {type(state).__name__}; pass the "
+            "state that this optimizer's init returned"
+        )
+    u, treedef = flatten(updates)
+    names: list[str] | None = None
+
+    def name(i: int) -> str:
+        nonlocal names
+        names = names or path_names(updates)
+        return names[i]
+
+    nu, nu_def = flatten(state.nu)
+    if nu_def != treedef:
+        raise ValueError(
+            f"scale_by_sm3: state.nu has a different tree structure from the updates:\n"
+            f"  state.nu: {nu_def}\n  updates: {treedef}"
+        )
+    try:
+        mu = treedef.flatten_up_to(state.mu)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"scale_by_sm3: state.mu does not have the updates' tree structure ({e})"
+        ) from None
+    if not u:
+        return u, treedef, [], []
+    queue = queue_of_leaves(u)
+    ctx = None
+    for i, x in enumerate(u):
+        if not isinstance(x, cla.Array) or type(x) is DonatedArray:
+            raise TypeError(
+                f"scale_by_sm3: leaf {name(i)} of updates is a {type(x).__name__}, not a "
+                "pyopencl.array.Array"
+            )
+        ctx = ctx or x.context
+        check_float_dtype(x.dtype, queue, f"scale_by_sm3: leaf {name(i)} of updates")
+        want = state_dtype(x.dtype)
+        mu_shapes = sm3_mu_shapes(x.shape)
+        m = mu[i]
+        if not isinstance(m, (list, tuple)) or len(m) != len(mu_shapes):
+            raise ValueError(
+                f"scale_by_sm3: leaf {name(i)}: state.mu holds {_what(m)}, expected a list of "
+                f"{len(mu_shapes)} arrays (shapes {mu_shapes})"
+            )
+        roles = [("updates", x, x.shape, x.dtype), ("state.nu", nu[i], x.shape, want)]
+        roles += [
+            (f"state.mu[{k}]", a, s, want)
+            for k, (a, s) in enumerate(zip(m, mu_shapes, strict=True))
+        ]
+        for role, a, shape, dtype in roles:
+            if not isinstance(a, cla.Array) or type(a) is DonatedArray:
+                raise TypeError(
+                    f"scale_by_sm3: leaf {name(i)}: {role} is a {type(a).__name__}, not a "
+                    "pyopencl.array.Array"
+                )
+            if a.context != ctx:
+                raise ValueError(
+                    f"scale_by_sm3: leaf {name(i)}: {role} belongs to another OpenCL context "
+                    "than the updates"
+                )
+            if a.shape != shape:
+                raise ValueError(
+                    f"scale_by_sm3: leaf {name(i)}: {role} has shape {a.shape}, expected {shape}"
+                )
+            if a.dtype != dtype:
+                raise TypeError(
+                    f"scale_by_sm3: leaf {name(i)}: {role} has dtype {a.dtype}, expected {dtype}"
+                )
+            if not a.flags.c_contiguous:
+                raise ValueError(f"scale_by_sm3: leaf {name(i)}: {role} is not C-contiguous")
+    return u, treedef, [list(m) for m in mu], nu
+
+
+def _what(x: Any) -> str:
+    if isinstance(x, (list, tuple)):
+        return f"a {type(x).__name__} of {len(x)}"
+    return f"a {type(x).__name__}"
+
+
+def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> GradientTransformation:
+    """SM3-II's scaling (optax's ``scale_by_sm3``, same signature and defaults). Per leaf,
+    with ``c = 1 - b2`` (1 when ``b2 == 1``)::
+
+        rank >= 2:  a = c g^2 + b2 min_i mu_i[index_i];  mu_i <- max of a over all axes but i
+        rank <= 1:  a = c g^2 + b2 mu;                    mu <- a
+        nu <- (1 - b1) g / sqrt(a + eps) (0 where a == 0) + b1 nu
+        u  <- nu
+
+    ``mu``: one vector per axis of a leaf of rank >= 2, else one array of the leaf's shape
+    (a 0-d leaf is one element; optax raises on it). Device: three launches per dtype group
+    of a packed tree, whatever the number of leaves; no host read.
+    """
+    check(CLOSED_UNIT, b1=b1, b2=b2)
+    check(NON_NEGATIVE, eps=eps)
+    b1, b2, eps = float(b1), float(b2), float(eps)
+
+    def run(
+        updates: Any, state: Any, params: Any = None, *, inplace: bool, **extra_args: Any
+    ) -> tuple[Any, ScaleBySM3State]:
+        u, treedef, mu, nu = _check(updates, state)
+        if not u:
+            return updates, state
+        queue = queue_of_leaves(u)
+        out: list[Any] = [None] * len(u)
+        new_mu: list[Any] = [None] * len(u)
+        new_nu: list[Any] = [None] * len(u)
+        for _, idx in group_by_dtype(u).items():
+            counts = [len(mu[i]) for i in idx]
+            o, m, n = sm3_group(
+                queue,
+                [u[i] for i in idx],
+                [a for i in idx for a in mu[i]],
+                [nu[i] for i in idx],
+                b1,
+                b2,
+                eps,
+                inplace,
+            )
+            ms = iter(m)
+            for i, k, oi, ni in zip(idx, counts, o, n, strict=True):
+                out[i], new_nu[i] = oi, ni
+                new_mu[i] = [next(ms) for _ in range(k)]
+        updates_out = optree.tree_unflatten(treedef, out)
+        if inplace:
+            return updates_out, state
+        return updates_out, ScaleBySM3State(
+            mu=optree.tree_unflatten(treedef, new_mu), nu=optree.tree_unflatten(treedef, new_nu)
+        )
+
+    def update(
+        updates: Any, state: Any, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, ScaleBySM3State]:
+        return run(updates, state, params, inplace=False, **extra_args)
+
+    tx = GradientTransformation(_init, update, StagePlan("scale_by_sm3", run, config=(b1, b2, eps)))
+    return register(tx, lambda: NamedTupleSpec(ScaleBySM3State))
+
+
+def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
+    """SM3 (optax's ``sm3``: ``chain(scale_by_sm3(b1=momentum), scale(-learning_rate))``)::
+
+    u <- scale_by_sm3(b1=momentum)(g);  p <- p - learning_rate u
+    """
+    return chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
