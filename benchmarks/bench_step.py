@@ -122,11 +122,10 @@ PASSES: dict[str, tuple[Pass, ...]] = {
     "fromage": (Pass(reads=("g", "p")), Pass(reads=("g",), updates=("p",))),
     # reduce g (||g||^2 per leaf; nu updated by the finish launch), then m, lr and apply
     "novograd": (Pass(reads=("g",)), Pass(reads=("g",), updates=("p", "m"))),
-    # torch's rule (the class): the row sums of g^2, the column sums, the factored updates
-    # (written), then ||u|| and ||p|| per leaf, then the relative step and apply (the factors,
-    # O(rows + columns), and the vectors' variance are left out)
+    # torch's rule (the class): the row and column sums of g^2 (one pass), the factored
+    # updates (written), then ||u|| and ||p|| per leaf, then the relative step and apply (the
+    # factors, O(rows + columns), and the vectors' variance are left out)
     "adafactor": (
-        Pass(reads=("g",)),
         Pass(reads=("g",)),
         Pass(reads=("g",), writes=("u",)),
         Pass(reads=("u", "p")),

@@ -5,16 +5,20 @@ sync.
 
 One step, per dtype group, whatever the number of leaves (see ``_segments``):
 
-1. the row sums and the column sums of ``g^2`` (a reduce launch each, two where a sum runs
-   across rows), each with a finish launch that writes the new row (column) EMA, one value
-   per segment, straight into the state (the segments' order is the state's);
+1. the row sums and the column sums of ``g^2``: one launch streaming blocks of rows where
+   every factored leaf's factored axes are its last two (see :func:`_both_table`), else a
+   reduce launch each (two where a sum runs across rows); then a finish launch each, which
+   writes the new row (column) EMA, one value per segment, straight into the state (the
+   segments' order is the state's);
 2. the mean of the new row EMA over the other factored axis: a reduce and a finish launch
-   over the row state;
-3. the updates: one launch over the factored leaves (a work-item per run of the last axis:
-   no division per element), one over the leaves that are not factored (their EMA ``v`` is
-   shaped like them), one copying the ``(1,)`` placeholders in pure mode.
+   over the row state; then one launch for every row's and column's factor;
+3. the updates: one launch over the factored leaves (a work-item per run of rows: no
+   division per element, vectors of 8), one over the leaves that are not factored (their
+   EMA ``v`` is shaped like them), one copying the ``(1,)`` placeholders in pure mode.
 
-So 7 to 10 launches per dtype group; separate arrays are packed first (one copy each).
+So 8 to 11 launches per dtype group (a launch over many segments may be split in two, see
+``_launch.launch``); separate arrays take one sums launch per leaf, state arrays that are
+not packed go through a packed copy.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ import pyopencl.array as cla
 
 from .._base import SegmentReduction
 from .._device import check_float_dtype, state_dtype
-from .._packing import contiguous_run, layout, pack
+from .._packing import contiguous_run, element_offset, layout, pack
 from ._checks import all_valid, check_leaves, group_by_dtype, path_names, queue_of_leaves
 from ._codegen import ctype, preamble
-from ._launch import note_launches
+from ._launch import launch, note_launches
 from ._programs import build
 from ._reductions import acc_ctype
-from ._segments import CHUNK, View, axis_view, reduce_segments
+from ._segments import CHUNK, View, axis_view, reduce_segments, segmentation, workspace
 
 PLACEHOLDER = (1,)
 
@@ -121,7 +125,10 @@ class Plan:
         r_off = layout(self.row_shapes, np.float32).offsets
         c_off = layout(self.col_shapes, np.float32).offsets
         v_off = layout(self.v_shapes, np.float32).offsets
+        self.factor_rows = layout(self.row_shapes, np.float32).total
+        self.factor_count = self.factor_rows + layout(self.col_shapes, np.float32).total
         blocks: list[tuple[int, ...]] = []
+        row_means: list[np.ndarray] = []
         rows: list[tuple[int, int, int]] = []
         copies: list[tuple[int, int, int]] = []
         mean_first = 0
@@ -134,14 +141,22 @@ class Plan:
                     for k in range(0, size, CHUNK)
                 ]
                 copies += [(-1, r_off[j], 0), (-2, c_off[j], 0)]
+                row_means.append(np.full(1, -1, np.int64))
                 mean_first += 1
                 continue
             copies.append((-3, v_off[j], 0))
-            blocks += _blocks(shape, d, g_off[j], r_off[j], c_off[j], mean_first)
+            # the factors: the rows' then the columns' (see _factors_source)
+            blocks += _blocks(shape, d, g_off[j], r_off[j], self.factor_rows + c_off[j])
+            mid = self.mean_views[j][1]
+            index = np.arange(outer)[:, None, None] * inner + np.arange(inner)[None, None, :]
+            row_means.append(np.broadcast_to(index, (outer, mid, inner)).ravel() + mean_first)
             mean_first += outer * inner
         self.blocks = np.array(blocks, np.int64).reshape(-1, 10)
+        self.items = _items(self.blocks)
         self.rows = np.array(rows, np.int64).reshape(-1, 3)
         self.copies = np.array(copies, np.int64).reshape(-1, 3)
+        self.row_means = np.concatenate(row_means) if row_means else np.zeros(0, np.int64)
+        self.both = _both_table(self)
         self._device: dict[cl.Context, dict[str, cla.Array]] = {}
 
     def tables(self, queue: cl.CommandQueue) -> dict[str, cla.Array]:
@@ -149,8 +164,10 @@ class Plan:
         if tables is None:
             tables = {
                 name: cla.to_device(queue, host if host.size else np.zeros(10, np.int64))
-                for name, host in (("blocks", self.blocks), ("rows", self.rows),
-                                   ("copies", self.copies))
+                for name, host in (("blocks", self.blocks), ("items", self.items),
+                                   ("rows", self.rows),
+                                   ("copies", self.copies), ("row_means", self.row_means),
+                                   ("both", np.zeros(0) if self.both is None else self.both))
             }  # fmt: skip
             queue.finish()
             self._device[queue.context] = tables
@@ -158,12 +175,12 @@ class Plan:
 
 
 def _blocks(
-    shape: tuple[int, ...], dims: tuple[int, int], g0: int, r0: int, c0: int, m0: int
+    shape: tuple[int, ...], dims: tuple[int, int], g0: int, r0: int, c0: int
 ) -> list[tuple[int, ...]]:
     """A factored leaf's work-items: the leaf as ``[P0, Da, P1, Db, P2]`` (``a < b`` its
     factored axes), one per ``(p0, i, p1)``, over its ``Db * P2`` consecutive elements
-    ``(j, q)``: ``(first element, Db, P2, then the row state's index as base + j * sj + q *
-    sq, the column state's likewise, and the row mean's base (+ q))``."""
+    ``(j, q)``: ``(first element, Db, P2, then its row factor's index as base + j * sj + q *
+    sq, its column factor's likewise, 0)`` (``r0``, ``c0``: the leaf's first factors)."""
     d0 = dims[1]
     a, b = sorted(dims)
     p0, da = math.prod(shape[:a]), shape[a]
@@ -176,13 +193,54 @@ def _blocks(
                 first = g0 + (((x * da + i) * p1 + y) * db) * p2
                 over_b = ((x * da + i) * p1 + y) * p2  # the index without axis b, at j = q = 0
                 over_a = (x * p1 + y) * db * p2  # without axis a
-                mean = m0 + (x * p1 + y) * p2
                 if d0 == b:  # rows average over b: the row index has no j
                     row, col = (r0 + over_b, 0, 1), (c0 + over_a, p2, 1)
                 else:
                     row, col = (r0 + over_a, p2, 1), (c0 + over_b, 0, 1)
-                out.append((first, db, p2, *row, *col, mean))
+                out.append((first, db, p2, *row, *col, 0))
     return out
+
+
+def _both_table(plan: Plan) -> np.ndarray | None:
+    """Where every factored leaf averages its rows over the last axis (contiguous, at most
+    ``CHUNK`` long: one chunk per row) and its columns over the axis before (torch's rule
+    always; optax's when the two largest axes are the last two, the larger last): one
+    launch sums both, a work-item per block of rows of the column segmentation, ``(first
+    element, rows, row length, its first column partial, its first row partial)``. ``None``
+    where some leaf is factored otherwise (then a reduce launch each)."""
+    row_seg = segmentation(plan.shapes, "leaf", plan.row_views)
+    col_seg = segmentation(plan.shapes, "leaf", plan.col_views)
+    offsets = layout(plan.shapes, np.float32).offsets
+    out = []
+    for j, (shape, d) in enumerate(zip(plan.shapes, plan.dims, strict=True)):
+        if d is None:
+            continue
+        if d != (len(shape) - 2, len(shape) - 1) or shape[-1] > CHUNK or not shape[-1]:
+            return None
+        c0 = row_seg.leaf_chunks[j][0]
+        s0, s1 = col_seg.leaf_strided[j]
+        for e, rows, width, first in col_seg.strided[s0:s1].tolist():
+            out.append((e, rows, width, first, c0 + (e - offsets[j]) // width))
+    return np.array(out, np.int64).reshape(-1, 5)
+
+
+SPAN = 4096  # elements per work-item of the apply launch, at least (whole blocks)
+
+
+def _items(blocks: np.ndarray) -> np.ndarray:
+    """The apply launch's work-items: ``(first block, blocks)``, runs of consecutive blocks
+    of at least ``SPAN`` elements together (a row of 240 elements per work-item made PoCL
+    spend more on work-groups than on the row: 5.3 ms against 2.5 ms on a GPT-like tree)."""
+    items: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for b, (nj, nq) in enumerate(blocks[:, 1:3].tolist()):
+        size += nj * nq
+        if size >= SPAN:
+            items.append((start, b + 1 - start))
+            start, size = b + 1, 0
+    if start < len(blocks):
+        items.append((start, len(blocks) - start))
+    return np.array(items, np.int64).reshape(-1, 2)
 
 
 @lru_cache(maxsize=128)
@@ -217,50 +275,187 @@ _ROW_MEAN = SegmentReduction(terms=("u",), outputs=("mean",), finish=("n > 0 ? s
 # ---------------------------------------------------------------------------- kernels
 
 
-def _apply_source(rule: FactoredRule, storage: str, state_t: str, acc: str) -> tuple[str, str]:
-    """One work-item per block (see :func:`_blocks`): the factored leaves' updates."""
-    key = repr((rule.eps1 is not None, storage, state_t, acc))
+def _both_source(storage: str, acc: str) -> tuple[str, str]:
+    """One work-item per block of rows (see :func:`_both_table`): streams them; per row, adds
+    each ``g^2`` (in the reduction type) to its column's partial, then sums the row (now in
+    cache) as the reduce launch sums a chunk (``g^2`` in float lanes over blocks of 64,
+    each block's lanes added in the reduction type; again in double where that gives 0 or
+    not a finite number). Writes the rows' sums as the row segmentation's partials and the
+    columns' as the column one's: the order of the additions depends only on the shapes."""
+    name = f"netcl_factored_sums_{storage}_{acc}"
+    real = "double" if storage == "double" else "float"
+    w = 4 if real == "double" else 8
+    if storage == "half":
+        load, loadv = "vload_half(k, g)", f"vload_half{w}(0, g + k)"
+    else:
+        load, loadv = "g[k]", f"vload{w}(0, g + k)"
+    if w == 4:
+        lanes = f"(({acc})b.s0 + ({acc})b.s1) + (({acc})b.s2 + ({acc})b.s3)"
+    else:
+        pairs = [f"(({acc})b.s{a} + ({acc})b.s{a + 1})" for a in range(0, 8, 2)]
+        lanes = f"({pairs[0]} + {pairs[1]}) + ({pairs[2]} + {pairs[3]})"
+    block = 1 if w == 4 else 8
+    rescue = ""
+    if acc == "double" and real == "float":
+        rescue = f"""        if (row == 0 || row - row != 0) {{
+            row = 0;
+            for (long c = 0; c < width; c++) {{
+                const long k = first + c;
+                const double x = (double){load};
+                row = row + x * x;
+            }}
+        }}
+"""
+    src = f"""//CL// {name}: Adafactor's row sums and column partials of g^2 in one pass
+{preamble(real, "double" in (storage, acc))}
+__kernel void {name}(__global const {storage} *restrict g, const long g_off,
+    __global const long *restrict both, const long both_off,
+    __global {acc} *restrict row_partials, __global {acc} *restrict col_partials)
+{{
+    g += g_off;
+    const long t = 5 * (both_off + (long)get_global_id(0));
+    const long base = both[t], rows = both[t + 1], width = both[t + 2];
+    __global {acc} *restrict cols = col_partials + both[t + 3];
+    const long r0 = both[t + 4];
+    for (long c = 0; c < width; c++) {{
+        const long k = base + c;
+        const {acc} x = ({acc}){load};
+        cols[c] = x * x;
+    }}
+    for (long m = 1; m < rows; m++) {{
+        for (long c = 0; c < width; c++) {{
+            const long k = base + m * width + c;
+            const {acc} x = ({acc}){load};
+            cols[c] += x * x;
+        }}
+    }}
+    for (long m = 0; m < rows; m++) {{
+        const long first = base + m * width, stop = first + width;
+        {acc} row = 0;
+        long k = first;
+        while (k + {w} <= stop) {{
+            {real}{w} b = ({real}{w})(0);
+            for (int v = 0; v < {block} && k + {w} <= stop; v++, k += {w}) {{
+                const {real}{w} x = {loadv};
+                b = b + x * x;
+            }}
+            row = row + {lanes};
+        }}
+        for (; k < stop; k++) {{
+            const {real} x = ({real}){load};
+            row = row + ({acc})(x * x);
+        }}
+{rescue}        row_partials[r0 + m] = row;
+    }}
+}}
+"""
+    return src, name
+
+
+def _factors_source(rule: FactoredRule, state_t: str, acc: str, real: str) -> tuple[str, str]:
+    """One work-item per row and per column of the state: its factor, the row's
+    ``(v_row / mean)^-1/2`` (torch: the mean floored at eps1) and the column's ``v_col^-1/2``
+    (``factors``: the rows', then the columns'; a placeholder's is 0)."""
+    key = repr((rule.eps1 is not None, state_t, acc, real))
+    name = f"netcl_factored_factors_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    mean = "(real)means[m]" if rule.eps1 is None else "fmax((real)means[m], (real)eps1)"
+    src = f"""//CL// {name}: Adafactor's row and column factors
+{preamble(real, "double" in (real, state_t, acc))}
+__kernel void {name}(__global const {state_t} *restrict vr, const long vr_off,
+    __global const {state_t} *restrict vc, const long vc_off,
+    __global const {acc} *restrict means, __global const long *restrict row_means,
+    __global real *restrict factors, const long rows, const {acc} eps1)
+{{
+    const long s = get_global_id(0);
+    if (s < rows) {{
+        const long m = row_means[s];
+        factors[s] = m < 0 ? (real)0 : (real)1 / SQRT((real)vr[vr_off + s] / {mean});
+    }} else {{
+        factors[s] = (real)1 / SQRT((real)vc[vc_off + s - rows]);
+    }}
+}}
+"""
+    return src, name
+
+
+def _apply_source(rule: FactoredRule, storage: str, acc: str) -> tuple[str, str]:
+    """One work-item per block (see :func:`_blocks`): the factored leaves' updates, ``g`` times
+    the row factor times the column factor (optax's order), or torch's ``g`` times
+    ``min(row factor * column factor, 1 / eps1)`` (``max(var, eps1^2)^-1/2``). A block of one
+    row (the factored axes last, the usual case) has one factor per block and one per
+    element: in vectors of 8 (4 in double)."""
+    key = repr((rule.eps1 is not None, storage, acc))
     name = f"netcl_factored_apply_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     real = "double" if storage == "double" else "float"
+    w = 4 if real == "double" else 8  # (double8 changes the ABI on AVX: PoCL drops the kernel)
     if storage == "half":
         load, store = "vload_half(k, g)", "vstore_half_rte(x, k, u)"
+        load8, store8 = "vload_half8(0, g + k)", "vstore_half8_rte(x, 0, u + k)"
     else:
         load, store = "g[k]", "u[k] = x"
-    if rule.eps1 is None:  # optax: g * (r / mean)^-1/2 * c^-1/2
-        body = "const real x = load * ((real)1 / SQRT(r / m)) * ((real)1 / SQRT(c));"
-    else:  # torch: g * max(r c / max(mean, eps1), eps1^2)^-1/2
-        body = (
-            "const real var = r * c / fmax(m, (real)eps1);\n"
-            "                const real x = load * ((real)1 / SQRT(fmax(var, (real)eps1 * "
-            "(real)eps1)));"
-        )
-    body = body.replace("load", f"({real}){load}")
+        load8, store8 = f"vload{w}(0, g + k)", f"vstore{w}(x, 0, u + k)"
+    if rule.eps1 is None:  # g * row factor * column factor, in that order
+
+        def scaled(y: str, row: str, col: str) -> str:
+            return f"({y} * {row}) * {col}"
+    else:
+
+        def scaled(y: str, row: str, col: str) -> str:
+            return f"{y} * fmin({row} * {col}, inv_e)"
+
+    def loop(row: str, col: str) -> str:  # row and col: the uniform one is fu, the other fv
+        vec_row = row.replace("fv[j]", f"vload{w}(0, fv + j)")
+        vec_col = col.replace("fv[j]", f"vload{w}(0, fv + j)")
+        return f"""for (; j + {w} <= nj; j += {w}) {{
+                const long k = e + j;
+                const realv y = convert_{real}{w}({load8});
+                const realv x = {scaled("y", vec_row, vec_col)};
+                {store8};
+            }}
+            for (; j < nj; j++) {{
+                const long k = e + j;
+                const real x = {scaled(f"({real}){load}", row, col)};
+                {store};
+            }}"""
+
     src = f"""//CL// {name}: Adafactor's factored updates, a run of the last axes per work-item
-{preamble(real, "double" in (real, state_t, acc))}
+{preamble(real, "double" in (real, acc))}
+typedef {real}{w} realv;
 __kernel void {name}(__global const {storage} *restrict g, const long g_off,
     __global {storage} *restrict u, const long u_off,
-    __global const {state_t} *restrict vr, const long vr_off,
-    __global const {state_t} *restrict vc, const long vc_off,
-    __global const {acc} *restrict means,
-    __global const long *restrict blocks, const long blocks_off, const {acc} eps1)
+    __global const real *restrict f, __global const long *restrict blocks,
+    __global const long *restrict items, const long items_off, const {acc} eps1)
 {{
-    g += g_off; u += u_off; vr += vr_off; vc += vc_off;
-    const long t = 10 * (blocks_off + (long)get_global_id(0));
+    g += g_off; u += u_off;
+    const real inv_e = (real)1 / (real)eps1;
+    const long item = 2 * (items_off + (long)get_global_id(0));
+    for (long b = items[item]; b < items[item] + items[item + 1]; b++) {{
+    const long t = 10 * b;
     const long e = blocks[t], nj = blocks[t + 1], nq = blocks[t + 2];
     const long rb = blocks[t + 3], rsj = blocks[t + 4], rsq = blocks[t + 5];
     const long cb = blocks[t + 6], csj = blocks[t + 7], csq = blocks[t + 8];
-    const long mb = blocks[t + 9];
+    if (nq == 1) {{
+        long j = 0;
+        if (rsj == 0) {{  /* one row factor, a column factor per element */
+            const real fu = f[rb];
+            __global const real *fv = f + cb;
+            {loop("fu", "fv[j]")}
+        }} else {{  /* a row factor per element, one column factor */
+            const real fu = f[cb];
+            __global const real *fv = f + rb;
+            {loop("fv[j]", "fu")}
+        }}
+        continue;
+    }}
     for (long j = 0; j < nj; j++) {{
         for (long q = 0; q < nq; q++) {{
             const long k = e + j * nq + q;
-            const real r = (real)vr[rb + j * rsj + q * rsq];
-            const real c = (real)vc[cb + j * csj + q * csq];
-            const real m = (real)means[mb + q];
-            {{
-                {body}
-                {store};
-            }}
+            const real x = {
+        scaled(f"({real}){load}", "f[rb + j * rsj + q * rsq]", "f[cb + j * csj + q * csq]")
+    };
+            {store};
         }}
+    }}
     }}
 }}
 """
@@ -338,8 +533,15 @@ def _kernel(ctx: cl.Context, which: str, rule: FactoredRule, storage: str, state
     if kernel is None:
         a = np.float64 if acc == "double" else np.float32
         if which == "apply":
-            src, name = _apply_source(rule, storage, state_t, acc)
-            dtypes = [None, np.int64] * 4 + [None, None, np.int64, a]
+            src, name = _apply_source(rule, storage, acc)
+            dtypes = [None, np.int64] * 2 + [None, None, None, np.int64, a]
+        elif which == "both":
+            src, name = _both_source(storage, acc)
+            dtypes = [None, np.int64, None, np.int64, None, None]
+        elif which == "factors":
+            real = "double" if storage == "double" else "float"
+            src, name = _factors_source(rule, state_t, acc, real)
+            dtypes = [None, np.int64] * 2 + [None, None, None, np.int64, a]
         elif which == "plain":
             src, name = _plain_source(rule, storage, state_t, acc)
             dtypes = [None, np.int64] * 5 + [a] * 4
@@ -354,6 +556,47 @@ def _kernel(ctx: cl.Context, which: str, rule: FactoredRule, storage: str, state
 
 
 _outputs: dict[tuple, Any] = {}
+
+
+def _row_and_column_sums(
+    queue: cl.CommandQueue, plan: Plan, ema: SegmentReduction, grads: list[cla.Array], acc: str
+) -> None:
+    """Both segmentations' partials in one launch (see :func:`_both_table`); per leaf where
+    the grads are not packed."""
+    dtype = grads[0].dtype
+    acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
+    row_seg = segmentation(plan.shapes, "leaf", plan.row_views)
+    col_seg = segmentation(plan.shapes, "leaf", plan.col_views)
+    row_partials, _ = workspace(queue, row_seg, ema, dtype, acc_dtype)
+    col_partials, _ = workspace(queue, col_seg, ema, dtype, acc_dtype)
+    kernel = _kernel(queue.context, "both", FactoredRule(), ctype(dtype), "", acc)
+    table = plan.tables(queue)["both"].base_data
+    lay = layout(plan.shapes, dtype)
+    run = contiguous_run(grads, lay)
+    tail = [row_partials.base_data, col_partials.base_data]
+    if run is not None:
+        kernel(queue, (len(plan.both),), (1,), *run, table, 0, *tail)
+        note_launches(kernel.function_name)
+        return
+    ranges = col_seg.leaf_strided
+    for j, (s0, s1) in enumerate(ranges):
+        if s1 > s0 and plan.dims[j] is not None:
+            g = grads[j]
+            first = int(np.searchsorted(plan.both[:, 0], lay.offsets[j]))
+            args = [g.base_data, element_offset(g) - lay.offsets[j], table, first, *tail]
+            kernel(queue, (s1 - s0,), (1,), *args)
+            note_launches(kernel.function_name)
+
+
+def _factors(queue: cl.CommandQueue, plan: Plan, dtype: np.dtype) -> cla.Array:
+    """The row and column factors' buffer of ``plan``'s leaves (kept across steps: the queue
+    runs a step's launches in order)."""
+    real = np.float64 if dtype == np.float64 else np.float32
+    key = (queue, plan, "factors", real)
+    buf = _outputs.get(key)
+    if buf is None:
+        buf = _outputs[key] = cla.empty(queue, (max(plan.factor_count, 1),), real)
+    return buf
 
 
 def _run_of(leaves: list[cla.Array], shapes: tuple, queue: cl.CommandQueue) -> tuple[Any, int]:
@@ -418,15 +661,24 @@ def factored_step(
     scalars = (("keep", keep), ("add", add), ("epsilon", rule.epsilon))
     ema = _segment_ema(rule)
     # an EMA per row and per column, each written into the state by its finish
+    sums = plan.both is None or not len(plan.both)
+    if not sums:
+        _row_and_column_sums(queue, plan, ema, grads, acc)
     for views, s in ((plan.row_views, 0), (plan.col_views, 1)):
-        reduce_segments(queue, ema, grads, [], acc, scalars, ((olds[s], news[s]),), views, state_t)
+        reduce_segments(queue, ema, grads, [], acc, scalars, ((olds[s], news[s]),), views,
+                        state_t, sums)  # fmt: skip
     rows = lays[0].views_of(queue, news[0][0], news[0][1] * sdtype.itemsize)
     means = reduce_segments(queue, _ROW_MEAN, rows, [], acc, views=plan.mean_views)
     if len(plan.blocks):
+        factors = _factors(queue, plan, dtype)
+        kernel = _kernel(ctx, "factors", rule, storage, state_t, acc)
+        args = [*news[0], *news[1], means.base_data, tables["row_means"].base_data,
+                factors.base_data, plan.factor_rows, a(eps1)]  # fmt: skip
+        launch(kernel, queue, plan.factor_count, args)
         kernel = _kernel(ctx, "apply", rule, storage, state_t, acc)
-        args = [*g_run, *u_run, *news[0], *news[1], means.base_data, tables["blocks"].base_data,
-                0, a(eps1)]  # fmt: skip
-        kernel(queue, (len(plan.blocks),), (1,), *args)
+        args = [*g_run, *u_run, factors.base_data, tables["blocks"].base_data,
+                tables["items"].base_data, 0, a(eps1)]  # fmt: skip
+        kernel(queue, (len(plan.items),), (1,), *args)
         note_launches(kernel.function_name)
     if len(plan.rows):
         kernel = _kernel(ctx, "plain", rule, storage, state_t, acc)

@@ -481,13 +481,15 @@ def reduce_segments(
     state: tuple[tuple[Any, Any], ...] = (),
     views: tuple[View, ...] = (),
     state_t: str | None = None,
+    sums: bool = True,
 ) -> cla.Array:
     """Run ``red`` over one dtype group's leaves (``p_leaves`` when it reads params) into
     its workspace's values buffer, returned (see the module docstring). ``scalars``: the
     fragment's ``(name, value)`` pairs; ``state``: per field of ``red.state``, the
     ``(buffer, offset)`` of the old and of the new values, one per segment in order (may be
     the same), of ``state_t`` (default: float, double for double leaves). ``views``: each
-    leaf's segments (see :func:`axis_view`), instead of ``red.segments``'."""
+    leaf's segments (see :func:`axis_view`), instead of ``red.segments``'. ``sums=False``:
+    only the finish; the caller's launches wrote the partials (see :func:`workspace`)."""
     acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
     dtype = u_leaves[0].dtype
     seg = segmentation(tuple(x.shape for x in u_leaves), red.segments, tuple(views))
@@ -500,7 +502,7 @@ def reduce_segments(
     lay = layout(seg.shapes, dtype)
     runs = [contiguous_run(leaves, lay) for leaves in roles]
     for table, ranges in (("chunks", seg.leaf_chunks), ("strided", seg.leaf_strided)):
-        total = ranges[-1][1] if ranges else 0
+        total = ranges[-1][1] if ranges and sums else 0
         if not total:
             continue
         if table == "chunks":
