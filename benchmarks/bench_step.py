@@ -139,6 +139,33 @@ EXTRA_LIMITS: dict[str, dict[str, tuple[Pass, ...]]] = {
 }
 
 
+def _factored_bytes(shape: tuple[int, ...]) -> int:
+    """torch's Adafactor state of a float32 param: a row and a column factor per matrix of
+    its last two axes (ndim >= 2), else a value per element."""
+    if len(shape) < 2:
+        return 4 * max(1, int(np.prod(shape)))
+    batch = int(np.prod(shape[:-2]))
+    return 4 * batch * (shape[-2] + shape[-1])
+
+
+STATE_MEMORY = {"adafactor": _factored_bytes}  # rules whose state is not shaped like the params
+
+
+def state_memory(spec: OptimizerSpec, size: str, queue: Any) -> dict[str, Any]:
+    """The stateful optimizer's state bytes after a step (every buffer it keeps) and the
+    rule's factored size (``STATE_MEMORY``)."""
+    shapes = SIZES[size]
+    params = [no.Parameter(no.to_device(np.ones(s, np.float32), queue)) for s in shapes]
+    opt = spec.stateful(params)
+    for p in params:
+        p.grad = no.to_device(np.full(p.data.shape, 0.5, np.float32), queue)
+    opt.step()
+    held = sum(b.nbytes for rec in opt._groups for blocks in rec.blocks.values() for b in blocks)
+    factored = sum(STATE_MEMORY[spec.row.bench](tuple(s)) for s in shapes)
+    return {"optimizer": spec.name, "size": size, "state_bytes": held,
+            "factored_bytes": factored, "ratio": held / factored}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """A benchmarked row of ``tests/optimizer_table.py`` as each library spells it, at ``LR``."""
@@ -1171,6 +1198,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         spec = OPTIMIZERS[name]
         if spec.extra_limits:
             print(format_extra_limits([r for r in rows if r.optimizer == spec.name], spec))
+    memory = [state_memory(OPTIMIZERS[name], size, queue) for name in args.optimizers
+              for size in args.sizes if OPTIMIZERS[name].row.bench in STATE_MEMORY]  # fmt: skip
+    for line in memory:
+        print(f"state memory: {line['optimizer']} {line['size']}: {line['state_bytes']:,} B "
+              f"against {line['factored_bytes']:,} B factored ({line['ratio']:.4f}x)")  # fmt: skip
     limits = limits_info([OPTIMIZERS[name] for name in args.optimizers])
     result = {
         "machine": info,
@@ -1180,6 +1212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dispatch": dispatch,
         "first_step": first,
         **({"limits": limits} if limits else {}),
+        **({"state_memory": memory} if memory else {}),
     }
     if args.json:
         with open(args.json, "w") as f:
