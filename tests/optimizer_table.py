@@ -871,6 +871,16 @@ OPTIMIZERS: list[Optimizer] = [
                                                     h["eps"], h["eps_root"], h["weight_decay"]),
               parts=(("scale_by_novograd", {"b1": 0.8, "b2": 0.5, "eps": 1e-8, "eps_root": 1e-8,
                                             "weight_decay": 0.1}), _lr(1e-2))),
+    # a max per axis of each leaf (state of O(sum of dims)); torch.optim has none
+    Optimizer(id="sm3", factory="sm3", kwargs={"learning_rate": 0.1}, segmented=4,
+              reference=rr.sm3_tx, stateful="SM3", slots=1,
+              optax=lambda optax, h: optax.sm3(h["learning_rate"], h["momentum"]),
+              hyper=lambda st: st.fixed_dictionaries({
+                  "learning_rate": _learning_rate(st, 0.1),
+                  "momentum": st.sampled_from([0.0, 0.9]) | st.floats(0.0, 1.0)})),
+    Optimizer(id="sm3-momentum", factory="sm3", kwargs={"learning_rate": 0.05, "momentum": 0.5},
+              segmented=4, reference=rr.sm3_tx, stateful="SM3", slots=1,
+              optax=lambda optax, h: optax.sm3(h["learning_rate"], h["momentum"])),
     # the class follows torch's rule: the chain its docstring gives, from public blocks
     Optimizer(id="adafactor-torch", factory=lambda no: _adafactor_torch_chain(no),
               kwargs={"learning_rate": 1e-2}, segmented=16, reference=rr.adafactor_torch_tx,

@@ -368,7 +368,9 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Transfo
     def new_mu(a):
         if a.ndim < 2:
             return [a]
-        return [a.max(axis=tuple(j for j in range(a.ndim) if j != i)) for i in range(a.ndim)]
+        # a >= 0: an empty axis (a zero-size leaf) leaves its accumulators at 0
+        others = lambda i: tuple(j for j in range(a.ndim) if j != i)  # noqa: E731
+        return [a.max(axis=others(i), initial=0.0) for i in range(a.ndim)]
 
     def update(u, state, params=None):
         a = tree_map(lambda g, mu: accum(_f64(g), mu), u, state["mu"])

@@ -27,7 +27,7 @@ DOCUMENTED = {
     "adaptive_grad_clip", "lamb", "Lamb", "lars", "LARS", "fromage", "Fromage", "novograd",
     "NovoGrad", "scale_by_novograd", "monitor", "snapshot", "measure_with_ema", "leaf_norms",
     "update_param_ratio", "adafactor", "Adafactor", "scale_by_factored_rms", "FactoredState",
-    "scale_by_adafactor_step", "sm3", "scale_by_sm3", "ScaleBySM3State",
+    "scale_by_adafactor_step", "sm3", "SM3", "scale_by_sm3", "ScaleBySM3State",
 }  # fmt: skip
 
 

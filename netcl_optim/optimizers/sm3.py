@@ -5,7 +5,7 @@ not shaped like the params: the transform runs kernels of its own (``fusion/_sm3
 
 from __future__ import annotations
 
-__all__ = ["ScaleBySM3State", "scale_by_sm3", "sm3"]
+__all__ = ["SM3", "ScaleBySM3State", "scale_by_sm3", "sm3"]
 
 from typing import Any, NamedTuple
 
@@ -20,8 +20,12 @@ from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
 from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves
 from ..fusion._fused import init_slots
 from ..fusion._sm3 import sm3_group, sm3_mu_shapes
+from ..stateful._declaration import KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
+from ..stateful._optimizer import Optimizer
+from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain
-from ..transforms._scaling import scale
+from ..transforms._scaling import scale, scale_by_learning_rate
+from ._shared import ascent
 
 
 class ScaleBySM3State(NamedTuple):
@@ -83,6 +87,8 @@ def _check(
         ) from None
     if not u:
         return u, treedef, [], []
+    # the stateful layer keeps each leaf's accumulators as one flat array (see flat_shape)
+    mu = [_split(m, x.shape) if _is_flat(m, x) else m for m, x in zip(mu, u, strict=True)]
     queue = queue_of_leaves(u)
     ctx = None
     for i, x in enumerate(u):
@@ -128,6 +134,25 @@ def _check(
             if not a.flags.c_contiguous:
                 raise ValueError(f"scale_by_sm3: leaf {name(i)}: {role} is not C-contiguous")
     return u, treedef, [list(m) for m in mu], nu
+
+
+def flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A leaf's accumulators as one array (the stateful class's ``accumulator``): the
+    vectors of its axes end to end for rank >= 2, else its own shape."""
+    return (sum(shape),) if len(shape) >= 2 else tuple(shape)
+
+
+def _is_flat(m: Any, x: Any) -> bool:
+    return isinstance(m, cla.Array) and isinstance(x, cla.Array)
+
+
+def _split(m: cla.Array, shape: tuple[int, ...]) -> Any:
+    """A flat accumulator as views of its axes' vectors (left as it is if it is not one)."""
+    if m.shape != flat_shape(shape) or not m.flags.c_contiguous:
+        return m
+    if len(shape) < 2:
+        return [m]
+    return layout(tuple(sm3_mu_shapes(shape)), m.dtype).views_of(m.queue, m.base_data, m.offset)
 
 
 def _what(x: Any) -> str:
@@ -191,7 +216,8 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     ) -> tuple[Any, ScaleBySM3State]:
         return run(updates, state, params, inplace=False, **extra_args)
 
-    tx = GradientTransformation(_init, update, StagePlan("scale_by_sm3", run, config=(b1, b2, eps)))
+    plan = StagePlan("scale_by_sm3", run, config=(b1, b2, eps), state_shapes=(("mu", flat_shape),))
+    tx = GradientTransformation(_init, update, plan)
     return register(tx, lambda: NamedTupleSpec(ScaleBySM3State))
 
 
@@ -201,3 +227,44 @@ def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
     u <- scale_by_sm3(b1=momentum)(g);  p <- p - learning_rate u
     """
     return chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
+
+
+# torch.optim has none; the keys follow torch-optimizer's ("momentum_buffer"), with a
+# param's accumulators end to end under one key (see flat_shape)
+SM3_STATE = torch_state(ScaleBySM3State, mu="accumulator", nu="momentum_buffer")
+
+
+class SM3(Optimizer):
+    """SM3 (the maths is :func:`netcl_optim.sm3`, optax's rule)::
+
+        g   <- -g                                               (if maximize)
+        a    = g^2 + min_i accumulator_i[index_i]  (rank >= 2; else g^2 + accumulator)
+        accumulator_i <- max of a over all axes but i
+        m   <- momentum m + (1 - momentum) g / sqrt(a + 1e-8)   (0 where a == 0)
+        p   <- p - lr m
+
+    torch.optim has no SM3; torch-optimizer's (``SM3``) differs (no ``1 - momentum``, its
+    own epsilon).
+
+    Args:
+      params: parameters or param groups.
+      lr: learning rate, > 0 (default 0.1, torch-optimizer's).
+      momentum: in [0, 1] (default 0.9, optax's).
+      maximize: maximize the objective (default False).
+
+    State per parameter: ``momentum_buffer`` (shaped like it) and ``accumulator`` (its
+    axes' vectors end to end, shape ``(sum(shape),)``, for rank >= 2; else its shape).
+    """
+
+    hyperparameters = (
+        torch_lr(0.1),
+        Hyperparameter("momentum", 0.9, CLOSED_UNIT),
+        KEYWORD_ONLY,
+        MAXIMIZE,
+    )
+    torch_state = (SM3_STATE,)
+    torch_step = True
+
+    @staticmethod
+    def functional(lr: Any, momentum: float, maximize: bool) -> GradientTransformation:
+        return chain(*ascent(maximize), scale_by_sm3(b1=momentum), scale_by_learning_rate(lr))
