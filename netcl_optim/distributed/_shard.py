@@ -20,27 +20,36 @@ import pyopencl.array as cla
 from .._base import GradientTransformation, OpaquePlan, StagePlan, is_elementwise, is_fusible
 from .._device import queue_of
 from .._state_check import register, wrapper
-from ..fusion import element_origin, flatten_like, walk
+from ..fusion import Slice, element_origin, flatten_like, sliced, walk
 from ..transforms._update import step as _step
 from ._comm import agree, check_device_leaves, committed, get_comm, path_names, signature
 from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
 
 
-def check_per_leaf(tx: GradientTransformation, what: str) -> None:
-    """Raise ValueError if ``tx`` needs a value per leaf (a segment reduction: LAMB's trust
-    ratio): a shard holds pieces of leaves, so its values would be wrong."""
+def check_per_leaf(tx: GradientTransformation, what: str, fragments: bool = True) -> None:
+    """Raise ValueError if ``tx`` needs a value per leaf that a shard cannot compute: a
+    stage with kernels of its own (Adafactor's row and column means, SM3's maxima), and with
+    ``fragments``, any segment reduction (LAMB's trust ratio; the functional
+    :func:`shard_optimizer` computes these over the whole leaves, see
+    ``fusion/_slices.py``)."""
     for t in walk(tx):
         name = None
-        if is_fusible(t) and getattr(t.plan, "segment_reduction", None) is not None:
+        if fragments and is_fusible(t) and getattr(t.plan, "segment_reduction", None):
             name = t.plan.name
-        elif isinstance(t.plan, StagePlan):  # Adafactor's row and column means
+        elif isinstance(t.plan, StagePlan):
             name = t.plan.kind
         if name is not None:
             raise ValueError(
                 f"{what}: {name} needs a value per leaf (a norm of each layer, a mean of "
-                "each row), but a shard holds pieces of leaves: ZeRO sharding does not "
-                "support such rules "
-                "yet. Run the optimizer unsharded on the all-reduced gradients (every rank "
+                "each row), but a shard holds pieces of leaves: "
+                + (
+                    "the stateful ZeRO does not support such rules yet (the functional "
+                    "shard_optimizer does, except for Adafactor and SM3). "
+                    if fragments
+                    else "ZeRO does not support rules with kernels of their own (Adafactor, SM3) "
+                    "yet. "
+                )
+                + "Run the optimizer unsharded on the all-reduced gradients (every rank "
                 "steps the whole model)"
             )
 
@@ -50,14 +59,16 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     flat parameters gives the same bits as running it on the whole tree.
 
     Accepted: fragments without a reduction, chains of them, :func:`inject_hyperparams` and
-    ``MultiSteps`` over them. Rejected (ValueError): whole-tree reductions
+    ``MultiSteps`` over them; fragments with a value per leaf, row or unit (LAMB, LARS,
+    NovoGrad, Fromage, adaptive_grad_clip, ...: their sums run over the whole leaves, see
+    ``fusion/_slices.py``). Rejected (ValueError): whole-tree reductions
     (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
-    would be a partial one; per-leaf ones (``scale_by_trust_ratio``: LAMB, LARS), for now.
+    would be a partial one; rules with kernels of their own (Adafactor, SM3), for now.
     Rejected (TypeError): opaque transforms (not fused, e.g.
     ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
     """
-    check_per_leaf(tx, what)
-    culprit = next((t for t in walk(tx) if not is_elementwise(t)), None)  # innermost first
+    check_per_leaf(tx, what, fragments=False)
+    culprit = next((t for t in walk(tx) if not is_elementwise(t) and not _per_leaf(t)), None)
     if culprit is None:
         return
     reduction = getattr(culprit.plan, "reduction", None)  # a fragment's
@@ -75,6 +86,17 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
         "or reduce over it. Shard only element-wise optimizers (sgd, momentum, adam, "
         "adamw without a mask, rmsprop and chains of element-wise transforms)"
     )
+
+
+def _per_leaf(tx: GradientTransformation) -> bool:
+    """A fused transform whose only reductions are per leaf (see ``fusion/_slices.py``), or
+    a chain or wrapper of such and element-wise ones."""
+    if not is_fusible(tx):
+        return False
+    if getattr(tx.plan, "segment_reduction", None) is not None:
+        return True
+    children = getattr(tx.plan, "children", ())
+    return bool(children) and all(is_elementwise(c) or _per_leaf(c) for c in children)
 
 
 def _gather_host(comm: Any, queue: cl.CommandQueue, sh: DtypeShard, part: cla.Array) -> np.ndarray:
@@ -166,6 +188,29 @@ class _Sharded:
                 new[i] = v
         return optree.tree_unflatten(treedef, new)
 
+    def _sliced(
+        self, plan: Any, queue: Any, u: dict[str, cla.Array], leaves: list[Any], params: Any
+    ) -> Any:
+        """The slices' context (``fusion/_slices.py``): per-leaf values over whole leaves,
+        an intermediate gathered from every rank (one Allgatherv per dtype)."""
+        p_leaves = None if params is None else optree.tree_leaves(params)
+
+        def gather_of(sh: DtypeShard) -> Any:
+            def gather(part: cla.Array) -> list[cla.Array]:
+                block = sh.lay.allocate(queue)
+                block.upload(queue, _gather_host(self.comm, queue, sh, part))
+                return block.views
+
+            return gather
+
+        return sliced({
+            sh.lay.dtype: Slice(
+                sh.lay.shapes, sh.lo, sh.hi, u[sh.name], [leaves[i] for i in sh.idx],
+                None if p_leaves is None else [p_leaves[i] for i in sh.idx], gather_of(sh),
+            )
+            for sh in plan
+        })  # fmt: skip
+
     def init(self, params: Any) -> ShardState:
         what = "shard_optimizer.init"
 
@@ -175,7 +220,9 @@ class _Sharded:
 
         def work(ctx: Any) -> Any:
             leaves, queue, plan = ctx
-            return self.tx.init(self._slices(leaves, plan, queue))
+            with sliced({sh.lay.dtype: Slice(sh.lay.shapes, sh.lo, sh.hi, None, None, None,
+                                             None) for sh in plan}):  # fmt: skip
+                return self.tx.init(self._slices(leaves, plan, queue))
 
         return ShardState(agree(self.comm, what, check, work, lambda: path_names(params)))
 
@@ -192,7 +239,7 @@ class _Sharded:
         def work(ctx: Any) -> Any:
             leaves, treedef, queue, plan, p = ctx
             u = self._slices(leaves, plan, queue)
-            with _origins(plan):
+            with _origins(plan), self._sliced(plan, queue, u, leaves, params):
                 out, inner = self.tx.update(u, _inner(state), p, **extra_args)
             return (queue, leaves, treedef, plan, out, self._outputs(out, plan, queue)), inner
 
@@ -215,7 +262,7 @@ class _Sharded:
         def work(ctx: Any) -> Any:
             leaves, treedef, queue, plan, p = ctx
             g = self._slices(leaves, plan, queue)
-            with _origins(plan):
+            with _origins(plan), self._sliced(plan, queue, g, leaves, params):
                 new_p, inner = _step(self.tx, p, g, _inner(state), **extra_args)
             p_leaves = optree.tree_leaves(params)
             q = queue_of(p_leaves)
@@ -255,9 +302,13 @@ def shard_optimizer(tx: GradientTransformation, comm: Any = None) -> GradientTra
     to ``step(adam(1e-3), ...)`` for every dtype; with ``step`` as above, float16 parameters
     see their update rounded to float16 first): :func:`sharded_step`.
 
-    ``tx`` must be element-wise (see :func:`check_shardable`): the result is then bitwise
-    that of ``tx`` on the whole tree. Global-norm clipping belongs before it, on the full
-    gradients: ``chain(allreduce_gradients(), clip_by_global_norm(1.0), shard_optimizer(tx))``.
+    ``tx`` must be element-wise, or need values per leaf (LAMB, LARS, NovoGrad, ...; see
+    :func:`check_shardable`): the result is then bitwise that of ``tx`` on the whole tree.
+    Per-leaf sums run over the whole leaves: the incoming updates and the params are whole on
+    every rank; an intermediate (LAMB's Adam output) is gathered first (one more
+    Allgatherv per dtype and such part), and a per-leaf state (NovoGrad's) is kept whole on
+    every rank. Global-norm clipping belongs before it, on the full gradients:
+    ``chain(allreduce_gradients(), clip_by_global_norm(1.0), shard_optimizer(tx))``.
 
     A failure on some ranks (mismatched trees, bad input, ``tx`` itself, the allocation of
     the result) raises on every rank before anything moves; a failure during the gather

@@ -3,12 +3,13 @@
 Modules, one job each: ``_codegen`` (fragments -> kernel source), ``_programs`` (build and
 cache programs), ``_checks`` (leaves and trees usable before anything runs), ``_launch``
 (launches, the side queue, counting), ``_reductions`` (whole-tree norms and flags),
-``_segments`` (sums per leaf, row or unit: tables and kernels), ``_factored``
-(Adafactor's factored second moment), ``_per_segment`` (running
-them for a part, with its per-leaf state), ``_random`` (the counter-based generator),
-``_cache`` (the in-place step's launches, by array identity), ``_fused`` (one segment of
-fused parts: bind and launch), ``_execute`` (the executor: the only code that walks plans)
-and ``_kernels`` (amp's and clipping's own kernels).
+``_segments`` (sums per leaf, row or unit: tables and kernels), ``_per_segment`` (running
+them for a part, with its per-leaf state), ``_slices`` (per-leaf values of a step on a
+slice: ZeRO), ``_factored`` (Adafactor's factored second moment), ``_sm3`` (SM3's
+maxima), ``_random`` (the counter-based generator), ``_cache`` (the in-place step's
+launches, by array identity), ``_fused`` (one segment of fused parts: bind and launch),
+``_execute`` (the executor: the only code that walks plans) and ``_kernels`` (amp's and
+clipping's own kernels).
 The rest of the package uses the names below.
 """
 
@@ -35,3 +36,5 @@ from ._per_segment import leaf_values as leaf_values
 from ._programs import clear_kernel_caches as clear_kernel_caches
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves
+from ._slices import Slice as Slice
+from ._slices import sliced as sliced

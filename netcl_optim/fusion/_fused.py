@@ -56,6 +56,7 @@ from ._per_segment import segment_values
 from ._programs import fused_kernel
 from ._reductions import acc_ctype, reduce_parts
 from ._segments import segmentation, tiled_launches
+from ._slices import slice_of, window
 
 
 class Binding(NamedTuple):
@@ -280,7 +281,11 @@ def _plan_launches(
     for dtype, idx in by_dtype.items():
         tiling = ""
         if red is not None:  # groups stepping across segments need the per-lane form
-            seg = segmentation(tuple(u_leaves[i].shape for i in idx), red.segments)
+            sl = slice_of(dtype) if len(idx) == 1 else None
+            if sl is not None and u_leaves[idx[0]].shape == (sl.hi - sl.lo,):
+                seg = window(segmentation(sl.shapes, red.segments), sl.lo, sl.hi)
+            else:
+                seg = segmentation(tuple(u_leaves[i].shape for i in idx), red.segments)
             tiling = "full_stepped" if seg.stepped else "full"
         spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling)
         kernel, args = fused_kernel(ctx, fragments, spec)

@@ -27,6 +27,7 @@ from ._checks import (
 )
 from ._reductions import acc_ctype
 from ._segments import reduce_segments
+from ._slices import Slice, slice_of, whole_updates
 
 
 def segment_values(
@@ -46,17 +47,26 @@ def segment_values(
         return {}, ()
     part = parts[0]
     what = part.fragment.name
+    groups = group_by_dtype(u_leaves)
+    slices = {dtype: _slice(u_leaves, idx) for dtype, idx in groups.items()}
+    per_leaf = [_state_shape(slices[x.dtype]) for x in u_leaves]
     olds = [
-        _segment_state_leaves(tree, treedef, u_leaves, f"state.{name} of {what}", u_role, queue)
+        _segment_state_leaves(
+            tree, treedef, u_leaves, f"state.{name} of {what}", u_role, queue, per_leaf
+        )
         for name, tree in zip(red.state, part.segment_state, strict=True)
     ]
     news: list[list[Any]] = [list(leaves) for leaves in olds]
     scalars = tuple(zip(part.fragment.scalars, part.scalars, strict=True))
     acc = acc_ctype(queue)
     out = {}
-    for dtype, idx in group_by_dtype(u_leaves).items():
+    for dtype, idx in groups.items():
         us = [u_leaves[i] for i in idx]
         ps = [p_leaves[i] for i in idx] if red.needs_params else []
+        s = slices[dtype]
+        if s is not None:  # a slice of a tree: the sums over its whole leaves
+            us = whole_updates(s, us[0])
+            ps = list(s.params or []) if red.needs_params else []
         state, copy_back = [], []
         for f, leaves in enumerate(olds):
             group = [leaves[i] for i in idx]
@@ -69,7 +79,8 @@ def segment_values(
             if inplace:
                 new = old
             else:
-                fresh = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
+                shapes = tuple(per_leaf[i] for i in idx)
+                fresh = layout(shapes, state_dtype(dtype)).allocate(queue)
                 new = (fresh.buffer, fresh.offset // fresh.views[0].dtype.itemsize)
                 for i, view in zip(idx, fresh.views, strict=True):
                     news[f][i] = view
@@ -88,6 +99,20 @@ def _copy(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
                     dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
+def _state_shape(s: Slice | None) -> tuple[int, ...]:
+    """A leaf's per-leaf state: one value, or a slice's: one per whole leaf."""
+    return () if s is None else (len(s.shapes),)
+
+
+def _slice(u_leaves: list[Any], idx: list[int]) -> Slice | None:
+    """The slice that the dtype group ``idx`` is (its one 1-D leaf, inside ``sliced``)."""
+    if len(idx) != 1:
+        return None
+    x = u_leaves[idx[0]]
+    s = slice_of(x.dtype)
+    return s if s is not None and x.shape == (s.hi - s.lo,) else None
+
+
 def _segment_state_leaves(
     tree: Any,
     treedef: optree.PyTreeSpec,
@@ -95,10 +120,11 @@ def _segment_state_leaves(
     what: str,
     u_role: str,
     queue: cl.CommandQueue,
+    shapes: list[tuple[int, ...]],
 ) -> list[Any]:
-    """The leaves of a per-leaf state tree: like ``u_role``'s, each a 0-d device array of
-    the state dtype of its leaf, on ``queue``'s context (raises naming the first that
-    is not)."""
+    """The leaves of a per-leaf state tree: like ``u_role``'s, each a device array of the
+    state dtype of its leaf and of shape ``shapes[i]`` (``()``; a slice's: one value per
+    whole leaf), on ``queue``'s context (raises naming the first that is not)."""
     leaves = flatten_like(tree, treedef, what, u_role)
     base = None  # the context is checked once per buffer (a packed state: once)
     for i, (x, u) in enumerate(zip(leaves, u_leaves, strict=True)):
@@ -106,10 +132,10 @@ def _segment_state_leaves(
         if not isinstance(x, cla.Array) or type(x) is DonatedArray:
             name = path_names(tree)[i]
             raise TypeError(f"{what}: leaf {name} is a {type(x).__name__}, not a device array")
-        if x.shape != () or x.dtype != want:
+        if x.shape != shapes[i] or x.dtype != want:
             raise ValueError(
                 f"{what}: leaf {path_names(tree)[i]} has shape {x.shape} and dtype {x.dtype}; "
-                f"expected shape () and dtype {want} (one value per leaf of {u_role})"
+                f"expected shape {shapes[i]} and dtype {want} (one value per leaf of {u_role})"
             )
         if x.base_data is not base:
             base = x.base_data
@@ -130,7 +156,9 @@ def init_leaf_values(params: Any, count: int) -> list[Any]:
     for _ in range(count):
         out: list[Any] = [None] * len(leaves)
         for dtype, idx in group_by_dtype(leaves).items():
-            block = layout(((),) * len(idx), state_dtype(dtype)).allocate(queue)
+            s = _slice(leaves, idx)  # a slice: one value per whole leaf
+            shapes = ((len(s.shapes),),) if s is not None else ((),) * len(idx)
+            block = layout(shapes, state_dtype(dtype)).allocate(queue)
             block.fill(queue, 0.0)
             for i, view in zip(idx, block.views, strict=True):
                 out[i] = view
