@@ -117,13 +117,15 @@ class StagePlan:
     ``config``: what, beside ``kind``, makes two stages' states differ (their signature).
     ``state_shapes``: per state field that is not shaped like the params, the shape of its
     array for a param of a given shape (``None``: a ``(1,)`` placeholder, which torch's
-    state dicts leave out), for the stateful layer's buffers.
+    state dicts leave out), for the stateful layer's buffers. ``shards``: ``run`` handles a
+    ZeRO slice (see ``fusion/_slices.py``): the functional ZeRO accepts it.
     """
 
     kind: str
     run: Callable[..., tuple[Any, Any]]
     config: Hashable = ()
     state_shapes: tuple[tuple[str, ShapeOf], ...] = ()
+    shards: bool = False
     children: ClassVar[tuple] = ()
     fusible: ClassVar[bool] = False
     elementwise: ClassVar[bool] = False

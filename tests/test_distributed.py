@@ -23,9 +23,7 @@ from optimizer_table import OPTIMIZERS, STATEFUL, Optimizer, ids
 
 import netcl_optim as no
 import netcl_optim.distributed as dist
-from netcl_optim._base import StagePlan
 from netcl_optim._packing import contiguous_run
-from netcl_optim.fusion import walk
 from netcl_optim.stateful import SGD, Adam, Parameter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,18 +294,12 @@ def test_argument_errors(MPI):
 # ---------------------------------------------------------------------------- sharding
 
 
-def _stage(row: Optimizer) -> bool:
-    """Its own kernels (Adafactor, SM3): no ZeRO form yet."""
-    return any(isinstance(t.plan, StagePlan) for t in walk(row.make(no)))
-
-
-# rules with a value per leaf (LAMB, LARS, ...): the functional ZeRO sums over whole leaves
-# (fusion/_slices.py); the stateful one, and the rules with kernels of their own, refuse them
-SHARDED = [row for row in OPTIMIZERS if not _stage(row)]
+# rules with a value per leaf (LAMB, LARS, Adafactor, ...): the functional ZeRO computes it
+# over the whole leaves (fusion/_slices.py); the stateful one refuses them
+SHARDED = list(OPTIMIZERS)
 ELEMENTWISE = [row for row in OPTIMIZERS if not row.segmented]
 SHARDED_STATEFUL = [row for row in STATEFUL if not row.segmented]
-SEGMENTED = [row for row in OPTIMIZERS if row.segmented]
-STAGES = [row for row in OPTIMIZERS if _stage(row)]
+SEGMENTED = [row for row in STATEFUL if row.segmented]
 
 SHARDABLE = {
     **{row.id: row.make for row in SHARDED},
@@ -346,12 +338,8 @@ def test_transforms_that_see_the_whole_tree_are_rejected(MPI, tx, exc, match):
 
 @pytest.mark.parametrize("row", SEGMENTED, ids=ids(SEGMENTED))
 def test_per_leaf_rules_are_refused_with_a_clear_error(MPI, row: Optimizer):
-    """A value per leaf is not shardable by the stateful ZeRO yet, nor by the functional one
-    where the rule runs kernels of its own (Adafactor, SM3): they say so before anything is
-    allocated."""
-    if _stage(row):
-        with pytest.raises(ValueError, match="a value per leaf"):
-            dist.shard_optimizer(row.make(no), MPI.COMM_SELF)
+    """A value per leaf is not shardable by the stateful ZeRO yet: it says so before
+    anything is allocated."""
     if row.stateful is not None:
         ps = [Parameter(no.to_device(np.ones(3, np.float32)))]
         with pytest.raises(ValueError, match="a value per leaf"):

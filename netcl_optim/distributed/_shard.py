@@ -36,7 +36,7 @@ def check_per_leaf(tx: GradientTransformation, what: str, fragments: bool = True
         name = None
         if fragments and is_fusible(t) and getattr(t.plan, "segment_reduction", None):
             name = t.plan.name
-        elif isinstance(t.plan, StagePlan):
+        elif isinstance(t.plan, StagePlan) and (fragments or not t.plan.shards):
             name = t.plan.kind
         if name is not None:
             raise ValueError(
@@ -89,8 +89,13 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
 
 
 def _per_leaf(tx: GradientTransformation) -> bool:
-    """A fused transform whose only reductions are per leaf (see ``fusion/_slices.py``), or
-    a chain or wrapper of such and element-wise ones."""
+    """A fused transform whose only reductions are per leaf, a stage that runs on slices
+    (see ``fusion/_slices.py``), or a chain or wrapper of such and element-wise ones."""
+    if isinstance(tx.plan, StagePlan):
+        return tx.plan.shards
+    chain = tx.plan is not None and not isinstance(tx.plan, OpaquePlan) and tx.plan.children
+    if chain and not is_fusible(tx):  # a chain with a stage
+        return all(is_elementwise(c) or _per_leaf(c) for c in tx.plan.children)
     if not is_fusible(tx):
         return False
     if getattr(tx.plan, "segment_reduction", None) is not None:

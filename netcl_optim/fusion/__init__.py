@@ -23,6 +23,7 @@ from ._factored import FactoredRule as FactoredRule
 from ._factored import check_updates as check_updates
 from ._factored import factored_step as factored_step
 from ._factored import init_packed as init_packed
+from ._factored import plan_of as plan_of
 from ._factored import state_shapes as state_shapes
 from ._fused import element_origin as element_origin
 from ._fused import init_slots as init_slots
@@ -37,4 +38,7 @@ from ._programs import clear_kernel_caches as clear_kernel_caches
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves
 from ._slices import Slice as Slice
+from ._slices import slice_for as slice_for
 from ._slices import sliced as sliced
+from ._slices import whole_updates as whole_updates
+from ._slices import whole_view as whole_view

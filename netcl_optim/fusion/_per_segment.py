@@ -27,7 +27,7 @@ from ._checks import (
 )
 from ._reductions import acc_ctype
 from ._segments import reduce_segments
-from ._slices import Slice, slice_of, whole_updates
+from ._slices import Slice, slice_for, whole_updates
 
 
 def segment_values(
@@ -48,7 +48,7 @@ def segment_values(
     part = parts[0]
     what = part.fragment.name
     groups = group_by_dtype(u_leaves)
-    slices = {dtype: _slice(u_leaves, idx) for dtype, idx in groups.items()}
+    slices = {dtype: slice_for(u_leaves, idx) for dtype, idx in groups.items()}
     per_leaf = [_state_shape(slices[x.dtype]) for x in u_leaves]
     olds = [
         _segment_state_leaves(
@@ -104,15 +104,6 @@ def _state_shape(s: Slice | None) -> tuple[int, ...]:
     return () if s is None else (len(s.shapes),)
 
 
-def _slice(u_leaves: list[Any], idx: list[int]) -> Slice | None:
-    """The slice that the dtype group ``idx`` is (its one 1-D leaf, inside ``sliced``)."""
-    if len(idx) != 1:
-        return None
-    x = u_leaves[idx[0]]
-    s = slice_of(x.dtype)
-    return s if s is not None and x.shape == (s.hi - s.lo,) else None
-
-
 def _segment_state_leaves(
     tree: Any,
     treedef: optree.PyTreeSpec,
@@ -156,7 +147,7 @@ def init_leaf_values(params: Any, count: int) -> list[Any]:
     for _ in range(count):
         out: list[Any] = [None] * len(leaves)
         for dtype, idx in group_by_dtype(leaves).items():
-            s = _slice(leaves, idx)  # a slice: one value per whole leaf
+            s = slice_for(leaves, idx)  # a slice: one value per whole leaf
             shapes = ((len(s.shapes),),) if s is not None else ((),) * len(idx)
             block = layout(shapes, state_dtype(dtype)).allocate(queue)
             block.fill(queue, 0.0)

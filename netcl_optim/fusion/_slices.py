@@ -63,6 +63,26 @@ def slice_of(dtype: Any) -> Slice | None:
     return None if slices is None else slices.get(np.dtype(dtype))
 
 
+def slice_for(leaves: list[Any], idx: list[int]) -> Slice | None:
+    """The slice that the dtype group ``idx`` of ``leaves`` is (its one 1-D leaf, inside
+    :func:`sliced`), or ``None``."""
+    if len(idx) != 1:
+        return None
+    x = leaves[idx[0]]
+    s = slice_of(x.dtype)
+    return s if s is not None and x.shape == (s.hi - s.lo,) else None
+
+
+def whole_view(part: cla.Array, start: int, n: int) -> cla.Array:
+    """The 1-D view of ``n`` elements of ``part``'s buffer from ``part``'s element
+    ``start`` on."""
+    from .._packing import layout
+
+    item = part.dtype.itemsize
+    return layout(((n,),), part.dtype).views_of(part.queue, part.base_data,
+                                                part.offset + start * item)[0]  # fmt: skip
+
+
 def whole_updates(s: Slice, part: cla.Array) -> list[cla.Array]:
     """The whole leaves that ``part`` (an updates array of the slice) was cut from: the
     incoming updates' own, else gathered from every rank."""
@@ -107,4 +127,13 @@ def window(seg: Any, lo: int, hi: int) -> Window:
     return Window(seg.groups, seg.stepped, lo, hi)
 
 
-__all__ = ["Slice", "Window", "slice_of", "sliced", "whole_updates", "window"]
+__all__ = [
+    "Slice",
+    "Window",
+    "slice_for",
+    "slice_of",
+    "sliced",
+    "whole_updates",
+    "whole_view",
+    "window",
+]

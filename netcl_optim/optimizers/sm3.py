@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = ["SM3", "ScaleBySM3State", "scale_by_sm3", "sm3"]
 
+import math
 from typing import Any, NamedTuple
 
 import optree
@@ -17,6 +18,7 @@ from .._device import check_float_dtype, state_dtype
 from .._packing import DonatedArray, layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
+from ..fusion import slice_for, whole_updates, whole_view
 from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves
 from ..fusion._fused import init_slots
 from ..fusion._sm3 import sm3_group, sm3_mu_shapes
@@ -37,8 +39,16 @@ class ScaleBySM3State(NamedTuple):
     nu: Any
 
 
+def _whole_totals(s: Any) -> tuple[int, int]:
+    """A ZeRO slice's state sizes: the whole leaves' accumulators and momentum."""
+    mu = sum(math.prod(m) for shape in s.shapes for m in sm3_mu_shapes(shape))
+    return mu, sum(math.prod(shape) for shape in s.shapes)
+
+
 def _init(params: Any) -> ScaleBySM3State:
     leaves, treedef = optree.tree_flatten(params)
+    if leaves and all(slice_for(leaves, [i]) is not None for i in range(len(leaves))):
+        return _init_sliced(leaves, treedef)
     nu = init_slots(params, 1)[0]  # checks the leaves
     mu: list[Any] = [None] * len(leaves)
     if leaves:
@@ -53,6 +63,53 @@ def _init(params: Any) -> ScaleBySM3State:
             for i, shapes in zip(idx, per_leaf, strict=True):
                 mu[i] = [next(views) for _ in shapes]
     return ScaleBySM3State(mu=optree.tree_unflatten(treedef, mu), nu=nu)
+
+
+def _init_sliced(leaves: list[Any], treedef: Any) -> ScaleBySM3State:
+    """On ZeRO slices: per dtype, the whole leaves' accumulators and momentum (every rank
+    keeps them whole), each one 1-D array."""
+    queue = queue_of_leaves(leaves)
+    mu, nu = [], []
+    for x in leaves:
+        n_mu, n_nu = _whole_totals(slice_for([x], [0]))
+        block = layout(((n_mu,), (n_nu,)), state_dtype(x.dtype)).allocate(queue)
+        block.fill(queue, 0)
+        mu.append([block.views[0]])
+        nu.append(block.views[1])
+    return ScaleBySM3State(optree.tree_unflatten(treedef, mu), optree.tree_unflatten(treedef, nu))
+
+
+def _run_sliced(
+    leaves: list[Any], treedef: Any, state: Any, b1: float, b2: float, eps: float, inplace: bool
+) -> tuple[Any, ScaleBySM3State]:
+    """A ZeRO step: per dtype, SM3 over the whole leaves, the slice of its updates."""
+    if not isinstance(state, ScaleBySM3State):
+        raise ValueError(f"scale_by_sm3: expected a ScaleBySM3State, got {type(state).__name__}")
+    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    queue = queue_of_leaves(leaves)
+    out, new_mu, new_nu = [], [], []
+    for x, mu, nu in zip(leaves, mus, nus, strict=True):
+        s = slice_for([x], [0])
+        n_mu, n_nu = _whole_totals(s)
+        st = state_dtype(x.dtype)
+        ok = isinstance(mu, (list, tuple)) and len(mu) == 1 and isinstance(mu[0], cla.Array)
+        if not (ok and mu[0].shape == (n_mu,) and isinstance(nu, cla.Array)
+                and nu.shape == (n_nu,) and mu[0].dtype == st == nu.dtype):  # fmt: skip
+            raise ValueError(
+                f"scale_by_sm3: the state of a ZeRO slice of {x.dtype} holds one accumulator "
+                f"array of {n_mu} and a momentum of {n_nu} elements ({st}); got {_what(mu)} "
+                f"and {_what(nu)}"
+            )
+        whole = whole_updates(s, x)
+        mu_shapes = tuple(m for shape in s.shapes for m in sm3_mu_shapes(shape))
+        m_views = layout(mu_shapes, st).views_of(queue, mu[0].base_data, mu[0].offset)
+        n_views = layout(s.shapes, st).views_of(queue, nu.base_data, nu.offset)
+        o, m, n = sm3_group(queue, whole, m_views, n_views, b1, b2, eps, inplace)
+        out.append(whole_view(o[0], s.lo, s.hi - s.lo))
+        new_mu.append(list(mu) if inplace else [whole_view(m[0], 0, n_mu)])
+        new_nu.append(nu if inplace else whole_view(n[0], 0, n_nu))
+    unflat = lambda ls: optree.tree_unflatten(treedef, ls)  # noqa: E731
+    return unflat(out), ScaleBySM3State(unflat(new_mu), unflat(new_nu))
 
 
 def _check(
@@ -181,6 +238,9 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     def run(
         updates: Any, state: Any, params: Any = None, *, inplace: bool, **extra_args: Any
     ) -> tuple[Any, ScaleBySM3State]:
+        leaves, treedef = flatten(updates)
+        if leaves and all(slice_for(leaves, [i]) is not None for i in range(len(leaves))):
+            return _run_sliced(leaves, treedef, state, b1, b2, eps, inplace)
         u, treedef, mu, nu = _check(updates, state)
         if not u:
             return updates, state
@@ -216,7 +276,9 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     ) -> tuple[Any, ScaleBySM3State]:
         return run(updates, state, params, inplace=False, **extra_args)
 
-    plan = StagePlan("scale_by_sm3", run, config=(b1, b2, eps), state_shapes=(("mu", flat_shape),))
+    plan = StagePlan(
+        "scale_by_sm3", run, config=(b1, b2, eps), state_shapes=(("mu", flat_shape),), shards=True
+    )
     tx = GradientTransformation(_init, update, plan)
     return register(tx, lambda: NamedTupleSpec(ScaleBySM3State))
 

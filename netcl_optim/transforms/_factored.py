@@ -4,6 +4,7 @@ on packed trees, in place in the stateful layer's steps."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -12,6 +13,7 @@ import optree
 
 from .._base import GradientTransformation, StagePlan
 from .._device import state_dtype
+from .._packing import layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, check, invalid, require
 from ..fusion import (
@@ -22,8 +24,12 @@ from ..fusion import (
     group_by_dtype,
     init_packed,
     path_names,
+    plan_of,
     queue_of_leaves,
+    slice_for,
     state_shapes,
+    whole_updates,
+    whole_view,
 )
 
 
@@ -106,10 +112,9 @@ def scale_by_factored_rms(
 
     def init(params: Any) -> FactoredState:
         leaves, treedef = optree.tree_flatten(params)
-        shapes = [state_shapes(tuple(x.shape), rule) for x in leaves]
         trees = []
         for k in range(3):
-            concrete = [(1,) if s[k] is None else s[k] for s in shapes]
+            concrete = [_field_shape(leaves, i, rule, k) for i in range(len(leaves))]
             out = init_packed(leaves, concrete, state_dtype, params)
             trees.append(optree.tree_unflatten(treedef, out))
         return FactoredState(0, *trees)
@@ -140,6 +145,17 @@ def scale_by_factored_rms(
         new = [[None] * len(leaves) for _ in fields]
         for dtype, idx in group_by_dtype(leaves).items():
             group_rule, floor = rule_for(dtype)
+            s = slice_for(leaves, idx)
+            if s is not None:  # a ZeRO slice: the whole leaves' step, then the slice of it
+                whole = whole_updates(s, leaves[idx[0]])
+                views = _whole_state(s, rule, [ls[idx[0]] for ls in stated])
+                us, fresh = factored_step(queue, group_rule, whole, views, keep, add, floor,
+                                          inplace)  # fmt: skip
+                out[idx[0]] = whole_view(us[0], s.lo, s.hi - s.lo)
+                for f in range(3):
+                    column = stated[f][idx[0]]
+                    new[f][idx[0]] = column if inplace else whole_view(fresh[f][0], 0, column.size)
+                continue
             us, fresh = factored_step(
                 queue, group_rule, [leaves[i] for i in idx],
                 tuple([ls[i] for i in idx] for ls in stated), keep, add, floor, inplace,
@@ -161,9 +177,33 @@ def scale_by_factored_rms(
         "scale_by_factored_rms", run,
         config=(rule, eps1, step_offset, decay_rate, decay_rate_fn),
         state_shapes=(("v_row", shape_of(0)), ("v_col", shape_of(1)), ("v", shape_of(2))),
+        shards=True,
     )  # fmt: skip
     tx = GradientTransformation(init, update, plan)
     return register(tx, lambda: NamedTupleSpec(FactoredState))
+
+
+def _field_shape(leaves: list[Any], i: int, rule: FactoredRule, k: int) -> tuple[int, ...]:
+    """Leaf ``i``'s state field ``k`` (``v_row``, ``v_col``, ``v``): its shape, a ``(1,)``
+    placeholder, or for a ZeRO slice one 1-D array: the whole leaves' state end to end."""
+    s = slice_for(leaves, [i])
+    if s is None:
+        shape = state_shapes(tuple(leaves[i].shape), rule)[k]
+        return (1,) if shape is None else shape
+    plan = plan_of(s.shapes, rule)
+    shapes = (plan.row_shapes, plan.col_shapes, plan.v_shapes)[k]
+    return (sum(math.prod(shape) for shape in shapes),)
+
+
+def _whole_state(s: Any, rule: FactoredRule, columns: list[Any]) -> tuple[list[Any], ...]:
+    """A slice's state (one 1-D array per field) as views of the whole leaves' state."""
+    plan = plan_of(s.shapes, rule)
+    out = []
+    for column, shapes in zip(columns, (plan.row_shapes, plan.col_shapes, plan.v_shapes),
+                              strict=True):  # fmt: skip
+        out.append(layout(shapes, column.dtype).views_of(column.queue, column.base_data,
+                                                         column.offset))  # fmt: skip
+    return tuple(out)
 
 
 def _check_state(
@@ -179,10 +219,9 @@ def _check_state(
     import pyopencl.array as cla
 
     for i, x in enumerate(leaves):
-        want = state_shapes(tuple(x.shape), rule)
         for f, (name, column) in enumerate(zip(fields, stated, strict=True)):
             y = column[i]
-            shape = (1,) if want[f] is None else want[f]
+            shape = _field_shape(leaves, i, rule, f)
             if not isinstance(y, cla.Array):
                 where = path_names(state[f + 1])[i]
                 raise TypeError(f"state.{name}: leaf {where} is a {type(y).__name__}, "

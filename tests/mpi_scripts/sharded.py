@@ -133,6 +133,10 @@ def main() -> None:
         "novograd": no.novograd(1e-2, weight_decay=1e-3),
         "fromage": no.fromage(1e-2),
         "agc_sgd": no.chain(no.adaptive_grad_clip(0.05), no.sgd(0.1, momentum=0.9)),
+        # row and column factors, whole on every rank
+        "adafactor": no.adafactor(1e-2, min_dim_size_to_factor=2, momentum=0.9),
+        "adafactor_torch": no.Adafactor.functional(1e-2, -0.8, (None, 1e-3), 1.0, 0.1, False),
+        "sm3": no.sm3(0.1, momentum=0.5),
     }
     for name, tx in per_leaf.items():
         functional(name, tx, packed=True, balanced=False)
