@@ -23,6 +23,7 @@ from optimizer_table import OPTIMIZERS, STATEFUL, Optimizer, ids
 
 import netcl_optim as no
 import netcl_optim.distributed as dist
+from netcl_optim._base import StagePlan
 from netcl_optim._packing import contiguous_run
 from netcl_optim.stateful import SGD, Adam, Parameter
 
@@ -182,6 +183,16 @@ def test_allreduce_gradients_in_a_chain_is_the_plain_optimizer(MPI):
     assert bits(p1) == bits(p2)
 
 
+def test_a_stage_that_does_not_run_on_slices_is_refused(MPI):
+    """A transform with kernels of its own (a StagePlan) that does not declare ``shards``
+    cannot know the whole leaves of its slice: refused before anything is allocated."""
+    inner = no.identity()
+    plan = StagePlan("my_stage", lambda u, s, p=None, *, inplace, **kw: (u, s))
+    tx = no.GradientTransformation(inner.init, inner.update, plan)
+    with pytest.raises(ValueError, match="my_stage needs values per leaf"):
+        dist.shard_optimizer(no.chain(tx, no.sgd(0.1)), MPI.COMM_SELF)
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-leaf"])
 def test_allreduce_grads_in_place(MPI, packed):
     host = tree_host(3)
@@ -294,12 +305,12 @@ def test_argument_errors(MPI):
 # ---------------------------------------------------------------------------- sharding
 
 
-# rules with a value per leaf (LAMB, LARS, Adafactor, ...): the functional ZeRO computes it
-# over the whole leaves (fusion/_slices.py); the stateful one refuses them
+# rules with a value per leaf (LAMB, LARS, Adafactor, ...): both ZeRO forms compute it over
+# the whole leaves (fusion/_slices.py); the fake comm below leaves peers' slices NaN, so its
+# tests take the element-wise rules only
 SHARDED = list(OPTIMIZERS)
 ELEMENTWISE = [row for row in OPTIMIZERS if not row.segmented]
-SHARDED_STATEFUL = [row for row in STATEFUL if not row.segmented]
-SEGMENTED = [row for row in STATEFUL if row.segmented]
+SHARDED_STATEFUL = list(STATEFUL)
 
 SHARDABLE = {
     **{row.id: row.make for row in SHARDED},
@@ -334,17 +345,6 @@ def _keep(updates: Any, state: Any, params: Any = None) -> Any:
 def test_transforms_that_see_the_whole_tree_are_rejected(MPI, tx, exc, match):
     with pytest.raises(exc, match=match):
         dist.shard_optimizer(tx, MPI.COMM_SELF)
-
-
-@pytest.mark.parametrize("row", SEGMENTED, ids=ids(SEGMENTED))
-def test_per_leaf_rules_are_refused_with_a_clear_error(MPI, row: Optimizer):
-    """A value per leaf is not shardable by the stateful ZeRO yet: it says so before
-    anything is allocated."""
-    if row.stateful is not None:
-        ps = [Parameter(no.to_device(np.ones(3, np.float32)))]
-        with pytest.raises(ValueError, match="a value per leaf"):
-            dist.ZeroRedundancyOptimizer(getattr(no, row.stateful), ps, comm=MPI.COMM_SELF,
-                                         **row.class_kwargs())  # fmt: skip
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-leaf"])
@@ -427,7 +427,10 @@ def test_zero_redundancy_optimizer_equals_the_optimizer_on_one_rank(MPI, row: Op
         for p, q in zip(ref_ps, zero_ps, strict=True):
             assert p.data.get().tobytes() == q.data.get().tobytes()
         zero.zero_grad()
-    assert zero.state_nbytes() == dist.state_nbytes(ref)
+    if row.segmented:  # a slice's state of whole leaves keeps Adafactor's (1,) placeholders
+        assert 0 <= zero.state_nbytes() - dist.state_nbytes(ref) <= 3 * 8 * len(keys)
+    else:
+        assert zero.state_nbytes() == dist.state_nbytes(ref)
     assert (dist.state_nbytes(ref) > 0) == (row.slots > 0)
     sd = zero.state_dict()
     assert sd["zero"] == {"rank": 0, "world_size": 1}

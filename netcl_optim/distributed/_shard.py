@@ -26,31 +26,19 @@ from ._comm import agree, check_device_leaves, committed, get_comm, path_names, 
 from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
 
 
-def check_per_leaf(tx: GradientTransformation, what: str, fragments: bool = True) -> None:
-    """Raise ValueError if ``tx`` needs a value per leaf that a shard cannot compute: a
-    stage with kernels of its own (Adafactor's row and column means, SM3's maxima), and with
-    ``fragments``, any segment reduction (LAMB's trust ratio; the functional
-    :func:`shard_optimizer` computes these over the whole leaves, see
-    ``fusion/_slices.py``)."""
+def check_per_leaf(tx: GradientTransformation, what: str) -> None:
+    """Raise ValueError if ``tx`` has a stage (kernels of its own, a ``StagePlan``) that does
+    not run on ZeRO's slices: a shard holds pieces of leaves, and such a stage would compute
+    its values per leaf from them. (Fragments with values per leaf, and the stages that say
+    ``shards``, Adafactor's and SM3's, compute them over the whole leaves: see
+    ``fusion/_slices.py``.)"""
     for t in walk(tx):
-        name = None
-        if fragments and is_fusible(t) and getattr(t.plan, "segment_reduction", None):
-            name = t.plan.name
-        elif isinstance(t.plan, StagePlan) and (fragments or not t.plan.shards):
-            name = t.plan.kind
-        if name is not None:
+        if isinstance(t.plan, StagePlan) and not t.plan.shards:
             raise ValueError(
-                f"{what}: {name} needs a value per leaf (a norm of each layer, a mean of "
-                "each row), but a shard holds pieces of leaves: "
-                + (
-                    "the stateful ZeRO does not support such rules yet (the functional "
-                    "shard_optimizer does, except for Adafactor and SM3). "
-                    if fragments
-                    else "ZeRO does not support rules with kernels of their own (Adafactor, SM3) "
-                    "yet. "
-                )
-                + "Run the optimizer unsharded on the all-reduced gradients (every rank "
-                "steps the whole model)"
+                f"{what}: {t.plan.kind} needs values per leaf and runs kernels of its own "
+                "that do not run on a shard (which holds pieces of leaves). Run the "
+                "optimizer unsharded on the all-reduced gradients (every rank steps the "
+                "whole model)"
             )
 
 
@@ -67,7 +55,7 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     Rejected (TypeError): opaque transforms (not fused, e.g.
     ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
     """
-    check_per_leaf(tx, what, fragments=False)
+    check_per_leaf(tx, what)
     culprit = next((t for t in walk(tx) if not is_elementwise(t) and not _per_leaf(t)), None)
     if culprit is None:
         return

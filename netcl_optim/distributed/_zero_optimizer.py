@@ -19,6 +19,7 @@ import pyopencl.array as cla
 
 from .._device import queue_of
 from .._packing import Block, contiguous_run, layout, pack
+from ..fusion import Slice
 from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
 from ._comm import agree, check_device_leaves, committed, get_comm, packed_run, signature
@@ -123,6 +124,12 @@ class ZeroRedundancyOptimizer:
     updates the slice in place and one Allgatherv per dtype brings every rank the full
     parameters: bitwise what ``opt_class`` on all parameters gives.
 
+    Rules with a value per leaf (LAMB, LARS, NovoGrad, Fromage, Adafactor, SM3) compute it
+    over the group's whole parameters, as unsharded: every rank holds the whole grads and
+    params; an intermediate (LAMB's Adam output) is gathered (one Allgatherv per group and
+    dtype); per-leaf state (NovoGrad's ``exp_avg_sq``, Adafactor's factors, SM3's
+    accumulators) is whole on every rank, element-wise state sharded.
+
     Gradients must already be equal on every rank (:func:`allreduce_grads_` first). A group
     steps only if its parameters have grads; a group with some grads ``None`` is an error
     (slices cut through parameters). ``param_groups`` holds the user's parameters and the
@@ -198,6 +205,9 @@ class ZeroRedundancyOptimizer:
         shard_params: list[list[Any]] = [[] for _ in groups]
         # per group and dtype, the group's element index where this rank's slice starts
         origins: list[dict[np.dtype, int]] = [{} for _ in groups]
+        # per group and dtype: its whole leaves' shapes and the maker of its step's Slice
+        wholes: list[dict[np.dtype, Any]] = [{} for _ in groups]
+        slices: list[dict[np.dtype, Any]] = [{} for _ in groups]
         for sh in plan_shards(arrays, self.comm):
             xs = [arrays[i] for i in sh.idx]
             if sh.lay.total == 0 or contiguous_run(xs) is None:
@@ -217,6 +227,10 @@ class ZeroRedundancyOptimizer:
                 origins[gi][sh.lay.dtype] = max(g_lo, sh.lo) - g_lo
                 view = flat.view(queue, a, b, base, off + sh.lo)
                 shard = Parameter(view)
+                shapes = tuple(sh.lay.shapes[k] for k in ks)
+                wholes[gi][sh.lay.dtype] = shapes
+                members = [sh.idx[k] for k in ks]
+                slices[gi][sh.lay.dtype] = self._slice_maker(sh, shard, members, shapes, g_lo)
                 flat.parts.append((gi, shard, a, b))
                 shard_params[gi].append(shard)
             flats.append(flat)
@@ -228,9 +242,52 @@ class ZeroRedundancyOptimizer:
         optimizer = opt_class(inner_groups, **kwargs)
         for gi in range(len(inner_groups)):  # before any parameter takes its new data
             check_per_leaf(optimizer._chain(gi).tx, "ZeroRedundancyOptimizer")
-        for rec, group_origins in zip(optimizer._groups, origins, strict=True):
+        for rec, group_origins, whole, made in zip(
+            optimizer._groups, origins, wholes, slices, strict=True
+        ):
             rec.element_origins = group_origins  # element-indexed noise as unsharded
+            rec.whole_shapes = whole  # per-leaf values over the whole leaves
+            rec.slices = made
         return data, flats, optimizer
+
+    def _slice_maker(
+        self,
+        sh: DtypeShard,
+        shard: Any,
+        members: list[int],
+        shapes: tuple[tuple[int, ...], ...],
+        g_lo: int,
+    ) -> Callable[[], Slice]:
+        """The maker of a group's step's Slice of one dtype (``fusion/_slices.py``): the
+        group's parameters ``members`` (of ``shapes``, from ``g_lo`` on in the flat buffer)
+        and this rank's part of them (``shard``); an intermediate is gathered from every
+        rank's part of the group (one Allgatherv)."""
+        size, rank = self.comm.Get_size(), self.comm.Get_rank()
+        lay = layout(shapes, sh.lay.dtype)
+        g_hi = g_lo + lay.total
+        parts = [(max(g_lo, a), min(g_hi, a + n)) for a, n in zip(sh.displs, sh.counts,
+                                                                    strict=True)]  # fmt: skip
+        counts = tuple(max(0, b - a) for a, b in parts)
+        displs = tuple(a - g_lo if b > a else 0 for a, b in parts)
+        lo, hi = displs[rank], displs[rank] + counts[rank]
+
+        def gather(part: cla.Array) -> list[cla.Array]:
+            host = np.empty(lay.total, lay.dtype)
+            if hi > lo:
+                cl.enqueue_copy(self._queue, host[lo:hi], part.base_data,
+                                src_offset=part.offset, is_blocking=True)  # fmt: skip
+            if size > 1 and lay.total:
+                allgatherv(self.comm, host, counts, displs)
+            block = lay.allocate(self._queue)
+            block.upload(self._queue, host)
+            return block.views
+
+        def make() -> Slice:
+            params = [self._params[i] for i in members]
+            return Slice(shapes, lo, hi, shard.grad, [p.grad for p in params],
+                         [p.data for p in params], gather)  # fmt: skip
+
+        return make
 
     # ------------------------------------------------------------------ torch-like API
 

@@ -10,7 +10,9 @@ __all__ = ["SM3", "ScaleBySM3State", "scale_by_sm3", "sm3"]
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import optree
+import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import GradientTransformation, StagePlan
@@ -40,9 +42,24 @@ class ScaleBySM3State(NamedTuple):
 
 
 def _whole_totals(s: Any) -> tuple[int, int]:
-    """A ZeRO slice's state sizes: the whole leaves' accumulators and momentum."""
+    """A ZeRO slice's state sizes: the whole leaves' accumulators, and its momentum (a
+    slice, as the params')."""
     mu = sum(math.prod(m) for shape in s.shapes for m in sm3_mu_shapes(shape))
-    return mu, sum(math.prod(shape) for shape in s.shapes)
+    return mu, s.hi - s.lo
+
+
+_scratch: dict[tuple, cla.Array] = {}
+
+
+def _whole_momentum(queue: Any, s: Any, dtype: Any) -> cla.Array:
+    """A buffer for the whole leaves' momentum of a slice's step (kept across steps): the
+    slice's own part is copied in before the step and out after it; the rest is never read
+    into anything the slice keeps (the momentum is element-wise)."""
+    key = (queue, s.shapes, np.dtype(dtype))
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = _scratch[key] = cla.zeros(queue, (max(sum(map(math.prod, s.shapes)), 1),), dtype)
+    return buf
 
 
 def _init(params: Any) -> ScaleBySM3State:
@@ -66,8 +83,8 @@ def _init(params: Any) -> ScaleBySM3State:
 
 
 def _init_sliced(leaves: list[Any], treedef: Any) -> ScaleBySM3State:
-    """On ZeRO slices: per dtype, the whole leaves' accumulators and momentum (every rank
-    keeps them whole), each one 1-D array."""
+    """On ZeRO slices: per dtype, the whole leaves' accumulators (every rank keeps them
+    whole: O(sum of dims)) and the slice's momentum, each one 1-D array."""
     queue = queue_of_leaves(leaves)
     mu, nu = [], []
     for x in leaves:
@@ -82,7 +99,8 @@ def _init_sliced(leaves: list[Any], treedef: Any) -> ScaleBySM3State:
 def _run_sliced(
     leaves: list[Any], treedef: Any, state: Any, b1: float, b2: float, eps: float, inplace: bool
 ) -> tuple[Any, ScaleBySM3State]:
-    """A ZeRO step: per dtype, SM3 over the whole leaves, the slice of its updates."""
+    """A ZeRO step: per dtype, SM3 over the whole leaves (the momentum's other ranks' parts
+    in a scratch buffer, never kept), the slice of its updates and momentum."""
     if not isinstance(state, ScaleBySM3State):
         raise ValueError(f"scale_by_sm3: expected a ScaleBySM3State, got {type(state).__name__}")
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
@@ -92,6 +110,8 @@ def _run_sliced(
         s = slice_for([x], [0])
         n_mu, n_nu = _whole_totals(s)
         st = state_dtype(x.dtype)
+        if isinstance(mu, cla.Array):  # the stateful layer's accumulator buffer
+            mu = [mu]
         ok = isinstance(mu, (list, tuple)) and len(mu) == 1 and isinstance(mu[0], cla.Array)
         if not (ok and mu[0].shape == (n_mu,) and isinstance(nu, cla.Array)
                 and nu.shape == (n_nu,) and mu[0].dtype == st == nu.dtype):  # fmt: skip
@@ -103,13 +123,24 @@ def _run_sliced(
         whole = whole_updates(s, x)
         mu_shapes = tuple(m for shape in s.shapes for m in sm3_mu_shapes(shape))
         m_views = layout(mu_shapes, st).views_of(queue, mu[0].base_data, mu[0].offset)
-        n_views = layout(s.shapes, st).views_of(queue, nu.base_data, nu.offset)
+        scratch = _whole_momentum(queue, s, st)
+        _copy(queue, whole_view(scratch, s.lo, n_nu), nu)
+        n_views = layout(s.shapes, st).views_of(queue, scratch.base_data, scratch.offset)
         o, m, n = sm3_group(queue, whole, m_views, n_views, b1, b2, eps, inplace)
-        out.append(whole_view(o[0], s.lo, s.hi - s.lo))
+        out.append(whole_view(o[0], s.lo, n_nu))
         new_mu.append(list(mu) if inplace else [whole_view(m[0], 0, n_mu)])
-        new_nu.append(nu if inplace else whole_view(n[0], 0, n_nu))
+        fresh = nu if inplace else layout(((n_nu,),), st).allocate(queue).views[0]
+        _copy(queue, fresh, whole_view(n[0], s.lo, n_nu))
+        new_nu.append(fresh)
     unflat = lambda ls: optree.tree_unflatten(treedef, ls)  # noqa: E731
     return unflat(out), ScaleBySM3State(unflat(new_mu), unflat(new_nu))
+
+
+def _copy(queue: Any, dst: cla.Array, src: cla.Array) -> None:
+    """Device-to-device copy between 1-D arrays of one size."""
+    if src.nbytes:
+        cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
+                        dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
 def _check(

@@ -6,6 +6,7 @@ All raise before anything changes, naming ``param_groups[i]['params'][j]``.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -64,6 +65,11 @@ class Group:
         # per dtype, the element index of the group's first element (Fragment.element_index):
         # set by ZeroRedundancyOptimizer, whose groups are slices of the whole model's
         self.element_origins: dict[np.dtype, int] = {}
+        # ZeroRedundancyOptimizer, for rules with a value per leaf: per dtype, the shapes of
+        # the whole leaves the group's one parameter is a slice of, and a maker of the step's
+        # fusion Slice (see fusion/_slices.py)
+        self.whole_shapes: dict[np.dtype, tuple[tuple[int, ...], ...]] = {}
+        self.slices: dict[np.dtype, Callable[[], Any]] = {}
 
     def _allocate(
         self,
@@ -80,10 +86,7 @@ class Group:
         for i, d in enumerate(self.dtypes):
             by_dtype.setdefault(d, []).append(i)
         for dtype, idx in by_dtype.items():
-            if shape_of is None:
-                shapes = tuple(self.shapes[i] for i in idx)
-            else:
-                shapes = tuple(_concrete(shape_of(self.shapes[i])) for i in idx)
+            shapes = tuple(_concrete(self.state_shape(i, shape_of)) for i in idx)
             lay = layout(shapes, dtype_of(dtype))
             block = lay.allocate(self.queue)
             block.fill(self.queue, start)
@@ -91,6 +94,17 @@ class Group:
             for i, v in zip(idx, block.views, strict=True):
                 views[i] = v
         return views, blocks
+
+    def state_shape(self, i: int, shape_of: Callable[[tuple], Any] | None) -> Any:
+        """Parameter ``i``'s buffer shape for a key of ``shape_of`` (``None``: shaped like
+        the parameter; see ``key_shapes``); for a ZeRO slice of whole leaves, the whole
+        leaves' state end to end (placeholders included)."""
+        if shape_of is None:
+            return self.shapes[i]
+        whole = self.whole_shapes.get(self.dtypes[i])
+        if whole is None:
+            return shape_of(self.shapes[i])
+        return (sum(math.prod(_concrete(shape_of(s))) for s in whole),)
 
     def ensure(
         self, key: str, start: float = 0.0, shape_of: Callable[[tuple], Any] | None = None

@@ -13,13 +13,14 @@ A subclass only declares itself (see :class:`Optimizer`); the optimizers are in
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
-from ..fusion import element_origin
+from ..fusion import element_origin, sliced
 from ..transforms._update import step_
 from . import _state_dict
 from ._declaration import Declaration, Entry, Requirement, as_stored
@@ -265,10 +266,11 @@ class Optimizer(abc.ABC):
             params = [rec.params[i].data for i in cohort]
             grads = [rec.params[i].grad for i in cohort]
         state = assemble(chain.template, self._torch_states, buffers, counts)
-        if rec.element_origins:
-            with element_origin(rec.element_origins):
-                step_(chain.tx, params, grads, state)
-        else:
+        with contextlib.ExitStack() as stack:
+            if rec.element_origins:
+                stack.enter_context(element_origin(rec.element_origins))
+            if rec.slices:  # ZeRO: values per leaf over the whole leaves
+                stack.enter_context(sliced({d: make() for d, make in rec.slices.items()}))
             step_(chain.tx, params, grads, state)
         if whole:
             rec.steps = [s + 1 for s in rec.steps]

@@ -21,7 +21,7 @@ from .._device import state_dtype
 from .._validation import invalid
 from ._declaration import as_stored
 from ._groups import Group
-from ._torch_state import STEP, buffer_shape, key_shapes, keys_of
+from ._torch_state import STEP, key_shapes, keys_of
 
 if TYPE_CHECKING:
     from ._optimizer import Optimizer
@@ -47,7 +47,7 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
     shapes = opt._state_shapes(rec)
     for k in opt._state_keys:
         counts = rec.counts.get(k)
-        absent = buffer_shape(shapes, k, rec.shapes[i]) is None  # a placeholder
+        absent = rec.state_shape(i, shapes.get(k)) is None  # a placeholder
         if counts is not None and counts[i] > 0 and not absent:
             v = rec.bufs[k][i]
             entry[k] = v.get() if host else v
@@ -241,7 +241,7 @@ def _import_entry(
         raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
     shapes = shapes or {}
     # the keys this parameter has (Adafactor: row_var and col_var, or variance)
-    keys = tuple(k for k in keys if k == STEP or buffer_shape(shapes, k, rec.shapes[i]) is not None)
+    keys = tuple(k for k in keys if k == STEP or rec.state_shape(i, shapes.get(k)) is not None)
     unknown = set(entry) - {STEP, *keys, *opt.torch_scalars}
     if unknown:
         raise ValueError(
@@ -256,7 +256,7 @@ def _import_entry(
         if v is None:  # absent (torch may also hold None before a first step)
             continue
         a = v.get() if isinstance(v, cla.Array) else np.asarray(v)
-        shape = tuple(buffer_shape(shapes, k, rec.shapes[i]))
+        shape = tuple(rec.state_shape(i, shapes.get(k)))
         if a.shape != shape:
             raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
         if a.dtype.kind not in "fiu":

@@ -167,9 +167,3 @@ def key_shapes(
             names = dict(state.slots)
             shapes.update((names[f], fn) for f, fn in fields.items() if f in names)
     return shapes
-
-
-def buffer_shape(shapes: Mapping[str, ShapeOf], key: str, shape: tuple[int, ...]) -> Any:
-    """Key ``key``'s entry shape for a parameter of ``shape`` (``None``: it has none)."""
-    fn = shapes.get(key)
-    return shape if fn is None else fn(shape)
