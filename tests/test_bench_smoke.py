@@ -49,7 +49,7 @@ def test_bytes_per_param(bench):
         "rmsprop": 36,
     }.items() <= got.items()
     assert {k: got[k] for k in bench.PASSES} == {
-        "lamb": 44,
+        "lamb": 40,
         "lars": 28,
         "fromage": 20,
         "novograd": 24,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -115,6 +115,9 @@ class KernelSpec(NamedTuple):
     # with a segment reduction: "full" or "partial" groups, "_stepped" where a group's
     # work-items may be in consecutive segments (columns; see _segments)
     tiling: str = ""
+    # the next part's segment reduction (a SegmentReduction), summed over this kernel's
+    # output per chunk of its segments: a work-item per chunk (see ``_sums_body``)
+    sums: Any = None
 
 
 class Arg(NamedTuple):
@@ -131,6 +134,9 @@ INDEX = "index"
 # A tiled kernel (one with a segment reduction) takes the work-group table as a buffer and
 # the index of its launch's first group as the offset (see ``_segments``).
 TILE_ARG = "tile"
+# A kernel that also sums the next part's segment reduction takes the chunk table (the
+# offset: its launch's first chunk) and the partials buffer (see ``_sums_body``).
+CHUNKS, PARTIALS = "chunks", "partials"
 
 
 def slot_arg(slot: str, k: int, io: str = "") -> str:
@@ -156,6 +162,91 @@ def scalar_arg(name: str, k: int) -> str:
 def kernel_name(spec: KernelSpec) -> str:
     digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
     return f"netcl_fused_{digest}"
+
+
+def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) -> list[str]:
+    """The kernel body that runs ``element`` (one element's code, over ``i``) for every
+    element of a chunk (``CHUNKS``: a work-item per chunk, never across segments) and sums
+    the next part's segment reduction terms (``spec.sums``) over the stored outputs ``u``
+    (and ``p``) in the reduce launch's order (``_segments._reduce_source``: ``real`` lanes of
+    8 over blocks of 64 elements, 4 of 4 in double, each block's lanes added in the reduction
+    type; again in double, from the stored outputs, where that gives 0 or not a finite
+    number), so the partials are the reduce launch's, bit for bit. One partial per chunk and
+    term, into ``PARTIALS`` (the next part's workspace)."""
+    red, acc = spec.sums, spec.acc
+    terms = red.terms
+    out = P_IN if spec.mode == "inplace" and spec.apply else OUT
+    reload = [f"u = {load(storage, out, out + '_off + i')};"] if storage == "half" else []
+    inner = [line.replace("    ", "", 1) for line in element]
+    w = 4 if real == "double" else 8  # lanes, and vectors per block: as the reduce kernel's
+    block = 1 if real == "double" else 8
+    lanes = [f"b{t}[j] = b{t}[j] + ({term});" for t, term in enumerate(terms)]
+    tails = [f"r{t} = r{t} + ({acc})({term});" for t, term in enumerate(terms)]
+
+    def lane_sum(t: int) -> str:
+        pairs = [f"(({acc})b{t}[{a}] + ({acc})b{t}[{a + 1}])" for a in range(0, w, 2)]
+        if w == 4:
+            return f"{pairs[0]} + {pairs[1]}"
+        return f"({pairs[0]} + {pairs[1]}) + ({pairs[2]} + {pairs[3]})"
+
+    zeros = ", ".join(["0"] * w)
+    n = w * block  # elements per block
+    b_zero = [f"{real} b{t}[{w}] = {{{zeros}}};" for t in range(len(terms))]
+    b_add = [f"r{t} = r{t} + {lane_sum(t)};" for t in range(len(terms))]
+    lane_loop = [
+        f"for (int j = 0; j < {w}; j++) {{",
+        *("    " + line for line in ["const long i = first + e + j;", *inner, *reload, *lanes]),
+        "}",
+    ]
+    body = [
+        f"    const long c = {CHUNKS}_off + (long)get_global_id(0);",
+        f"    const long first = {CHUNKS}[2 * c], count = {CHUNKS}[2 * c + 1];",
+        *(f"    {acc} r{t} = 0;" for t in range(len(terms))),
+        "    long e = 0;",
+        # whole blocks (constant trip counts: vectorised), then the last, shorter one
+        f"    for (; e + {n} <= count; e += {n}) {{",
+        *("        " + line for line in b_zero),
+        f"        for (int v = 0; v < {n}; v += {w}) {{",
+        *("            " + line.replace("e + j", "e + v + j") for line in lane_loop),
+        "        }",
+        *("        " + line for line in b_add),
+        "    }",
+    ]
+    if block > 1:
+        body += [
+            f"    if (e + {w} <= count) {{",
+            *("        " + line for line in b_zero),
+            f"        for (; e + {w} <= count; e += {w}) {{",
+            *("            " + line for line in lane_loop),
+            "        }",
+            *("        " + line for line in b_add),
+            "    }",
+        ]
+    body += [
+        "    for (; e < count; e++) {",
+        "        const long i = first + e;",
+        *("        " + line for line in inner + reload + tails),
+        "    }",
+    ]
+    if acc == "double" and real == "float":
+        suspicious = " || ".join(f"r{t} == 0 || r{t} - r{t} != 0" for t in range(len(terms)))
+        p_load = (
+            [f"const double p = (double){load(storage, P_IN, P_IN + '_off + i')};"]
+            if red.needs_params else []
+        )  # fmt: skip
+        body += [
+            f"    if ({suspicious}) {{",
+            *(f"        r{t} = 0;" for t in range(len(terms))),
+            "        for (long i = first; i < first + count; i++) {",
+            f"            const double u = (double){load(storage, out, out + '_off + i')};",
+            *("            " + line for line in p_load),
+            *(f"            r{t} = r{t} + ({term});" for t, term in enumerate(terms)),
+            "        }",
+            "    }",
+        ]
+    width = len(terms)
+    body += [f"    {PARTIALS}[{PARTIALS}_off + {width} * c + {t}] = r{t};" for t in range(width)]
+    return body
 
 
 def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, str, list[Arg]]:
@@ -197,6 +288,9 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     indexed = any(frag.element_index for frag in fragments)
     if indexed:
         buffer(INDEX, "uchar", True)
+    if spec.sums is not None:
+        buffer(CHUNKS, "long", True)
+        buffer(PARTIALS, spec.acc, False)
     if spec.tiling:
         buffer(TILE_ARG, "long", True)
         for k, frag in enumerate(fragments):
@@ -211,7 +305,9 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             params.append(f"const real {scalar_arg(s, k)}")
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
-    if spec.tiling:  # the group's first element and segment from the table (_segments)
+    if spec.sums is not None:
+        body: list[str] = []
+    elif spec.tiling:  # the group's first element and segment from the table (_segments)
         # (a segment uniform over the group keeps its values' loads scalar: PoCL then
         # vectorises the kernel; a stepped one is read per lane)
         step = f" + {TILE_ARG}[tile_row + 3] * (long)get_local_id(0)"
@@ -261,6 +357,8 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         body.append("    " + store(storage, OUT, OUT + "_off + i", "u"))
     if spec.tiling.startswith("partial"):
         body.append("    }")
+    if spec.sums is not None:
+        body = _sums_body(body, spec, storage, real)
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (

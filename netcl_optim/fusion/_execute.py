@@ -10,7 +10,7 @@ from typing import Any
 from .._base import GradientTransformation, Part, StagePlan
 from .._state_check import checked_transform
 from ._checks import check_donation
-from ._fused import run_parts
+from ._fused import can_sum, run_parts
 
 
 def walk(tx: GradientTransformation) -> Iterator[GradientTransformation]:
@@ -102,8 +102,11 @@ def execute(
             check_donation(params, updates, state, u_role)
         unchecked = False
         new_slots: list[tuple[Any, ...]] = []
+        summed = False
         for s, seg in enumerate(segments):
             final = last and s == len(segments) - 1
+            nxt = segments[s + 1][0].fragment.segment_reduction if s + 1 < len(segments) else None
+            sums = nxt if nxt is not None and can_sum(seg, nxt, u, params) else None
             u, seg_slots = run_parts(
                 seg,
                 u,
@@ -112,7 +115,10 @@ def execute(
                 inplace=inplace,
                 donate=donate,
                 u_role=u_role,
+                sums=sums,
+                summed=summed,
             )
+            summed = sums is not None
             applied = applied or (apply and final)
             new_slots.extend(seg_slots)
         for k, rb, start, count in owners:

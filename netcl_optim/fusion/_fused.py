@@ -14,7 +14,7 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import Part
+from .._base import Part, SegmentReduction
 from .._device import check_float_dtype, state_dtype
 from .._packing import (
     Layout,
@@ -39,9 +39,11 @@ from ._checks import (
     slot_dtype,
 )
 from ._codegen import (
+    CHUNKS,
     INDEX,
     OUT,
     P_IN,
+    PARTIALS,
     TILE_ARG,
     U_IN,
     Arg,
@@ -55,8 +57,9 @@ from ._launch import Launch, launch_all, leaves_disjoint
 from ._per_segment import segment_values
 from ._programs import fused_kernel
 from ._reductions import acc_ctype, reduce_parts
-from ._segments import segmentation, tiled_launches
+from ._segments import chunk_launches, segmentation, tiled_launches, workspace
 from ._slices import slice_of, window
+from ._slices import slices_active as _slices_active
 
 
 class Binding(NamedTuple):
@@ -124,8 +127,14 @@ def run_parts(
     inplace: bool,
     donate: bool = False,
     u_role: str = "updates",
+    sums: SegmentReduction | None = None,
+    summed: bool = False,
 ) -> tuple[Any, list[tuple[Any, ...]]]:
     """Run ``parts`` (fused) over ``updates``; return the output tree and new slot trees.
+
+    ``sums``: the next parts' segment reduction, summed per chunk by this kernel over its
+    output (see :func:`can_sum`), into its workspace; ``summed``: this part's reduction was
+    so summed (only its finish runs).
 
     The output is the new updates, or, with ``apply``, the new params (``p + u``). Pure mode
     writes every output to fresh packed buffers; in place, slots and params are updated
@@ -139,6 +148,7 @@ def run_parts(
     u_leaves, treedef = flatten(updates)
     queue = queue_of_leaves(u_leaves)
     needs_params = apply or any(p.fragment.needs_params for p in parts)
+    needs_params = needs_params or (sums is not None and sums.needs_params)
     others: list[Role] = []
     p_leaves: list[Any] = []
     if needs_params:
@@ -165,7 +175,7 @@ def run_parts(
         found = _cache.lookup(cache_key, donate)
         if found is not None:
             hit, objs = found
-            segment_values(queue, parts, u_leaves, p_leaves, treedef, inplace, u_role)
+            segment_values(queue, parts, u_leaves, p_leaves, treedef, inplace, u_role, summed)
             values = _step_values(parts, reduce_parts(parts, u_leaves, queue), hit.step_order)
             launch_all(queue, _cache.bind(hit, objs, values), hit.independent)
             if not donate:
@@ -182,11 +192,12 @@ def run_parts(
 
     inplace_params = inplace and apply
     seg_values, seg_state = segment_values(
-        queue, parts, u_leaves, p_leaves, treedef, inplace, u_role
+        queue, parts, u_leaves, p_leaves, treedef, inplace, u_role, summed
     )
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
-        queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params, seg_values
-    )
+        queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params,
+        seg_values, sums,
+    )  # fmt: skip
     if donate and (packed_bases is None or len(set(packed_bases)) != len(packed_bases)):
         # no array written may share memory with another (sure already if every role is
         # packed in a buffer of its own)
@@ -234,6 +245,7 @@ def _plan_launches(
     inplace: bool,
     needs_params: bool,
     seg_values: dict[np.dtype, cla.Array],
+    sums: SegmentReduction | None = None,
 ) -> tuple[list[Launch], Binding, list[Any], list[list[list[Any]]], list[int] | None]:
     """The fused kernel's launches (array arguments only, bound by name; one per dtype where
     every role is packed, else one per leaf; tiled where a segment reduction starts the
@@ -287,7 +299,7 @@ def _plan_launches(
             else:
                 seg = segmentation(tuple(u_leaves[i].shape for i in idx), red.segments)
             tiling = "full_stepped" if seg.stepped else "full"
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling)
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, sums)
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
@@ -311,6 +323,23 @@ def _plan_launches(
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
         origin = origins.get(dtype, 0)
+        if sums is not None:  # a work-item per chunk of the next part's segments
+            sum_seg = segmentation(tuple(x.shape for x in group_u), sums.segments)
+            acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
+            partials, _ = workspace(queue, sum_seg, sums, dtype, acc_dtype)
+            fixed = {
+                CHUNKS: (sum_seg.tables(queue)["chunks"].base_data, 0),
+                PARTIALS: (partials.base_data, 0),
+            }
+            if INDEX in binding.arrays:
+                fixed[INDEX] = (arrays[U_IN][0].base_data, origin)
+            columns = [
+                (name, None if name in fixed else arrays.get(name), fixed.get(name, runs.get(name)))
+                for name in binding.arrays
+            ]
+            launches.extend(chunk_launches(sum_seg, kernel, columns, lay.offsets, CHUNKS))
+            packed_bases = None  # (a step with sums is never the donated, final one)
+            continue
         if red is not None:
             partial_tiling = tiling.replace("full", "partial")
             partial, _ = fused_kernel(ctx, fragments, spec._replace(tiling=partial_tiling))
@@ -408,3 +437,28 @@ def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
         optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
         for start in starts
     ]
+
+
+def can_sum(parts: Sequence[Part], red: SegmentReduction, updates: Any, params: Any) -> bool:
+    """Whether ``parts`` (not the step's last: their output is written) can sum the next
+    parts' segment reduction ``red`` over their output in their own kernel (see
+    ``_codegen._sums_body``), one pass fewer than a reduce launch: when they start no
+    segment reduction of their own (their kernel is not tiled), every segment of ``red`` is
+    contiguous (no columns), the params are given where ``red`` reads them, and the step is
+    not on a ZeRO slice (whose sums run over the whole leaves)."""
+    if not parts or parts[0].fragment.segment_reduction is not None:
+        return False
+    if red.needs_params and params is None:
+        return False
+    if _slices_active():
+        return False
+    leaves, _ = flatten(updates)
+    if not leaves:
+        return False
+    for idx in group_by_dtype(leaves).values():
+        shapes = tuple(leaves[i].shape for i in idx)
+        seg = segmentation(shapes, red.segments)
+        # every element in a chunk (rows leave vectors out), none in columns
+        if len(seg.strided) or int(seg.chunks[:, 1].sum()) != layout(shapes, np.float32).total:
+            return False
+    return True

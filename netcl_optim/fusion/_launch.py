@@ -22,6 +22,12 @@ class Tiled(int):
     (each group reads its place from a table) and runs with that local size."""
 
 
+class Single(int):
+    """A launch's work size in work-groups of one work-item: each runs its own loop over a
+    chunk of elements, vectorised within the work-item (a larger group would have PoCL
+    vectorise across work-items, with a gather per load)."""
+
+
 class LaunchCounter:
     """Counts kernel launches while active (see :func:`count_launches`)."""
 
@@ -58,6 +64,9 @@ def launch(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list[Any]) -
     the local size from the divisors of the global size, and a prime 1M ran 90x slower (PoCL)."""
     if type(n) is Tiled:
         kernel(queue, (n,), (TILE,), *args)
+        launched = 1
+    elif type(n) is Single:
+        kernel(queue, (n,), (1,), *args)
         launched = 1
     elif n >= 4 * SPLIT and n % 32:
         main = n - n % SPLIT

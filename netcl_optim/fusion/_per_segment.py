@@ -38,10 +38,12 @@ def segment_values(
     treedef: optree.PyTreeSpec,
     inplace: bool,
     u_role: str,
+    summed: bool = False,
 ) -> tuple[dict[np.dtype, cla.Array], tuple[Any, ...]]:
     """Run the segment reduction that starts ``parts`` (if any) over each dtype group of
     the updates (and params): its values buffer per dtype (see ``_segments``), and the new
-    trees of the part's per-segment state (written in place when ``inplace``, else fresh)."""
+    trees of the part's per-segment state (written in place when ``inplace``, else fresh).
+    ``summed``: the previous kernel wrote the sums (only the finish runs)."""
     red = parts[0].fragment.segment_reduction if parts else None
     if red is None:
         return {}, ()
@@ -85,7 +87,9 @@ def segment_values(
                 for i, view in zip(idx, fresh.views, strict=True):
                     news[f][i] = view
             state.append((old, new))
-        out[dtype] = reduce_segments(queue, red, us, ps, acc, scalars, tuple(state))
+        out[dtype] = reduce_segments(
+            queue, red, us, ps, acc, scalars, tuple(state), sums=not summed
+        )
         for packed, group in copy_back:
             for src, dst in zip(packed, group, strict=True):
                 _copy(queue, dst, src)

@@ -22,13 +22,13 @@ one reduce launch and up to two fused launches per leaf (one finish). Chunks and
 start at their segment's first element whichever way the tree is laid out, so a packed tree
 and the same tree as separate arrays sum in the same order: the same bits.
 
-Why not sum inside the fused kernel that produces the updates (one pass fewer)? A work-group
-reduction needs a barrier, and on PoCL's CPU device the barrier and the reduction after it
-cost more than re-reading the updates: on a 12.5M-element Adam-like kernel (2 cores), 6.4 ms
-without a sum, 10.9 ms with the best barrier form tried (one work-item adding the group's
-local array in vectors; a tree of barriers: 29 ms), where the separate reduce launch over
-``u`` and ``p`` takes 2.2 ms at 10M elements. Nor inside a work-item over 8 or 16
-consecutive elements (no barrier, one partial per work-item): 9-16 ms against 6 ms.
+Where the updates come from an earlier fused kernel of the same step (LAMB: Adam, then the
+trust ratio), that kernel sums them itself, and the reduce launch is left out: it runs as
+one work-item per chunk (``chunk_launches``), its element code in a loop over the chunk,
+adding the terms in the reduce launch's order, so its partials are the reduce launch's bit
+for bit (``_codegen._sums_body``; ``_fused.can_sum`` says when). A work-group reduction
+would need a barrier, which on PoCL's CPU device costs more than re-reading the updates;
+a loop over a chunk per work-item does not (``benchmarks/bench_fused_sums.py``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import pyopencl.array as cla
 from .._base import SegmentReduction
 from .._packing import contiguous_run, element_offset, layout
 from ._codegen import ctype, preamble
-from ._launch import TILE, Tiled, launch, note_launches
+from ._launch import TILE, Single, Tiled, launch, note_launches
 from ._programs import build
 
 CHUNK = 8192  # elements per partial sum of the reduce launch
@@ -225,11 +225,18 @@ class Segmentation:
         return tables
 
 
-@lru_cache(maxsize=256)
 def segmentation(
     shapes: tuple[tuple[int, ...], ...], kind: str, views: tuple[View, ...] = ()
 ) -> Segmentation:
-    """The segments of ``kind`` (or, given, each leaf's ``views``: see :func:`axis_view`)."""
+    """The segments of ``kind`` (or, given, each leaf's ``views``: see :func:`axis_view`):
+    one object per distinct argument (the workspaces are keyed by it)."""
+    return _segmentation(shapes, kind, tuple(views))
+
+
+@lru_cache(maxsize=256)
+def _segmentation(
+    shapes: tuple[tuple[int, ...], ...], kind: str, views: tuple[View, ...]
+) -> Segmentation:
     return Segmentation(shapes, kind, views)
 
 
@@ -539,6 +546,38 @@ def _one_per_group(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list
     note_launches(kernel.function_name)
 
 
+def chunk_launches(
+    seg: Segmentation,
+    kernel: cl.Kernel,
+    columns: list[tuple[str, list[Any], Any]],
+    offsets: tuple[int, ...],
+    chunk_name: str,
+) -> list[tuple[cl.Kernel, int, list[Any]]]:
+    """The launches of a fused kernel that also sums the next part's reduction per chunk of
+    ``seg`` (``_codegen._sums_body``): one work-item per chunk, one launch where every array
+    role is packed (``columns`` as in :func:`tiled_launches`), else one per leaf."""
+    total = seg.leaf_chunks[-1][1] if seg.leaf_chunks else 0
+    if all(run is not None for name, _, run in columns if name != chunk_name):
+        args = [v for name, _, run in columns for v in (run if name != chunk_name else
+                                                          (run[0], 0))]  # fmt: skip
+        return [(kernel, Single(total), args)] if total else []
+    out = []
+    for j, (c0, c1) in enumerate(seg.leaf_chunks):
+        if c1 <= c0:
+            continue
+        args: list[Any] = []
+        for name, leaves, run in columns:
+            if name == chunk_name:
+                args += [run[0], c0]
+            elif leaves is None:  # a workspace or an index origin: (buffer, offset)
+                args += list(run)
+            else:
+                a = leaves[j]
+                args += [a.base_data, element_offset(a) - offsets[j]]
+        out.append((kernel, Single(c1 - c0), args))
+    return out
+
+
 def tiled_launches(
     seg: Segmentation,
     kernels: tuple[cl.Kernel, cl.Kernel],
@@ -595,6 +634,7 @@ __all__ = [
     "TILE",
     "Segmentation",
     "axis_view",
+    "chunk_launches",
     "reduce_segments",
     "segmentation",
     "tiled_launches",

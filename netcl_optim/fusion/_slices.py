@@ -57,6 +57,11 @@ def sliced(slices: Mapping[Any, Slice]) -> Iterator[None]:
         _SLICES.reset(token)
 
 
+def slices_active() -> bool:
+    """Whether steps run inside :func:`sliced` now."""
+    return _SLICES.get() is not None
+
+
 def slice_of(dtype: Any) -> Slice | None:
     """The slice that a 1-D leaf of ``dtype`` is, inside :func:`sliced`; else ``None``."""
     slices = _SLICES.get()
@@ -133,6 +138,7 @@ __all__ = [
     "slice_for",
     "slice_of",
     "sliced",
+    "slices_active",
     "whole_updates",
     "whole_view",
     "window",
