@@ -262,3 +262,15 @@ def queue_of_leaves(leaves: Sequence[Any]) -> cl.CommandQueue:
         if isinstance(x, cla.Array) and type(x) is not DonatedArray and x.queue is not None:
             return x.queue
     return default_queue()
+
+
+def check_init_leaves(leaves: list[Any], tree: Any, queue: cl.CommandQueue) -> None:
+    """``init``'s params: every leaf a device array of a float dtype the device supports
+    (raises naming the first that is not)."""
+    for i, x in enumerate(leaves):
+        if not isinstance(x, cla.Array):
+            raise TypeError(
+                f"init: leaf {path_names(tree)[i]} is a {type(x).__name__}, "
+                "not a pyopencl.array.Array (use netcl_optim.to_device)"
+            )
+        check_float_dtype(x.dtype, queue, f"init: leaf {path_names(tree)[i]}")

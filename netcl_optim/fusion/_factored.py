@@ -33,9 +33,15 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import SegmentReduction
-from .._device import check_float_dtype, state_dtype
+from .._device import state_dtype
 from .._packing import contiguous_run, element_offset, layout, pack
-from ._checks import all_valid, check_leaves, group_by_dtype, path_names, queue_of_leaves
+from ._checks import (
+    all_valid,
+    check_init_leaves,
+    check_leaves,
+    group_by_dtype,
+    queue_of_leaves,
+)
 from ._codegen import ctype, preamble
 from ._launch import launch, note_launches
 from ._programs import build
@@ -708,13 +714,7 @@ def init_packed(
     if not leaves:
         return []
     queue = queue_of_leaves(leaves)
-    for i, x in enumerate(leaves):
-        if not isinstance(x, cla.Array):
-            raise TypeError(
-                f"init: leaf {path_names(tree)[i]} is a {type(x).__name__}, "
-                "not a pyopencl.array.Array (use netcl_optim.to_device)"
-            )
-        check_float_dtype(x.dtype, queue, f"init: leaf {path_names(tree)[i]}")
+    check_init_leaves(leaves, tree, queue)
     out: list[Any] = [None] * len(leaves)
     for dtype, idx in group_by_dtype(leaves).items():
         block = layout(tuple(shapes[i] for i in idx), dtype_of(dtype)).allocate(queue)

@@ -15,7 +15,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import Part, SegmentReduction
-from .._device import check_float_dtype, state_dtype
+from .._device import state_dtype
 from .._packing import (
     Layout,
     allocate_like,
@@ -28,12 +28,12 @@ from . import _cache
 from ._checks import (
     Role,
     all_valid,
+    check_init_leaves,
     check_leaves,
     check_unshared,
     flatten,
     flatten_like,
     group_by_dtype,
-    path_names,
     queue_of_leaves,
     same_dtype,
     slot_dtype,
@@ -426,13 +426,7 @@ def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
     if not leaves:
         return [optree.tree_unflatten(treedef, []) for _ in starts]
     queue = queue_of_leaves(leaves)
-    for i, x in enumerate(leaves):
-        if not isinstance(x, cla.Array):
-            raise TypeError(
-                f"init: leaf {path_names(params)[i]} is a {type(x).__name__}, "
-                "not a pyopencl.array.Array (use netcl_optim.to_device)"
-            )
-        check_float_dtype(x.dtype, queue, f"init: leaf {path_names(params)[i]}")
+    check_init_leaves(leaves, params, queue)
     return [
         optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
         for start in starts
