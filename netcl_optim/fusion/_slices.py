@@ -23,6 +23,7 @@ import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
 
+from .._packing import layout
 from ._launch import TILE
 
 
@@ -81,8 +82,6 @@ def slice_for(leaves: list[Any], idx: list[int]) -> Slice | None:
 def whole_view(part: cla.Array, start: int, n: int) -> cla.Array:
     """The 1-D view of ``n`` elements of ``part``'s buffer from ``part``'s element
     ``start`` on."""
-    from .._packing import layout
-
     item = part.dtype.itemsize
     return layout(((n,),), part.dtype).views_of(part.queue, part.base_data,
                                                 part.offset + start * item)[0]  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import optree
+import pyopencl.array as cla
 
 from .._base import GradientTransformation, StagePlan
 from .._device import state_dtype
@@ -216,8 +217,6 @@ def _check_state(
 ) -> None:
     """Each state leaf: a device array of its leaf's state dtype and expected shape, on
     ``queue``'s context (raises naming the first that is not)."""
-    import pyopencl.array as cla
-
     for i, x in enumerate(leaves):
         for f, (name, column) in enumerate(zip(fields, stated, strict=True)):
             y = column[i]
