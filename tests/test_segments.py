@@ -3,6 +3,8 @@ counts, the same bits packed or separate, zero norms, per-leaf state and its err
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -232,3 +234,103 @@ def test_a_group_inside_one_segment_reads_its_values_once():
         assert ("tile[tile_row + 3]" in src) == stepped, tiling
     assert not segmentation(((3, 4), (5,)), "leaf").stepped
     assert segmentation(((40, 3),), "units:in_out").stepped  # columns
+
+
+def _with_sums(monkeypatch, allowed: bool) -> None:
+    """Let (or not) a fused kernel sum the next part's reduction itself (``can_sum``)."""
+    from netcl_optim.fusion import _execute
+
+    real = _execute.can_sum
+    monkeypatch.setattr(_execute, "can_sum", real if allowed else lambda *a: False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: no.lamb(1e-2, weight_decay=0.1),
+     lambda: no.chain(no.adam(1e-2), no.scale_by_param_block_rms()),
+     lambda: no.chain(no.sgd(0.1, momentum=0.9), no.clip_by_block_rms(0.01))],
+    ids=["lamb", "adam-block-rms", "momentum-block-clip"],
+)  # fmt: skip
+def test_a_kernel_that_sums_for_the_next_part_gives_the_reduce_launchs_bits(
+    cl_queue, monkeypatch, make, packed, dtype
+):
+    """The Adam kernel of LAMB sums ||u||^2 and ||p||^2 per chunk itself (one pass fewer):
+    its partials, and so every step, are the separate reduce launch's bit for bit."""
+    if dtype == np.float64 and not cl_queue.device.double_fp_config:
+        pytest.skip("no fp64")
+    rng = np.random.default_rng(3)
+    params = _tree(rng, dtype)
+    grads = [_tree(rng, dtype) for _ in range(3)]
+    runs = []
+    for allowed in (True, False):
+        _with_sums(monkeypatch, allowed)
+        runs.append(_run(make(), params, grads, packed, cl_queue)[0])
+    for a, b in zip(*runs, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_kernel_that_sums_for_the_next_part_saves_the_reduce_launch(cl_queue, monkeypatch):
+    rng = np.random.default_rng(4)
+    params = no.pack(no.to_device(_tree(rng), cl_queue))
+    grads = no.pack(no.to_device(_tree(rng), cl_queue))
+    tx = no.lamb(1e-2)
+    state = tx.init(params)
+    names = []
+    for allowed in (True, False):
+        _with_sums(monkeypatch, allowed)
+        no.step(tx, params, grads, state)
+        with count_launches() as c:
+            no.step(tx, params, grads, state)
+        names.append(c.kernels)
+    assert not any("segsum" in k for k in names[0])  # the Adam kernel summed
+    assert any("segsum" in k for k in names[1])
+    assert len(names[0]) < len(names[1])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: no.lars(0.5), lambda: no.novograd(1e-2, weight_decay=1e-3),
+     lambda: no.chain(no.adaptive_grad_clip(0.05), no.sgd(0.1)),
+     lambda: no.chain(no.scale_by_factored_rms(min_dim_size_to_factor=2), no.sgd(0.1))],
+    ids=["lars", "novograd", "agc", "factored-rms"],
+)  # fmt: skip
+def test_slices_cut_through_leaves_give_the_whole_trees_bits(cl_queue, make):
+    """ZeRO's slices (fusion/_slices.py) in one process: each of three slices, cut inside
+    leaves and inside work-groups, steps with the whole leaves' values and hands on its part
+    of the updates; together they are the whole tree's updates, bit for bit. (Rules whose
+    sums run over the incoming updates: an intermediate needs every rank's part, which the
+    2-rank runs of tests/mpi_scripts/sharded.py gather.)"""
+    from netcl_optim.fusion import Slice, sliced
+
+    rng = np.random.default_rng(5)
+    shapes = [(TILE + 7,), (3, 130), (), (40, 2 * TILE + 3)]
+    params = no.pack(no.to_device(_tree(rng, shapes=shapes), cl_queue))
+    grads = no.pack(no.to_device(_tree(rng, shapes=shapes), cl_queue))
+    tx = make()
+    want, _ = tx.update(grads, tx.init(params), params)
+    total = sum(int(np.prod(s)) for s in shapes)
+    bounds = [0, TILE // 3, total // 2 + 5, total]
+    dtype = np.dtype(np.float32)
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        g_part = _slice_view(grads, lo, hi, cl_queue)
+        p_part = _slice_view(params, lo, hi, cl_queue)
+        s = Slice(tuple(shapes), lo, hi, g_part, list(grads), list(params), None)
+        with sliced({dtype: s}):
+            state = tx.init({"float32": p_part})
+            u, _ = tx.update({"float32": g_part}, state, {"float32": p_part})
+        parts.append(u["float32"].get())
+    got = np.concatenate(parts)
+    assert got.tobytes() == np.concatenate([w.get().ravel() for w in want]).tobytes()
+
+
+def _slice_view(tree, lo, hi, queue):
+    """Elements ``[lo, hi)`` of a packed tree's buffer as a 1-D array."""
+    from netcl_optim._packing import layout
+
+    first = tree[0]
+    item = first.dtype.itemsize
+    return layout(((hi - lo,),), first.dtype).views_of(queue, first.base_data,
+                                                       first.offset + lo * item)[0]  # fmt: skip
