@@ -82,6 +82,17 @@ assert len(set(CASE_IDS)) == len(CASE_IDS)
 
 # (factory, kwargs, exception, message regex): invalid hyperparameters at construction.
 ERRORS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
+    ("adafactor", {"decay_rate": float("nan")}, ValueError, "decay_rate"),
+    ("adafactor", {"clipping_threshold": -1.0}, ValueError, "clipping_threshold"),
+    ("adafactor", {"momentum": 1.5}, ValueError, "momentum"),
+    ("adafactor", {"decay_offset": 1.5}, ValueError, "decay_offset"),
+    ("adafactor", {"dtype_momentum": "float16"}, ValueError, "dtype_momentum"),
+    ("scale_by_factored_rms", {"epsilon": -1.0}, ValueError, "epsilon"),
+    ("scale_by_factored_rms", {"eps1": -1.0}, ValueError, "eps1"),
+    ("scale_by_factored_rms", {"min_dim_size_to_factor": 1.5}, ValueError,
+     "min_dim_size_to_factor"),
+    ("sm3", {"learning_rate": 0.1, "momentum": 1.5}, ValueError, "momentum"),
+    ("scale_by_sm3", {"eps": -1.0}, ValueError, "eps"),
     ("sgd", {"learning_rate": -0.1}, ValueError, "learning_rate"),
     ("sgd", {"learning_rate": float("nan")}, ValueError, "learning_rate"),
     ("sgd", {"learning_rate": 0.1, "momentum": -0.5}, ValueError, "momentum"),

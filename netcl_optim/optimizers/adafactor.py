@@ -18,6 +18,7 @@ from .._validation import (
     BOOL,
     NON_NEGATIVE,
     POSITIVE,
+    UNIT,
     Rule,
     check,
     invalid,
@@ -144,6 +145,12 @@ def adafactor(
     """
     if learning_rate is not None:
         check_learning_rate(learning_rate)
+    if clipping_threshold is not None:
+        check(POSITIVE, clipping_threshold=clipping_threshold)
+    if momentum is not None:
+        check(UNIT, momentum=momentum)
+    if isinstance(decay_offset, bool) or not isinstance(decay_offset, int):
+        raise invalid("decay_offset", decay_offset, "an int")
     if dtype_momentum is not None and np.dtype(dtype_momentum) != np.float32:
         raise invalid("dtype_momentum", dtype_momentum, "float32 or None: the state dtype")
     multiply_by_parameter_scale = require(

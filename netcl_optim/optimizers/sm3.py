@@ -319,6 +319,7 @@ def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
 
     u <- scale_by_sm3(b1=momentum)(g);  p <- p - learning_rate u
     """
+    check(CLOSED_UNIT, momentum=momentum)
     return chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
 
 

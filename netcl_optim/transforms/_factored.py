@@ -16,7 +16,7 @@ from .._base import GradientTransformation, StagePlan
 from .._device import state_dtype
 from .._packing import layout
 from .._state_check import NamedTupleSpec, register
-from .._validation import BOOL, NON_NEGATIVE, POSITIVE, check, invalid, require
+from .._validation import BOOL, FINITE, NON_NEGATIVE, check, invalid, require
 from ..fusion import (
     FactoredRule,
     check_updates,
@@ -92,6 +92,7 @@ def scale_by_factored_rms(
     factor_last_two = require("factor_last_two", factor_last_two, BOOL)
     lerp = require("lerp", lerp, BOOL)
     check(NON_NEGATIVE, epsilon=epsilon)
+    check(FINITE, decay_rate=decay_rate)
     if isinstance(min_dim_size_to_factor, bool) or not isinstance(min_dim_size_to_factor, int):
         raise invalid("min_dim_size_to_factor", min_dim_size_to_factor, "an int")
     if isinstance(step_offset, bool) or not isinstance(step_offset, int):
@@ -99,7 +100,7 @@ def scale_by_factored_rms(
     if not callable(decay_rate_fn):
         raise invalid("decay_rate_fn", decay_rate_fn, "a callable (step, decay_rate) -> float")
     if eps1 is not None and eps1 != "finfo":
-        check(POSITIVE, eps1=eps1)
+        check(NON_NEGATIVE, eps1=eps1)
     rule = FactoredRule(
         factored, min_dim_size_to_factor, factor_last_two, float(epsilon),
         None if eps1 is None else 0.0, lerp,
