@@ -40,5 +40,6 @@ from ._reductions import reduce_leaves as reduce_leaves
 from ._slices import Slice as Slice
 from ._slices import slice_for as slice_for
 from ._slices import sliced as sliced
+from ._slices import slices_active as slices_active
 from ._slices import whole_updates as whole_updates
 from ._slices import whole_view as whole_view

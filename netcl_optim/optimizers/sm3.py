@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = ["SM3", "ScaleBySM3State", "scale_by_sm3", "sm3"]
 
 import math
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyopencl.array as cla
 
 from .._base import GradientTransformation, StagePlan
 from .._device import check_float_dtype, state_dtype
-from .._packing import DonatedArray, layout
+from .._packing import DonatedArray, c_strides, layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
 from ..fusion import slice_for, whole_updates, whole_view
@@ -143,6 +144,50 @@ def _copy(queue: Any, dst: cla.Array, src: cla.Array) -> None:
                         dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
+@lru_cache(maxsize=64)
+def _expected(shapes: tuple, dtypes: tuple) -> tuple[list, list, list, list, list]:
+    """Per leaf, its accumulator count, its updates' C strides, its momentum's, then every
+    accumulator's ``(shape, dtype, strides)`` in order, and the state dtypes."""
+    st = [state_dtype(d) for d in dtypes]
+    mu_shapes = [sm3_mu_shapes(s) for s in shapes]
+    mu = [(m, t) for ms, t in zip(mu_shapes, st, strict=True) for m in ms]
+    return (
+        [len(ms) for ms in mu_shapes],
+        [c_strides(s, np.dtype(d).itemsize) for s, d in zip(shapes, dtypes, strict=True)],
+        [c_strides(s, t.itemsize) for s, t in zip(shapes, st, strict=True)],
+        [(m, t, c_strides(m, t.itemsize)) for m, t in mu],
+        st,
+    )
+
+
+def _leaves_ok(u: list[Any], mu: list[Any], nu: list[Any], queue: Any) -> bool:
+    """The common case of :func:`_check` as list comparisons (a 160-leaf step: ~4 ms of
+    host time leaf by leaf); ``False``: look closer."""
+    try:
+        flat_mu = [a for m in mu for a in m]
+        if set(map(type, [*u, *nu, *flat_mu])) != {cla.Array}:
+            return False
+        shapes = tuple(x.shape for x in u)
+        dtypes = tuple(x.dtype for x in u)
+        counts, u_strides, nu_strides, mu_want, st = _expected(shapes, dtypes)
+        if [len(m) for m in mu] != counts or [x.strides for x in u] != u_strides:
+            return False
+        if [x.shape for x in nu] != list(shapes) or [x.dtype for x in nu] != st:
+            return False
+        if [x.strides for x in nu] != nu_strides:
+            return False
+        if [(a.shape, a.dtype, a.strides) for a in flat_mu] != mu_want:
+            return False
+        contexts = [a.context for a in (*u, *nu, *flat_mu)]
+        if contexts.count(queue.context) != len(contexts):
+            return False
+        for d in set(dtypes):
+            check_float_dtype(d, queue, "scale_by_sm3: updates")
+    except AttributeError:
+        return False
+    return True
+
+
 def _check(
     updates: Any, state: Any
 ) -> tuple[list[cla.Array], Any, list[list[cla.Array]], list[cla.Array]]:
@@ -178,6 +223,8 @@ def _check(
     # the stateful layer keeps each leaf's accumulators as one flat array (see flat_shape)
     mu = [_split(m, x.shape) if _is_flat(m, x) else m for m, x in zip(mu, u, strict=True)]
     queue = queue_of_leaves(u)
+    if _leaves_ok(u, mu, nu, queue):
+        return u, treedef, [list(m) for m in mu], nu
     ctx = None
     for i, x in enumerate(u):
         if not isinstance(x, cla.Array) or type(x) is DonatedArray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,6 +29,7 @@ from ..fusion import (
     plan_of,
     queue_of_leaves,
     slice_for,
+    slices_active,
     state_shapes,
     whole_updates,
     whole_view,
@@ -208,6 +210,36 @@ def _whole_state(s: Any, rule: FactoredRule, columns: list[Any]) -> tuple[list[A
     return tuple(out)
 
 
+@lru_cache(maxsize=64)
+def _expected(
+    shapes: tuple[tuple[int, ...], ...], dtypes: tuple[np.dtype, ...], rule: FactoredRule
+) -> tuple[tuple[list[tuple[int, ...]], list[np.dtype]], ...]:
+    """Per state field, every leaf's expected shape and dtype (not on a ZeRO slice)."""
+    per = [state_shapes(s, rule) for s in shapes]
+    sdtypes = [state_dtype(d) for d in dtypes]
+    return tuple(([(1,) if p[k] is None else p[k] for p in per], sdtypes) for k in range(3))
+
+
+def _state_ok(leaves: list[Any], stated: list[list[Any]], rule: FactoredRule, queue: Any) -> bool:
+    """The common case of :func:`_check_state` as list comparisons (a step of a 160-leaf
+    tree: 2.3 ms of host time per leaf-by-leaf check); ``False``: look closer."""
+    if slices_active():
+        return False
+    try:
+        want = _expected(tuple(x.shape for x in leaves), tuple(x.dtype for x in leaves), rule)
+        for column, (shapes, dtypes) in zip(stated, want, strict=True):
+            if set(map(type, column)) != {cla.Array}:
+                return False
+            if [y.shape for y in column] != shapes or [y.dtype for y in column] != dtypes:
+                return False
+            contexts = [y.context for y in column]
+            if contexts.count(queue.context) != len(contexts):
+                return False
+    except AttributeError:
+        return False
+    return True
+
+
 def _check_state(
     leaves: list[Any],
     stated: list[list[Any]],
@@ -218,6 +250,8 @@ def _check_state(
 ) -> None:
     """Each state leaf: a device array of its leaf's state dtype and expected shape, on
     ``queue``'s context (raises naming the first that is not)."""
+    if _state_ok(leaves, stated, rule, queue):
+        return
     for i, x in enumerate(leaves):
         for f, (name, column) in enumerate(zip(fields, stated, strict=True)):
             y = column[i]
