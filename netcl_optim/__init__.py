@@ -130,6 +130,7 @@ from .transforms._scaling import ScaleByScheduleState as ScaleByScheduleState
 from .transforms._scaling import scale as scale
 from .transforms._scaling import scale_by_learning_rate as scale_by_learning_rate
 from .transforms._scaling import scale_by_schedule as scale_by_schedule
+from .transforms._storage import low_precision_state as low_precision_state
 from .transforms._update import apply_updates as apply_updates
 from .transforms._update import step as step
 from .transforms._weight_decay import AddDecayedWeightsState as AddDecayedWeightsState

@@ -249,6 +249,9 @@ class Fragment:
     stateful optimizers' fresh buffers hold it, so the source just reads the slot. It only
     changes allocation, not the kernel (it is not in ``key``).
 
+    ``nonnegative``: the slots that never hold a negative value (Adam's ``nu``): stored in 8
+    bits, they use the unsigned map (allocation only, not in ``key``).
+
     ``element_index`` (opt-in, in ``key``): the source may read ``idx`` (``ulong``), the
     element's position in its dtype group's packed layout (leaves back to back in tree
     order; the same whether the tree is packed, stepped leaf by leaf or sharded), and call
@@ -266,6 +269,7 @@ class Fragment:
     slot_init: tuple[float, ...] = ()
     element_index: bool = False
     segment_reduction: SegmentReduction | None = None
+    nonnegative: tuple[str, ...] = ()
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

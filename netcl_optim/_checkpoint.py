@@ -27,7 +27,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from ._atomic_file import write_atomically
-from ._device import default_queue
+from ._device import BFLOAT16, default_queue
 from ._packing import layout
 
 _FORMAT = "netcl_optim.checkpoint/1"
@@ -61,6 +61,8 @@ class _Encoder:
         self.arrays: dict[str, np.ndarray] = {}
 
     def _store(self, a: np.ndarray, tag: str) -> dict[str, str]:
+        if a.dtype == BFLOAT16 and tag != "npscalar":  # as its 16-bit words (npz has no bf16)
+            a, tag = a.view(np.uint16), tag + "_bf16"
         if a.dtype.kind not in "biufc":
             raise TypeError(f"save: cannot store an array of dtype {a.dtype} without pickle")
         name = f"a{len(self.arrays)}"
@@ -148,6 +150,12 @@ class _Decoder:
             return _Pending(self._array(value))
         if tag == "ndarray":
             return np.array(self._array(value))
+        if tag in ("device_bf16", "ndarray_bf16"):
+            a = self._array(value)
+            if a.dtype != np.uint16:
+                raise _Invalid(f"the bfloat16 entry {value!r} has dtype {a.dtype}, not uint16")
+            a = np.array(a).view(BFLOAT16)
+            return _Pending(a) if tag == "device_bf16" else a
         if tag == "npscalar":
             a = self._array(value)
             if a.ndim != 0:

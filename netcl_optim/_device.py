@@ -6,6 +6,7 @@ import os
 import threading
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import optree
 import pyopencl as cl
@@ -19,6 +20,9 @@ _default_queue: cl.CommandQueue | None = None
 _pools: dict[cl.CommandQueue, cl_tools.MemoryPool] = {}
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# what optimizer state may be stored as (math in float32): state_dtype= of every optimizer
+STATE_STORAGE = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 
 _INSTALL = (

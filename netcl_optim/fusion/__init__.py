@@ -35,6 +35,9 @@ from ._launch import count_launches as count_launches
 from ._per_segment import init_leaf_values as init_leaf_values
 from ._per_segment import leaf_values as leaf_values
 from ._programs import clear_kernel_caches as clear_kernel_caches
+from ._quantized import QuantizedState as QuantizedState
+from ._quantized import dequantize as dequantize
+from ._quantized import quantize as quantize
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves
 from ._slices import Slice as Slice
@@ -43,3 +46,7 @@ from ._slices import sliced as sliced
 from ._slices import slices_active as slices_active
 from ._slices import whole_updates as whole_updates
 from ._slices import whole_view as whole_view
+from ._storage import EightBit as EightBit
+from ._storage import slot_dtype_of as slot_dtype_of
+from ._storage import slot_storage as slot_storage
+from ._storage import storage_dtype as storage_dtype

@@ -4,7 +4,7 @@ shape, layout), tree structures alike, and donated memory unshared. Errors name 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .. import _device
-from .._device import check_float_dtype, default_queue, state_dtype
+from .._device import STATE_STORAGE, check_float_dtype, default_queue, state_dtype
 from .._packing import (
     DONATED,
     DonatedArray,
@@ -51,9 +51,19 @@ def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
 _ARRAY_ONLY = {cla.Array}
 
 
-def flatten_like(tree: Any, treedef: optree.PyTreeSpec, what: str, ref: str) -> list[Any]:
-    """Leaves of ``tree``, which must have the structure ``treedef``."""
-    leaves, other = flatten(tree)
+def flatten_like(
+    tree: Any,
+    treedef: optree.PyTreeSpec,
+    what: str,
+    ref: str,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> list[Any]:
+    """Leaves of ``tree``, which must have the structure ``treedef`` (nodes that ``is_leaf``
+    says are leaves: 8-bit state)."""
+    if is_leaf is None:
+        leaves, other = flatten(tree)
+    else:
+        leaves, other = optree.tree_flatten(tree, is_leaf=is_leaf)
     if other != treedef:
         raise ValueError(
             f"{what} has a different tree structure from {ref}:\n  {what}: {other}\n"
@@ -91,7 +101,10 @@ def check_leaves(
                 break
             if y.shape != x.shape:
                 bad = f"has shape {y.shape} in {what} but {x.shape} in {u_role}"
-            elif y.dtype != dtype_of(x.dtype):
+            elif dtype_of is slot_dtype and y.dtype not in slot_storages(x.dtype):
+                allowed = ", ".join(map(str, slot_storages(x.dtype)))
+                bad = f"has dtype {y.dtype} in {what}, expected one of {allowed}"
+            elif dtype_of is not slot_dtype and y.dtype != dtype_of(x.dtype):
                 bad = f"has dtype {y.dtype} in {what}, expected {dtype_of(x.dtype)}"
             elif not y.flags.c_contiguous:
                 bad = f"is not C-contiguous in {what}"
@@ -168,9 +181,14 @@ def all_valid(u: list[Any], others: Sequence[Role], queue: cl.CommandQueue) -> b
             if [y.shape for y in leaves] != shapes:
                 return False
             want = dtypes if dtype_of is same_dtype else [dtype_of(d) for d in dtypes]
-            if [y.dtype for y in leaves] != want:
-                return False
-            if want is not dtypes and len(kinds) == 1:
+            got = [y.dtype for y in leaves]
+            if got != want:
+                if dtype_of is not slot_dtype or not all(
+                    y in slot_storages(x) for x, y in zip(dtypes, got, strict=True)
+                ):
+                    return False
+                want = got
+            if want is not dtypes and len(set(want)) == 1:
                 want_strides = layout(tuple(shapes), want[0]).strides
             elif want is dtypes:
                 want_strides = strides
@@ -197,6 +215,15 @@ def same_dtype(dtype: np.dtype) -> np.dtype:
 
 
 slot_dtype = lru_cache(maxsize=None)(state_dtype)  # a slot role's dtype (state_dtype, cached)
+
+
+@cache
+def slot_storages(dtype: np.dtype) -> tuple[np.dtype, ...]:
+    """The dtypes a slot's leaves may be stored as for updates of ``dtype``: the state dtype
+    (float32; float64 for float64), or float16 or bfloat16 (math in float32)."""
+    if dtype == np.float64:
+        return (np.dtype(np.float64),)
+    return STATE_STORAGE
 
 
 _OK_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._base import Fragment
+from .._device import BFLOAT16
 from ._launch import TILE
 from ._random import random_helpers
 
@@ -17,13 +18,22 @@ _CTYPE = {
     np.dtype(np.float32): "float",
     np.dtype(np.float64): "double",
 }
+# storage only (state): bfloat16 as 16-bit words, converted to and from float
+_STORAGE = {**_CTYPE, BFLOAT16: "bf16"}
+# each storage's C type in a kernel's argument list
+_POINTER = {"half": "half", "float": "float", "double": "double", "bf16": "ushort"}
 
 
 def ctype(dtype: np.dtype) -> str:
     return _CTYPE[np.dtype(dtype)]
 
 
-def preamble(real: str, uses_double: bool) -> str:
+def storage_of(dtype: np.dtype) -> str:
+    """A slot's storage name in kernel specs: ``ctype``'s, or ``"bf16"`` for bfloat16."""
+    return _STORAGE[np.dtype(dtype)]
+
+
+def preamble(real: str, uses_double: bool, bf16: bool = False) -> str:
     lines = ["#pragma OPENCL FP_CONTRACT OFF"]
     if uses_double:
         lines.append("#pragma OPENCL EXTENSION cl_khr_fp64 : enable")
@@ -35,7 +45,22 @@ def preamble(real: str, uses_double: bool) -> str:
         "    ((w) < 0.5f ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * (1 - (w)))",
         _BRANCH_FREE[real],
     ]
+    if bf16:  # (only where used: every other kernel keeps its source, and PoCL's cached binary)
+        lines.append(_BF16)
     return "\n".join(lines)
+
+
+# bfloat16 storage: the top 16 bits of a float; stores round to nearest even (a NaN stays a
+# quiet NaN of its sign, as ml_dtypes converts)
+_BF16 = """\
+#define BF16_LOAD(w) as_float((uint)(w) << 16)
+static inline __attribute__((always_inline)) ushort BF16_RNE(const float x)
+{
+    const uint b = as_uint(x);
+    const uint r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    return (ushort)(ISNAN(x) ? ((b >> 16) | 0x40u) : r);
+}
+"""
 
 
 # OpenCL's isnan, sign and fabs bit for bit, and a cube root within 1 ulp, without a library
@@ -94,12 +119,16 @@ static inline __attribute__((always_inline)) double CBRT(const double x)
 def load(storage: str, ptr: str, index: str) -> str:
     if storage == "half":
         return f"vload_half({index}, {ptr})"
+    if storage == "bf16":
+        return f"BF16_LOAD({ptr}[{index}])"
     return f"{ptr}[{index}]"
 
 
 def store(storage: str, ptr: str, index: str, value: str) -> str:
     if storage == "half":
         return f"vstore_half_rte({value}, {index}, {ptr});"
+    if storage == "bf16":
+        return f"{ptr}[{index}] = BF16_RNE({value});"
     return f"{ptr}[{index}] = {value};"
 
 
@@ -118,6 +147,8 @@ class KernelSpec(NamedTuple):
     # the next part's segment reduction (a SegmentReduction), summed over this kernel's
     # output per chunk of its segments: a work-item per chunk (see ``_sums_body``)
     sums: Any = None
+    # each slot's storage (``storage_of``), parts' slots in order; empty: all the state dtype
+    slot_storage: tuple[str, ...] = ()
 
 
 class Arg(NamedTuple):
@@ -160,7 +191,11 @@ def scalar_arg(name: str, k: int) -> str:
 
 
 def kernel_name(spec: KernelSpec) -> str:
-    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
+    # (a spec with the state dtype's storage hashes as before slot_storage existed: the
+    # kernels' names, and so PoCL's cache of their binaries, stay as they were)
+    fields = KernelSpec._fields if spec.slot_storage else KernelSpec._fields[:-1]
+    text = "KernelSpec(" + ", ".join(f"{f}={getattr(spec, f)!r}" for f in fields) + ")"
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     return f"netcl_fused_{digest}"
 
 
@@ -249,6 +284,38 @@ def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) ->
     return body
 
 
+def part_lines(
+    frag: Fragment,
+    k: int,
+    load_slot: Callable[[int, str], str],
+    store_slot: Callable[[int, str], str],
+) -> list[str]:
+    """Part ``k``'s code for one element (a block of lines, indented for a kernel body): its
+    scalars, reduction and segment outputs, its slots loaded (``load_slot(k, slot)``: an
+    expression), its source, its slots stored (``store_slot(k, slot)``: a statement)."""
+    lines = [f"    {{ /* {frag.name} */"]
+    for s in frag.scalars:
+        lines.append(f"        const real {s} = {scalar_arg(s, k)};")
+    if frag.reduction is not None:
+        for j, out in enumerate(frag.reduction.outputs):
+            lines.append(f"        const real {out} = (real){reduction_arg(k)}[{j}];")
+    red = frag.segment_reduction
+    if red is not None:
+        arg, width = segment_arg(k), len(red.outputs)
+        for j, out in enumerate(red.outputs):
+            lines.append(
+                f"        const real {out} = (real){arg}[{arg}_off + {width} * seg + {j}];"
+            )
+    for slot in frag.slots:
+        lines.append(f"        real {slot} = {load_slot(k, slot)};")
+    for line in frag.source.strip("\n").splitlines():
+        lines.append("        " + line.strip())
+    for slot in frag.slots:
+        lines.append("        " + store_slot(k, slot))
+    lines.append("    }")
+    return lines
+
+
 def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, str, list[Arg]]:
     """The kernel source, its name and its argument list for ``fragments`` under ``spec``.
 
@@ -260,7 +327,12 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     """
     storage = ctype(spec.dtype)
     real = "double" if storage == "double" else "float"
-    slot_t = real
+    n_slots = sum(len(frag.slots) for frag in fragments)
+    slot_storage = list(spec.slot_storage or (real,) * n_slots)
+    slot_of = {}  # (part, slot) -> its storage
+    for k, frag in enumerate(fragments):
+        for slot in frag.slots:
+            slot_of[k, slot] = slot_storage.pop(0)
     name = kernel_name(spec)
     args: list[Arg] = []
     params: list[str] = []
@@ -280,6 +352,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     pure = spec.mode == "pure"
     for k, frag in enumerate(fragments):
         for slot in frag.slots:
+            slot_t = _POINTER[slot_of[k, slot]]
             if pure:
                 buffer(slot_arg(slot, k, "in"), slot_t, True)
                 buffer(slot_arg(slot, k, "out"), slot_t, False)
@@ -305,6 +378,14 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
             params.append(f"const real {scalar_arg(s, k)}")
             args.append(Arg(scalar_arg(s, k), "scalar"))
 
+    def load_slot(k: int, slot: str) -> str:
+        src = slot_arg(slot, k, "in" if pure else "")
+        return load(slot_of[k, slot], src, src + "_off + i")
+
+    def store_slot(k: int, slot: str) -> str:
+        dst = slot_arg(slot, k, "out" if pure else "")
+        return store(slot_of[k, slot], dst, dst + "_off + i", slot)
+
     if spec.sums is not None:
         body: list[str] = []
     elif spec.tiling:  # the group's first element and segment from the table (_segments)
@@ -328,28 +409,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     if spec.needs_params or spec.apply:
         body.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
     for k, frag in enumerate(fragments):
-        body.append(f"    {{ /* {frag.name} */")
-        for s in frag.scalars:
-            body.append(f"        const real {s} = {scalar_arg(s, k)};")
-        if frag.reduction is not None:
-            for j, out in enumerate(frag.reduction.outputs):
-                body.append(f"        const real {out} = (real){reduction_arg(k)}[{j}];")
-        red = frag.segment_reduction
-        if red is not None:
-            arg, width = segment_arg(k), len(red.outputs)
-            for j, out in enumerate(red.outputs):
-                body.append(
-                    f"        const real {out} = (real){arg}[{arg}_off + {width} * seg + {j}];"
-                )
-        for slot in frag.slots:
-            src = slot_arg(slot, k, "in" if pure else "")
-            body.append(f"        real {slot} = {src}[{src}_off + i];")
-        for line in frag.source.strip("\n").splitlines():
-            body.append("        " + line.strip())
-        for slot in frag.slots:
-            dst = slot_arg(slot, k, "out" if pure else "")
-            body.append(f"        {dst}[{dst}_off + i] = {slot};")
-        body.append("    }")
+        body += part_lines(frag, k, load_slot, store_slot)
     if spec.apply:
         dst = P_IN if inplace_params else OUT
         body.append("    " + store(storage, dst, f"{dst}_off + i", "p + u"))
@@ -363,7 +423,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (
         f"//CL// {name}: {title or 'copy'}\n"
-        + preamble(real, "double" in (real, spec.acc))
+        + preamble(real, "double" in (real, spec.acc), "bf16" in spec.slot_storage)
         + (random_helpers(real) if indexed else "")
         + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
         + f"__kernel void {name}(\n    "

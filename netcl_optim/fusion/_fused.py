@@ -52,14 +52,17 @@ from ._codegen import (
     scalar_arg,
     segment_arg,
     slot_arg,
+    storage_of,
 )
 from ._launch import Launch, launch_all, leaves_disjoint
 from ._per_segment import segment_values
 from ._programs import fused_kernel
+from ._quantized import init_quantized, is_quantized, run_quantized
 from ._reductions import acc_ctype, reduce_parts
 from ._segments import chunk_launches, segmentation, tiled_launches, workspace
 from ._slices import slice_of, window
 from ._slices import slices_active as _slices_active
+from ._storage import EightBit, slot_dtype_of, slot_rule
 
 
 class Binding(NamedTuple):
@@ -158,13 +161,20 @@ def run_parts(
         p_leaves = flatten_like(params, treedef, "params", u_role)
         others.append(("params", p_leaves, same_dtype))
     slot_leaves: list[list[list[Any]]] = []
+    quantized = False
     for part in parts:
         per_part = []
         for name, tree in zip(part.fragment.slots, part.slots, strict=True):
-            leaves = flatten_like(tree, treedef, f"state.{name}", u_role)
+            leaves, other = flatten(tree)
+            if other != treedef:  # 8-bit state (a QuantizedState per leaf), or an error
+                leaves = flatten_like(tree, treedef, f"state.{name}", u_role, is_quantized)
+                quantized = True
             others.append((f"state.{name} of {part.fragment.name}", leaves, slot_dtype))
             per_part.append(leaves)
         slot_leaves.append(per_part)
+    if quantized:
+        return _run_quantized(parts, u_leaves, p_leaves, slot_leaves, treedef, queue, others,
+                              apply=apply, inplace=inplace, donate=donate, sums=sums)  # fmt: skip
     fragments = [p.fragment for p in parts]
     keys = tuple(f.key for f in fragments)
     if any(f.element_index for f in fragments):  # the launches hold the index origin
@@ -299,12 +309,15 @@ def _plan_launches(
             else:
                 seg = segmentation(tuple(u_leaves[i].shape for i in idx), red.segments)
             tiling = "full_stepped" if seg.stepped else "full"
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, sums)
+        slot_dtypes = _slot_storage(slot_leaves, idx, dtype)
+        storage = tuple(storage_of(d) for d in slot_dtypes) if slot_dtypes else ()
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, sums, storage)
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
         lay = layout(tuple([x.shape for x in group_u]), dtype)
-        slot_lay = layout(lay.shapes, state_dtype(dtype))
+        slot_lays = iter([layout(lay.shapes, d) for d in slot_dtypes] or [])
+        default_lay = layout(lay.shapes, state_dtype(dtype))
         arrays.clear()
         runs.clear()
         add_input(U_IN, group_u, lay)
@@ -315,6 +328,7 @@ def _plan_launches(
         for k, per in enumerate(slot_leaves):
             for s, (slot, leaves) in enumerate(zip(fragments[k].slots, per, strict=True)):
                 ins = pick(leaves, idx)
+                slot_lay = next(slot_lays, default_lay)
                 if mode == "pure":
                     add_input(slot_arg(slot, k, "in"), ins, slot_lay)
                     news = add_fresh(slot_arg(slot, k, "out"), slot_lay)
@@ -386,6 +400,59 @@ def _plan_launches(
     return launches, binding, out_leaves, new_slot_leaves, packed_bases
 
 
+def _run_quantized(
+    parts: Sequence[Part],
+    u_leaves: list[Any],
+    p_leaves: list[Any],
+    slot_leaves: list[list[list[Any]]],
+    treedef: optree.PyTreeSpec,
+    queue: cl.CommandQueue,
+    others: list[Role],
+    *,
+    apply: bool,
+    inplace: bool,
+    donate: bool,
+    sums: SegmentReduction | None,
+) -> tuple[Any, list[tuple[Any, ...]]]:
+    """``run_parts`` where a slot holds 8-bit state (see ``_quantized``)."""
+    if donate:
+        raise ValueError("donate=True is not supported with 8-bit state: step without it")
+    if sums is not None or _slices_active():
+        raise ValueError("8-bit state serves element-wise rules, unsharded")
+    params_role = [r for r in others if r[0] == "params"]
+    if params_role and not all_valid(u_leaves, params_role, queue):
+        check_leaves(u_leaves, params_role, optree.tree_unflatten(treedef, u_leaves), queue,
+                     "updates")  # fmt: skip
+    elif not params_role:
+        check_leaves(u_leaves, [], optree.tree_unflatten(treedef, u_leaves), queue, "updates")
+    names = [[f"state.{s} of {p.fragment.name}" for s in p.fragment.slots] for p in parts]
+    out_leaves, new_slot_leaves = run_quantized(
+        parts, u_leaves, p_leaves, slot_leaves, treedef, queue,
+        apply=apply, inplace=inplace, names=names,
+    )  # fmt: skip
+    return optree.tree_unflatten(treedef, out_leaves), _slot_trees(treedef, new_slot_leaves)
+
+
+def _slot_storage(
+    slot_leaves: list[list[list[Any]]], idx: list[int], dtype: np.dtype
+) -> tuple[np.dtype, ...]:
+    """The storage dtype of each slot (parts' slots in order) over the leaves ``idx`` of an
+    updates dtype group, ``()`` where all are the state dtype; raises ValueError for a slot
+    whose leaves there are stored in two dtypes (one kernel loads each slot one way)."""
+    default = state_dtype(dtype)
+    found = []
+    for per in slot_leaves:
+        for leaves in per:
+            kinds = {leaves[i].dtype for i in idx}
+            if len(kinds) != 1:
+                raise ValueError(
+                    f"a state slot's leaves for {dtype} updates are stored in several dtypes "
+                    f"({', '.join(sorted(map(str, kinds)))}): one dtype per slot and dtype group"
+                )
+            found.append(kinds.pop())
+    return () if all(d == default for d in found) else tuple(found)
+
+
 def _written(p_leaves: list[Any], slot_leaves: list[list[list[Any]]]) -> list[Any]:
     """The params' leaves, then every part's slot leaves: what an in-place step writes."""
     written = list(p_leaves)
@@ -418,19 +485,34 @@ def _hand_over(
     return new_p, new_slots
 
 
-def init_slots(params: Any, count: int | Sequence[float]) -> list[Any]:
+def init_slots(
+    params: Any,
+    count: int | Sequence[float],
+    names: Sequence[str] = (),
+    nonnegative: Sequence[str] = (),
+) -> list[Any]:
     """State trees shaped like ``params``, each packed in one buffer per dtype: ``count``
-    zeroed ones, or one per value of a sequence, filled with that value."""
+    zeroed ones, or one per value of a sequence, filled with that value. Slots given
+    ``names`` (a fragment's) are stored as the active ``slot_storage`` rule says (see
+    ``_storage``: a dtype, or 8 bits with the unsigned map for the ``nonnegative`` ones);
+    the others in the state dtype."""
     starts = (0.0,) * count if isinstance(count, int) else tuple(count)
     leaves, treedef = optree.tree_flatten(params)
     if not leaves:
         return [optree.tree_unflatten(treedef, []) for _ in starts]
     queue = queue_of_leaves(leaves)
     check_init_leaves(leaves, params, queue)
-    return [
-        optree.tree_unflatten(treedef, allocate_like(leaves, queue, state_dtype, fill=start))
-        for start in starts
-    ]
+    trees = []
+    for s, start in enumerate(starts):
+        rule = slot_rule(names[s]) if names else None
+        if isinstance(rule, EightBit):
+            signed = rule.signed or names[s] not in nonnegative
+            new = init_quantized(leaves, queue, start, signed, rule.min_size)
+        else:
+            dtype_of = slot_dtype_of(names[s]) if names else state_dtype
+            new = allocate_like(leaves, queue, dtype_of, fill=start)
+        trees.append(optree.tree_unflatten(treedef, new))
+    return trees
 
 
 def can_sum(parts: Sequence[Part], red: SegmentReduction, updates: Any, params: Any) -> bool:

@@ -11,6 +11,7 @@ import pyopencl as cl
 
 from .._base import Fragment
 from ._codegen import Arg, KernelSpec, ctype, fused_source, preamble
+from ._quantized_codegen import blockwise_source
 
 _lock = threading.Lock()
 _kernels: dict[tuple[cl.Context, str, str], cl.Kernel] = {}
@@ -73,7 +74,8 @@ def fused_kernel(
     key = (context, spec)
     hit = _fused.get(key)
     if hit is None:
-        source, name, args = fused_source(fragments, spec)
+        make = blockwise_source if spec.tiling == "blocks" else fused_source
+        source, name, args = make(fragments, spec)
         real = np.dtype(np.float64) if spec.dtype == np.float64 else np.dtype(np.float32)
         hit = (build(context, source, name, _arg_dtypes(args, real)), args)
         _fused[key] = hit

@@ -78,6 +78,7 @@ def scale_by_rss(
         "scale_by_rss",
         _RSS_EPS_IN_SQRT if in_sqrt else _RSS,
         slots=("sum_of_squares",),
+        nonnegative=("sum_of_squares",),
         scalars=("eps",),
         host_step=host_step,
         slot_init=(s0,),

@@ -101,6 +101,7 @@ def _amsgrad_fragment(
         "scale_by_amsgrad",
         source,
         slots=("mu", "nu", "nu_max"),
+        nonnegative=("nu", "nu_max"),
         scalars=_AMSGRAD_SCALARS,
         host_step=host_step,
     )

@@ -28,6 +28,7 @@ from .._validation import (
     require,
     tuple_of,
 )
+from ..fusion import storage_dtype
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,21 @@ DIFFERENTIABLE = TorchKeyword(
 )
 
 
+STATE_DTYPE = "state_dtype"
+"""Every class's keyword-only argument and group key: the dtype its element-wise state is
+stored as (None: float32; "float16", "bfloat16"), kept in the group as a name."""
+
+
+def stored_state_dtype(value: Any, where: str = "") -> str | None:
+    """A ``state_dtype`` as a group keeps it: its name, or None; ValueError naming
+    ``where`` for anything else."""
+    try:
+        dtype = storage_dtype(value)
+    except ValueError as err:
+        raise ValueError(f"{err} in {where}" if where else str(err)) from None
+    return None if dtype is None else str(dtype)
+
+
 def torch_lr(default: float) -> Hyperparameter:
     """torch's ``lr``: > 0 when given, scheduled (see :class:`Hyperparameter`)."""
     return Hyperparameter("lr", default, POSITIVE, scheduled=True)
@@ -174,6 +190,11 @@ class Declaration:
                 parameters.append(
                     inspect.Parameter(e.name, kind, default=e.default, annotation=_annotation(e))
                 )
+        parameters.append(
+            inspect.Parameter(
+                STATE_DTYPE, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any
+            )
+        )
         self.signature = inspect.Signature(parameters, return_annotation=None)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -191,6 +212,7 @@ class Declaration:
             h.name: as_stored(values[h.name]) if h.argument else h.default
             for h in self.hyperparameters
         }
+        defaults[STATE_DTYPE] = stored_state_dtype(values[STATE_DTYPE])
         return values["params"], defaults
 
     def pop_keywords(self, group: dict[str, Any], where: str) -> None:
@@ -211,4 +233,6 @@ class Declaration:
             values[h.name] = h.check(group[h.name], where, in_group)
         for r in self.requirements:
             r.check(where, **values)
+        if group.get(STATE_DTYPE) is not None:
+            stored_state_dtype(group[STATE_DTYPE], where)
         return values

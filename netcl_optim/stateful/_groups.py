@@ -107,16 +107,34 @@ class Group:
         return (sum(math.prod(_concrete(shape_of(s))) for s in whole),)
 
     def ensure(
-        self, key: str, start: float = 0.0, shape_of: Callable[[tuple], Any] | None = None
+        self,
+        key: str,
+        start: float = 0.0,
+        shape_of: Callable[[tuple], Any] | None = None,
+        dtype: np.dtype | None = None,
     ) -> None:
         """Create the state buffer ``key`` (packed per dtype), filled with its slot's
         ``start`` value, if it is missing: shaped like the params, or ``shape_of(param
-        shape)`` (one value per parameter: ``()``; ``None``: a placeholder)."""
-        if key not in self.bufs:
-            self.bufs[key], self.blocks[key] = self._allocate(state_dtype, start, shape_of)
-            self.counts[key] = [0] * len(self.params)
-            if start:
-                self.starts[key] = start
+        shape)`` (one value per parameter: ``()``; ``None``: a placeholder); stored as
+        ``dtype`` (None: the state dtype). A buffer stored in another dtype (the group's
+        ``state_dtype`` changed) is converted, values kept (rounded to nearest even)."""
+
+        def dtype_of(d: np.dtype) -> np.dtype:
+            return state_dtype(d) if dtype is None or d == np.float64 else np.dtype(dtype)
+
+        old = self.bufs.get(key)
+        if old is not None:
+            if all(v.dtype == dtype_of(d) for v, d in zip(old, self.dtypes, strict=True)):
+                return
+            values = [v.get() for v in old]
+        self.bufs[key], self.blocks[key] = self._allocate(dtype_of, start, shape_of)
+        if old is not None:
+            for v, host in zip(self.bufs[key], values, strict=True):
+                v.set(host.astype(v.dtype))
+            return
+        self.counts[key] = [0] * len(self.params)
+        if start:
+            self.starts[key] = start
 
     def ensure_grads(self) -> None:
         if self.grad_views is None:

@@ -20,10 +20,11 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
-from ..fusion import element_origin, sliced
+from ..fusion import element_origin, sliced, storage_dtype
+from ..transforms._storage import low_precision_state
 from ..transforms._update import step_
 from . import _state_dict
-from ._declaration import Declaration, Entry, Requirement, as_stored
+from ._declaration import STATE_DTYPE, Declaration, Entry, Requirement, as_stored
 from ._groups import (
     Group,
     as_param_groups,
@@ -47,6 +48,12 @@ class _Chain(NamedTuple):
     keys: list[str]
     starts: dict[str, float]
     shapes: dict[str, Any]
+    storage: Any = None  # the dtype of the slot keys' buffers (None: the state dtype)
+
+    def dtype_of(self, key: str) -> Any:
+        """The storage dtype of ``key``'s buffers (None: the state dtype): the group's
+        ``state_dtype`` for slots, never for values per leaf or a stage's state."""
+        return None if key in self.shapes else self.storage
 
 
 def _freeze(v: Any) -> Any:
@@ -200,16 +207,19 @@ class Optimizer(abc.ABC):
             key = tuple(_freeze(group[k]) for k in self._declaration.names)
         except KeyError as err:
             raise ValueError(f"param_groups[{gi}] has no {err.args[0]!r}") from None
+        key = (*key, group.get(STATE_DTYPE))
         chain = self._chains.get(key)
         if chain is not None:
             self._chains.move_to_end(key)
             return chain
         values = self._declaration.validate(group, f"param_groups[{gi}]", in_group=True)
-        tx = self.functional(**values)
+        storage = storage_dtype(group.get(STATE_DTYPE))
+        tx = low_precision_state(self.functional(**values), storage)
         template = tx.init([])
         keys = keys_of(template, self._torch_states, type(self).__name__)
         starts = slot_starts(tx, self._torch_states)
-        chain = _Chain(tx, template, keys, starts, key_shapes(tx, self._torch_states))
+        shapes = key_shapes(tx, self._torch_states)
+        chain = _Chain(tx, template, keys, starts, shapes, storage)
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains.popitem(last=False)
@@ -246,7 +256,7 @@ class Optimizer(abc.ABC):
                 work.append((rec, members, self._chain(gi)))
         for rec, members, chain in work:
             for k in chain.keys:
-                rec.ensure(k, chain.starts.get(k, 0.0), chain.shapes.get(k))
+                rec.ensure(k, chain.starts.get(k, 0.0), chain.shapes.get(k), chain.dtype_of(k))
             for cohort in rec.cohorts(members, chain.keys):
                 self._run(rec, cohort, chain)
         return loss
@@ -361,7 +371,9 @@ def _constructor(cls: type[Optimizer]) -> Callable[..., None]:
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         params, defaults = declaration.bind((self, *args), kwargs)
-        declaration.validate(defaults)
+        values = declaration.validate(defaults)
+        if defaults[STATE_DTYPE] is not None:  # refused by rules that keep float32 state
+            low_precision_state(cls.functional(**values), defaults[STATE_DTYPE])
         Optimizer.__init__(self, params, defaults)
 
     __init__.__signature__ = declaration.signature  # type: ignore[attr-defined]

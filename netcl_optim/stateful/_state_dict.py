@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyopencl.array as cla
 
-from .._device import state_dtype
+from .._device import BFLOAT16
 from .._validation import invalid
 from ._declaration import as_stored
 from ._groups import Group
@@ -131,14 +131,15 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
         group.update(new)
         group["params"] = list(rec.params)
         rec.reset()
-    starts = {gi: opt._chain(gi).starts for gi in {gi for gi, *_ in staged}}
+    chains = {gi: opt._chain(gi) for gi in {gi for gi, *_ in staged}}
     for gi, i, step, arrays in staged:
-        rec = opt._groups[gi]
+        rec, chain = opt._groups[gi], chains[gi]
         rec.steps[i] = step
         for k, a in arrays.items():
-            rec.ensure(k, starts[gi].get(k, 0.0), shapes[gi].get(k))
+            rec.ensure(k, chain.starts.get(k, 0.0), shapes[gi].get(k), chain.dtype_of(k))
             if a.size:
-                rec.bufs[k][i].set(a)
+                buf = rec.bufs[k][i]
+                buf.set(np.require(a, dtype=buf.dtype, requirements="C"))
             rec.counts[k][i] = max(step, 1)
 
 
@@ -259,9 +260,9 @@ def _import_entry(
         shape = tuple(rec.state_shape(i, shapes.get(k)))
         if a.shape != shape:
             raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
-        if a.dtype.kind not in "fiu":
+        if a.dtype.kind not in "fiu" and a.dtype != BFLOAT16:
             raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
-        arrays[k] = np.require(a, dtype=state_dtype(rec.dtypes[i]), requirements="C")
+        arrays[k] = a  # (cast to its buffer's dtype when loaded)
     if any(v is not None for v in entry.values()):
         missing = [k for k in keys if entry.get(k) is None]
         if missing:

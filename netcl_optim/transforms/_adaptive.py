@@ -59,6 +59,7 @@ def scale_by_adam(
         "scale_by_adam",
         _ADAM_EPS_ROOT if eps_root else _ADAM,
         slots=("mu", "nu"),
+        nonnegative=("nu",),
         scalars=(
             "one_minus_b1",
             "b2",
@@ -116,6 +117,7 @@ def scale_by_rms(
             "scale_by_stddev",
             _RMS_CENTERED,
             slots=("mu", "nu"),
+            nonnegative=("nu",),
             scalars=scalars,
             host_step=lambda state, **_: (values, state),
         )
@@ -124,6 +126,7 @@ def scale_by_rms(
         "scale_by_rms",
         _RMS,
         slots=("nu",),
+        nonnegative=("nu",),
         scalars=scalars,
         host_step=lambda state, **_: (values, state),
     )

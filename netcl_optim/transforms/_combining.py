@@ -142,7 +142,11 @@ def elementwise(
     arguments; ``update`` is a chain of one."""
 
     def init_fn(params: Any) -> OptState:
-        slots = init_slots(params, fragment.slot_starts) if fragment.slots else []
+        slots = (
+            init_slots(params, fragment.slot_starts, fragment.slots, fragment.nonnegative)
+            if fragment.slots
+            else []
+        )
         per_leaf = init_leaf_values(params, len(fragment.segment_state))
         return init(*slots, *per_leaf) if init is not None else EmptyState()
 

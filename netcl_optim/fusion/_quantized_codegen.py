@@ -1,0 +1,230 @@
+"""Fragments -> the OpenCL C source of one fused kernel over 8-bit block-quantized state.
+
+A work-item per row of the block table (``_quantized.BlockTable``): a 256-element block of a
+leaf whose state is quantized, or a run of up to 256 elements of a leaf that keeps float32
+state (below ``min_8bit_size``). For a block it
+
+1. loads each quantized slot as ``map[code] * absmax[block]`` (bitsandbytes' dequantization),
+2. runs the fragments over the block's elements (a loop the compiler vectorises), writing
+   the outputs (the params from the new, unquantized state, as bitsandbytes does) and
+   keeping the new state in a private array and its running maximum ``|s|``,
+3. stores ``absmax = max |s|`` and each element's code: the nearest map value of
+   ``s * (1 / absmax)`` (binary search; a value exactly between two codes takes the lower),
+   then, for the signed map, the sign fix of bitsandbytes' CUDA kernel (a non-zero ``s``
+   whose code has the other sign moves one code toward it). A block of zeros keeps the zero
+   code.
+
+A work-item per block (not a work-group with a barrier): on a CPU device the block's loops
+vectorise within the work-item, and the step stays one launch per packed tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from .._base import Fragment
+from ._codegen import (
+    OUT,
+    P_IN,
+    U_IN,
+    Arg,
+    KernelSpec,
+    ctype,
+    load,
+    part_lines,
+    preamble,
+    reduction_arg,
+    scalar_arg,
+    slot_arg,
+    store,
+)
+from ._qmaps import SIGNED_BITS, UNSIGNED_BITS, ZERO_CODE
+
+BLOCK = 256
+BLOCKS = "blocks"  # the block table argument (its offset: the launch's first row)
+QUANTIZED = {"q8s": True, "q8u": False}  # slot storage -> the map is signed
+
+
+def codes_arg(base: str) -> str:
+    return base + "_codes"
+
+
+def absmax_arg(base: str) -> str:
+    return base + "_absmax"
+
+
+def plain_arg(base: str) -> str:
+    """A quantized slot's float32 state of the leaves below ``min_8bit_size``."""
+    return base + "_plain"
+
+
+def _table(name: str, bits: Sequence[int]) -> str:
+    rows = [", ".join(f"0x{b:08x}u" for b in bits[i : i + 8]) for i in range(0, 256, 8)]
+    return f"__constant uint {name}[256] = {{\n    " + ",\n    ".join(rows) + "\n};\n"
+
+
+_QUANTIZE = """\
+/* the nearest code of v in a sorted map (the lower one at a midpoint; 0 below the map) */
+static inline __attribute__((always_inline)) uint Q8_NEAREST(__constant const uint *map,
+                                                             const float v)
+{
+    uint lo = 0;
+    for (uint step = 128; step > 0; step >>= 1)
+        lo = as_float(map[lo + step]) <= v ? lo + step : lo;
+    const float mid = (as_float(map[lo]) + as_float(map[lo < 255 ? lo + 1 : 255])) * 0.5f;
+    return lo < 255 && v > mid ? lo + 1 : lo;
+}
+static inline __attribute__((always_inline)) uchar Q8_SIGNED(const float s, const float inv)
+{
+    uint c = Q8_NEAREST(QMAP_SIGNED, s * inv);
+    const uint negative = as_uint(QMAP_SIGNED[c]) >> 31;
+    c = (s > 0 && negative) ? c + 1 : (s < 0 && !negative) ? c - 1 : c;
+    return (uchar)c;
+}
+static inline __attribute__((always_inline)) uchar Q8_UNSIGNED(const float s, const float inv)
+{
+    return (uchar)Q8_NEAREST(QMAP_UNSIGNED, s * inv);
+}
+"""
+
+
+def blockwise_name(spec: KernelSpec) -> str:
+    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
+    return f"netcl_q8_{digest}"
+
+
+def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, str, list[Arg]]:
+    """The kernel source, its name and its argument list for ``fragments`` under ``spec``
+    (``spec.slot_storage``: ``"q8s"`` / ``"q8u"`` for a quantized slot, else the storage of
+    a slot kept whole). Arguments: updates, params (when read), output (unless the params
+    are updated in place), each slot's arrays (a quantized slot's codes, absmax and plain
+    float32 state; in and out when pure), the block table, the reductions' buffers, the
+    scalars; every array with an element offset."""
+    storage = ctype(spec.dtype)
+    pure = spec.mode == "pure"
+    inplace_params = spec.mode == "inplace" and spec.apply
+    kinds = iter(spec.slot_storage)
+    kind_of = {(k, slot): next(kinds) for k, frag in enumerate(fragments) for slot in frag.slots}
+    args: list[Arg] = []
+    params: list[str] = []
+
+    def buffer(arg: str, ctype_: str, const: bool) -> None:
+        q = "const " if const else ""
+        params.append(f"__global {q}{ctype_} *restrict {arg}, const long {arg}_off")
+        args.extend((Arg(arg, "buffer"), Arg(arg + "_off", "offset")))
+
+    buffer(U_IN, storage, True)
+    if spec.needs_params or spec.apply:
+        buffer(P_IN, storage, not inplace_params)
+    if not inplace_params:
+        buffer(OUT, storage, False)
+    ios = ("in", "out") if pure else ("",)
+    for (k, slot), kind in kind_of.items():
+        for io in ios:
+            base, const = slot_arg(slot, k, io), io == "in"
+            if kind in QUANTIZED:
+                buffer(codes_arg(base), "uchar", const)
+                buffer(absmax_arg(base), "float", const)
+                buffer(plain_arg(base), "float", const)
+            else:
+                buffer(base, {"bf16": "ushort"}.get(kind, kind), const)
+    buffer(BLOCKS, "long", True)
+    for k, frag in enumerate(fragments):
+        if frag.reduction is not None:
+            params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
+            args.append(Arg(reduction_arg(k), "buffer"))
+    for k, frag in enumerate(fragments):
+        for s in frag.scalars:
+            params.append(f"const real {scalar_arg(s, k)}")
+            args.append(Arg(scalar_arg(s, k), "scalar"))
+
+    def arg(k: int, slot: str, io: str) -> str:
+        return slot_arg(slot, k, io if pure else "")
+
+    def element(quantized_block: bool) -> list[str]:
+        def load_slot(k: int, slot: str) -> str:
+            kind, a = kind_of[k, slot], arg(k, slot, "in")
+            if kind not in QUANTIZED:
+                return load(kind, a, a + "_off + i")
+            if not quantized_block:
+                return f"{plain_arg(a)}[{plain_arg(a)}_off + s]"
+            table = "QMAP_SIGNED" if QUANTIZED[kind] else "QMAP_UNSIGNED"
+            return f"as_float({table}[{codes_arg(a)}[{codes_arg(a)}_off + s]]) * {slot}_{k}_scale"
+
+        def store_slot(k: int, slot: str) -> str:
+            kind, a = kind_of[k, slot], arg(k, slot, "out")
+            if kind not in QUANTIZED:
+                return store(kind, a, a + "_off + i", slot)
+            if not quantized_block:
+                return f"{plain_arg(a)}[{plain_arg(a)}_off + s] = {slot};"
+            name = f"{slot}_{k}"
+            return (
+                f"{name}_new[e] = {slot}; "
+                f"{name}_max = FABS({slot}) > {name}_max ? FABS({slot}) : {name}_max;"
+            )
+
+        lines = [f"    real u = {load(storage, U_IN, U_IN + '_off + i')};"]
+        if spec.needs_params or spec.apply:
+            lines.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
+        for k, frag in enumerate(fragments):
+            lines += part_lines(frag, k, load_slot, store_slot)
+        dst = P_IN if inplace_params else OUT
+        lines.append("    " + store(storage, dst, f"{dst}_off + i", "p + u" if spec.apply else "u"))
+        return ["        " + line for line in lines]
+
+    quantized = [(k, slot) for (k, slot), kind in kind_of.items() if kind in QUANTIZED]
+    body = [
+        f"    const long r = 4 * ({BLOCKS}_off + (long)get_global_id(0));",
+        f"    const long first = {BLOCKS}[r], block = {BLOCKS}[r + 1];",
+        f"    const long count = {BLOCKS}[r + 2], pos = {BLOCKS}[r + 3];",
+        "    if (block < 0) { /* float32 state (a leaf below min_8bit_size) */",
+        "        for (long e = 0; e < count; e++) {",
+        "        const long i = first + e, s = pos + e;",
+        *element(False),
+        "        }",
+        "        return;",
+        "    }",
+    ]
+    for k, slot in quantized:
+        a = absmax_arg(arg(k, slot, "in"))
+        body += [
+            f"    const float {slot}_{k}_scale = {a}[{a}_off + block];",
+            f"    float {slot}_{k}_new[{BLOCK}];",
+            f"    float {slot}_{k}_max = 0.0f;",
+        ]
+    body += [
+        "    for (long e = 0; e < count; e++) {",
+        "        const long i = first + e, s = pos + e;",
+        *element(True),
+        "    }",
+    ]
+    for k, slot in quantized:
+        name, kind = f"{slot}_{k}", kind_of[k, slot]
+        out = arg(k, slot, "out")
+        a, c = absmax_arg(out), codes_arg(out)
+        quantize = "Q8_SIGNED" if QUANTIZED[kind] else "Q8_UNSIGNED"
+        zero = ZERO_CODE[QUANTIZED[kind]]
+        body += [
+            f"    {a}[{a}_off + block] = {name}_max;",
+            f"    const float {name}_inv = 1.0f / {name}_max;",
+            "    for (long e = 0; e < count; e++)",
+            f"        {c}[{c}_off + pos + e] = {name}_max == 0.0f ? {zero} : "
+            f"{quantize}({name}_new[e], {name}_inv);",
+        ]
+
+    name = blockwise_name(spec)
+    title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
+    src = (
+        f"//CL// {name}: {title} (8-bit state)\n"
+        + preamble("float", spec.acc == "double", "bf16" in spec.slot_storage)
+        + _table("QMAP_SIGNED", SIGNED_BITS)
+        + _table("QMAP_UNSIGNED", UNSIGNED_BITS)
+        + _QUANTIZE
+        + f"__kernel void {name}(\n    "
+        + ",\n    ".join(params)
+        + ")\n{\n"
+        + "\n".join(body)
+        + "\n}\n"
+    )
+    return src, name, args

@@ -1,0 +1,188 @@
+"""Low-precision optimizer state: every element-wise rule with bfloat16 or float16 state.
+
+A rule's step with its state stored as bfloat16 (float16) is, bit for bit, the same rule with
+float32 state rounded to bfloat16 (float16, round to nearest even) after every step: the
+kernel loads the stored value exactly, does the float32 math and rounds once on store. That
+holds for every row of the functional table (the float32 path being checked against its
+float64 reference elsewhere), and the stateful classes (``state_dtype=``) equal the
+functional chains, resume from their state dicts and checkpoints bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import optree
+import pyopencl.array as cla
+import pytest
+from cases import CASE_IDS, CASES
+from hypothesis import given, settings
+from optimizer_table import BY_ID
+from test_functional import F16, F32, assert_bitwise_equal, problems, snapshot
+
+import netcl_optim as no
+from netcl_optim import stateful as S
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+STORAGE = {"bfloat16": BF16, "float16": np.dtype(np.float16)}
+STAGES = {"adafactor", "adafactor-factored-momentum", "adafactor-torch",
+          "adafactor-torch-custom", "sm3", "sm3-momentum"}  # fmt: skip
+ELEMENTWISE = [c for c in CASES if c.id not in STAGES]
+FEW = settings(max_examples=max(4, settings.default.max_examples // 4), deadline=None)
+
+
+def _round_like(state: Any, low: Any, dtype: np.dtype) -> Any:
+    """``state`` (host, float32 slots) with each leaf that ``low`` stores as ``dtype``
+    rounded to ``dtype`` (nearest even) and widened back: what the low-precision run keeps."""
+
+    def rnd(x: Any, y: Any) -> Any:
+        if isinstance(y, np.ndarray) and y.dtype == dtype:
+            with np.errstate(over="ignore"):  # (float16 state overflows to inf: so does ours)
+                return x.astype(dtype).astype(x.dtype)
+        return x
+
+    return optree.tree_map(rnd, state, low, none_is_leaf=True)
+
+
+def _widen(state: Any) -> Any:
+    return optree.tree_map(
+        lambda x: x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype in
+        (BF16, np.dtype(np.float16)) else x, state, none_is_leaf=True)  # fmt: skip
+
+
+def _nan(tree: Any) -> Any:
+    def canonical(x: Any) -> Any:
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+            return np.where(np.isnan(x), x.dtype.type(np.nan), x)
+        return x
+
+    return optree.tree_map(canonical, tree, none_is_leaf=True)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", ELEMENTWISE, ids=[c.id for c in ELEMENTWISE])
+@FEW
+@given(prob=problems(dtypes=(F32, F16), steps=(2, 4)))
+def test_low_precision_state_is_float32_state_rounded(cl_queue, case, name, prob):
+    dtype = STORAGE[name]
+    tx = case.make(no)
+    low_tx = no.low_precision_state(tx, name)
+    params = no.to_device(prob.params, cl_queue)
+    low_state = low_tx.init(params)
+    state = tx.init(params)
+    host_low = snapshot(low_state)
+    slots = [x for x in optree.tree_leaves(host_low) if isinstance(x, np.ndarray)]
+    if case.make(no).plan is not None and any(x.dtype == dtype for x in slots):
+        assert all(x.dtype in (dtype, np.float32, np.int32, np.int64) for x in slots)
+
+    def rounded_state(state: Any, host_low: Any) -> Any:
+        rounded = _round_like(snapshot(state), host_low, dtype)
+        # (a NaN's payload may differ between the two conversions: any NaN matches any)
+        assert_bitwise_equal(_nan(_widen(host_low)), _nan(rounded), f"state after step {k}")
+        return optree.tree_map(  # the float32 run goes on from the rounded state
+            lambda d, r: no.to_device(r, cl_queue) if isinstance(d, cla.Array) else d,
+            state, rounded, none_is_leaf=True)  # fmt: skip
+
+    k = -1
+    state = rounded_state(state, host_low)  # (slot_init values, as stored)
+    for k, g in enumerate(prob.grads):
+        grads = no.to_device(g, cl_queue)
+        u_low, low_state = low_tx.update(grads, low_state, params)
+        u, state = tx.update(grads, state, params)
+        assert_bitwise_equal(_nan(snapshot(u_low)), _nan(snapshot(u)), f"updates at step {k}")
+        state = rounded_state(state, snapshot(low_state))
+        params = no.apply_updates(params, u)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in STAGES], ids=lambda c: c.id)
+def test_rules_with_own_kernels_refuse_low_precision_state(case):
+    with pytest.raises(ValueError, match="keeps its state in float32"):
+        no.low_precision_state(case.make(no), "bfloat16")
+
+
+def test_state_dtype_errors(cl_queue):
+    tx = no.adam(1e-3)
+    for bad in ("int8", "float64", np.int32, "bf16", 3):
+        with pytest.raises(ValueError, match="Invalid state_dtype"):
+            no.low_precision_state(tx, bad)
+    p64 = no.to_device({"w": np.ones(4)}, cl_queue)
+    with pytest.raises(ValueError, match="float64 params keep float64 state"):
+        no.low_precision_state(tx, "bfloat16").init(p64)
+    assert no.low_precision_state(tx, None) is tx
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        S.Adam([S.Parameter(no.to_device(np.ones(3, np.float32), cl_queue))], state_dtype="x")
+    with pytest.raises(ValueError, match="keeps its state in float32"):
+        no.Adafactor([S.Parameter(no.to_device(np.ones(3, np.float32), cl_queue))],
+                     state_dtype="bfloat16")  # fmt: skip
+
+
+def test_mu_only(cl_queue):
+    tx = no.low_precision_state(no.adam(1e-2), "bfloat16", slots=("mu",))
+    state = tx.init(no.to_device({"w": np.ones((3, 5), np.float32)}, cl_queue))
+    adam = next(s for s in state if hasattr(s, "mu"))
+    assert adam.mu["w"].dtype == BF16 and adam.nu["w"].dtype == np.float32
+
+
+SHAPES = [(40, 30), (30,), (7,), ()]
+ROWS = ["adam", "adamw", "sgd-momentum", "rmsprop", "lion", "adagrad"]
+
+
+def _params(queue, seed=0):
+    rng = np.random.default_rng(seed)
+    return [S.Parameter(no.to_device(rng.standard_normal(s).astype(np.float32), queue))
+            for s in SHAPES]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("row_id", [r for r in ROWS if r in BY_ID])
+def test_stateful_state_dtype_equals_functional_and_resumes(cl_queue, row_id, name, tmp_path):
+    row = BY_ID[row_id]
+    rng = np.random.default_rng(1)
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(6)]
+    params = _params(cl_queue)
+    opt = row.make_stateful(no, params, {**row.class_kwargs(), "state_dtype": name})
+    assert opt.param_groups[0]["state_dtype"] == name
+    tx = no.low_precision_state(row.make(no), name)
+    fp = no.pack([p.data.copy() for p in params])
+    fs = tx.init(fp)
+
+    def run(opt, params, steps):
+        for g in steps:
+            for p, x in zip(params, g, strict=True):
+                p.grad = no.to_device(x, cl_queue)
+            opt.step()
+
+    run(opt, params, grads[:3])
+    for g in grads[:3]:
+        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
+    for p, q in zip(params, fp, strict=True):
+        assert np.array_equal(p.data.get(), q.get())
+    for entry in opt.state.values():
+        for k, v in entry.items():
+            if k != "step":
+                assert v.dtype == STORAGE[name], (k, v.dtype)
+    # resume: state_dict into a fresh float32-declared optimizer, and a checkpoint file
+    sd = opt.state_dict()
+    no.save(tmp_path / "opt.npz", sd)
+    params2 = _params(cl_queue)
+    for p, q in zip(params2, params, strict=True):
+        p.data.set(q.data.get())
+    opt2 = row.make_stateful(no, params2)
+    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
+    assert opt2.param_groups[0]["state_dtype"] == name
+    run(opt, params, grads[3:])
+    run(opt2, params2, grads[3:])
+    for p, q in zip(params, params2, strict=True):
+        assert np.array_equal(p.data.get(), q.data.get())
+    before = opt.state_dict()
+    for k, v in before["state"][0].items():
+        if k != "step":
+            assert v.dtype == STORAGE[name]
+    # a float32 state dict loads into a bfloat16 optimizer: rounded once
+    opt32 = row.make_stateful(no, _params(cl_queue))
+    run(opt32, opt32.param_groups[0]["params"], grads[:2])
+    opt3 = row.make_stateful(no, _params(cl_queue), {**row.class_kwargs(), "state_dtype": name})
+    opt3.load_state_dict(opt32.state_dict())  # its groups say float32: they win, as lr does
+    assert opt3.param_groups[0]["state_dtype"] is None
