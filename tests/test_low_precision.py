@@ -17,7 +17,7 @@ import numpy as np
 import optree
 import pyopencl.array as cla
 import pytest
-from cases import CASE_IDS, CASES
+from cases import CASES
 from hypothesis import given, settings
 from optimizer_table import BY_ID
 from test_functional import F16, F32, assert_bitwise_equal, problems, snapshot

@@ -70,7 +70,9 @@ def quantize(values: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     pad[:n] = x
     blocks = pad.reshape(-1, BLOCK)
     mags = np.abs(blocks)
-    absmax = np.where(np.isnan(mags), np.float32(0), mags).max(axis=1, initial=np.float32(0)).astype(F32)
+    absmax = (
+        np.where(np.isnan(mags), np.float32(0), mags).max(axis=1, initial=np.float32(0)).astype(F32)
+    )
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv = (np.float32(1) / absmax).astype(F32)
         v = (blocks * inv[:, None]).astype(F32)

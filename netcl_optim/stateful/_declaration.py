@@ -121,19 +121,42 @@ DIFFERENTIABLE = TorchKeyword(
 )
 
 
-STATE_DTYPE = "state_dtype"
-"""Every class's keyword-only argument and group key: the dtype its element-wise state is
-stored as (None: float32; "float16", "bfloat16"), kept in the group as a name."""
+STATE_DTYPE, STATE_BITS, MIN_8BIT_SIZE = "state_dtype", "state_bits", "min_8bit_size"
 
 
-def stored_state_dtype(value: Any, where: str = "") -> str | None:
-    """A ``state_dtype`` as a group keeps it: its name, or None; ValueError naming
-    ``where`` for anything else."""
-    try:
-        dtype = storage_dtype(value)
-    except ValueError as err:
-        raise ValueError(f"{err} in {where}" if where else str(err)) from None
-    return None if dtype is None else str(dtype)
+@dataclass(frozen=True)
+class Storage:
+    """How a group stores its optimizer state (every class's keyword-only arguments and
+    group keys ``state_dtype``, ``state_bits``, ``min_8bit_size``; see
+    :func:`netcl_optim.low_precision_state`): ``dtype`` a name (``"bfloat16"``) or None
+    (float32), ``bits`` 32 or 8, ``min_8bit_size`` the smallest parameter stored in 8 bits."""
+
+    dtype: str | None = None
+    bits: int = 32
+    min_8bit_size: int = 4096
+
+    @staticmethod
+    def of(group: Mapping[str, Any], where: str = "") -> Storage:
+        """A group's storage, checked (ValueError naming ``where``)."""
+        dtype, bits, size = (group.get(k, d) for k, d in STORAGE_DEFAULTS.items())
+        place = f" in {where}" if where else ""
+        try:
+            name = storage_dtype(dtype)
+        except ValueError as err:
+            raise ValueError(f"{err}{place}") from None
+        if isinstance(bits, bool) or bits not in (8, 32):
+            raise invalid(STATE_BITS, bits, "8 or 32", where)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise invalid(MIN_8BIT_SIZE, size, "an int >= 0", where)
+        if bits == 8 and name is not None:
+            raise ValueError(
+                f"state_bits=8 and state_dtype={dtype!r}{place}: 8-bit state has its own "
+                "layout (leave state_dtype None)"
+            )
+        return Storage(None if name is None else str(name), int(bits), int(size))
+
+
+STORAGE_DEFAULTS = {STATE_DTYPE: None, STATE_BITS: 32, MIN_8BIT_SIZE: 4096}
 
 
 def torch_lr(default: float) -> Hyperparameter:
@@ -146,6 +169,10 @@ def _annotation(entry: Hyperparameter | TorchKeyword) -> Any:
         return bool | None if entry.optional else bool
     if isinstance(entry.default, bool):
         return bool
+    if isinstance(entry.default, int):
+        return int
+    if entry.default is None:
+        return Any
     if isinstance(entry.default, tuple):
         return tuple[(float,) * len(entry.default)]
     return float
@@ -166,6 +193,7 @@ class Declaration:
         entries: Sequence[Entry],
         requirements: Sequence[Requirement],
         functional: Callable[..., Any],
+        storage_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.owner = owner
         self.hyperparameters = tuple(e for e in entries if isinstance(e, Hyperparameter))
@@ -190,11 +218,14 @@ class Declaration:
                 parameters.append(
                     inspect.Parameter(e.name, kind, default=e.default, annotation=_annotation(e))
                 )
-        parameters.append(
-            inspect.Parameter(
-                STATE_DTYPE, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any
-            )
-        )
+        self.storage_defaults = {**STORAGE_DEFAULTS, **(storage_defaults or {})}
+        for name, default in self.storage_defaults.items():
+            if name not in names:
+                parameters.append(
+                    inspect.Parameter(
+                        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Any
+                    )
+                )
         self.signature = inspect.Signature(parameters, return_annotation=None)
 
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -212,7 +243,10 @@ class Declaration:
             h.name: as_stored(values[h.name]) if h.argument else h.default
             for h in self.hyperparameters
         }
-        defaults[STATE_DTYPE] = stored_state_dtype(values[STATE_DTYPE])
+        storage = Storage.of({k: values[k] for k in self.storage_defaults})
+        defaults[STATE_DTYPE] = storage.dtype
+        defaults[STATE_BITS] = storage.bits
+        defaults[MIN_8BIT_SIZE] = storage.min_8bit_size
         return values["params"], defaults
 
     def pop_keywords(self, group: dict[str, Any], where: str) -> None:
@@ -233,6 +267,5 @@ class Declaration:
             values[h.name] = h.check(group[h.name], where, in_group)
         for r in self.requirements:
             r.check(where, **values)
-        if group.get(STATE_DTYPE) is not None:
-            stored_state_dtype(group[STATE_DTYPE], where)
+        Storage.of(group, where)
         return values

@@ -27,6 +27,7 @@ from .._packing import (
     pack,
     same_memory,
 )
+from ..fusion import EightBit, dequantize, init_quantized, is_quantized, quantize
 
 _NONE_TYPE = type(None)
 
@@ -60,6 +61,7 @@ class Group:
         self.bufs: dict[str, list[cla.Array]] = {}
         self.starts: dict[str, float] = {}  # each buffer's start value (0 when absent)
         self.blocks: dict[str, list[Block]] = {}
+        self.refills: dict[str, float] = {}  # 8-bit keys: their start values (see reset)
         self.grad_views: list[cla.Array] | None = None
         self.grad_blocks: list[Block] = []
         # per dtype, the element index of the group's first element (Fragment.element_index):
@@ -111,30 +113,51 @@ class Group:
         key: str,
         start: float = 0.0,
         shape_of: Callable[[tuple], Any] | None = None,
-        dtype: np.dtype | None = None,
+        dtype: Any = None,
     ) -> None:
         """Create the state buffer ``key`` (packed per dtype), filled with its slot's
         ``start`` value, if it is missing: shaped like the params, or ``shape_of(param
         shape)`` (one value per parameter: ``()``; ``None``: a placeholder); stored as
-        ``dtype`` (None: the state dtype). A buffer stored in another dtype (the group's
-        ``state_dtype`` changed) is converted, values kept (rounded to nearest even)."""
-
-        def dtype_of(d: np.dtype) -> np.dtype:
-            return state_dtype(d) if dtype is None or d == np.float64 else np.dtype(dtype)
-
+        ``dtype`` (None: the state dtype; an ``EightBit``: 8-bit state, see
+        ``fusion/_quantized.py``). A buffer stored another way (the group's storage
+        changed) is converted, its values kept (rounded, or quantized)."""
         old = self.bufs.get(key)
+        if old is not None and self._stored_as(old, dtype):
+            return
+        if isinstance(dtype, EightBit):
+            if self.whole_shapes:
+                raise ValueError("8-bit state is not sharded (ZeroRedundancyOptimizer)")
+            new = init_quantized(self.data, self.queue, start, dtype.signed, dtype.min_size)
+            self.bufs[key], self.blocks[key] = new, []
+            self.refills[key] = start
+        else:
+
+            def dtype_of(d: np.dtype) -> np.dtype:
+                return state_dtype(d) if dtype is None or d == np.float64 else np.dtype(dtype)
+
+            self.bufs[key], self.blocks[key] = self._allocate(dtype_of, start, shape_of)
+            self.refills.pop(key, None)
         if old is not None:
-            if all(v.dtype == dtype_of(d) for v, d in zip(old, self.dtypes, strict=True)):
-                return
-            values = [v.get() for v in old]
-        self.bufs[key], self.blocks[key] = self._allocate(dtype_of, start, shape_of)
-        if old is not None:
-            for v, host in zip(self.bufs[key], values, strict=True):
-                v.set(host.astype(v.dtype))
+            for value, buf in zip(old, self.bufs[key], strict=True):
+                set_value(buf, host_value(value))
             return
         self.counts[key] = [0] * len(self.params)
         if start:
             self.starts[key] = start
+
+    def _stored_as(self, bufs: list[Any], dtype: Any) -> bool:
+        """Whether ``bufs`` (a key's buffers) are stored as ``dtype`` says (see ``ensure``)."""
+        if isinstance(dtype, EightBit):
+            return all(
+                is_quantized(b) and b.signed == dtype.signed if d.size >= dtype.min_size
+                else not is_quantized(b)
+                for b, d in zip(bufs, self.data, strict=True)
+            )  # fmt: skip
+        return all(
+            not is_quantized(b)
+            and b.dtype == (state_dtype(d) if dtype is None or d == np.float64 else dtype)
+            for b, d in zip(bufs, self.dtypes, strict=True)
+        )
 
     def ensure_grads(self) -> None:
         if self.grad_views is None:
@@ -147,6 +170,10 @@ class Group:
             self.counts[key] = [0] * len(self.params)
             for block in blocks:
                 block.fill(self.queue, self.starts.get(key, 0.0))
+            if key in self.refills:
+                for buf in self.bufs[key]:
+                    set_value(buf, np.full(buf.codes.shape if is_quantized(buf) else buf.shape,
+                                           self.refills[key], np.float32))  # fmt: skip
 
     def has_state(self, i: int) -> bool:
         return self.steps[i] > 0 or any(c[i] for c in self.counts.values())
@@ -244,6 +271,25 @@ class Group:
         if not g.flags.c_contiguous:
             return ValueError(f"{where}: .grad is not C-contiguous")
         return None
+
+
+def host_value(buf: Any) -> np.ndarray:
+    """A state buffer's values on the host: an array's, or 8-bit state's dequantized
+    (float32)."""
+    if is_quantized(buf):
+        return dequantize(buf.codes.get(), buf.absmax.get(), buf.signed)
+    return buf.get()
+
+
+def set_value(buf: Any, value: np.ndarray) -> None:
+    """Write host ``value`` (shaped like the buffer) into a state buffer: cast to an array's
+    dtype, or quantized into 8-bit state (see ``fusion/_quantized.py``)."""
+    if is_quantized(buf):
+        codes, absmax = quantize(np.asarray(value, np.float32), buf.signed)
+        buf.codes.set(codes.reshape(buf.codes.shape))
+        buf.absmax.set(absmax)
+    else:
+        buf.set(np.require(value, dtype=buf.dtype, requirements="C").reshape(buf.shape))
 
 
 def check_unshared(groups: list[list[Any]]) -> None:

@@ -20,11 +20,11 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
-from ..fusion import element_origin, sliced, storage_dtype
+from ..fusion import EightBit, element_origin, sliced, storage_dtype
 from ..transforms._storage import low_precision_state
 from ..transforms._update import step_
 from . import _state_dict
-from ._declaration import STATE_DTYPE, Declaration, Entry, Requirement, as_stored
+from ._declaration import Declaration, Entry, Requirement, Storage, as_stored
 from ._groups import (
     Group,
     as_param_groups,
@@ -33,7 +33,15 @@ from ._groups import (
     group_params,
     pack_params,
 )
-from ._torch_state import STEP, TorchState, assemble, key_shapes, keys_of, slot_starts
+from ._torch_state import (
+    STEP,
+    TorchState,
+    assemble,
+    key_shapes,
+    keys_of,
+    nonnegative_keys,
+    slot_starts,
+)
 
 _CHAIN_CACHE_SIZE = 32
 
@@ -48,12 +56,14 @@ class _Chain(NamedTuple):
     keys: list[str]
     starts: dict[str, float]
     shapes: dict[str, Any]
-    storage: Any = None  # the dtype of the slot keys' buffers (None: the state dtype)
+    # how each slot key's buffers are stored, where not in the state dtype: the group's
+    # state_dtype, or 8 bits (EightBit); never values per leaf or a stage's state
+    storage: dict[str, Any] = {}  # noqa: RUF012 (a NamedTuple field's default)
 
     def dtype_of(self, key: str) -> Any:
-        """The storage dtype of ``key``'s buffers (None: the state dtype): the group's
-        ``state_dtype`` for slots, never for values per leaf or a stage's state."""
-        return None if key in self.shapes else self.storage
+        """How ``key``'s buffers are stored: a dtype, an ``EightBit``, or None (the state
+        dtype)."""
+        return self.storage.get(key)
 
 
 def _freeze(v: Any) -> Any:
@@ -112,6 +122,14 @@ class Optimizer(abc.ABC):
     # per-parameter host scalars torch stores (NAdam's "mu_product"): key -> fn(group, step),
     # exported in state dicts and recomputed (not read) on load
     torch_scalars: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    # state_bits=8: every slot with the signed map (bitsandbytes' one-state optimizers)
+    signed_8bit: ClassVar[bool] = False
+    # state dicts in bitsandbytes' layout (8-bit state nested, an int step)
+    bnb_layout: ClassVar[bool] = False
+    # a loaded group's keys that are no hyperparameter here (bitsandbytes' "alpha" of Adam8bit)
+    ignored_on_load: ClassVar[tuple[str, ...]] = ()
+    # the defaults of state_dtype, state_bits and min_8bit_size (bitsandbytes' classes: 8)
+    storage_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     # compiled from the declaration by __init_subclass__
     _declaration: ClassVar[Declaration]
@@ -128,8 +146,9 @@ class Optimizer(abc.ABC):
         if not cls.hyperparameters or getattr(cls.functional, "__isabstractmethod__", False):
             return  # an abstract intermediate class
         cls._declaration = Declaration(
-            cls.__name__, cls.hyperparameters, cls.requirements, cls.functional
-        )
+            cls.__name__, cls.hyperparameters, cls.requirements, cls.functional,
+            cls.storage_defaults,
+        )  # fmt: skip
         cls._torch_states = {s.type: s for s in cls.torch_state}
         keys: list[str] = []
         for s in cls.torch_state:
@@ -207,23 +226,50 @@ class Optimizer(abc.ABC):
             key = tuple(_freeze(group[k]) for k in self._declaration.names)
         except KeyError as err:
             raise ValueError(f"param_groups[{gi}] has no {err.args[0]!r}") from None
-        key = (*key, group.get(STATE_DTYPE))
+        storage = Storage.of(group, f"param_groups[{gi}]")
+        key = (*key, storage)
         chain = self._chains.get(key)
         if chain is not None:
             self._chains.move_to_end(key)
             return chain
         values = self._declaration.validate(group, f"param_groups[{gi}]", in_group=True)
-        storage = storage_dtype(group.get(STATE_DTYPE))
-        tx = low_precision_state(self.functional(**values), storage)
+        tx = _stored(self.functional(**values), storage, self.signed_8bit)
         template = tx.init([])
         keys = keys_of(template, self._torch_states, type(self).__name__)
         starts = slot_starts(tx, self._torch_states)
         shapes = key_shapes(tx, self._torch_states)
-        chain = _Chain(tx, template, keys, starts, shapes, storage)
+        slot_storage = {}
+        if storage.bits == 8:
+            nonnegative = nonnegative_keys(tx, self._torch_states)
+            for k in keys:
+                if k not in shapes:
+                    signed = self.signed_8bit or k not in nonnegative
+                    slot_storage[k] = EightBit(storage.min_8bit_size, signed)
+        elif storage.dtype is not None:
+            slot_storage = {k: storage_dtype(storage.dtype) for k in keys if k not in shapes}
+        chain = _Chain(tx, template, keys, starts, shapes, slot_storage)
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains.popitem(last=False)
         return chain
+
+    @classmethod
+    def exported_group(cls, group: dict[str, Any]) -> dict[str, Any]:
+        """A group as :meth:`state_dict` saves it (bitsandbytes' classes add its keys)."""
+        return group
+
+    @classmethod
+    def imported_group(cls, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A loaded group before it is checked (bitsandbytes' classes read its keys)."""
+        return group
+
+    def quantized_keys(self, key: str) -> tuple[str, str]:
+        """The state dict keys of 8-bit ``key``'s absmax and map (its codes are under
+        ``key``): ``<key>_absmax``, ``<key>_qmap``; bitsandbytes' ``absmax1``, ``qmap1`` for
+        ``state1``."""
+        if self.bnb_layout and key.startswith("state"):
+            return "absmax" + key[5:], "qmap" + key[5:]
+        return key + "_absmax", key + "_qmap"
 
     def _state_shapes(self, rec: Group) -> dict[str, Any]:
         """The shapes of the group ``rec``'s keys not shaped like their parameter."""
@@ -372,14 +418,22 @@ def _constructor(cls: type[Optimizer]) -> Callable[..., None]:
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         params, defaults = declaration.bind((self, *args), kwargs)
         values = declaration.validate(defaults)
-        if defaults[STATE_DTYPE] is not None:  # refused by rules that keep float32 state
-            low_precision_state(cls.functional(**values), defaults[STATE_DTYPE])
+        # (refused here by the rules that keep float32 state)
+        _stored(cls.functional(**values), Storage.of(defaults), cls.signed_8bit)
         Optimizer.__init__(self, params, defaults)
 
     __init__.__signature__ = declaration.signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__doc__ = f"See :class:`{cls.__name__}`."
     return __init__
+
+
+def _stored(tx: GradientTransformation, storage: Storage, signed: bool) -> GradientTransformation:
+    """``tx`` with its state stored as ``storage`` says."""
+    return low_precision_state(
+        tx, storage.dtype, state_bits=storage.bits, min_8bit_size=storage.min_8bit_size,
+        signed=signed,
+    )  # fmt: skip
 
 
 def _declared_classes() -> list[type[Optimizer]]:

@@ -19,12 +19,15 @@ import pyopencl.array as cla
 
 from .._device import BFLOAT16
 from .._validation import invalid
+from ..fusion import dynamic_map, is_quantized
 from ._declaration import as_stored
-from ._groups import Group
+from ._groups import Group, set_value
 from ._torch_state import STEP, key_shapes, keys_of
 
 if TYPE_CHECKING:
     from ._optimizer import Optimizer
+
+BNB_NESTED = "__bnb_optimizer_quant_state__"  # bitsandbytes' state dicts nest 8-bit state here
 
 # torch's implementation flags: they change nothing here, dropped on load
 _IGNORED_ON_LOAD = ("foreach", "differentiable", "fused", "capturable", "param_names")
@@ -50,7 +53,16 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
         absent = rec.state_shape(i, shapes.get(k)) is None  # a placeholder
         if counts is not None and counts[i] > 0 and not absent:
             v = rec.bufs[k][i]
-            entry[k] = v.get() if host else v
+            if is_quantized(v):  # codes under the key, with its absmax and map beside
+                absmax_key, qmap_key = opt.quantized_keys(k)
+                entry[k] = v.codes.get() if host else v.codes
+                entry[absmax_key] = v.absmax.get() if host else v.absmax
+                entry[qmap_key] = dynamic_map(v.signed).copy()
+            else:
+                entry[k] = v.get() if host else v
+    if opt.bnb_layout:  # bitsandbytes nests all but the step (hidden from FSDP)
+        nested = {k: v for k, v in entry.items() if k != STEP}
+        entry = {STEP: int(rec.steps[i]), BNB_NESTED: nested} if nested else entry
     return entry
 
 
@@ -62,6 +74,7 @@ def export(opt: Optimizer) -> dict[str, Any]:
     for group, rec in zip(opt.param_groups, opt._groups, strict=True):
         packed = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
         packed.update(opt.torch_marks)
+        packed = opt.exported_group(packed)
         n = len(rec.params)
         packed["params"] = list(range(start, start + n))
         for i in range(n):
@@ -95,6 +108,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
             f"loaded 'state' is a {type(state_dict['state']).__name__}, not a dict of "
             "parameter index -> state"
         )
+    saved_groups = [opt.imported_group(g) for g in saved_groups]
     _check_origin(opt, state_dict, saved_groups, classes)
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(
@@ -137,9 +151,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
         rec.steps[i] = step
         for k, a in arrays.items():
             rec.ensure(k, chain.starts.get(k, 0.0), shapes[gi].get(k), chain.dtype_of(k))
-            if a.size:
-                buf = rec.bufs[k][i]
-                buf.set(np.require(a, dtype=buf.dtype, requirements="C"))
+            _set_loaded(rec.bufs[k][i], a)
             rec.counts[k][i] = max(step, 1)
 
 
@@ -173,7 +185,7 @@ def _check_origin(
     own = set(opt._declaration.names)
     for gi, saved in enumerate(groups):
         # a mark (Adam's decoupled_weight_decay) is a hyperparameter of others (NAdam, RAdam)
-        keys = set(saved) & known - (mark_keys - own)
+        keys = set(saved) & known - (mark_keys - own) - set(opt.ignored_on_load)
         marks = {k: bool(saved[k]) for k in sorted(mark_keys) if saved.get(k) is not None}
         if _marked(type(opt), marks) and (origin is not None or keys <= own):
             continue
@@ -197,8 +209,9 @@ def _import_group(opt: Optimizer, saved: Mapping[str, Any], gi: int) -> dict[str
     where = f"loaded param_groups[{gi}]"
     declaration = opt._declaration
     group = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
-    for k in _IGNORED_ON_LOAD:
-        group.pop(k, None)
+    for k in (*_IGNORED_ON_LOAD, *opt.ignored_on_load):
+        if k not in declaration.names:
+            group.pop(k, None)
     for k in _FALSE_ONLY:
         if k not in declaration.names and group.pop(k, False):
             raise invalid(k, True, f"False: {type(opt).__name__} does not implement it", where)
@@ -240,26 +253,33 @@ def _import_entry(
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} is a {type(entry).__name__}, not a dict")
+    if isinstance(entry.get(BNB_NESTED), Mapping):  # bitsandbytes' layout
+        entry = {**{k: v for k, v in entry.items() if k != BNB_NESTED}, **entry[BNB_NESTED]}
     shapes = shapes or {}
     # the keys this parameter has (Adafactor: row_var and col_var, or variance)
     keys = tuple(k for k in keys if k == STEP or rec.state_shape(i, shapes.get(k)) is not None)
-    unknown = set(entry) - {STEP, *keys, *opt.torch_scalars}
+    companions = {c: k for k in keys if k != STEP for c in opt.quantized_keys(k)}
+    unknown = set(entry) - {STEP, *keys, *opt.torch_scalars, *companions}
     if unknown:
         raise ValueError(
             f"{where} has keys {sorted(unknown)} that {type(opt).__name__} does not use "
             "with its group's hyperparameters"
         )
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for k in keys:
         if k == STEP:
             continue
         v = entry.get(k)
         if v is None:  # absent (torch may also hold None before a first step)
             continue
-        a = v.get() if isinstance(v, cla.Array) else np.asarray(v)
+        a = _host(v)
         shape = tuple(rec.state_shape(i, shapes.get(k)))
         if a.shape != shape:
             raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
+        absmax_key, qmap_key = opt.quantized_keys(k)
+        if a.dtype == np.uint8:  # 8-bit state: codes, with its absmax and map
+            arrays[k] = _quantized_entry(entry, k, a, absmax_key, qmap_key, where)
+            continue
         if a.dtype.kind not in "fiu" and a.dtype != BFLOAT16:
             raise ValueError(f"{where}: {k!r} has dtype {a.dtype}, not a float array")
         arrays[k] = a  # (cast to its buffer's dtype when loaded)
@@ -275,6 +295,58 @@ def _import_entry(
             raise ValueError(f"{where}: invalid step {entry[STEP]!r}")
         step = int(f)
     return step, arrays
+
+
+def _host(v: Any) -> np.ndarray:
+    """A loaded value as a numpy array (a device array read back; a torch CPU tensor)."""
+    if isinstance(v, cla.Array):
+        return v.get()
+    if type(v).__module__.startswith("torch"):
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def _quantized_entry(
+    entry: Mapping[str, Any],
+    k: str,
+    codes: np.ndarray,
+    absmax_key: str,
+    qmap_key: str,
+    where: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes, absmax, map)`` of the 8-bit state under ``k``, checked (ValueError)."""
+    if entry.get(absmax_key) is None or entry.get(qmap_key) is None:
+        raise ValueError(
+            f"{where}: {k!r} holds 8-bit codes without {absmax_key!r} and {qmap_key!r}"
+        )
+    absmax, qmap = _host(entry[absmax_key]), _host(entry[qmap_key])
+    blocks = -(-codes.size // 256)
+    if absmax.shape != (blocks,) or absmax.dtype.kind != "f":
+        raise ValueError(
+            f"{where}: {absmax_key!r} has {absmax.dtype} {absmax.shape}, expected float32 "
+            f"({blocks},) (one per 256-element block)"
+        )
+    if qmap.shape != (256,) or qmap.dtype.kind != "f":
+        raise ValueError(f"{where}: {qmap_key!r} has {qmap.dtype} {qmap.shape}, expected (256,)")
+    return codes, absmax.astype(np.float32), qmap.astype(np.float32)
+
+
+def _set_loaded(buf: Any, loaded: Any) -> None:
+    """Write a loaded value into a state buffer: an array (cast, or quantized into 8-bit
+    state), or 8-bit state ``(codes, absmax, map)`` (copied where the buffer is 8-bit state
+    with that map; else dequantized with its map and stored as the buffer is)."""
+    if not isinstance(loaded, tuple):
+        if loaded.size:
+            set_value(buf, loaded)
+        return
+    codes, absmax, qmap = loaded
+    if is_quantized(buf) and np.array_equal(qmap, dynamic_map(buf.signed)):
+        buf.codes.set(np.ascontiguousarray(codes, np.uint8).reshape(buf.codes.shape))
+        buf.absmax.set(np.ascontiguousarray(absmax, np.float32))
+        return
+    flat = np.asarray(codes).reshape(-1)
+    values = qmap[flat] * np.repeat(absmax, 256)[: flat.size]
+    set_value(buf, values.astype(np.float32).reshape(np.shape(codes)))
 
 
 def _index(pid: Any) -> int:

@@ -140,6 +140,22 @@ def slot_starts(
     return starts
 
 
+def nonnegative_keys(tx: GradientTransformation, declared: Mapping[type, TorchState]) -> set[str]:
+    """The torch keys whose slot a fragment of ``tx`` declares non-negative (stored in 8
+    bits with the unsigned map)."""
+    keys: set[str] = set()
+    for t in _transforms(tx):
+        fragment = t.plan
+        if not isinstance(fragment, Fragment) or not fragment.nonnegative:
+            continue
+        spec = spec_of(t)
+        state = declared.get(spec.cls) if isinstance(spec, NamedTupleSpec) else None
+        if state is not None:
+            names = dict(state.slots)
+            keys.update(names[f] for f in fragment.nonnegative if f in names)
+    return keys
+
+
 def _per_leaf(shape: tuple[int, ...]) -> tuple[int, ...]:
     return ()
 
