@@ -6,6 +6,8 @@ Run from anywhere (``netcl_optim`` must be importable)::
     python benchmarks/bench_step.py --quick         # Adam and SGD-momentum at 1M and tree160
     python benchmarks/bench_step.py --optimizers adam,adamw --sizes 10M --json r.json --png r.png
     python benchmarks/bench_step.py --optimizers all --sizes tree160,10M --variants breadth
+    python benchmarks/bench_step.py --optimizers adamw,adamw-bf16,adamw-8bit \
+        --sizes 10M,50M,tree160 --variants "stateful,torch fused" --no-fixed-costs
 
 The optimizers are the rows of ``tests/optimizer_table.py`` with a ``bench`` name (that name on
 the command line), each at lr 1e-3 and its row's other hyperparameters.
@@ -30,6 +32,15 @@ torch has no fused kernel) and torch's default (on CPU a Python loop over the te
 ``jax.jit`` with donated params and state. Only the device-side step is timed: gradients are set
 once. ``--variants`` times a subset (``breadth``: what the README's table of every optimizer
 compares).
+
+Low-precision state (``STATE_STORAGE``): ``adamw-bf16`` and ``adamw-8bit`` are AdamW with its
+two slots stored as bfloat16 (``state_dtype="bfloat16"``) or 8-bit codes
+(``state_bits=8``: params of >= 4096 elements; smaller ones keep float32 state), built through
+``no.low_precision_state`` (step) and the class's keywords (stateful). Named with ``adamw`` (or
+each other) they are timed in the same interleaved blocks as it, each against a limit moving
+its own bytes (20 and 16 B: slots of ushort and uchar in the plain kernel) and against the
+group's one torch (float32 state). Their rows add the state held on the device per param
+(``state B/p``: slot arrays, or codes plus absmax, over n) and torch's median over theirs.
 """
 
 from __future__ import annotations
@@ -168,14 +179,57 @@ def state_memory(spec: OptimizerSpec, size: str, queue: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How a spec's slots are stored (``no.low_precision_state`` and the stateful classes'
+    keywords): the keywords, the OpenCL type of the limit kernel's state buffers (the same
+    bytes per element) and the bytes per slot element moved by a step."""
+
+    kwargs: dict[str, Any]
+    cl_type: str
+    slot_bytes: int
+    label: str
+
+
+# Low-precision state, by the suffix of its name on the command line (``adamw-bf16``): 8 bits
+# store each slot of a param of >= 4096 elements as one-byte codes and a float32 absmax per
+# 256 elements (0.03 B per param and slot read and written: not counted); smaller params keep
+# float32 state (the tree's vectors: 0.3% of its params)
+STATE_STORAGE: dict[str, Storage] = {
+    "bf16": Storage({"state_dtype": "bfloat16"}, "ushort", 2, "bfloat16"),
+    "8bit": Storage({"state_bits": 8}, "uchar", 1, "8-bit"),
+}
+STORAGE_BASES = ("adamw",)  # rows with a -bf16 and an -8bit name
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
-    """A benchmarked row of ``tests/optimizer_table.py`` as each library spells it, at ``LR``."""
+    """A benchmarked row of ``tests/optimizer_table.py`` as each library spells it, at ``LR``;
+    ``storage``: its slots stored in fewer bits (a key of ``STATE_STORAGE``)."""
 
     row: optimizer_table.Optimizer
+    storage: str | None = None
 
     @property
     def name(self) -> str:
-        return self.row.id
+        return self.row.id if self.storage is None else f"{self.row.id}-{self.storage}"
+
+    @property
+    def bench(self) -> str:
+        """Its name on the command line."""
+        return self.row.bench if self.storage is None else f"{self.row.bench}-{self.storage}"
+
+    @property
+    def storage_kwargs(self) -> dict[str, Any]:
+        return {} if self.storage is None else STATE_STORAGE[self.storage].kwargs
+
+    @property
+    def state_label(self) -> str:
+        return "float32" if self.storage is None else STATE_STORAGE[self.storage].label
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per slot element in the step's one pass."""
+        return FLOAT32 if self.storage is None else STATE_STORAGE[self.storage].slot_bytes
 
     @property
     def slots(self) -> int:
@@ -187,10 +241,12 @@ class OptimizerSpec:
         return {**self.row.kwargs, "learning_rate": LR}
 
     def functional(self) -> Any:
-        return self.row.make(no, self.hyper)
+        tx = self.row.make(no, self.hyper)
+        return no.low_precision_state(tx, **self.storage_kwargs) if self.storage else tx
 
     def stateful(self, params: list) -> Any:
-        return self.row.make_stateful(no, params, {**self.row.class_kwargs(), "lr": LR})
+        kwargs = {**self.row.class_kwargs(), "lr": LR, **self.storage_kwargs}
+        return self.row.make_stateful(no, params, kwargs)
 
     def torch_fused(self, torch: Any) -> bool:
         """Whether torch has a fused kernel (torch 2.13: SGD, Adam, AdamW and Adagrad)."""
@@ -222,22 +278,29 @@ class OptimizerSpec:
 
     @property
     def bytes_per_param(self) -> int:
-        """Read g; read and write p and every slot (float32); a multi-pass step: the sum of
-        its passes' bytes."""
+        """Read g; read and write p and every slot (float32, or ``storage``'s bytes); a
+        multi-pass step: the sum of its passes' bytes."""
         if self.passes is not None:
             return passes_bytes(self.passes)
-        return FLOAT32 * (1 + 2 * (1 + self.slots))
+        return FLOAT32 * 3 + 2 * self.slots * self.slot_bytes
 
     @property
     def roles(self) -> str:
         if self.passes is not None:
             return passes_roles(self.passes)
         slots = "".join(f", s{k}" for k in range(self.slots))
-        return f"read g; read+write p{slots}"
+        stored = "" if self.storage is None else f" (slots {self.state_label})"
+        return f"read g; read+write p{slots}{stored}"
 
 
 OPTIMIZERS = {row.bench: OptimizerSpec(row) for row in optimizer_table.BENCH}
-ALL_OPTIMIZERS = tuple(OPTIMIZERS)
+TORCH_BEST = ("torch fused", "torch foreach")  # labels of torch's fastest mode on CPU
+ALL_OPTIMIZERS = tuple(OPTIMIZERS)  # --optimizers all: float32 state
+OPTIMIZERS |= {
+    spec.bench: spec
+    for base in STORAGE_BASES
+    for spec in (OptimizerSpec(OPTIMIZERS[base].row, key) for key in STATE_STORAGE)
+}
 # what the README's table of every optimizer compares (--variants breadth)
 BREADTH_VARIANTS = (
     "stateful",
@@ -333,18 +396,30 @@ class Variant:
         return None
 
 
-def _limit_source(slots: int, out_of_place: bool = False) -> tuple[str, str]:
+def _limit_source(
+    slots: int, out_of_place: bool = False, state_type: str = "float"
+) -> tuple[str, str]:
     """A plain kernel that reads g and p and the slots, adds ``a * g`` and writes them back
-    (in place), or to separate outputs (``out_of_place``, as a pure step does)."""
+    (in place), or to separate outputs (``out_of_place``, as a pure step does). Slots of an
+    integer ``state_type`` (the bytes of bfloat16 or 8-bit state) are xor-ed with the bits
+    of ``a * g`` instead."""
     name = f"netcl_bench_limit_{slots}" + ("_oop" if out_of_place else "")
+    name += "" if state_type == "float" else f"_{state_type}"
     roles = ["p"] + [f"s{k}" for k in range(slots)]
+    types = {r: "float" if r == "p" else state_type for r in roles}
+
+    def new(r: str) -> str:
+        if types[r] == "float":
+            return f"{r}[i] + x"
+        return f"({types[r]})({r}[i] ^ as_uint(x))"
+
     if out_of_place:
-        ins = [f"__global const float *restrict {r}" for r in roles]
-        outs = [f"__global float *restrict {r}_out" for r in roles]
-        body = [f"    {r}_out[i] = {r}[i] + x;" for r in roles]
+        ins = [f"__global const {types[r]} *restrict {r}" for r in roles]
+        outs = [f"__global {types[r]} *restrict {r}_out" for r in roles]
+        body = [f"    {r}_out[i] = {new(r)};" for r in roles]
     else:
-        ins, outs = [f"__global float *restrict {r}" for r in roles], []
-        body = [f"    {r}[i] = {r}[i] + x;" for r in roles]
+        ins, outs = [f"__global {types[r]} *restrict {r}" for r in roles], []
+        body = [f"    {r}[i] = {new(r)};" for r in roles]
     args = ",\n    ".join(["__global const float *restrict g", *ins, *outs, "const float a"])
     where = "to new buffers" if out_of_place else "in place"
     src = (
@@ -368,16 +443,18 @@ class LimitVariant(Variant):
     queue: cl.CommandQueue = None
     slots: int = 0
     out_of_place: bool = False
+    state_type: str = "float"  # the slots' OpenCL type: ushort (bfloat16), uchar (8 bits)
     kernel: Any = field(default=None, init=False)
 
     def setup(self, problem: Problem) -> None:
         q = self.queue
-        src, name = _limit_source(self.slots, self.out_of_place)
+        src, name = _limit_source(self.slots, self.out_of_place, self.state_type)
         n_buffers = (2 + self.slots) + (1 + self.slots) * self.out_of_place
         self.kernel = build(q.context, src, name, [None] * n_buffers + [np.float32])
         self.grads = cla.to_device(q, problem.flat_grads)
         self.state = [cla.to_device(q, problem.flat_params)]
-        self.state += [cla.zeros(q, problem.n, np.float32) for _ in range(self.slots)]
+        dtype = {"float": np.float32, "ushort": np.uint16, "uchar": np.uint8}[self.state_type]
+        self.state += [cla.zeros(q, problem.n, dtype) for _ in range(self.slots)]
         self.outputs = [cla.empty_like(a) for a in self.state] if self.out_of_place else []
         self.n = problem.n
 
@@ -515,6 +592,9 @@ class StatefulVariant(OursVariant):
     def params_host(self) -> np.ndarray:
         return _flat_host([p.data.get() for p in self.parameters])
 
+    def state_bytes(self) -> int:
+        return held_state_bytes(self.optimizer)
+
 
 @dataclass
 class StepVariant(OursVariant):
@@ -571,6 +651,11 @@ class TorchVariant(Variant):
 
     def params_host(self) -> np.ndarray:
         return _flat_host([p.detach().numpy() for p in self.params])
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in ``optimizer.state`` (the step counts included)."""
+        state = self.optimizer.state.values()
+        return sum(t.nbytes for st in state for t in st.values() if self.torch.is_tensor(t))
 
 
 @dataclass
@@ -638,7 +723,11 @@ class Libraries:
 
 def limit_variants(spec: OptimizerSpec, queue: cl.CommandQueue) -> list[Variant]:
     """The limit and its out-of-place form (one kernel, or one per pass of a multi-pass
-    step), and the spec's extra limits."""
+    step), and the spec's extra limits; low-precision state: the in-place limit over slots
+    of its bytes."""
+    if spec.storage is not None:
+        cl_type = STATE_STORAGE[spec.storage].cl_type
+        return [LimitVariant("limit", queue=queue, slots=spec.slots, state_type=cl_type)]
     if spec.passes is None:
         return [
             LimitVariant("limit", queue=queue, slots=spec.slots),
@@ -662,6 +751,11 @@ def make_variants(
     if libs.stateful is not None:
         variants.append(StatefulVariant("stateful", queue=queue, spec=spec, module=libs.stateful))
     variants.append(StepVariant("step", queue=queue, spec=spec))
+    if spec.storage is not None:  # low-precision state: against torch's fastest (float32)
+        if libs.torch is not None and spec.row.torch is not None:
+            label = "torch fused" if spec.torch_fused(libs.torch) else "torch foreach"
+            variants.append(TorchVariant(label, torch=libs.torch, spec=spec))
+        return variants
     variants.append(DonatedStepVariant("step (donate)", queue=queue, spec=spec))
     if len(problem.shapes) > 1:
         variants.append(StepVariant("step (per leaf)", queue=queue, spec=spec, packed=False))
@@ -693,6 +787,21 @@ class Row:
     gbps: float
     pct_of_limit: float | None
     max_abs_diff: float | None  # params after warm-up against the "step" variant's
+    # the stateful optimizer's state buffers (codes, absmax, float32 state) / n
+    state_bytes_per_param: float | None = None
+    speedup_vs_torch: float | None = None  # torch's fastest mode's median / this median
+
+
+def held_state_bytes(optimizer: Any) -> int:
+    """Bytes of a stateful optimizer's state buffers on the device: every slot's array, or
+    its 8-bit codes and absmax (host scalars such as the step count left out)."""
+    total = 0
+    for rec in optimizer._groups:
+        for bufs in rec.bufs.values():
+            for b in bufs:
+                quantized = isinstance(b, no.QuantizedState)
+                total += b.codes.nbytes + b.absmax.nbytes if quantized else b.nbytes
+    return total
 
 
 def warm_up(variants: list[Variant], steps: int) -> None:
@@ -703,14 +812,14 @@ def warm_up(variants: list[Variant], steps: int) -> None:
         v.sync()
 
 
-def final_diffs(variants: list[Variant]) -> dict[str, float | None]:
+def final_diffs(variants: list[Variant]) -> list[float | None]:
     """Max |params - params of "step"| per variant; call when all took the same steps."""
     by_label = {v.label: v for v in variants}
     reference = by_label["step"].params_host()
-    out: dict[str, float | None] = {}
+    out: list[float | None] = []
     for v in variants:
         host = v.params_host()
-        out[v.label] = None if host is None else float(np.max(np.abs(host - reference)))
+        out.append(None if host is None else float(np.max(np.abs(host - reference))))
     return out
 
 
@@ -725,22 +834,23 @@ def calls_per_block(v: Variant, target_s: float) -> int:
 
 def time_round_robin(
     variants: list[Variant], rounds: int, target_s: float, calls: int | None = None
-) -> dict[str, list[float]]:
-    """Seconds per step of each variant, one sample per block; blocks interleaved, each
-    starting and ending with a sync."""
-    per_variant = {v.label: calls or calls_per_block(v, target_s) for v in variants}
-    samples: dict[str, list[float]] = {v.label: [] for v in variants}
+) -> list[list[float]]:
+    """Seconds per step of each variant (in the order given), one sample per block; blocks
+    interleaved, each starting and ending with a sync."""
+    per_variant = [calls or calls_per_block(v, target_s) for v in variants]
+    samples: list[list[float]] = [[] for _ in variants]
+    order = list(range(len(variants)))
     for r in range(rounds):
         shift = r % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            n = per_variant[v.label]
+        for k in order[shift:] + order[:shift]:
+            v, n = variants[k], per_variant[k]
             v.sync()
             time.sleep(0.005)  # let other libraries' spinning worker threads go idle
             t0 = time.perf_counter()
             for _ in range(n):
                 v.run()
             v.sync()
-            samples[v.label].append((time.perf_counter() - t0) / n)
+            samples[k].append((time.perf_counter() - t0) / n)
     return samples
 
 
@@ -754,43 +864,67 @@ def run_group(
     target_s: float = 0.05,
     calls: int | None = None,
     only: Sequence[str] | None = None,
+    members: Sequence[OptimizerSpec] = (),
 ) -> list[Row]:
     """Set up, warm up, check and time every variant of one (optimizer, size), or those named
-    in ``only`` (with "limit" and "step", which the others are measured against); free them."""
+    in ``only`` (with "limit" and "step", which the others are measured against); free them.
+    ``members``: more specs (the same row with low-precision state) timed in the same
+    interleaved blocks, each against its own limit and step, and against ``spec``'s torch
+    (theirs left out)."""
     problem = make_problem(size)
-    variants = []
-    for v in make_variants(spec, problem, queue, libs):
-        if only is not None and v.label not in (*only, "limit", "step", *spec.extra_limits):
-            continue
-        try:
-            v.setup(problem)
-            variants.append(v)
-        except Exception as exc:  # e.g. a torch build without a fused kernel
-            print(f"  {spec.name}/{size}: {v.label} skipped: {type(exc).__name__}: {exc}")
+    owned: list[tuple[OptimizerSpec, Variant]] = []
+    for s in (spec, *members):
+        for v in make_variants(s, problem, queue, libs):
+            if only is not None and v.label not in (*only, "limit", "step", *s.extra_limits):
+                continue
+            if v.label.startswith("torch") and any(u.label == v.label for _, u in owned):
+                continue  # one torch per group: the first spec's
+            try:
+                v.setup(problem)
+                owned.append((s, v))
+            except Exception as exc:  # e.g. a torch build without a fused kernel
+                print(f"  {s.name}/{size}: {v.label} skipped: {type(exc).__name__}: {exc}")
+    variants = [v for _, v in owned]
     warm_up(variants, warmup)
-    diffs = final_diffs(variants)
+    diffs: dict[int, float | None] = {}
+    for s in (spec, *members):
+        mine = [v for t, v in owned if t is s]
+        diffs |= dict(zip(map(id, mine), final_diffs(mine), strict=True))
+    held = {
+        id(v): v.state_bytes() / problem.n
+        for v in variants
+        if isinstance(v, (StatefulVariant, TorchVariant))
+    }
     samples = time_round_robin(variants, rounds, target_s, calls)
-    limit = statistics.median(samples["limit"])
+    medians = [statistics.median(times) for times in samples]
+    limits = {s.name: m for (s, v), m in zip(owned, medians, strict=True) if v.label == "limit"}
+    best = [m for v, m in zip(variants, medians, strict=True) if v.label in TORCH_BEST]
+    torch_best = min(best) if best else None
     rows = []
-    for label, times in samples.items():
-        median = statistics.median(times)
-        extra = spec.extra_limits.get(label)
-        moved = spec.bytes_per_param if extra is None else passes_bytes(extra)
+    for (s, v), times, median in zip(owned, samples, medians, strict=True):
+        if v.label.startswith("torch"):
+            s = OPTIMIZERS[s.row.bench]  # torch's state is float32: the row's bytes and limit
+        extra = s.extra_limits.get(v.label)
+        moved = s.bytes_per_param if extra is None else passes_bytes(extra)
+        ours = not v.label.startswith(("limit", "torch"))
+        limit = limits.get(s.name)
         rows.append(
             Row(
-                optimizer=spec.name,
+                optimizer=s.name,
                 size=size,
                 n=problem.n,
-                variant=label,
+                variant=v.label,
                 bytes_per_param=moved,
                 median_ms=median * 1e3,
                 min_ms=min(times) * 1e3,
                 gbps=moved * problem.n / median / 1e9,
-                pct_of_limit=100 * limit / median,
-                max_abs_diff=diffs[label],
+                pct_of_limit=None if limit is None else 100 * limit / median,
+                max_abs_diff=diffs[id(v)],
+                state_bytes_per_param=held.get(id(v)),
+                speedup_vs_torch=torch_best / median if torch_best and ours else None,
             )
         )
-    del variants, problem
+    del variants, owned, problem
     gc.collect()
     allocator(queue).free_held()
     return rows
@@ -992,6 +1126,36 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_storage(rows: list[Row]) -> str:
+    """The stateful step of each state storage of a row with low-precision names (and
+    torch's fastest mode) by size: bytes moved, median, % of the limit of those bytes, state
+    bytes per param held on the device, torch's median over this one."""
+    head = (
+        f"{'optimizer':<12} {'size':>8} {'state':<9} {'variant':<13} {'B/p':>4} "
+        f"{'median ms':>10} {'% limit':>8} {'state B/p':>10} {'vs torch':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    bases = {OPTIMIZERS[b].name for b in STORAGE_BASES}
+    for r in rows:
+        spec = next(s for s in OPTIMIZERS.values() if s.name == r.optimizer)
+        if spec.row.id not in bases or r.variant not in ("stateful", *TORCH_BEST):
+            continue
+        if spec.storage is None and not any(
+            q.size == r.size and OPTIMIZERS.get(q.optimizer, spec).storage for q in rows
+        ):
+            continue  # no low-precision state in this group
+        torch = r.variant in TORCH_BEST
+        pct = "" if r.pct_of_limit is None else f"{r.pct_of_limit:.0f}%"
+        held = "" if r.state_bytes_per_param is None else f"{r.state_bytes_per_param:.3f}"
+        speedup = "1.00x" if torch else "" if r.speedup_vs_torch is None else (
+            f"{r.speedup_vs_torch:.2f}x")  # fmt: skip
+        lines.append(
+            f"{r.optimizer:<12} {r.size:>8} {spec.state_label:<9} {r.variant:<13} "
+            f"{r.bytes_per_param:>4} {r.median_ms:>10.3f} {pct:>8} {held:>10} {speedup:>9}"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def format_extra_limits(rows: list[Row], spec: OptimizerSpec) -> str:
     """One line per extra limit of ``spec`` (LAMB: 2 passes): each variant's median as % of
     that limit's, from the same blocks."""
@@ -1109,6 +1273,27 @@ def plot(rows: list[Row], path: str) -> None:
 # ---------------------------------------------------------------------------- main
 
 
+def runs_of(names: Sequence[str]) -> list[list[OptimizerSpec]]:
+    """The specs named, as timed: each in its own groups, except the float32 and
+    low-precision names of one row (``adamw``, ``adamw-bf16``, ``adamw-8bit``), timed in the
+    same interleaved blocks (float32 first: its torch is the group's)."""
+    out: list[list[OptimizerSpec]] = []
+    families: dict[str, list[OptimizerSpec]] = {}
+    for name in dict.fromkeys(names):
+        spec = OPTIMIZERS[name]
+        if spec.row.bench not in STORAGE_BASES:
+            out.append([spec])
+            continue
+        if spec.row.bench not in families:
+            families[spec.row.bench] = []
+            out.append(families[spec.row.bench])
+        families[spec.row.bench].append(spec)
+    order = [None, *STATE_STORAGE]
+    for family in families.values():
+        family.sort(key=lambda s: order.index(s.storage))
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1118,7 +1303,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--optimizers", help=f"comma-separated, from {','.join(OPTIMIZERS)}; or all (default)"
+        "--optimizers",
+        help=f"comma-separated, from {','.join(OPTIMIZERS)}; or all (default: every row, "
+        "float32 state); a row's names with -bf16 and -8bit (low-precision state) are timed "
+        "in the same blocks",
     )
     parser.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}")
     parser.add_argument("--rounds", type=int, help="timed blocks per variant (7; quick 3)")
@@ -1167,7 +1355,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print("  ".join(f"{k}: {v}" for k, v in info.items()))
     for note in libs.notes():
         print("note:", note)
-    print("bytes per param (float32):")
+    print("bytes per param (float32 params and grads):")
     for name in args.optimizers:
         spec = OPTIMIZERS[name]
         print(f"  {spec.name:<26} {spec.bytes_per_param:>3} B  ({spec.roles})")
@@ -1177,15 +1365,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.smoke:
         timing = {"warmup": 1, "calls": 2}
     rows: list[Row] = []
-    for name in args.optimizers:
+    for spec, *members in runs_of(args.optimizers):
         for size in args.sizes:
             group = run_group(
-                OPTIMIZERS[name], size, queue, libs, args.rounds, only=args.variants, **timing
-            )
+                spec, size, queue, libs, args.rounds, only=args.variants, members=members,
+                **timing,
+            )  # fmt: skip
             table = format_table(group)
             print(table.split("\n", 2)[2] if rows else table, flush=True)
-            if OPTIMIZERS[name].extra_limits:
-                print(format_extra_limits(group, OPTIMIZERS[name]), flush=True)
+            if spec.extra_limits:
+                print(format_extra_limits(group, spec), flush=True)
             rows += group
     dispatch, first = [], []
     if not args.no_fixed_costs:
@@ -1199,6 +1388,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         spec = OPTIMIZERS[name]
         if spec.extra_limits:
             print(format_extra_limits([r for r in rows if r.optimizer == spec.name], spec))
+    storage = format_storage(rows)
+    if storage:
+        print("\nState storage (stateful step; torch: float32 state):")
+        print(storage)
     memory = [state_memory(OPTIMIZERS[name], size, queue) for name in args.optimizers
               for size in args.sizes if OPTIMIZERS[name].row.bench in STATE_MEMORY]  # fmt: skip
     for line in memory:

@@ -389,3 +389,110 @@ def step_fp32_state(name: str, p, g, state: dict, hyper: dict, sqrt=_np_sqrt):
     if s2 is not None:
         st["state2"] = s2
     return newp.reshape(np.shape(p)), st
+
+
+# --------------------------------------------------------------------------- nearest rule
+# The rule of netcl_optim's 8-bit state kernel (round to the nearest map value, with the
+# sign fix of bnb's CUDA optimizer kernels), written independently of the library.
+
+
+def _fmax_abs(block: np.ndarray) -> np.float32:
+    """Largest ``|x|`` of ``block`` with NaNs ignored (``fmax`` drops a NaN operand); +0.0
+    for an empty or all-NaN block."""
+    return _F32(np.fmax.reduce(np.abs(block), initial=_F32(0.0)))
+
+
+def _nearest_codes(v: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+    """Nearest map index of each float32 ``v`` (NaN -> 0) by float64 distance, with the
+    tie band of the float32 midpoint (see :func:`quantize_nearest`)."""
+    m64 = qmap.astype(np.float64)
+    v64 = v.astype(np.float64)
+    nan = np.isnan(v64)
+    v64 = np.where(nan, 0.0, v64)
+    # the two map values around v: ``below`` <= v < ``above`` (clamped to the map's ends)
+    above = np.clip(np.searchsorted(m64, v64, side="right"), 1, 255)
+    below = above - 1
+    d_below = np.abs(v64 - m64[below])  # exact: float32 operands of nearby magnitude
+    d_above = np.abs(m64[above] - v64)
+    code = np.where(d_above < d_below, above, below)  # an exact tie takes the lower code
+    # The kernel compares v with float32((a + b) * 0.5); where float32(a + b) is inexact
+    # that midpoint is off the exact one, and a v in between (or on the float32 midpoint)
+    # goes by the float32 midpoint: above iff v is farther from ``a`` than the midpoint.
+    a, b = qmap[below], qmap[above]
+    mid32 = ((a + b).astype(_F32) * _F32(0.5)).astype(_F32).astype(np.float64)
+    exact_mid = (m64[below] + m64[above]) / 2.0
+    lo_edge, hi_edge = np.minimum(mid32, exact_mid), np.maximum(mid32, exact_mid)
+    band = (v64 >= lo_edge) & (v64 <= hi_edge)
+    in_range = v64 >= m64[below]  # below the map's first value: always code 0
+    by_mid32 = np.where(v64 - m64[below] > mid32 - m64[below], above, below)
+    code = np.where(band & in_range, by_mid32, code)
+    code = np.where(in_range, code, below)
+    code = np.where(v64 >= m64[255], 255, code)  # on or above the map's last value (or inf)
+    return np.where(nan, 0, code).astype(np.int64)
+
+
+def quantize_nearest(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """netcl_optim's 8-bit quantization of ``x`` (flattened, float32): ``(codes, absmax)``,
+    ``codes`` flat ``uint8``, ``absmax`` float32 with one value per 256-element block (the
+    last block may be short), codes indexing ``dynamic_map(signed)``.
+
+    Per block, in float32: ``absmax = max |x|`` ignoring NaN (0 if there is none). A block
+    with ``absmax == 0`` takes the zero code everywhere (127 signed, 0 unsigned; NaNs too).
+    Otherwise ``inv = 1 / absmax`` and ``v = x * inv`` (both scaled by 2^64 first where
+    ``absmax < 2^-100``; each rounded to float32; an inf in
+    the block gives ``inv = 0``, so ``v`` is 0, or NaN for the inf itself) and the code is
+    the map value nearest to ``v``:
+
+    * below the map's first value: code 0; above its last: code 255; NaN ``v``: code 0.
+    * between map values ``a = map[k]`` <= v < ``b = map[k + 1]``: ``k + 1`` iff
+      ``v > float32(float32(a + b) * 0.5)``. That is the nearest value by distance, except
+      that the midpoint is the float32-rounded one: a ``v`` exactly on it, or between it and
+      the exact midpoint, goes by the float32 midpoint (so a tie takes the LOWER code).
+      Implemented as a float64 distance search (exact for these operands) with that band
+      handled explicitly.
+
+    Sign fix (signed map only, bnb's CUDA ``kOptimizerStatic8bit2StateBlockwise``): an
+    ``x > 0`` whose code's map value has its sign bit set takes the next code up; an
+    ``x < 0`` whose code's value has a clear sign bit (including 0.0, code 127) the next code
+    down. NaN ``x`` is neither. (The unsigned map has no negative values: a negative ``x``
+    simply takes code 0.)
+    """
+    qmap = dynamic_map(signed)
+    zero_code = 127 if signed else 0
+    flat = np.asarray(x, dtype=_F32).reshape(-1)
+    n = flat.size
+    nb = -(-n // BLOCK)
+    codes = np.empty(n, np.uint8)
+    absmax = np.empty(nb, _F32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        for k in range(nb):
+            blk = flat[k * BLOCK : (k + 1) * BLOCK]
+            amax = _fmax_abs(blk)
+            absmax[k] = amax
+            if amax == 0:
+                codes[k * BLOCK : k * BLOCK + blk.size] = zero_code
+                continue
+            # a subnormal-range absmax (< 2^-100) and the block are scaled by 2^64 first, so
+            # that the reciprocal is finite (exact: a power of two)
+            pre = _F32(2.0**64) if amax < _F32(2.0**-100) else _F32(1.0)
+            inv = np.divide(_F32(1.0), np.multiply(amax, pre, dtype=_F32), dtype=_F32)
+            v = np.multiply(np.multiply(blk, pre, dtype=_F32), inv, dtype=_F32)
+            c = _nearest_codes(v, qmap)
+            if signed:
+                neg = np.signbit(qmap[c])
+                c = c + ((blk > 0) & neg) - ((blk < 0) & ~neg)
+            codes[k * BLOCK : k * BLOCK + blk.size] = c.astype(np.uint8)
+    return codes, absmax
+
+
+def dequantize_nearest(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
+    """Values of ``codes`` (any shape) under ``absmax`` (one per 256-element block of the
+    flattened codes): ``map[code] * absmax[block]`` in float32, shaped like ``codes``."""
+    c = np.asarray(codes).reshape(-1)
+    qmap = dynamic_map(signed)
+    out = np.empty(c.size, _F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k in range(-(-c.size // BLOCK)):
+            sl = slice(k * BLOCK, (k + 1) * BLOCK)
+            out[sl] = np.multiply(qmap[c[sl]], _F32(absmax[k]), dtype=_F32)
+    return out.reshape(np.shape(codes))

@@ -40,7 +40,7 @@ def smoke(bench, tmp_path_factory):
 def test_bytes_per_param(bench):
     """A float32 step reads p and g, writes p (12 B) and reads and writes each slot (8 B); a
     step with a per-leaf reduction moves the bytes of its passes (see ``PASSES``)."""
-    got = {name: spec.bytes_per_param for name, spec in bench.OPTIMIZERS.items()}
+    got = {name: bench.OPTIMIZERS[name].bytes_per_param for name in bench.ALL_OPTIMIZERS}
     assert {
         "sgd": 12,
         "momentum": 20,
@@ -59,6 +59,43 @@ def test_bytes_per_param(bench):
     assert {k: v for k, v in got.items() if k not in bench.PASSES} == {
         k: v for k, v in one_pass.items() if k not in bench.PASSES
     }
+
+
+def test_low_precision_bytes_per_param(bench):
+    """p and g float32 (12 B) and Adam's two slots read and written: 2 B each as bfloat16,
+    1 B as 8-bit codes (the absmax per 256 elements not counted)."""
+    got = {name: bench.OPTIMIZERS[name].bytes_per_param for name in ("adamw-bf16", "adamw-8bit")}
+    assert got == {"adamw-bf16": 20, "adamw-8bit": 16}
+    runs = bench.runs_of(["adamw-8bit", "adam", "adamw", "adamw-bf16"])
+    assert [[s.name for s in run] for run in runs] == [
+        ["adamw", "adamw-bf16", "adamw-8bit"],
+        ["adam"],
+    ]
+
+
+def test_low_precision_group(bench):
+    """adamw, adamw-bf16 and adamw-8bit timed in one group: each against its own limit, its
+    state on the device per param (float32 8 B, bfloat16 4 B, 8-bit codes and absmax of the
+    10K leaf <= 2.05 B), its stateful step on its own no.step's params, one torch."""
+    argv = ["--smoke", "--optimizers", "adamw,adamw-bf16,adamw-8bit", "--sizes", "10K"]
+    result = bench.main([*argv, "--variants", "stateful,torch fused", "--no-fixed-costs"])
+    rows = {(r["optimizer"], r["variant"]): r for r in result["rows"]}
+    torch = [k for k in rows if k[1].startswith("torch")]
+    assert torch in ([], [("adamw", "torch fused")])
+    assert set(rows) - set(torch) == {
+        (name, variant)
+        for name in ("adamw", "adamw-bf16", "adamw-8bit")
+        for variant in ("limit", "step", "stateful")
+    }
+    for (name, variant), r in rows.items():
+        assert r["bytes_per_param"] == bench.OPTIMIZERS[name].bytes_per_param
+        assert r["median_ms"] > 0 and r["pct_of_limit"] > 0
+        if variant == "stateful":
+            assert r["max_abs_diff"] <= 1e-6, r
+            assert (r["speedup_vs_torch"] or 0) > 0 or not torch
+    held = {name: rows[name, "stateful"]["state_bytes_per_param"] for name, _ in rows}
+    assert held["adamw"] == 8 and held["adamw-bf16"] == 4
+    assert 2 < held["adamw-8bit"] <= 2.05
 
 
 def test_gpt_tree_shape(bench):

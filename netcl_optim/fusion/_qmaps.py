@@ -87,3 +87,70 @@ def dynamic_map(signed: bool) -> np.ndarray:
 
 
 ZERO_CODE = {True: 127, False: 0}  # the code of 0.0 in each map
+
+
+# The nearest code by two table lookups (the kernels'): a bucket of |v| (its exponent from
+# 2^-23 and the top 8 bits of its mantissa; bucket 0 below 2^-23, |v| clamped below 2) gives
+# the code of the bucket's lowest value on each side of zero, and one comparison with that
+# code's upper midpoint finishes (no bucket holds two midpoints: ``bucket_tables`` checks).
+BUCKET_EXPONENT = 104  # biased exponent of 2^-23
+BUCKETS = 24 * 256 + 1
+
+
+def midpoints(signed: bool) -> np.ndarray:
+    """Each code's upper midpoint ``(map[c] + map[c + 1]) * 0.5`` in float32 (+inf for 255):
+    a value above it rounds to ``c + 1``, one on it to ``c``."""
+    m = dynamic_map(signed)
+    mid = np.full(256, np.inf, np.float32)
+    mid[:255] = ((m[:255] + m[1:]) * np.float32(0.5)).astype(np.float32)
+    return mid
+
+
+def nearest_codes(v: np.ndarray, signed: bool) -> np.ndarray:
+    """The nearest code of each float32 ``v`` by binary search: the largest ``c`` with
+    ``map[c] <= v`` (0 if none, and for NaN), then ``c + 1`` where ``v > midpoints[c]``."""
+    m, mid = dynamic_map(signed), midpoints(signed)
+    v = np.asarray(v, np.float32)
+    lo = np.clip(np.searchsorted(m, v, side="right").astype(np.int64) - 1, 0, 255)
+    lo = np.where(np.isnan(v), 0, lo)
+    return np.where(v > mid[lo], lo + 1, lo)
+
+
+def _bucket(bits: np.ndarray) -> np.ndarray:
+    ab = np.minimum(bits & 0x7FFFFFFF, 0x3FFFFFFF)
+    e = ab >> 23
+    return np.where(e < BUCKET_EXPONENT, 0, ((e - BUCKET_EXPONENT) << 8) + ((ab >> 15) & 255) + 1)
+
+
+def bucket_tables(signed: bool) -> np.ndarray:
+    """``(2, BUCKETS)`` uint8: per side of zero (positive, negative) and bucket, the code of
+    the bucket's lowest value; checked to give :func:`nearest_codes` at every value where
+    either rule can change (each map value and midpoint, its float32 neighbours, each bucket
+    edge)."""
+    # the lowest value of each bucket: positive side its smallest |v|, negative its largest
+    starts = np.zeros(BUCKETS, np.uint32)
+    starts[1:] = ((np.arange(BUCKETS - 1, dtype=np.uint32) >> 8) + BUCKET_EXPONENT) << 23 | (
+        (np.arange(BUCKETS - 1, dtype=np.uint32) & 255) << 15
+    )
+    ends = np.append(starts[1:] - 1, np.uint32(0x3FFFFFFF))  # each bucket's largest |v|
+    pos = nearest_codes(starts.view(np.float32), signed)
+    neg = nearest_codes(-ends.view(np.float32), signed)
+    tables = np.stack([pos, neg]).astype(np.uint8)
+    probe = np.concatenate([dynamic_map(signed), midpoints(signed)[:255], starts.view(np.float32),
+                            ends.view(np.float32)])  # fmt: skip
+    probe = np.concatenate([probe, -probe]).astype(np.float32)
+    near = [np.nextafter(probe, np.float32(np.inf)), np.nextafter(probe, np.float32(-np.inf))]
+    probe = np.concatenate([probe, *near, np.float32([np.nan, np.inf, -np.inf, 2.5, -2.5])])
+    if not np.array_equal(bucketed_codes(probe, tables, signed), nearest_codes(probe, signed)):
+        raise AssertionError("a quantization bucket holds two midpoints")
+    return tables
+
+
+def bucketed_codes(v: np.ndarray, tables: np.ndarray, signed: bool) -> np.ndarray:
+    """The kernels' rule on the host: the bucket's code, plus one above its midpoint."""
+    v = np.asarray(v, np.float32)
+    bits = v.view(np.uint32)
+    c = np.where(bits >> 31, tables[1][_bucket(bits)], tables[0][_bucket(bits)]).astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        r = np.where(v > midpoints(signed)[c], c + 1, c)
+    return np.where(np.isnan(v), 0, r)

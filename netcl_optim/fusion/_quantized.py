@@ -27,8 +27,17 @@ from ._codegen import OUT, P_IN, U_IN, KernelSpec, slot_arg, storage_of
 from ._launch import Single, launch_all
 from ._programs import fused_kernel
 from ._qmaps import ZERO_CODE, dynamic_map
-from ._quantized_codegen import BLOCK, BLOCKS, absmax_arg, codes_arg, plain_arg
+from ._quantized_codegen import (
+    BLOCK,
+    BLOCKS,
+    BUCKETS_ARG,
+    absmax_arg,
+    bucket_host_table,
+    codes_arg,
+    plain_arg,
+)
 from ._reductions import acc_ctype, reduce_parts
+from ._slices import slices_active
 
 F32 = np.dtype(np.float32)
 U8 = np.dtype(np.uint8)
@@ -60,7 +69,8 @@ def n_blocks(size: int) -> int:
 def quantize(values: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, absmax)`` of ``values`` (flattened, float32) as the kernel computes them:
     ``absmax`` the largest ``|x|`` of each 256-element block (NaN ignored); each code the
-    nearest map value of ``x * (1 / absmax)`` (the lower one at a midpoint), then the sign
+    nearest map value of ``x * (1 / absmax)`` (both scaled by ``2^64`` first where
+    ``absmax < 2^-100``; the lower code at a float32 midpoint), then the sign
     fix (signed map: a non-zero ``x`` whose code has the other sign moves one code toward
     it); a block of zeros takes the zero code."""
     qmap = dynamic_map(signed)
@@ -73,9 +83,11 @@ def quantize(values: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     absmax = (
         np.where(np.isnan(mags), np.float32(0), mags).max(axis=1, initial=np.float32(0)).astype(F32)
     )
+    # (a subnormal absmax is scaled by 2^64 first, so that its reciprocal is finite)
+    pre = np.where(absmax < np.float32(2.0**-100), np.float32(2.0**64), np.float32(1)).astype(F32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inv = (np.float32(1) / absmax).astype(F32)
-        v = (blocks * inv[:, None]).astype(F32)
+        inv = (np.float32(1) / (absmax * pre)).astype(F32)
+        v = ((blocks * pre[:, None]).astype(F32) * inv[:, None]).astype(F32)
     lo = np.searchsorted(qmap, v, side="right").astype(np.int64) - 1
     lo = np.where(np.isnan(v), 0, np.clip(lo, 0, 255))
     hi = np.minimum(lo + 1, 255)
@@ -107,6 +119,9 @@ def init_quantized(
     (as quantized): a :class:`QuantizedState` per leaf of at least ``min_size`` elements
     (codes and absmax each packed in one buffer per params dtype), a float32 array for the
     others (packed)."""
+    if slices_active():  # (a shard's blocks and sizes are not its leaves')
+        raise ValueError("8-bit state is not sharded yet: ZeRO takes float32, float16 or "
+                         "bfloat16 state")  # fmt: skip
     out: list[Any] = [None] * len(leaves)
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, x in enumerate(leaves):
@@ -184,6 +199,18 @@ class BlockTable:
             t = self._device[queue.context] = cla.to_device(queue, host)
             queue.finish()
         return t
+
+
+_buckets: dict[cl.Context, cla.Array] = {}
+
+
+def bucket_buffer(queue: cl.CommandQueue) -> cla.Array:
+    """The quantization bucket tables on ``queue``'s device (uploaded once per context)."""
+    t = _buckets.get(queue.context)
+    if t is None:
+        t = _buckets[queue.context] = cla.to_device(queue, bucket_host_table())
+        queue.finish()
+    return t
 
 
 @lru_cache(maxsize=256)
@@ -430,8 +457,11 @@ def _launches(
     """One launch over every row where each role's arrays are packed (in its layout's
     order), else one per leaf (each array at its offset less its leaf's position)."""
     by_name = {name: (leaves, lay) for name, leaves, lay in roles}
-    order = [a.name for a in args if a.name == BLOCKS or (a.kind == "buffer" and a.name in by_name)]
+    fixed_names = (BLOCKS, BUCKETS_ARG)
+    order = [a.name for a in args
+             if a.name in fixed_names or (a.kind == "buffer" and a.name in by_name)]  # fmt: skip
     rows = table.table(queue).base_data
+    buckets = bucket_buffer(queue).base_data
     n_rows = len(table.rows)
     runs = {}
     for name, (leaves, lay) in by_name.items():
@@ -441,7 +471,8 @@ def _launches(
     if all(run is not None for run in runs.values()):
         flat: list[Any] = []
         for name in order:
-            flat += [rows, 0] if name == BLOCKS else list(runs[name])
+            fixed = {BLOCKS: [rows, 0], BUCKETS_ARG: [buckets, 0]}
+            flat += fixed[name] if name in fixed else list(runs[name])
         return [(kernel, Single(n_rows), flat)] if n_rows else []
     out = []
     for g, (r0, r1) in enumerate(table.leaf_rows):
@@ -451,6 +482,9 @@ def _launches(
         for name in order:
             if name == BLOCKS:
                 flat += [rows, r0]
+                continue
+            if name == BUCKETS_ARG:
+                flat += [buckets, 0]
                 continue
             leaves, lay = by_name[name]
             x = leaves[g]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
+
 from .._base import Fragment
 from ._codegen import (
     OUT,
@@ -39,10 +41,19 @@ from ._codegen import (
     slot_arg,
     store,
 )
-from ._qmaps import SIGNED_BITS, UNSIGNED_BITS, ZERO_CODE
+from ._qmaps import (
+    BUCKET_EXPONENT,
+    BUCKETS,
+    SIGNED_BITS,
+    UNSIGNED_BITS,
+    ZERO_CODE,
+    bucket_tables,
+    midpoints,
+)
 
 BLOCK = 256
 BLOCKS = "blocks"  # the block table argument (its offset: the launch's first row)
+BUCKETS_ARG = "buckets"  # _qmaps.bucket_tables of both maps (see bucket_buffer)
 QUANTIZED = {"q8s": True, "q8u": False}  # slot storage -> the map is signed
 
 
@@ -64,27 +75,54 @@ def _table(name: str, bits: Sequence[int]) -> str:
     return f"__constant uint {name}[256] = {{\n    " + ",\n    ".join(rows) + "\n};\n"
 
 
+def _bits(values: np.ndarray) -> list[int]:
+    return [int(b) for b in np.asarray(values, np.float32).view(np.uint32)]
+
+
+_TABLES = (
+    f"#define BUCKETS {BUCKETS}\n#define BUCKET_EXPONENT {BUCKET_EXPONENT}\n"
+    + _table("QMAP_SIGNED", SIGNED_BITS)
+    + _table("QMAP_UNSIGNED", UNSIGNED_BITS)
+    + _table("QMID_SIGNED", _bits(midpoints(True)))
+    + _table("QMID_UNSIGNED", _bits(midpoints(False)))
+)
+
+
+def bucket_host_table() -> np.ndarray:
+    """The ``buckets`` argument's contents: the signed map's bucket tables (positive side,
+    negative side), then the unsigned map's (``_qmaps.bucket_tables``)."""
+    return np.concatenate([bucket_tables(True).ravel(), bucket_tables(False).ravel()])
+
+
 _QUANTIZE = """\
-/* the nearest code of v in a sorted map (the lower one at a midpoint; 0 below the map) */
-static inline __attribute__((always_inline)) uint Q8_NEAREST(__constant const uint *map,
-                                                             const float v)
+/* |x| as its bits, which order as the magnitudes do (integer max: vectorised); NaN as 0 */
+#define Q8_MAGNITUDE(x) (as_uint(FABS(x)) > 0x7f800000u ? 0u : as_uint(FABS(x)))
+/* the nearest code of v (the lower one at a midpoint; 0 for NaN): the code of v's bucket
+   (_qmaps.bucket_tables: per side of zero, |v|'s exponent from 2^-23 and 8 mantissa bits),
+   then one more above that code's upper midpoint */
+static inline __attribute__((always_inline)) uint Q8_NEAREST(
+    __global const uchar *restrict buckets, __constant const uint *mids, const float v)
 {
-    uint lo = 0;
-    for (uint step = 128; step > 0; step >>= 1)
-        lo = as_float(map[lo + step]) <= v ? lo + step : lo;
-    const float mid = (as_float(map[lo]) + as_float(map[lo < 255 ? lo + 1 : 255])) * 0.5f;
-    return lo < 255 && v > mid ? lo + 1 : lo;
+    const uint bits = as_uint(v);
+    const uint ab = min(bits & 0x7fffffffu, 0x3fffffffu);
+    const uint e = ab >> 23;
+    const uint b = e < BUCKET_EXPONENT ? 0 : ((e - BUCKET_EXPONENT) << 8) + ((ab >> 15) & 255) + 1;
+    const uint c = buckets[(bits >> 31) * BUCKETS + b];
+    const uint r = v > as_float(mids[c]) ? c + 1 : c;
+    return ISNAN(v) ? 0 : r;
 }
-static inline __attribute__((always_inline)) uchar Q8_SIGNED(const float s, const float inv)
+static inline __attribute__((always_inline)) uchar Q8_SIGNED(
+    __global const uchar *restrict buckets, const float s, const float inv)
 {
-    uint c = Q8_NEAREST(QMAP_SIGNED, s * inv);
+    uint c = Q8_NEAREST(buckets, QMID_SIGNED, s * inv);
     const uint negative = as_uint(QMAP_SIGNED[c]) >> 31;
     c = (s > 0 && negative) ? c + 1 : (s < 0 && !negative) ? c - 1 : c;
     return (uchar)c;
 }
-static inline __attribute__((always_inline)) uchar Q8_UNSIGNED(const float s, const float inv)
+static inline __attribute__((always_inline)) uchar Q8_UNSIGNED(
+    __global const uchar *restrict buckets, const float s, const float inv)
 {
-    return (uchar)Q8_NEAREST(QMAP_UNSIGNED, s * inv);
+    return (uchar)Q8_NEAREST(buckets + 2 * BUCKETS, QMID_UNSIGNED, s * inv);
 }
 """
 
@@ -130,6 +168,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
             else:
                 buffer(base, {"bf16": "ushort"}.get(kind, kind), const)
     buffer(BLOCKS, "long", True)
+    buffer(BUCKETS_ARG, "uchar", True)
     for k, frag in enumerate(fragments):
         if frag.reduction is not None:
             params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
@@ -148,21 +187,18 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
             if kind not in QUANTIZED:
                 return load(kind, a, a + "_off + i")
             if not quantized_block:
-                return f"{plain_arg(a)}[{plain_arg(a)}_off + s]"
+                return f"{plain_arg(a)}[{plain_arg(a)}_off + q8_s]"
             table = "QMAP_SIGNED" if QUANTIZED[kind] else "QMAP_UNSIGNED"
-            return f"as_float({table}[{codes_arg(a)}[{codes_arg(a)}_off + s]]) * {slot}_{k}_scale"
+            code = f"{codes_arg(a)}[{codes_arg(a)}_off + q8_s]"
+            return f"as_float({table}[{code}]) * q8_{slot}_{k}_scale"
 
         def store_slot(k: int, slot: str) -> str:
             kind, a = kind_of[k, slot], arg(k, slot, "out")
             if kind not in QUANTIZED:
                 return store(kind, a, a + "_off + i", slot)
             if not quantized_block:
-                return f"{plain_arg(a)}[{plain_arg(a)}_off + s] = {slot};"
-            name = f"{slot}_{k}"
-            return (
-                f"{name}_new[e] = {slot}; "
-                f"{name}_max = FABS({slot}) > {name}_max ? FABS({slot}) : {name}_max;"
-            )
+                return f"{plain_arg(a)}[{plain_arg(a)}_off + q8_s] = {slot};"
+            return f"q8_{slot}_{k}_new[q8_e] = {slot};"
 
         lines = [f"    real u = {load(storage, U_IN, U_IN + '_off + i')};"]
         if spec.needs_params or spec.apply:
@@ -174,52 +210,59 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         return ["        " + line for line in lines]
 
     quantized = [(k, slot) for (k, slot), kind in kind_of.items() if kind in QUANTIZED]
+
+    def loop(lines: list[str]) -> list[str]:
+        """``lines`` (over ``q8_e``) for each element of the row: a loop of a constant trip
+        count for a whole block (vectorised), else one up to ``q8_count``."""
+        head = "const long i = q8_first + q8_e, q8_s = q8_pos + q8_e;"
+        out = []
+        for cond, bound in ((f"if (q8_count == {BLOCK}) {{", BLOCK), ("} else {", "q8_count")):
+            out += [f"    {cond}", f"    for (long q8_e = 0; q8_e < {bound}; q8_e++) {{",
+                    f"        {head}", *lines, "    }"]  # fmt: skip
+        return [*out, "    }"]
+
     body = [
-        f"    const long r = 4 * ({BLOCKS}_off + (long)get_global_id(0));",
-        f"    const long first = {BLOCKS}[r], block = {BLOCKS}[r + 1];",
-        f"    const long count = {BLOCKS}[r + 2], pos = {BLOCKS}[r + 3];",
-        "    if (block < 0) { /* float32 state (a leaf below min_8bit_size) */",
-        "        for (long e = 0; e < count; e++) {",
-        "        const long i = first + e, s = pos + e;",
-        *element(False),
-        "        }",
+        f"    __global const uchar *restrict q8_buckets_table = {BUCKETS_ARG} + {BUCKETS_ARG}_off;",
+        f"    const long q8_r = 4 * ({BLOCKS}_off + (long)get_global_id(0));",
+        f"    const long q8_first = {BLOCKS}[q8_r], q8_block = {BLOCKS}[q8_r + 1];",
+        f"    const long q8_count = {BLOCKS}[q8_r + 2], q8_pos = {BLOCKS}[q8_r + 3];",
+        "    if (q8_block < 0) { /* float32 state (a leaf below min_8bit_size) */",
+        *loop(element(False)),
         "        return;",
         "    }",
     ]
     for k, slot in quantized:
         a = absmax_arg(arg(k, slot, "in"))
         body += [
-            f"    const float {slot}_{k}_scale = {a}[{a}_off + block];",
-            f"    float {slot}_{k}_new[{BLOCK}];",
-            f"    float {slot}_{k}_max = 0.0f;",
+            f"    const float q8_{slot}_{k}_scale = {a}[{a}_off + q8_block];",
+            f"    float q8_{slot}_{k}_new[{BLOCK}];",
+            f"    uint q8_{slot}_{k}_max = 0;  /* max |s| as bits (NaN ignored) */",
         ]
-    body += [
-        "    for (long e = 0; e < count; e++) {",
-        "        const long i = first + e, s = pos + e;",
-        *element(True),
-        "    }",
-    ]
+    body += loop(element(True))
     for k, slot in quantized:
-        name, kind = f"{slot}_{k}", kind_of[k, slot]
+        name, kind = f"q8_{slot}_{k}", kind_of[k, slot]
         out = arg(k, slot, "out")
         a, c = absmax_arg(out), codes_arg(out)
         quantize = "Q8_SIGNED" if QUANTIZED[kind] else "Q8_UNSIGNED"
         zero = ZERO_CODE[QUANTIZED[kind]]
         body += [
-            f"    {a}[{a}_off + block] = {name}_max;",
-            f"    const float {name}_inv = 1.0f / {name}_max;",
-            "    for (long e = 0; e < count; e++)",
-            f"        {c}[{c}_off + pos + e] = {name}_max == 0.0f ? {zero} : "
-            f"{quantize}({name}_new[e], {name}_inv);",
-        ]
+            # (a loop of its own: a max in the update's loop keeps it from vectorising)
+            *loop([f"        {name}_max = max({name}_max, Q8_MAGNITUDE({name}_new[q8_e]));"]),
+            f"    const float {name}_absmax = as_float({name}_max);",
+            f"    {a}[{a}_off + q8_block] = {name}_absmax;",
+            # (a subnormal absmax is scaled by 2^64 first, so that its reciprocal is finite)
+            f"    const float {name}_pre = {name}_absmax < 0x1p-100f ? 0x1p64f : 1.0f;",
+            f"    const float {name}_inv = 1.0f / ({name}_absmax * {name}_pre);",
+            *loop([f"        {c}[{c}_off + q8_s] = {name}_max == 0 ? {zero} : "
+                   f"{quantize}(q8_buckets_table, {name}_new[q8_e] * {name}_pre, {name}_inv);"]),
+        ]  # fmt: skip
 
     name = blockwise_name(spec)
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (
         f"//CL// {name}: {title} (8-bit state)\n"
         + preamble("float", spec.acc == "double", "bf16" in spec.slot_storage)
-        + _table("QMAP_SIGNED", SIGNED_BITS)
-        + _table("QMAP_UNSIGNED", UNSIGNED_BITS)
+        + _TABLES
         + _QUANTIZE
         + f"__kernel void {name}(\n    "
         + ",\n    ".join(params)

@@ -68,18 +68,13 @@ def slot_rule(name: str) -> np.dtype | EightBit | None:
 
 def slot_dtype_of(name: str) -> Callable[[np.dtype], np.dtype]:
     """The dtype of a new slot ``name`` for params of a given dtype, under the active rule:
-    the state dtype (float32; float64 for float64 params), or the rule's. ValueError for a
-    low-precision storage of float64 params (their math is float64)."""
+    the state dtype (float32; float64 for float64 params), or the rule's (float64 params
+    keep float64 state: their math is float64)."""
     wanted = slot_rule(name)
     if wanted is None or isinstance(wanted, EightBit):
         return state_dtype
 
     def dtype_of(dtype: np.dtype) -> np.dtype:
-        if dtype == np.float64 and wanted != np.float64:
-            raise ValueError(
-                f"state_dtype {wanted} needs float32 or float16 params: float64 params keep "
-                "float64 state"
-            )
-        return wanted
+        return state_dtype(dtype) if dtype == np.float64 else wanted
 
     return dtype_of

@@ -126,7 +126,8 @@ class Group:
             return
         if isinstance(dtype, EightBit):
             if self.whole_shapes:
-                raise ValueError("8-bit state is not sharded (ZeroRedundancyOptimizer)")
+                raise ValueError("8-bit state is not sharded yet: ZeroRedundancyOptimizer takes "
+                                 "float32, float16 or bfloat16 state")  # fmt: skip
             new = init_quantized(self.data, self.queue, start, dtype.signed, dtype.min_size)
             self.bufs[key], self.blocks[key] = new, []
             self.refills[key] = start

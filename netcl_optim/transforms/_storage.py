@@ -38,7 +38,7 @@ def low_precision_state(
 
     bfloat16 arrays hold ``ml_dtypes.bfloat16`` values (on the device: 16-bit words; on the
     host, ``to_host`` gives ``ml_dtypes.bfloat16`` arrays). float64 params keep float64
-    state (ValueError at ``init``). Rules with kernels of their own (Adafactor, SM3) keep
+    state (their math is float64). Rules with kernels of their own (Adafactor, SM3) keep
     float32 state: ValueError here.
 
     ``state_bits=8``: the slots are block-quantized in bitsandbytes' layout (a
@@ -48,8 +48,9 @@ def low_precision_state(
     declares non-negative (Adam's ``nu``; ``signed=True``: the signed map for every slot, as
     bitsandbytes' one-state optimizers). Each step dequantizes, runs the rule in float32,
     writes the params from the unquantized new state and stores ``absmax`` and the nearest
-    codes (the sign of a non-zero signed value kept), one launch per packed tree. Element-
-    wise rules only (ValueError at the first step for a rule with values per leaf).
+    codes (the sign of a non-zero signed value kept), one launch per packed tree. A rule
+    that keeps state and reads values per leaf (LAMB, LARS, NovoGrad) raises ValueError at
+    its first 8-bit step; parts of a chain without state run as they are.
     """
     bits = require("state_bits", state_bits, at_least(0))
     if bits not in (8, 32):

@@ -134,6 +134,8 @@ def main() -> None:
         "sgd_nesterov": no.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
         "rmsprop": no.rmsprop(1e-2, centered=True, momentum=0.5),
         "inject_adam": no.inject_hyperparams(no.adam)(learning_rate=sched, b1=0.8),
+        # low-precision state: element-wise, so a shard's state is its elements' state
+        "adamw_bf16": no.low_precision_state(no.adamw(1e-2, weight_decay=0.1), "bfloat16"),
     }
     for name, tx in cases.items():
         functional(name, tx, packed=True)
@@ -166,6 +168,15 @@ def main() -> None:
         check(equal(p1, p2, ["a", "b", "c", "d", "e"]), f"clip then shard, step {step}")
     stateful(AdamW, {"lr": 3e-3, "weight_decay": 0.05}, [{"lr": 1e-2}, {"weight_decay": 0.0}])
     stateful(SGD, {"lr": 0.05, "momentum": 0.9}, [{}, {"nesterov": True}])
+    stateful(AdamW, {"lr": 3e-3, "state_dtype": "bfloat16"}, [{}, {"weight_decay": 0.0}])
+    # 8-bit state is not sharded yet: a clear error, on every rank
+    eight = dist.shard_optimizer(no.low_precision_state(no.adam(1e-2), state_bits=8), COMM)
+    try:
+        eight.init(no.pack(no.to_device(draw(np.random.default_rng(4)))))
+    except ValueError as err:
+        check("not sharded" in str(err), f"8-bit ZeRO: {err}")
+    else:
+        check(False, "8-bit state under shard_optimizer did not raise")
     # a value per leaf: the groups' whole leaves, their per-leaf state whole on every rank
     stateful(Lamb, {"lr": 1e-2, "weight_decay": 0.1}, [{}, {"lr": 5e-3}], balanced=False)
     stateful(LARS, {"lr": 0.5}, [{}, {"weight_decay": 1e-3}], balanced=False)
