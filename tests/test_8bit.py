@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import optree
-import pyopencl as cl
 import pyopencl.array as cla
 import pytest
 from cases import CASES
@@ -36,7 +35,6 @@ STAGES = {"adafactor", "adafactor-factored-momentum", "adafactor-torch",
 # rows that must run >= 50 steps; the others run fewer to keep the file's runtime modest
 LONG = {"adam", "adamw", "lion", "rmsprop", "adagrad", "sgd-momentum"}
 STEPS_LONG, STEPS_SHORT = 50, 10
-
 
 
 def _fragments(tx: Any) -> list[Any]:

@@ -322,6 +322,12 @@ SIGNATURES = {
             "maximize: bool = False, differentiable: bool = False, "
             "capturable: bool | None = False) -> None",
 }  # fmt: skip
+# every class's storage arguments (netcl_optim's: see low_precision_state), keyword-only last
+_STORAGE = "state_dtype: Any = None, state_bits: int = 32, min_8bit_size: int = 4096"
+SIGNATURES = {
+    cls: sig.replace(") -> None", (", " if "*" in sig else ", *, ") + _STORAGE + ") -> None")
+    for cls, sig in SIGNATURES.items()
+}
 # where our defaults differ from torch's (kept from before torch's names were adopted)
 DEFAULTS_UNLIKE_TORCH = {("SGD", "lr"), ("RMSprop", "lr")}
 
@@ -351,7 +357,10 @@ def test_signature_follows_torch(cls):
     ours = inspect.signature(getattr(S, cls)).parameters
     theirs = inspect.signature(getattr(torch.optim, cls)).parameters
     assert set(theirs) - set(ours) <= {"amsgrad", "decoupled_weight_decay"}
-    assert list(ours) == [n for n in theirs if n in ours]
+    storage = {"state_dtype", "state_bits", "min_8bit_size"}  # ours, keyword-only, last
+    assert list(ours)[-3:] == ["state_dtype", "state_bits", "min_8bit_size"]
+    assert [n for n in ours if n not in storage] == [n for n in theirs if n in ours]
+    ours = {n: p for n, p in ours.items() if n not in storage}
     for name, p in ours.items():
         assert p.kind == theirs[name].kind, name
         if name != "params" and (cls, name) not in DEFAULTS_UNLIKE_TORCH:
@@ -393,7 +402,7 @@ def test_a_user_declared_optimizer(cl_queue):
         def functional(lr: Any, maximize: bool) -> Any:
             return no.sgd(lr, maximize=maximize)
 
-    signature = "(params, lr: float = 0.1, *, maximize: bool = False) -> None"
+    signature = f"(params, lr: float = 0.1, *, maximize: bool = False, {_STORAGE}) -> None"
     assert str(inspect.signature(Descent)) == signature
     p0, grads = problem(7, 2)
     params = params_of(cl_queue, p0)

@@ -125,7 +125,7 @@ def test_sign_keeps_nan_and_signed_zero(cl_queue):
         ("sign_sgd", {"learning_rate": -1.0}, "learning_rate"),
         ("optimistic_gradient_descent", {"learning_rate": 0.1, "alpha": float("nan")}, "alpha"),
         ("optimistic_adam_v2", {"learning_rate": 0.1, "b2": 1.0}, "b2"),
-        ("optimistic_adam_v2", {"learning_rate": 0.1, "mu_dtype": np.float16}, "mu_dtype"),
+        ("optimistic_adam_v2", {"learning_rate": 0.1, "mu_dtype": np.int8}, "mu_dtype"),
     ],
 )
 def test_invalid_hyperparameters(factory, kwargs, name):

@@ -15,21 +15,26 @@ from netcl_optim import SGD, Adam, AdamW, Momentum, RMSProp, cosine_decay_schedu
 MAX_NORM = 1.0
 WEIGHT_DECAY = 1e-2
 
-# name -> (default lr, stateful optimizer factory, functional alias factory)
+# name -> (default lr, stateful optimizer factory (params, lr, **storage keywords),
+# functional alias factory (lr))
 OPTIMIZERS: dict[str, tuple[float, Callable[..., Any], Callable[..., Any]]] = {
-    "sgd": (0.1, lambda ps, lr: SGD(ps, lr=lr), lambda lr: no.sgd(lr)),
+    "sgd": (0.1, lambda ps, lr, **kw: SGD(ps, lr=lr, **kw), lambda lr: no.sgd(lr)),
     "momentum": (
         0.02,
-        lambda ps, lr: Momentum(ps, lr=lr, momentum=0.9),
+        lambda ps, lr, **kw: Momentum(ps, lr=lr, momentum=0.9, **kw),
         lambda lr: no.momentum(lr, momentum=0.9),
     ),
-    "adam": (2e-3, lambda ps, lr: Adam(ps, lr=lr), lambda lr: no.adam(lr)),
+    "adam": (2e-3, lambda ps, lr, **kw: Adam(ps, lr=lr, **kw), lambda lr: no.adam(lr)),
     "adamw": (
         2e-3,
-        lambda ps, lr: AdamW(ps, lr=lr, weight_decay=WEIGHT_DECAY),
+        lambda ps, lr, **kw: AdamW(ps, lr=lr, weight_decay=WEIGHT_DECAY, **kw),
         lambda lr: no.adamw(lr, weight_decay=WEIGHT_DECAY),
     ),
-    "rmsprop": (1e-3, lambda ps, lr: RMSProp(ps, lr=lr), lambda lr: no.rmsprop(lr)),
+    "rmsprop": (
+        1e-3,
+        lambda ps, lr, **kw: RMSProp(ps, lr=lr, **kw),
+        lambda lr: no.rmsprop(lr),
+    ),
 }
 
 
@@ -54,10 +59,35 @@ def load_digits_split(
     return x_tr, y_tr, x_te, y_te
 
 
-def make_optimizer(name: str, parameters: list[Any], lr: float | None = None) -> Any:
-    """The stateful optimizer ``name`` over ``parameters`` (``lr``: the default if None)."""
+STATE_DTYPES = ("float32", "bfloat16", "float16")
+STATE_BITS = (32, 8)
+MIN_8BIT_SIZE = 4096
+
+
+def state_storage(
+    state_dtype: str | None = None, state_bits: int = 32, min_8bit_size: int = MIN_8BIT_SIZE
+) -> dict[str, Any]:
+    """The optimizer-state storage keywords (``state_dtype``, ``state_bits``,
+    ``min_8bit_size``) that differ from the float32 default, for a stateful optimizer or
+    :func:`netcl_optim.low_precision_state`; ``{}`` for float32 state."""
+    storage: dict[str, Any] = {}
+    if state_dtype not in (None, "float32"):
+        storage["state_dtype"] = state_dtype
+    if state_bits != 32:
+        storage["state_bits"] = state_bits
+        if min_8bit_size != MIN_8BIT_SIZE:
+            storage["min_8bit_size"] = min_8bit_size
+    return storage
+
+
+def make_optimizer(
+    name: str, parameters: list[Any], lr: float | None = None, **storage: Any
+) -> Any:
+    """The stateful optimizer ``name`` over ``parameters`` (``lr``: the default if None).
+    ``storage``: ``state_dtype`` / ``state_bits`` / ``min_8bit_size`` (see
+    :func:`state_storage`), passed to the optimizer."""
     default, factory, _ = OPTIMIZERS[name]
-    return factory(parameters, default if lr is None else lr)
+    return factory(parameters, default if lr is None else lr, **storage)
 
 
 def epoch_schedule(lr: float, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
@@ -68,13 +98,15 @@ def epoch_schedule(lr: float, epochs: int, steps_per_epoch: int) -> Callable[[in
 
 
 def make_transform(
-    name: str, lr: float | None, epochs: int, steps_per_epoch: int
+    name: str, lr: float | None, epochs: int, steps_per_epoch: int, **storage: Any
 ) -> no.GradientTransformation:
     """``chain(clip_by_global_norm(1.0), <name>(cosine schedule))``: the functional twin of
-    the stateful loop (clip, step, per-epoch cosine annealing)."""
+    the stateful loop (clip, step, per-epoch cosine annealing). ``storage`` (see
+    :func:`state_storage`): the transform wrapped in :func:`netcl_optim.low_precision_state`."""
     default, _, alias = OPTIMIZERS[name]
     schedule = epoch_schedule(default if lr is None else lr, epochs, steps_per_epoch)
-    return no.chain(no.clip_by_global_norm(MAX_NORM), alias(schedule))
+    tx = no.chain(no.clip_by_global_norm(MAX_NORM), alias(schedule))
+    return no.low_precision_state(tx, **storage) if storage else tx
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +122,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--functional", action="store_true", help="use the functional API")
     p.add_argument("--amp", action="store_true", help="float16 activations + AMPGradScaler")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--state-dtype",
+        choices=STATE_DTYPES,
+        default="float32",
+        help="storage of the optimizer state (math stays float32)",
+    )
+    p.add_argument(
+        "--state-bits",
+        type=int,
+        choices=STATE_BITS,
+        default=32,
+        help="8: block-quantized 8-bit state (bitsandbytes layout)",
+    )
+    p.add_argument(
+        "--min-8bit-size",
+        type=int,
+        default=MIN_8BIT_SIZE,
+        help="with --state-bits 8: smaller parameters keep float32 state",
+    )
     p.add_argument(
         "--data-parallel",
         action="store_true",

@@ -11,6 +11,13 @@ epoch. Options::
                    chain(clip_by_global_norm(1.0), <optimizer>(cosine schedule)) + step
     --amp          float16 activations and activation gradients, the loss gradient scaled by
                    an AMPGradScaler (scale / unscale_ / step / update); reports skipped steps
+    --state-dtype {float32,bfloat16,float16}   optimizer state storage (default float32;
+                   the math stays float32)
+    --state-bits {32,8}   8: block-quantized 8-bit state in bitsandbytes' layout (default 32)
+    --min-8bit-size N     with --state-bits 8: parameters of fewer elements keep float32
+                   state (default 4096: only w1, 64x128, is quantized; 0: all of them)
+                   The storage options go to the stateful optimizer; with --functional the
+                   transform is wrapped in low_precision_state. Not with --data-parallel.
 
 ``main(argv)`` returns the final metrics as a dict (tests call it).
 """
@@ -41,6 +48,7 @@ from ._digits_setup import (
     load_digits_split,
     make_optimizer,
     make_transform,
+    state_storage,
 )
 from ._mlp import MLP, init_params
 
@@ -65,7 +73,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    storage = state_storage(args.state_dtype, args.state_bits, args.min_8bit_size)
+    if args.state_bits == 8 and args.state_dtype != "float32":
+        parser.error("--state-bits 8 stores its own codes: drop --state-dtype")
+    if args.min_8bit_size < 0:
+        parser.error("--min-8bit-size must be >= 0")
     if args.data_parallel:
+        if storage:
+            parser.error("--state-dtype / --state-bits are not wired into --data-parallel")
         from .digits_dp import run
 
         return run(args)
@@ -96,13 +111,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     scaler = None
     if args.functional:
-        tx = make_transform(args.optimizer, lr, args.epochs, steps_per_epoch)
+        tx = make_transform(args.optimizer, lr, args.epochs, steps_per_epoch, **storage)
         params = no.pack(no.to_device(init_params(model.sizes, args.seed), queue))
         state = tx.init(params)
         grads = model.zero_grads_tree()
         schedule = epoch_schedule(lr, args.epochs, steps_per_epoch)
     else:
-        opt = make_optimizer(args.optimizer, model.parameters(), lr)
+        opt = make_optimizer(args.optimizer, model.parameters(), lr, **storage)
         sched = CosineAnnealingLR(opt, T_max=args.epochs)
         if args.amp:  # growth every 50 finite steps (torch: 2000) to show the dynamics
             scaler = AMPGradScaler(init_scale=2.0**16, growth_interval=50)
@@ -187,11 +202,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "optimizer": args.optimizer,
         "functional": bool(args.functional),
         "amp": bool(args.amp),
+        "state_dtype": args.state_dtype,
+        "state_bits": args.state_bits,
+        "min_8bit_size": args.min_8bit_size,
         "params": {k: v.get() for k, v in (params if args.functional else model.params()).items()},
     }
     api = "functional (chain + step)" if args.functional else "stateful"
+    bits = f", 8-bit state (min size {args.min_8bit_size})" if args.state_bits == 8 else ""
+    dtype = f", {args.state_dtype} state" if args.state_dtype != "float32" else ""
     print(
-        f"{args.optimizer}, {api}{', AMP' if args.amp else ''}: {args.epochs} epochs, "
+        f"{args.optimizer}, {api}{', AMP' if args.amp else ''}{dtype}{bits}: "
+        f"{args.epochs} epochs, "
         f"{len(step_times)} steps of batch {bs} in {seconds:.1f} s"
     )
     if scaler is not None:

@@ -50,6 +50,7 @@ from ._slices import slices_active as slices_active
 from ._slices import whole_updates as whole_updates
 from ._slices import whole_view as whole_view
 from ._storage import EightBit as EightBit
+from ._storage import current_rule as current_rule
 from ._storage import slot_dtype_of as slot_dtype_of
 from ._storage import slot_storage as slot_storage
 from ._storage import storage_dtype as storage_dtype

@@ -265,11 +265,13 @@ def run_quantized(
     apply: bool,
     inplace: bool,
     names: list[list[str]],
+    launched: list[Any] | None = None,
 ) -> tuple[list[Any], list[list[list[Any]]]]:
     """One fused step of ``parts`` whose slots hold 8-bit state (checked first: raises
     naming the leaf, nothing written): ``(output leaves, new slot leaves)``. Pure, every
     output is fresh; in place, params and state are written where they are. ``names``: each
-    slot's name in errors."""
+    slot's name in errors; ``launched`` (if given) receives the launches' array arguments
+    (for the in-place cache)."""
     fragments = [p.fragment for p in parts]
     for f in fragments:
         if f.segment_reduction is not None or f.element_index:
@@ -295,6 +297,8 @@ def run_quantized(
     values = reductions
     for part in parts:
         values.extend(part.scalars)
+    if launched is not None:
+        launched.extend(launches)
     launch_all(queue, [(kernel, n, a + values) for kernel, n, a in launches], False)
     per_part: list[list[list[Any]]] = []
     s = 0
@@ -424,6 +428,20 @@ class _Step:
             for j, y in zip(idx, news, strict=True):
                 new_slots[s][j] = y
         return _launches(kernel, args, roles, table, queue)
+
+
+def state_arrays(slot_leaves: list[list[list[Any]]]) -> list[list[Any]]:
+    """The arrays of a step's slots, one list per array role (a slot's codes, absmax and
+    float32 arrays; a slot kept whole), for the in-place cache's keys."""
+    out = []
+    for per in slot_leaves:
+        for leaves in per:
+            if any(map(is_quantized, leaves)):
+                out.append([y.codes if is_quantized(y) else y for y in leaves])
+                out.append([y.absmax for y in leaves if is_quantized(y)])
+            else:
+                out.append(list(leaves))
+    return out
 
 
 def _part_slot(fragments: Sequence[Any], s: int) -> tuple[int, str]:

@@ -60,6 +60,11 @@ def slot_storage(rule: Rule) -> Iterator[None]:
         _RULE.reset(token)
 
 
+def current_rule() -> Rule | None:
+    """The active rule (None outside ``slot_storage``)."""
+    return _RULE.get()
+
+
 def slot_rule(name: str) -> np.dtype | EightBit | None:
     """How the active rule stores a new slot ``name`` (None: the state dtype)."""
     rule = _RULE.get()

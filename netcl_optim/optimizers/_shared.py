@@ -11,6 +11,7 @@ from .._validation import BOOL, NON_NEGATIVE, check, require
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import chain
 from ..transforms._scaling import scale, scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import AddDecayedWeightsState, add_decayed_weights
 
 # add_decayed_weights counts its updates (for a weight_decay schedule): torch's step count
@@ -36,16 +37,21 @@ def optimizer_chain(
     decoupled: bool = False,
     mask: Any = None,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """``chain([scale(-1)], [add_decayed_weights], *core, [add_decayed_weights],
     scale_by_learning_rate)``: the negation for ``maximize``, torch's coupled L2 decay
     (``g + wd p``) before ``core`` or the decoupled one (``u + wd p``) after it (``mask`` for
-    either), what is zero or off left out. Checks the learning rate and the weight decay."""
+    either), what is zero or off left out, its state stored as ``state_dtype`` or in
+    ``state_bits`` (see :func:`netcl_optim.low_precision_state`). Checks the learning rate
+    and the weight decay."""
     _validation.learning_rate("learning_rate", learning_rate)
     check(NON_NEGATIVE, weight_decay=weight_decay)
     decay = [add_decayed_weights(weight_decay, mask)] if weight_decay else []
     before, after = ([], decay) if require("decoupled", decoupled, BOOL) else (decay, [])
-    return chain(*ascent(maximize), *before, *core, *after, scale_by_learning_rate(learning_rate))
+    tx = chain(*ascent(maximize), *before, *core, *after, scale_by_learning_rate(learning_rate))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 # The host scalars of an optax-style two-moment rule (AdaBelief; optax's Adam, which

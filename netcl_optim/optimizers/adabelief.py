@@ -14,6 +14,7 @@ from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparamete
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, MOMENT_SCALARS, moment_host_step, optimizer_chain
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  s <- (1 - b2) (g - m)^2 + b2 s;  s <- s + eps_root;
@@ -111,6 +112,8 @@ def adabelief(
     *,
     nesterov: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """AdaBelief (optax's ``adabelief``: its signature, defaults and order of operations)::
 
@@ -122,8 +125,11 @@ def adabelief(
     ``chain(scale_by_belief, scale_by_learning_rate)``; ``nesterov``: see
     :func:`scale_by_belief`. The paper's defaults are ``eps=1e-8, eps_root=0``; optax's
     (used here) are ``1e-16`` for both. torch.optim has no AdaBelief.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _adabelief(learning_rate, b1, b2, eps, eps_root, nesterov, 0.0, maximize)
+    tx = _adabelief(learning_rate, b1, b2, eps, eps_root, nesterov, 0.0, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class AdaBelief(Optimizer):

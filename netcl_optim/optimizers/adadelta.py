@@ -76,6 +76,8 @@ def adadelta(
     weight_decay_mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adadelta (torch.optim.Adadelta; optax's ``adadelta`` with the same learning rate)::
 
@@ -89,6 +91,8 @@ def adadelta(
     omitting what is zero or off; optax's argument order (``weight_decay_mask`` too) with
     torch's defaults. optax's default ``learning_rate=None`` scales by nothing, so its updates
     ascend: always give it a learning rate (torch's default is 1.0).
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_adadelta(rho, eps),
@@ -96,6 +100,8 @@ def adadelta(
         weight_decay=weight_decay,
         mask=weight_decay_mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

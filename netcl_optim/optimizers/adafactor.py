@@ -33,6 +33,7 @@ from ..transforms._combining import chain, elementwise
 from ..transforms._ema import ema
 from ..transforms._factored import FactoredState, scale_by_factored_rms
 from ..transforms._scaling import scale, scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import ascent, check_learning_rate
 
@@ -126,6 +127,9 @@ def adafactor(
     eps: float = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any = None,
+    *,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adafactor (optax's ``adafactor``: its signature, defaults and chain)::
 
@@ -142,6 +146,8 @@ def adafactor(
     parameter of ndim >= 2, has a relative step ``min(lr, t^-1/2)`` and floors instead of
     ``eps``, and decays by ``p (1 - lr wd)``. ``dtype_momentum``: float32 (or None); the
     momentum is kept in the state dtype (float64 for float64 params).
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     if learning_rate is not None:
         check_learning_rate(learning_rate)
@@ -168,7 +174,8 @@ def adafactor(
     if weight_decay_rate is not None:
         parts.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
     parts.append(scale(-1.0))
-    return chain(*parts)
+    tx = chain(*parts)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 def _eps_pair(value: Any) -> tuple[float | None, float] | None:

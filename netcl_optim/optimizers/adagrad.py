@@ -109,6 +109,8 @@ def adagrad(
     *,
     eps_in_sqrt: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adagrad (torch.optim.Adagrad)::
 
@@ -125,6 +127,8 @@ def adagrad(
     ``adagrad(lr, initial_accumulator_value=0.1, eps=1e-7)`` differs: its accumulator starts at
     0.1 and it scales by ``rsqrt(s + eps)`` where ``s > 0`` (0 elsewhere). Its exact numbers are
     ``adagrad(lr, initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True)``.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     _validation.learning_rate("learning_rate", learning_rate)
     check(NON_NEGATIVE, lr_decay=lr_decay)
@@ -133,6 +137,8 @@ def adagrad(
         learning_rate=_decayed(learning_rate, float(lr_decay)),
         weight_decay=weight_decay,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

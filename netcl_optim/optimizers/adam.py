@@ -17,7 +17,8 @@ import math
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
-from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, invalid, require
+from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, require
+from ..fusion import storage_dtype
 from ..stateful._declaration import (
     BETAS,
     CAPTURABLE,
@@ -34,6 +35,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState, scale_by_adam
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # torch's amsgrad branch: the moments as scale_by_adam; torch.maximum(max_exp_avg_sq, v) over
@@ -137,9 +139,9 @@ def scale_by_amsgrad(
 
     The maximum is over the bias-corrected ``v`` (or over the raw ``v`` with no correction at
     all); torch's ``Adam(amsgrad=True)`` takes it over the raw ``v`` and then divides by
-    ``sqrt(1 - b2^t)``, another rule (``adam(..., amsgrad=True)`` here). ``mu_dtype`` must be
-    None: the state is float32 (float64 for float64 params). The state is optax's
-    ``ScaleByAmsgradState``.
+    ``sqrt(1 - b2^t)``, another rule (``adam(..., amsgrad=True)`` here). ``mu_dtype``:
+    the first moment stored as ``mu_dtype`` (float32, bfloat16, float16). The state is
+    optax's ``ScaleByAmsgradState``.
 
     Device: three slots (``mu``, ``nu``, ``nu_max``); the bias corrections' reciprocals come
     from the host.
@@ -147,15 +149,13 @@ def scale_by_amsgrad(
     check(UNIT, b1=b1, b2=b2)
     check(POSITIVE, eps=eps)
     check(NON_NEGATIVE, eps_root=eps_root)
-    if mu_dtype is not None:
-        raise invalid(
-            "mu_dtype", mu_dtype, "None: the state is float32, float64 for float64 params"
-        )
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     bc_mu = require("bias_correction_mu", bias_correction_mu, BOOL)
     bc_nu = require("bias_correction_nu", bias_correction_nu, BOOL)
-    return _amsgrad_fragment(
+    tx = _amsgrad_fragment(
         _AMSGRAD_OPTAX, float(b1), float(b2), float(eps), float(eps_root), bc_mu, bc_nu
     )
+    return low_precision_state(tx, mu_dtype, slots=("mu",))
 
 
 def _adam_core(b1: float, b2: float, eps: float, amsgrad: bool) -> GradientTransformation:
@@ -175,6 +175,8 @@ def amsgrad(
     bias_correction_nu: bool = True,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """AMSGrad (optax's ``amsgrad``: its signature, defaults and order of operations)::
 
@@ -187,11 +189,15 @@ def amsgrad(
     ``chain(scale(-1), scale_by_amsgrad, scale_by_learning_rate)``. torch's AMSGrad
     (``Adam(amsgrad=True)``, here ``adam(..., amsgrad=True)``) takes the maximum over the
     raw ``v`` and then divides by ``sqrt(1 - b2^t)``: none of optax's options gives it.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu),
         learning_rate=learning_rate,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -204,6 +210,8 @@ def adam(
     *,
     amsgrad: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adam with coupled L2 weight decay (torch.optim.Adam)::
 
@@ -217,12 +225,16 @@ def adam(
     omitting what is zero or off. ``amsgrad`` is torch's AMSGrad (the maximum over the raw
     ``v``, then the bias correction); optax's (the maximum over the corrected ``v``) is
     :func:`amsgrad`.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         _adam_core(b1, b2, eps, amsgrad),
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -236,6 +248,8 @@ def adamw(
     *,
     amsgrad: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adam with decoupled weight decay (torch.optim.AdamW)::
 
@@ -246,6 +260,8 @@ def adamw(
     ``chain(scale(-1), scale_by_adam, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate)``, omitting what is zero or off. ``amsgrad``: torch's, as in
     :func:`adam`.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         _adam_core(b1, b2, eps, amsgrad),
@@ -254,6 +270,8 @@ def adamw(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

@@ -94,6 +94,8 @@ def adamax(
     weight_decay: float = 0.0,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adamax with coupled L2 weight decay (torch.optim.Adamax)::
 
@@ -106,12 +108,16 @@ def adamax(
     omitting what is zero or off; torch's defaults (lr 2e-3). optax's ``adamax(lr, b1, b2,
     eps)`` is the same rule without weight decay (and has no default lr); see
     :func:`scale_by_adamax` for the rounding differences.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_adamax(b1, b2, eps),
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -124,6 +130,8 @@ def adamaxw(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adamax with decoupled weight decay (optax's ``adamaxw``, its signature and defaults)::
 
@@ -133,6 +141,8 @@ def adamaxw(
 
     ``chain(scale(-1), scale_by_adamax, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate)``, omitting what is zero or off. torch.optim has no AdamaxW.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_adamax(b1, b2, eps),
@@ -141,6 +151,8 @@ def adamaxw(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

@@ -134,6 +134,8 @@ def adan(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Adan with decoupled weight decay (optax's ``adan``: its signature and defaults)::
 
@@ -145,6 +147,8 @@ def adan(
     torch.optim has no Adan. The reference PyTorch Adan (sail-sg) has the same betas but
     applies the decay as a proximal step by default (``p <- (p - lr u) / (1 + lr wd)``) and
     has no ``eps_root``.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_adan(b1, b2, b3, eps, eps_root),
@@ -153,6 +157,8 @@ def adan(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

@@ -19,11 +19,13 @@ __all__ = [
 from typing import Any, NamedTuple
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
-from .._validation import NON_NEGATIVE, POSITIVE, UNIT, Rule, check, invalid, require
+from .._validation import NON_NEGATIVE, POSITIVE, UNIT, Rule, check, require
+from ..fusion import storage_dtype
 from ..stateful._declaration import BETAS3, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax.contrib, in its order: m1 <- (1 - b1) g + b1 m1;  m2 <- (1 - b3) g + b3 m2;
@@ -77,13 +79,6 @@ ADEMAMIX_MOMENTS = torch_state(
 )
 
 
-def _no_mu_dtype(mu_dtype: Any) -> None:
-    if mu_dtype is not None:
-        raise invalid(
-            "mu_dtype", mu_dtype, "None: the state is float32, float64 for float64 params"
-        )
-
-
 def _at(name: str, value: Any, count: int, rule: Rule) -> float:
     """A hyperparameter's value at ``count``: a float, or a schedule evaluated on the host."""
     return float(require(name, value(count), rule)) if callable(value) else value
@@ -106,8 +101,8 @@ def scale_by_ademamix(
 
     ``b3`` and ``alpha`` may be schedules (``count -> value``, evaluated on the host at the
     count before the step, as optax's ``count_m2``). The slow EMA is not bias-corrected. The
-    moments start at zero; ``mu_dtype`` must be None (float32 state, float64 for float64
-    params).
+    moments start at zero; ``mu_dtype``: the first moments (``m1``, ``m2``) stored as ``mu_dtype``
+    (float32, bfloat16, float16).
 
     Device: three slots (``m1``, ``m2``, ``nu``); b3, alpha and the bias corrections'
     reciprocals come from the host.
@@ -115,7 +110,7 @@ def scale_by_ademamix(
     check(UNIT, b1=b1, b2=b2, b3=b3)
     check(NON_NEGATIVE, alpha=alpha, eps_root=eps_root)
     check(POSITIVE, eps=eps)
-    _no_mu_dtype(mu_dtype)
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
     b3 = b3 if callable(b3) else float(b3)
     alpha = alpha if callable(alpha) else float(alpha)
@@ -158,9 +153,10 @@ def scale_by_ademamix(
         ),
         host_step=host_step,
     )
-    return elementwise(
+    tx = elementwise(
         fragment, init=lambda m1, m2, nu: ScaleByAdemamixState(count=0, m1=m1, m2=m2, nu=nu)
     )
+    return low_precision_state(tx, mu_dtype, slots=("m1", "m2"))
 
 
 def ademamix(
@@ -176,6 +172,8 @@ def ademamix(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """AdEMAMix (optax.contrib's ``ademamix``: its signature, defaults and order of
     operations): AdamW with a mixture of a fast and a slow EMA of the gradients::
@@ -189,6 +187,8 @@ def ademamix(
     scale_by_learning_rate)``. ``b3`` and ``alpha`` may be schedules of the step count (the
     paper's warmups). torch.optim has no AdEMAMix; the paper's PyTorch class (alpha 2.0,
     built-in warmups) has the same update.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype),
@@ -197,6 +197,8 @@ def ademamix(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -253,6 +255,8 @@ def simplified_ademamix(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Simplified AdEMAMix (optax.contrib's ``simplified_ademamix``: its signature, defaults
     and order of operations)::
@@ -264,6 +268,8 @@ def simplified_ademamix(
 
     ``chain(scale_by_simplified_ademamix, add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate)``; ``alpha`` may be a schedule. torch.optim has none.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root),
@@ -272,6 +278,8 @@ def simplified_ademamix(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

@@ -11,11 +11,13 @@ from typing import Any
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, invalid, require
+from ..fusion import storage_dtype
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax.contrib, in its order: x <- g / max(sqrt(nu_old), eps), clipped to [-c, c];
@@ -61,18 +63,15 @@ def scale_by_adopt(
 
     At the first step (``t = 0``) ``nu <- g^2`` and ``m`` stays 0 (so the update is 0).
     ``clip_value_fn`` is called on the host with the step count (a Python int) and must
-    return a number. ``mu_dtype`` must be None: the state is float32 (float64 for float64
-    params). The state is optax's ``ScaleByAdamState``.
+    return a number. ``mu_dtype``: the first moment stored as ``mu_dtype`` (float32,
+    bfloat16, float16). The state is optax's ``ScaleByAdamState``.
 
     Device: two slots (``mu``, ``nu``); the step-0 branch and the clip value come from the
     host as scalars.
     """
     check(UNIT, b1=b1, b2=b2)
     check(POSITIVE, eps=eps)
-    if mu_dtype is not None:
-        raise invalid(
-            "mu_dtype", mu_dtype, "None: the state is float32, float64 for float64 params"
-        )
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     nesterov = require("nesterov", nesterov, BOOL)
     use_clipping = require("use_clipping", use_clipping, BOOL)
     if use_clipping and not callable(clip_value_fn):
@@ -97,7 +96,8 @@ def scale_by_adopt(
         scalars=scalars + (("clip",) if use_clipping else ()),
         host_step=host_step,
     )
-    return elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
+    tx = elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
+    return low_precision_state(tx, mu_dtype, slots=("mu",))
 
 
 def _adopt(
@@ -137,6 +137,8 @@ def adopt(
     use_clipping: bool = True,
     clip_value_fn: Callable[[Any], Any] = _quarter_root,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """ADOPT (optax.contrib's ``adopt``: its signature, defaults and order of operations)::
 
@@ -150,9 +152,12 @@ def adopt(
     ``nu`` before it enters the momentum, and there is no bias correction. torch.optim has no
     ADOPT; the authors' PyTorch ``ADOPT`` (``clip_lambda``, ``decouple``) counts its clip
     steps its own way; :class:`ADOPT` adds weight decay.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _adopt(learning_rate, b1, b2, eps, 0.0, False, nesterov, use_clipping,
-                  clip_value_fn, maximize, mu_dtype)  # fmt: skip
+    tx = _adopt(learning_rate, b1, b2, eps, 0.0, False, nesterov, use_clipping,
+                clip_value_fn, maximize, mu_dtype)  # fmt: skip
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class ADOPT(Optimizer):

@@ -24,6 +24,7 @@ from ..stateful._declaration import (
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain, elementwise
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent
 
@@ -114,6 +115,8 @@ def asgd(
     weight_decay: float = 0.0,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Averaged SGD (torch.optim.ASGD: its rule, order of operations and defaults)::
 
@@ -126,10 +129,13 @@ def asgd(
     ``chain(scale(-1), add_decayed_weights, scale_by_asgd)``, omitting what is zero or off.
     The averaged params are the state's ``ax`` slot (``ASGD``: ``opt.state[p]["ax"]``, as
     torch). optax has no ASGD.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check(NON_NEGATIVE, weight_decay=weight_decay)
     decay = [add_decayed_weights(weight_decay)] if weight_decay else []
-    return chain(*ascent(maximize), *decay, scale_by_asgd(learning_rate, lambd, alpha, t0))
+    tx = chain(*ascent(maximize), *decay, scale_by_asgd(learning_rate, lambd, alpha, t0))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 def _torch_eta(group: dict[str, Any], step: int) -> float:

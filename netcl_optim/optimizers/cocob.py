@@ -15,6 +15,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain, elementwise
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent
 
@@ -100,6 +101,8 @@ def cocob(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """COCOB-Backprop (optax.contrib's ``cocob``: its signature, defaults and order of
     operations), a learning-rate-free rule that bets on each coordinate::
@@ -113,15 +116,18 @@ def cocob(
     flip_sign=False), scale_by_cocob(alpha, eps))``: the learning rate scales the gradient
     (1.0, the paper's rule, by default). ``p0`` is the params at the first step. torch.optim
     has no COCOB.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check(NON_NEGATIVE, weight_decay=weight_decay)
     decay = [add_decayed_weights(weight_decay, mask)] if weight_decay else []
-    return chain(
+    tx = chain(
         *ascent(maximize),
         *decay,
         scale_by_learning_rate(learning_rate, flip_sign=False),
         scale_by_cocob(alpha, eps),
     )
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class COCOB(Optimizer):

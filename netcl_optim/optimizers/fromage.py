@@ -16,12 +16,18 @@ from ..stateful._optimizer import Optimizer
 from ..transforms._blocks import scale_by_trust_ratio
 from ..transforms._combining import chain
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent, check_learning_rate
 
 
 def fromage(
-    learning_rate: ScalarOrSchedule, min_norm: float = 1e-6, *, maximize: bool = False
+    learning_rate: ScalarOrSchedule,
+    min_norm: float = 1e-6,
+    *,
+    maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Fromage (optax's ``fromage``: its signature, defaults and order of operations)::
 
@@ -32,6 +38,8 @@ def fromage(
     i.e. ``p <- (p - lr u) / sqrt(1 + lr^2)``. ``chain(scale_by_trust_ratio(min_norm),
     scale_by_learning_rate(lr / sqrt(1 + lr^2)), add_decayed_weights(1 / sqrt(1 + lr^2) -
     1))``; a schedule gives each step's ``lr``. torch.optim has no Fromage.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check_learning_rate(learning_rate)
     if callable(learning_rate):
@@ -49,12 +57,13 @@ def fromage(
             return mult
 
     # the decay is negative (a shrink): add_decayed_weights takes that only as a schedule
-    return chain(
+    tx = chain(
         *ascent(maximize),
         scale_by_trust_ratio(min_norm),
         scale_by_learning_rate(scaled),
         add_decayed_weights(lambda count: shrink(count) - 1.0),
     )
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class Fromage(Optimizer):

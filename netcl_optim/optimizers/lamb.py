@@ -16,6 +16,7 @@ from ..transforms._adaptive import scale_by_adam
 from ..transforms._blocks import scale_by_trust_ratio
 from ..transforms._combining import chain
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent, check_learning_rate
 from .adam import ADAM_MOMENTS
@@ -31,6 +32,8 @@ def lamb(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """LAMB (optax's ``lamb``: its signature, defaults and order of operations)::
 
@@ -48,16 +51,19 @@ def lamb(
     Device: the Adam kernel writes the updates; one reduction launch and one finishing launch
     give every leaf's two norms; the trust ratio and the learning rate are fused into the
     step's last kernel (two launches: full and partial work-groups). No host sync.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check_learning_rate(learning_rate)
     decay = [add_decayed_weights(weight_decay, mask)] if weight_decay else []
-    return chain(
+    tx = chain(
         *ascent(maximize),
         scale_by_adam(b1, b2, eps, eps_root),
         *decay,
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),
     )
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class Lamb(Optimizer):

@@ -17,6 +17,7 @@ from ..transforms._combining import chain
 from ..transforms._masking import masked
 from ..transforms._momentum import trace
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent, check_learning_rate
 from .sgd import MOMENTUM_BUFFER
@@ -33,6 +34,8 @@ def lars(
     nesterov: bool = False,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """LARS (optax's ``lars``: its signature, defaults and order of operations)::
 
@@ -48,19 +51,22 @@ def lars(
     params, a callable of the params, or ``True`` (every leaf). A zero weight decay is left
     out of the chain (optax adds ``0 * p``, NaN where ``p`` is infinite), and so is a zero
     momentum (optax's ``trace(0)`` passes the updates through). torch.optim has no LARS.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check_learning_rate(learning_rate)
     decay = [add_decayed_weights(weight_decay)] if weight_decay else []
     if decay and weight_decay_mask is not True:
         decay = [masked(decay[0], weight_decay_mask)]
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
-    return chain(
+    tx = chain(
         *ascent(maximize),
         *decay,
         trust if trust_ratio_mask is True else masked(trust, trust_ratio_mask),
         scale_by_learning_rate(learning_rate),
         *([trace(decay=momentum, nesterov=nesterov)] if momentum else []),
     )
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class LARS(Optimizer):

@@ -9,11 +9,13 @@ __all__ = ["Lion", "ScaleByLionState", "lion", "scale_by_lion"]
 from typing import Any, NamedTuple
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
-from .._validation import NON_NEGATIVE, UNIT, check, invalid
+from .._validation import NON_NEGATIVE, UNIT, check
+from ..fusion import storage_dtype
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax: sign((1 - b1) g + b1 m), then m <- (1 - b2) g + b2 m; a NaN stays NaN (OpenCL's
@@ -44,16 +46,14 @@ def scale_by_lion(
         u <- sign((1 - b1) g + b1 m);  m <- (1 - b2) g + b2 m
 
     The momentum starts at zero; a NaN in ``(1 - b1) g + b1 m`` gives a NaN update (as
-    ``jnp.sign``). ``mu_dtype`` must be None: the state is float32 (float64 for float64
-    params); optax's ``"smooth"`` and ``"refined"`` modes are not offered.
+    ``jnp.sign``). ``mu_dtype``:
+    the first moment stored as ``mu_dtype`` (float32, bfloat16, float16); optax's
+    ``"smooth"`` and ``"refined"`` modes are not offered.
 
     Device: one slot (``mu``), fused like every element-wise transform.
     """
     check(UNIT, b1=b1, b2=b2)
-    if mu_dtype is not None:
-        raise invalid(
-            "mu_dtype", mu_dtype, "None: the state is float32, float64 for float64 params"
-        )
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     b1, b2 = float(b1), float(b2)
 
     def host_step(state: ScaleByLionState, **_: Any):
@@ -66,7 +66,8 @@ def scale_by_lion(
         scalars=("one_minus_b1", "b1", "one_minus_b2", "b2"),
         host_step=host_step,
     )
-    return elementwise(fragment, init=lambda mu: ScaleByLionState(count=0, mu=mu))
+    tx = elementwise(fragment, init=lambda mu: ScaleByLionState(count=0, mu=mu))
+    return low_precision_state(tx, mu_dtype, slots=("mu",))
 
 
 def lion(
@@ -78,6 +79,8 @@ def lion(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Lion with decoupled weight decay (optax's ``lion``)::
 
@@ -88,6 +91,8 @@ def lion(
     ``chain(scale_by_lion, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``,
     with optax's signature and defaults (``mu_dtype``: see :func:`scale_by_lion`). Lion wants
     a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_lion(b1, b2, mu_dtype),
@@ -96,6 +101,8 @@ def lion(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

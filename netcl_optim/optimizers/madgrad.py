@@ -19,6 +19,7 @@ from ..stateful._declaration import KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torc
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain, elementwise
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, ascent
 
@@ -106,6 +107,8 @@ def madgrad(
     eps: float = 1e-6,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """MADGRAD (optax.contrib's ``madgrad``: its signature, defaults and order of
     operations): dual averaging with a cube-root adaptive denominator and momentum::
@@ -120,10 +123,13 @@ def madgrad(
     eps))``; ``x0`` is the params at the first step. torch.optim has no MADGRAD;
     facebookresearch/madgrad's class has the same rule and defaults (its step count ``k``
     is the optimizer's, here each parameter's).
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check(NON_NEGATIVE, weight_decay=weight_decay)
     decay = [add_decayed_weights(weight_decay)] if weight_decay else []
-    return chain(*ascent(maximize), *decay, scale_by_madgrad(learning_rate, momentum, eps))
+    tx = chain(*ascent(maximize), *decay, scale_by_madgrad(learning_rate, momentum, eps))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class MADGRAD(Optimizer):

@@ -135,6 +135,8 @@ def nadam(
     decoupled_weight_decay: bool = False,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """NAdam (torch.optim.NAdam; its defaults)::
 
@@ -149,6 +151,8 @@ def nadam(
     multiplies ``p`` by ``1 - lr * weight_decay`` first, the same maths. optax's ``nadam`` is
     ``adam(..., nesterov=True)``: Dozat's form without the momentum-decay schedule, a
     different rule (here ``adam`` has no ``nesterov``).
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_nadam(b1, b2, eps, momentum_decay),
@@ -156,6 +160,8 @@ def nadam(
         weight_decay=weight_decay,
         decoupled=require("decoupled_weight_decay", decoupled_weight_decay, BOOL),
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -169,6 +175,8 @@ def nadamw(
     mask: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """NAdam with decoupled weight decay (torch.optim.NAdam(decoupled_weight_decay=True))::
 
@@ -180,6 +188,8 @@ def nadamw(
     scale_by_learning_rate)``, omitting what is zero or off. The name and the default
     ``weight_decay=1e-4`` are optax's ``nadamw``, whose rule is ``adamw(..., nesterov=True)``
     (Dozat's form, no momentum-decay schedule); the rule here is torch's.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_nadam(b1, b2, eps, momentum_decay),
@@ -188,6 +198,8 @@ def nadamw(
         decoupled=True,
         mask=mask,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

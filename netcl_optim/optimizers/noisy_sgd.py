@@ -20,6 +20,7 @@ from ..stateful._declaration import KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torc
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax: u <- u + sqrt(eta / t^gamma) N(0, 1). The normal is drawn from Philox-4x32-10 with
@@ -125,6 +126,8 @@ def noisy_sgd(
     *,
     seed: int | None = None,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """SGD with annealed Gaussian gradient noise (optax's ``noisy_sgd``: its signature,
     defaults and order of operations)::
@@ -135,8 +138,11 @@ def noisy_sgd(
     ``chain(add_noise(eta, gamma, key), scale_by_learning_rate)``. ``key``: an integer seed
     (see :func:`add_noise` for the generator and how it differs from optax's ``jax.random``
     noise). torch.optim has no noisy SGD.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _noisy_sgd(learning_rate, eta, gamma, _seed(key, seed), 0.0, maximize)
+    tx = _noisy_sgd(learning_rate, eta, gamma, _seed(key, seed), 0.0, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class NoisySGD(Optimizer):

@@ -12,11 +12,13 @@ from typing import Any, NamedTuple
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule, SegmentReduction
 from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
+from ..fusion import storage_dtype
 from ..stateful._declaration import BETAS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain, elementwise
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ._shared import ascent, check_learning_rate
 
 
@@ -61,14 +63,13 @@ def scale_by_novograd(
     ``||g||`` is each leaf's norm, computed on the device in the same step (a reduction
     launch and a finishing launch that also updates ``nu``; see ``fusion/_segments.py``);
     ``nu`` is stored in the state's dtype (float32 for float16 and float32 leaves). A zero
-    ``weight_decay`` is left out (optax adds ``0 * p``). ``mu_dtype``: only ``None`` (the
-    state dtype).
+    ``weight_decay`` is left out (optax adds ``0 * p``). ``mu_dtype``: the
+    first moment stored as ``mu_dtype`` (float32, bfloat16, float16).
     """
     check(UNIT, b1=b1, b2=b2)
     check(POSITIVE, eps=eps)
     check(NON_NEGATIVE, eps_root=eps_root, weight_decay=weight_decay)
-    if mu_dtype is not None:
-        raise ValueError(f"Invalid mu_dtype: {mu_dtype!r} (must be None: the state dtype)")
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
     wd = float(weight_decay)
 
@@ -86,7 +87,8 @@ def scale_by_novograd(
         needs_params=bool(wd),
         segment_reduction=_NU,
     )
-    return elementwise(fragment, init=lambda mu, nu: ScaleByNovogradState(0, mu, nu))
+    tx = elementwise(fragment, init=lambda mu, nu: ScaleByNovogradState(0, mu, nu))
+    return low_precision_state(tx, mu_dtype, slots=("mu",))
 
 
 def _novograd(
@@ -115,6 +117,8 @@ def novograd(
     weight_decay: float = 0.0,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """NovoGrad (optax's ``novograd``: its signature, defaults and order of operations)::
 
@@ -126,8 +130,11 @@ def novograd(
     ``chain(scale_by_novograd, scale_by_learning_rate)``. torch.optim has no NovoGrad;
     torch-optimizer's (``NovoGrad``) adds ``(1 - b1)`` to the gradient term and decays
     inside the normalised gradient, so its numbers differ.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _novograd(learning_rate, b1, b2, eps, eps_root, weight_decay, maximize)
+    tx = _novograd(learning_rate, b1, b2, eps, eps_root, weight_decay, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class NovoGrad(Optimizer):

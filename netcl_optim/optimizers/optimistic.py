@@ -19,12 +19,14 @@ __all__ = [
 from typing import Any, NamedTuple
 
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule
-from .._validation import BOOL, FINITE, NON_NEGATIVE, POSITIVE, UNIT, check, invalid, require
+from .._validation import BOOL, FINITE, NON_NEGATIVE, POSITIVE, UNIT, check, require
+from ..fusion import storage_dtype
 from ..stateful._declaration import BETAS, EPS, KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, MOMENT_SCALARS, moment_host_step, optimizer_chain
 
 # optax: prev <- g on the first step (is_initial_step), u <- (alpha + beta) g - beta prev,
@@ -108,15 +110,12 @@ def _scale_by_optax_adam(
     b1: float, b2: float, eps: float, eps_root: float, mu_dtype: Any, nesterov: bool
 ) -> GradientTransformation:
     """optax's ``scale_by_adam`` (its eps placement and ``nesterov``), state
-    ``ScaleByAdamState``."""
+    ``ScaleByAdamState``; the first moment stored as ``mu_dtype`` (float32, bfloat16, float16)."""
     check(UNIT, b1=b1, b2=b2)
     check(POSITIVE, eps=eps)
     check(NON_NEGATIVE, eps_root=eps_root)
+    storage_dtype(mu_dtype, "mu_dtype")  # (ValueError naming mu_dtype)
     nesterov = require("nesterov", nesterov, BOOL)
-    if mu_dtype is not None:
-        raise invalid(
-            "mu_dtype", mu_dtype, "None: the state is float32, float64 for float64 params"
-        )
     b1, b2, eps, eps_root = float(b1), float(b2), float(eps), float(eps_root)
 
     fragment = Fragment(
@@ -126,7 +125,8 @@ def _scale_by_optax_adam(
         scalars=MOMENT_SCALARS,
         host_step=moment_host_step(b1, b2, eps, eps_root),
     )
-    return elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
+    tx = elementwise(fragment, init=lambda mu, nu: ScaleByAdamState(count=0, mu=mu, nu=nu))
+    return low_precision_state(tx, mu_dtype, slots=("mu",))
 
 
 def optimistic_gradient_descent(
@@ -135,6 +135,8 @@ def optimistic_gradient_descent(
     beta: float = 1.0,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Optimistic gradient descent (optax's ``optimistic_gradient_descent``: its signature,
     defaults and order of operations)::
@@ -145,9 +147,15 @@ def optimistic_gradient_descent(
     ``chain(scale_by_optimistic_gradient, scale_by_learning_rate)``. ``alpha`` and ``beta``
     are numbers (optax's type allows a schedule, which its transform cannot use). torch.optim
     has no optimistic method.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
-        scale_by_optimistic_gradient(alpha, beta), learning_rate=learning_rate, maximize=maximize
+        scale_by_optimistic_gradient(alpha, beta),
+        learning_rate=learning_rate,
+        maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -186,6 +194,8 @@ def optimistic_adam_v2(
     mu_dtype: Any = None,
     nesterov: bool = True,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Optimistic Adam (optax's ``optimistic_adam_v2``: its signature, defaults and order of
     operations)::
@@ -199,12 +209,16 @@ def optimistic_adam_v2(
 
     ``chain(scale_by_adam(nesterov=...), scale_by_optimistic_gradient,
     scale_by_learning_rate)``, with optax's Adam (eps added to the root of the corrected
-    ``v``, not torch's placement). ``mu_dtype`` must be None. optax's deprecated v1
+    ``v``, not torch's placement). ``mu_dtype``: the
+    first moment stored as ``mu_dtype`` (float32, bfloat16, float16). optax's deprecated v1
     ``optimistic_adam`` (``optimism``) is not offered. torch.optim has no optimistic method.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _optimistic_adam(
+    tx = _optimistic_adam(
         learning_rate, alpha, beta, b1, b2, eps, eps_root, mu_dtype, nesterov, 0.0, maximize
     )
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class OptimisticAdam(Optimizer):

@@ -167,6 +167,8 @@ def radam(
     threshold: float | None = None,
     nesterov: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """RAdam (torch.optim.RAdam by default)::
 
@@ -185,6 +187,8 @@ def radam(
     ``radam(learning_rate, b1, b2, eps, eps_root=..., threshold=5.0, nesterov=...)`` here:
     it rectifies from ``rho_t >= threshold`` and adds eps to the bias-corrected root
     (``sqrt(v / (1 - b2^t) + eps_root) + eps``); it has no weight decay.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     return optimizer_chain(
         scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
@@ -192,6 +196,8 @@ def radam(
         weight_decay=weight_decay,
         decoupled=require("decoupled_weight_decay", decoupled_weight_decay, BOOL),
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

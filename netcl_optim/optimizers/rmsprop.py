@@ -39,6 +39,8 @@ def rmsprop(
     centered: bool = False,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """RMSProp (torch.optim.RMSprop)::
 
@@ -51,6 +53,8 @@ def rmsprop(
 
     ``chain(scale(-1), add_decayed_weights, scale_by_rms, trace, scale_by_learning_rate)``,
     omitting what is zero or off.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check(NON_NEGATIVE, momentum=momentum)
     return optimizer_chain(
@@ -59,6 +63,8 @@ def rmsprop(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 

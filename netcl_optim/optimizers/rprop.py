@@ -37,6 +37,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain, elementwise
 from ..transforms._scaling import scale
+from ..transforms._storage import low_precision_state
 from ._shared import ascent
 
 # torch (_single_tensor_rprop): f = sign(g * prev) -> eta_plus (> 0), eta_minus (< 0), 1 (0);
@@ -162,6 +163,8 @@ def rprop(
     *,
     optax_rule: bool = False,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Rprop (torch.optim.Rprop's rule, optax's signature)::
 
@@ -179,11 +182,14 @@ def rprop(
     optax's ``rprop`` differs (see :func:`scale_by_rprop`): it keeps the step where
     ``g * prev = 0``, and applies each step's update one step late (its first update is zero).
     ``optax_rule=True`` gives its exact numbers.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     tx = scale_by_rprop(
         learning_rate, eta_minus, eta_plus, min_step_size, max_step_size, optax_rule=optax_rule
     )
-    return chain(*ascent(maximize), tx, scale(-1.0))
+    tx = chain(*ascent(maximize), tx, scale(-1.0))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 def _etas(value: Any) -> tuple[float, float] | None:

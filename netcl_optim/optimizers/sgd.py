@@ -44,6 +44,8 @@ def sgd(
     nesterov: bool = False,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Stochastic gradient descent, torch's rule::
 
@@ -55,13 +57,20 @@ def sgd(
 
     ``chain(scale(-1), add_decayed_weights, trace, scale_by_learning_rate)``, omitting what
     is zero or off.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     _validation.learning_rate("learning_rate", learning_rate)
     check(NON_NEGATIVE, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     NESTEROV.check(nesterov=nesterov, momentum=momentum, dampening=dampening)
     core = [trace(momentum, nesterov=nesterov, dampening=dampening)] if momentum else []
     return optimizer_chain(
-        *core, learning_rate=learning_rate, weight_decay=weight_decay, maximize=maximize
+        *core,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
     )
 
 
@@ -72,9 +81,23 @@ def momentum(
     nesterov: bool = False,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
-    """Polyak (heavy-ball) momentum: :func:`sgd` with ``momentum`` and zero dampening."""
-    return sgd(learning_rate, momentum, 0.0, weight_decay, nesterov, maximize=maximize)
+    """Polyak (heavy-ball) momentum: :func:`sgd` with ``momentum`` and zero dampening.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
+    """
+    return sgd(
+        learning_rate,
+        momentum,
+        0.0,
+        weight_decay,
+        nesterov,
+        maximize=maximize,
+        state_dtype=state_dtype,
+        state_bits=state_bits,
+    )
 
 
 class SGD(Optimizer):

@@ -24,6 +24,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import elementwise
 from ..transforms._ema import EmaState, ema
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # jnp.sign: -1, +-0 (its sign kept), +1, and NaN for NaN (OpenCL's sign() would make it 0)
@@ -52,7 +53,13 @@ def _sign_sgd(learning_rate: ScalarOrSchedule, weight_decay: float, maximize: bo
     )
 
 
-def sign_sgd(learning_rate: ScalarOrSchedule, *, maximize: bool = False) -> GradientTransformation:
+def sign_sgd(
+    learning_rate: ScalarOrSchedule,
+    *,
+    maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
+) -> GradientTransformation:
     """signSGD (optax's ``sign_sgd``: its signature and order of operations)::
 
         g <- -g                                         (if maximize)
@@ -60,8 +67,11 @@ def sign_sgd(learning_rate: ScalarOrSchedule, *, maximize: bool = False) -> Grad
 
     ``chain(scale_by_sign, scale_by_learning_rate)``; ``lr`` has no default, as in optax.
     torch.optim has no signSGD.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _sign_sgd(learning_rate, 0.0, maximize)
+    tx = _sign_sgd(learning_rate, 0.0, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 def _signum(
@@ -88,6 +98,8 @@ def signum(
     accumulator_dtype: Any = None,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Signum, signSGD with momentum (optax's ``signum``: its signature, defaults and order of
     operations)::
@@ -99,8 +111,11 @@ def signum(
     ``chain(ema(beta, debias=False), scale_by_sign, scale_by_learning_rate)``;
     ``accumulator_dtype`` must be None (see :func:`ema`). torch.optim has no Signum; the
     paper's momentum ``m <- beta m + (1 - beta) g`` is the same average.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _signum(learning_rate, beta, accumulator_dtype, 0.0, maximize)
+    tx = _signum(learning_rate, beta, accumulator_dtype, 0.0, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class SignSGD(Optimizer):

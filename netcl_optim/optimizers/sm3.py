@@ -30,6 +30,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._combining import chain
 from ..transforms._scaling import scale, scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ._shared import ascent
 
 
@@ -361,13 +362,18 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     return register(tx, lambda: NamedTupleSpec(ScaleBySM3State))
 
 
-def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
+def sm3(
+    learning_rate: float, momentum: float = 0.9, *, state_dtype: Any = None, state_bits: int = 32
+) -> GradientTransformation:
     """SM3 (optax's ``sm3``: ``chain(scale_by_sm3(b1=momentum), scale(-learning_rate))``)::
 
     u <- scale_by_sm3(b1=momentum)(g);  p <- p - learning_rate u
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
     check(CLOSED_UNIT, momentum=momentum)
-    return chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
+    tx = chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 # torch.optim has none; the keys follow torch-optimizer's ("momentum_buffer"), with a

@@ -15,6 +15,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
 from ..transforms._adaptive import ScaleByAdamState
 from ..transforms._combining import elementwise
+from ..transforms._storage import low_precision_state
 from ._shared import DECAY_COUNT, optimizer_chain
 
 # optax, in its order: m <- (1 - b1) g + b1 m;  v <- v - (1 - b2) sign(v - g^2) g^2;
@@ -116,6 +117,8 @@ def yogi(
     eps: float = 1e-3,
     *,
     maximize: bool = False,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Yogi (optax's ``yogi``: its signature, defaults and order of operations)::
 
@@ -126,8 +129,11 @@ def yogi(
     ``chain(scale_by_yogi, scale_by_learning_rate)``. Unlike Adam's, ``v`` moves towards
     ``g^2`` by at most ``(1 - b2) g^2`` a step, and ``eps`` is large (1e-3, the paper's).
     torch.optim has no Yogi.
+
+    ``state_dtype``, ``state_bits``: how the state is stored (see :func:`low_precision_state`).
     """
-    return _yogi(learning_rate, b1, b2, eps, 0.0, 1e-6, 0.0, maximize)
+    tx = _yogi(learning_rate, b1, b2, eps, 0.0, 1e-6, 0.0, maximize)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class Yogi(Optimizer):

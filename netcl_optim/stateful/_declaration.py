@@ -136,9 +136,13 @@ class Storage:
     min_8bit_size: int = 4096
 
     @staticmethod
-    def of(group: Mapping[str, Any], where: str = "") -> Storage:
-        """A group's storage, checked (ValueError naming ``where``)."""
-        dtype, bits, size = (group.get(k, d) for k, d in STORAGE_DEFAULTS.items())
+    def of(
+        group: Mapping[str, Any], where: str = "", defaults: Mapping[str, Any] | None = None
+    ) -> Storage:
+        """A group's storage, checked (ValueError naming ``where``); a key the group does
+        not set takes its value from ``defaults`` (the class's)."""
+        defaults = defaults or STORAGE_DEFAULTS
+        dtype, bits, size = (group.get(k, defaults[k]) for k in STORAGE_DEFAULTS)
         place = f" in {where}" if where else ""
         try:
             name = storage_dtype(dtype)
@@ -221,10 +225,10 @@ class Declaration:
         self.storage_defaults = {**STORAGE_DEFAULTS, **(storage_defaults or {})}
         for name, default in self.storage_defaults.items():
             if name not in names:
+                kind = inspect.Parameter.KEYWORD_ONLY
+                annotation = Any if name == STATE_DTYPE else int
                 parameters.append(
-                    inspect.Parameter(
-                        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Any
-                    )
+                    inspect.Parameter(name, kind, default=default, annotation=annotation)
                 )
         self.signature = inspect.Signature(parameters, return_annotation=None)
 
@@ -244,10 +248,16 @@ class Declaration:
             for h in self.hyperparameters
         }
         storage = Storage.of({k: values[k] for k in self.storage_defaults})
-        defaults[STATE_DTYPE] = storage.dtype
-        defaults[STATE_BITS] = storage.bits
-        defaults[MIN_8BIT_SIZE] = storage.min_8bit_size
+        # (kept in the groups only where not the class's default: torch's keys otherwise)
+        stored = (storage.dtype, storage.bits, storage.min_8bit_size)
+        for k, v in zip(STORAGE_DEFAULTS, stored, strict=True):
+            if v != self.storage_defaults[k]:
+                defaults[k] = v
         return values["params"], defaults
+
+    def storage(self, group: Mapping[str, Any], where: str = "") -> Storage:
+        """How ``group`` stores its state (its keys over the class's defaults), checked."""
+        return Storage.of(group, where, self.storage_defaults)
 
     def pop_keywords(self, group: dict[str, Any], where: str) -> None:
         """Check and remove the torch keywords a param group sets (they change nothing)."""
@@ -267,5 +277,5 @@ class Declaration:
             values[h.name] = h.check(group[h.name], where, in_group)
         for r in self.requirements:
             r.check(where, **values)
-        Storage.of(group, where)
+        self.storage(group, where)
         return values

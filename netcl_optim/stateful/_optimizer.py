@@ -226,7 +226,7 @@ class Optimizer(abc.ABC):
             key = tuple(_freeze(group[k]) for k in self._declaration.names)
         except KeyError as err:
             raise ValueError(f"param_groups[{gi}] has no {err.args[0]!r}") from None
-        storage = Storage.of(group, f"param_groups[{gi}]")
+        storage = self._declaration.storage(group, f"param_groups[{gi}]")
         key = (*key, storage)
         chain = self._chains.get(key)
         if chain is not None:
@@ -419,7 +419,7 @@ def _constructor(cls: type[Optimizer]) -> Callable[..., None]:
         params, defaults = declaration.bind((self, *args), kwargs)
         values = declaration.validate(defaults)
         # (refused here by the rules that keep float32 state)
-        _stored(cls.functional(**values), Storage.of(defaults), cls.signed_8bit)
+        _stored(cls.functional(**values), declaration.storage(defaults), cls.signed_8bit)
         Optimizer.__init__(self, params, defaults)
 
     __init__.__signature__ = declaration.signature  # type: ignore[attr-defined]

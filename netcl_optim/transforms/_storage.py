@@ -7,7 +7,7 @@ from typing import Any
 
 from .._base import GradientTransformation, StagePlan
 from .._validation import BOOL, at_least, invalid, require
-from ..fusion import EightBit, slot_storage, storage_dtype
+from ..fusion import EightBit, current_rule, slot_storage, storage_dtype
 
 
 def _stages(tx: GradientTransformation) -> Iterator[str]:
@@ -75,10 +75,14 @@ def low_precision_state(
         )
     names = None if slots is None else frozenset(slots)
 
-    def rule(name: str) -> Any:
-        return storage if names is None or name in names else None
-
     def init(params: Any) -> Any:
+        outer = current_rule()  # (an enclosing low_precision_state's, for the other slots)
+
+        def rule(name: str) -> Any:
+            if names is None or name in names:
+                return storage
+            return outer(name) if outer is not None else None
+
         with slot_storage(rule):
             return tx.init(params)
 
