@@ -349,3 +349,19 @@ def test_wrong_absmax_names_the_leaf(cl_queue):
         no.step(tx8, params, no.to_device(grads[0], cl_queue), state)
     for k, x in params.items():
         assert np.array_equal(x.get(), host_params[k])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_bucket_lookup_is_the_nearest_code(signed):
+    """The kernels' one-lookup rule (a bucket word per |v| exponent and 8 mantissa bits,
+    a midpoint's low bits inside it) equals the binary search everywhere: at every map value,
+    midpoint and bucket edge (checked when the words are built) and at random values of
+    every magnitude."""
+    from netcl_optim.fusion._qmaps import bucket_words, bucketed_codes, nearest_codes
+
+    words = bucket_words(signed)
+    rng = np.random.default_rng(7)
+    v = (rng.uniform(-1, 1, 400_000) * 10.0 ** rng.uniform(-9, 0.3, 400_000)).astype(np.float32)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    v = np.concatenate([v, bits, np.float32([0, -0.0, 1, -1, 2, -2, np.inf, -np.inf, np.nan])])
+    np.testing.assert_array_equal(bucketed_codes(v, words), nearest_codes(v, signed))

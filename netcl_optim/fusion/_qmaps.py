@@ -89,12 +89,14 @@ def dynamic_map(signed: bool) -> np.ndarray:
 ZERO_CODE = {True: 127, False: 0}  # the code of 0.0 in each map
 
 
-# The nearest code by two table lookups (the kernels'): a bucket of |v| (its exponent from
-# 2^-23 and the top 8 bits of its mantissa; bucket 0 below 2^-23, |v| clamped below 2) gives
-# the code of the bucket's lowest value on each side of zero, and one comparison with that
-# code's upper midpoint finishes (no bucket holds two midpoints: ``bucket_tables`` checks).
+# The nearest code by one table lookup (the kernels'): a bucket of |v| (its exponent from
+# 2^-23 and the top 8 bits of its mantissa; bucket 0 below 2^-23, |v| clamped below 2) gives,
+# per side of zero, a word: the code of the bucket's lowest value, and where a midpoint lies
+# inside the bucket, a flag and the midpoint's low 15 bits: the values past it take the next
+# code (no bucket holds two midpoints: ``bucket_words`` checks).
 BUCKET_EXPONENT = 104  # biased exponent of 2^-23
 BUCKETS = 24 * 256 + 1
+SPLIT = 1 << 8  # a word's flag: a midpoint inside the bucket; its low 15 bits from bit 9
 
 
 def midpoints(signed: bool) -> np.ndarray:
@@ -113,44 +115,62 @@ def nearest_codes(v: np.ndarray, signed: bool) -> np.ndarray:
     v = np.asarray(v, np.float32)
     lo = np.clip(np.searchsorted(m, v, side="right").astype(np.int64) - 1, 0, 255)
     lo = np.where(np.isnan(v), 0, lo)
-    return np.where(v > mid[lo], lo + 1, lo)
+    with np.errstate(invalid="ignore"):
+        return np.where(v > mid[lo], lo + 1, lo)
+
+
+def _magnitude_bits(bits: np.ndarray) -> np.ndarray:
+    return np.minimum(bits.astype(np.uint32) & np.uint32(0x7FFFFFFF), np.uint32(0x3FFFFFFF))
 
 
 def _bucket(bits: np.ndarray) -> np.ndarray:
-    ab = np.minimum(bits & 0x7FFFFFFF, 0x3FFFFFFF)
+    ab = _magnitude_bits(bits)
     e = ab >> 23
     return np.where(e < BUCKET_EXPONENT, 0, ((e - BUCKET_EXPONENT) << 8) + ((ab >> 15) & 255) + 1)
 
 
-def bucket_tables(signed: bool) -> np.ndarray:
-    """``(2, BUCKETS)`` uint8: per side of zero (positive, negative) and bucket, the code of
-    the bucket's lowest value; checked to give :func:`nearest_codes` at every value where
-    either rule can change (each map value and midpoint, its float32 neighbours, each bucket
-    edge)."""
-    # the lowest value of each bucket: positive side its smallest |v|, negative its largest
-    starts = np.zeros(BUCKETS, np.uint32)
-    starts[1:] = ((np.arange(BUCKETS - 1, dtype=np.uint32) >> 8) + BUCKET_EXPONENT) << 23 | (
-        (np.arange(BUCKETS - 1, dtype=np.uint32) & 255) << 15
-    )
-    ends = np.append(starts[1:] - 1, np.uint32(0x3FFFFFFF))  # each bucket's largest |v|
-    pos = nearest_codes(starts.view(np.float32), signed)
-    neg = nearest_codes(-ends.view(np.float32), signed)
-    tables = np.stack([pos, neg]).astype(np.uint8)
-    probe = np.concatenate([dynamic_map(signed), midpoints(signed)[:255], starts.view(np.float32),
-                            ends.view(np.float32)])  # fmt: skip
-    probe = np.concatenate([probe, -probe]).astype(np.float32)
-    near = [np.nextafter(probe, np.float32(np.inf)), np.nextafter(probe, np.float32(-np.inf))]
-    probe = np.concatenate([probe, *near, np.float32([np.nan, np.inf, -np.inf, 2.5, -2.5])])
-    if not np.array_equal(bucketed_codes(probe, tables, signed), nearest_codes(probe, signed)):
-        raise AssertionError("a quantization bucket holds two midpoints")
-    return tables
+def bucket_words(signed: bool) -> np.ndarray:
+    """``(2, BUCKETS)`` uint32: per side of zero (positive, negative) and bucket, the code of
+    its lowest value, and the midpoint inside it if any (see ``SPLIT``); checked to give
+    :func:`nearest_codes` at every value where either rule can change (each map value and
+    midpoint, their float32 neighbours, each bucket's edges)."""
+    index = np.arange(BUCKETS - 1, dtype=np.uint32)
+    starts = np.zeros(BUCKETS, np.uint32)  # each bucket's smallest |v| (bits)
+    starts[1:] = ((index >> 8) + BUCKET_EXPONENT) << 23 | ((index & 255) << 15)
+    ends = np.append(starts[1:] - 1, np.uint32(0x3FFFFFFF))  # and largest
+    words = np.stack([
+        nearest_codes(starts.view(np.float32), signed),  # positive: the smallest v
+        nearest_codes(-ends.view(np.float32), signed),  # negative: the smallest v is -end
+    ]).astype(np.uint32)  # fmt: skip
+    for mid in midpoints(signed)[:255]:
+        bits = np.array([mid], np.float32).view(np.uint32)
+        b = int(_bucket(bits)[0])
+        if b == 0 or _magnitude_bits(bits)[0] != bits[0] & 0x7FFFFFFF:
+            continue  # (no midpoint below 2^-23 or at 2 and above)
+        side = int(bits[0] >> 31)
+        words[side, b] |= SPLIT | (int(bits[0] & 0x7FFF) << 9)
+    _check(words, signed)
+    return words
 
 
-def bucketed_codes(v: np.ndarray, tables: np.ndarray, signed: bool) -> np.ndarray:
-    """The kernels' rule on the host: the bucket's code, plus one above its midpoint."""
+def bucketed_codes(v: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """The kernels' rule on the host: the bucket's code, plus one past its midpoint."""
     v = np.asarray(v, np.float32)
     bits = v.view(np.uint32)
-    c = np.where(bits >> 31, tables[1][_bucket(bits)], tables[0][_bucket(bits)]).astype(np.int64)
-    with np.errstate(invalid="ignore"):
-        r = np.where(v > midpoints(signed)[c], c + 1, c)
-    return np.where(np.isnan(v), 0, r)
+    negative = (bits >> 31).astype(bool)
+    w = np.where(negative, words[1][_bucket(bits)], words[0][_bucket(bits)])
+    low, split = _magnitude_bits(bits) & 0x7FFF, w >> 9
+    past = (w & SPLIT).astype(bool) & np.where(negative, low < split, low > split)
+    return np.where(np.isnan(v), 0, (w & 255) + past).astype(np.int64)
+
+
+def _check(words: np.ndarray, signed: bool) -> None:
+    index = np.arange(BUCKETS - 1, dtype=np.uint32)
+    starts = ((index >> 8) + BUCKET_EXPONENT) << 23 | ((index & 255) << 15)
+    probe = np.concatenate([dynamic_map(signed), midpoints(signed)[:255],
+                            starts.view(np.float32), (starts - 1).view(np.float32)])  # fmt: skip
+    probe = np.concatenate([probe, -probe]).astype(np.float32)
+    near = [np.nextafter(probe, np.float32(np.inf)), np.nextafter(probe, np.float32(-np.inf))]
+    probe = np.concatenate([probe, *near, np.float32([np.nan, np.inf, -np.inf, 2.5, -2.5, 0])])
+    if not np.array_equal(bucketed_codes(probe, words), nearest_codes(probe, signed)):
+        raise AssertionError("a quantization bucket holds two midpoints")

@@ -45,10 +45,10 @@ from ._qmaps import (
     BUCKET_EXPONENT,
     BUCKETS,
     SIGNED_BITS,
+    SPLIT,
     UNSIGNED_BITS,
     ZERO_CODE,
-    bucket_tables,
-    midpoints,
+    bucket_words,
 )
 
 BLOCK = 256
@@ -75,54 +75,54 @@ def _table(name: str, bits: Sequence[int]) -> str:
     return f"__constant uint {name}[256] = {{\n    " + ",\n    ".join(rows) + "\n};\n"
 
 
-def _bits(values: np.ndarray) -> list[int]:
-    return [int(b) for b in np.asarray(values, np.float32).view(np.uint32)]
-
-
 _TABLES = (
     f"#define BUCKETS {BUCKETS}\n#define BUCKET_EXPONENT {BUCKET_EXPONENT}\n"
+    f"#define SPLIT {SPLIT}u\n"
     + _table("QMAP_SIGNED", SIGNED_BITS)
     + _table("QMAP_UNSIGNED", UNSIGNED_BITS)
-    + _table("QMID_SIGNED", _bits(midpoints(True)))
-    + _table("QMID_UNSIGNED", _bits(midpoints(False)))
 )
 
 
 def bucket_host_table() -> np.ndarray:
-    """The ``buckets`` argument's contents: the signed map's bucket tables (positive side,
-    negative side), then the unsigned map's (``_qmaps.bucket_tables``)."""
-    return np.concatenate([bucket_tables(True).ravel(), bucket_tables(False).ravel()])
+    """The ``buckets`` argument's contents: the signed map's bucket words (positive side,
+    negative side), then the unsigned map's (``_qmaps.bucket_words``)."""
+    return np.concatenate([bucket_words(True).ravel(), bucket_words(False).ravel()])
 
 
 _QUANTIZE = """\
-/* |x| as its bits, which order as the magnitudes do (integer max: vectorised); NaN as 0 */
+/* |x| as its bits, which order as the magnitudes do; NaN as 0. (Maxima and minima here are
+   ternaries, not OpenCL's max and min: PoCL's builtins are calls, which keep a loop from
+   vectorising.) */
 #define Q8_MAGNITUDE(x) (as_uint(FABS(x)) > 0x7f800000u ? 0u : as_uint(FABS(x)))
-/* the nearest code of v (the lower one at a midpoint; 0 for NaN): the code of v's bucket
-   (_qmaps.bucket_tables: per side of zero, |v|'s exponent from 2^-23 and 8 mantissa bits),
-   then one more above that code's upper midpoint */
+/* the nearest code of v (the lower one at a midpoint; 0 for NaN), by one lookup: the word of
+   v's bucket (_qmaps.bucket_words: per side of zero, |v|'s exponent from 2^-23 and 8
+   mantissa bits) holds the code of the bucket's lowest value and, flagged, the low 15 bits
+   of a midpoint inside the bucket; past it, the next code */
 static inline __attribute__((always_inline)) uint Q8_NEAREST(
-    __global const uchar *restrict buckets, __constant const uint *mids, const float v)
+    __global const uint *restrict words, const float v)
 {
     const uint bits = as_uint(v);
-    const uint ab = min(bits & 0x7fffffffu, 0x3fffffffu);
+    const uint ab = (bits & 0x7fffffffu) < 0x3fffffffu ? (bits & 0x7fffffffu) : 0x3fffffffu;
     const uint e = ab >> 23;
     const uint b = e < BUCKET_EXPONENT ? 0 : ((e - BUCKET_EXPONENT) << 8) + ((ab >> 15) & 255) + 1;
-    const uint c = buckets[(bits >> 31) * BUCKETS + b];
-    const uint r = v > as_float(mids[c]) ? c + 1 : c;
-    return ISNAN(v) ? 0 : r;
+    const uint negative = bits >> 31;
+    const uint w = words[negative * BUCKETS + b];
+    const uint low = ab & 0x7fffu, split = w >> 9;
+    const uint past = (w & SPLIT) && (negative ? low < split : low > split);
+    return ISNAN(v) ? 0 : (w & 255) + past;
 }
 static inline __attribute__((always_inline)) uchar Q8_SIGNED(
-    __global const uchar *restrict buckets, const float s, const float inv)
+    __global const uint *restrict buckets, const float s, const float inv)
 {
-    uint c = Q8_NEAREST(buckets, QMID_SIGNED, s * inv);
-    const uint negative = as_uint(QMAP_SIGNED[c]) >> 31;
+    uint c = Q8_NEAREST(buckets, s * inv);
+    const uint negative = c < 127;  /* the signed map's values below code 127 (0.0) */
     c = (s > 0 && negative) ? c + 1 : (s < 0 && !negative) ? c - 1 : c;
     return (uchar)c;
 }
 static inline __attribute__((always_inline)) uchar Q8_UNSIGNED(
-    __global const uchar *restrict buckets, const float s, const float inv)
+    __global const uint *restrict buckets, const float s, const float inv)
 {
-    return (uchar)Q8_NEAREST(buckets + 2 * BUCKETS, QMID_UNSIGNED, s * inv);
+    return (uchar)Q8_NEAREST(buckets + 2 * BUCKETS, s * inv);
 }
 """
 
@@ -168,7 +168,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
             else:
                 buffer(base, {"bf16": "ushort"}.get(kind, kind), const)
     buffer(BLOCKS, "long", True)
-    buffer(BUCKETS_ARG, "uchar", True)
+    buffer(BUCKETS_ARG, "uint", True)
     for k, frag in enumerate(fragments):
         if frag.reduction is not None:
             params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
@@ -198,7 +198,9 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
                 return store(kind, a, a + "_off + i", slot)
             if not quantized_block:
                 return f"{plain_arg(a)}[{plain_arg(a)}_off + q8_s] = {slot};"
-            return f"q8_{slot}_{k}_new[q8_e] = {slot};"
+            name = f"q8_{slot}_{k}"
+            return (f"{name}_new[q8_e] = {slot}; {{ const uint q8_m = Q8_MAGNITUDE({slot}); "
+                    f"{name}_max = q8_m > {name}_max ? q8_m : {name}_max; }}")  # fmt: skip
 
         lines = [f"    real u = {load(storage, U_IN, U_IN + '_off + i')};"]
         if spec.needs_params or spec.apply:
@@ -222,7 +224,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         return [*out, "    }"]
 
     body = [
-        f"    __global const uchar *restrict q8_buckets_table = {BUCKETS_ARG} + {BUCKETS_ARG}_off;",
+        f"    __global const uint *restrict q8_buckets_table = {BUCKETS_ARG} + {BUCKETS_ARG}_off;",
         f"    const long q8_r = 4 * ({BLOCKS}_off + (long)get_global_id(0));",
         f"    const long q8_first = {BLOCKS}[q8_r], q8_block = {BLOCKS}[q8_r + 1];",
         f"    const long q8_count = {BLOCKS}[q8_r + 2], q8_pos = {BLOCKS}[q8_r + 3];",
@@ -239,6 +241,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
             f"    uint q8_{slot}_{k}_max = 0;  /* max |s| as bits (NaN ignored) */",
         ]
     body += loop(element(True))
+    stores = []  # every quantized slot's codes, in one loop
     for k, slot in quantized:
         name, kind = f"q8_{slot}_{k}", kind_of[k, slot]
         out = arg(k, slot, "out")
@@ -246,16 +249,16 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         quantize = "Q8_SIGNED" if QUANTIZED[kind] else "Q8_UNSIGNED"
         zero = ZERO_CODE[QUANTIZED[kind]]
         body += [
-            # (a loop of its own: a max in the update's loop keeps it from vectorising)
-            *loop([f"        {name}_max = max({name}_max, Q8_MAGNITUDE({name}_new[q8_e]));"]),
             f"    const float {name}_absmax = as_float({name}_max);",
             f"    {a}[{a}_off + q8_block] = {name}_absmax;",
             # (a subnormal absmax is scaled by 2^64 first, so that its reciprocal is finite)
             f"    const float {name}_pre = {name}_absmax < 0x1p-100f ? 0x1p64f : 1.0f;",
             f"    const float {name}_inv = 1.0f / ({name}_absmax * {name}_pre);",
-            *loop([f"        {c}[{c}_off + q8_s] = {name}_max == 0 ? {zero} : "
-                   f"{quantize}(q8_buckets_table, {name}_new[q8_e] * {name}_pre, {name}_inv);"]),
-        ]  # fmt: skip
+        ]
+        value = f"{name}_new[q8_e] * {name}_pre"
+        stores.append(f"        {c}[{c}_off + q8_s] = {name}_max == 0 ? {zero} : "
+                      f"{quantize}(q8_buckets_table, {value}, {name}_inv);")  # fmt: skip
+    body += loop(stores)
 
     name = blockwise_name(spec)
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
