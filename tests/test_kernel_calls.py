@@ -31,7 +31,8 @@ def _calls(source: str) -> set[str]:
     source = re.sub(r"/\*.*?\*/", "", source, flags=re.S)  # comments
     source = re.sub(r"//[^\n]*", "", source)
     defined = set(re.findall(r"#define\s+(\w+)\(", source))  # macro definitions
-    defined |= set(re.findall(r"\b(?:float|double|uint4|real)\s+(\w+)\s*\(", source))  # functions
+    defined |= set(re.findall(r"\b(?:float|double|uint4|real|uint|uchar|ushort)\s+(\w+)\s*\(",
+                              source))  # functions  # fmt: skip
     return {name for name in _CALL.findall(source) if name not in defined}
 
 
@@ -46,6 +47,30 @@ def test_fragments_call_no_library_function(case):
 def test_the_preamble_helpers_call_no_library_function(real):
     source = preamble(real, real == "double") + random_helpers("float")
     assert _calls(source) <= PREAMBLE_ALLOWED, _calls(source) - PREAMBLE_ALLOWED
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pure"])
+def test_low_precision_state_kernels_call_no_library_function(mode):
+    """bfloat16 and 8-bit state: the conversions, the block maximum and the nearest-code
+    lookup are inline (a builtin max, min or fabs would be a call)."""
+    from netcl_optim.fusion._codegen import KernelSpec, fused_source
+    from netcl_optim.fusion._quantized_codegen import blockwise_source
+
+    frags = [t.plan for t in walk(no.adamw(1e-3)) if hasattr(t.plan, "source")]
+    keys = tuple(f.key for f in frags)
+    f32 = np.dtype(np.float32)
+    for make, tiling, storage in ((fused_source, "", ("bf16", "float")),
+                                  (blockwise_source, "blocks", ("q8s", "q8u")),
+                                  (blockwise_source, "blocks", ("q8s", "bf16"))):  # fmt: skip
+        spec = KernelSpec(keys, f32, mode, True, True, "double", tiling, None, storage)
+        source = make(frags, spec)[0]
+        start = source.index("__kernel")
+        body = source[source.index("{", start) :]  # (after the kernel's name and arguments)
+        helpers = source[:start]
+        inline = {"BF16_LOAD", "BF16_RNE", "Q8_SIGNED", "Q8_UNSIGNED", "Q8_MAGNITUDE"}
+        assert _calls(body) <= ALLOWED | inline | {"get_global_id", "if", "for"}, _calls(body)
+        allowed = PREAMBLE_ALLOWED | {"BF16_LOAD", "Q8_NEAREST", "Q8_MAGNITUDE"}
+        assert _calls(helpers) <= allowed, _calls(helpers) - allowed
 
 
 def test_the_float64_noise_calls_no_library_function():

@@ -276,3 +276,34 @@ def test_eight_bit_stateful_resumes_bit_for_bit(cl_queue, tmp_path):
     with no.count_launches() as c:  # packed params and grads: one launch
         opt.step()
     assert c.launches == 1
+
+
+@pytest.mark.parametrize("storage", [{"state_bits": 8}, {"state_dtype": "bfloat16"}])
+def test_wrappers_keep_low_precision_state(cl_queue, storage):
+    """inject_hyperparams (state_bits static), masked and a clipping chain: the same bits as
+    the plain rule with the same storage."""
+    rng = np.random.default_rng(5)
+    host = {"w": rng.standard_normal(5000).astype(np.float32), "b": np.ones(10, np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+             for _ in range(3)]  # fmt: skip
+
+    def run(tx):
+        params = no.pack(no.to_device(host, cl_queue))
+        state = tx.init(params)
+        for g in grads:
+            params, state = no.step(tx, params, no.to_device(g, cl_queue), state)
+        return no.to_host(params), state
+
+    want, _ = run(no.low_precision_state(no.adam(0.01), **storage))
+    injected, state = run(no.inject_hyperparams(no.adam)(learning_rate=0.01, **storage))
+    assert set(state.hyperparams) == {"learning_rate"}  # (state_bits stays static)
+    outside, _ = run(no.low_precision_state(no.inject_hyperparams(no.adam)(learning_rate=0.01),
+                                            **storage))  # fmt: skip
+    for got in (injected, outside):
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    masked, state = run(no.masked(no.low_precision_state(no.adam(0.01), **storage),
+                                  {"w": True, "b": False}))  # fmt: skip
+    assert np.array_equal(masked["w"], want["w"])  # ("b": optax's masked passes its grads on)
+    clipped, _ = run(no.low_precision_state(no.chain(no.clip_by_global_norm(1e9), no.adam(0.01)),
+                                            **storage))  # fmt: skip
+    assert all(np.array_equal(clipped[k], want[k]) for k in want)

@@ -111,6 +111,10 @@ def _state_spec(initial: dict[str, float], probe: GradientTransformation) -> Spe
     )
 
 
+# numbers that shape the state, not the step: always static
+STRUCTURAL = frozenset({"state_bits", "min_8bit_size"})
+
+
 def inject_hyperparams(
     factory: Callable[..., GradientTransformation],
 ) -> Callable[..., GradientTransformation]:
@@ -118,16 +122,20 @@ def inject_hyperparams(
 
     ``inject_hyperparams(adam)(learning_rate=schedule, b1=0.9)``: numbers and schedules
     (callables of the step count) become ``state.hyperparams`` entries, evaluated on the host
-    each step (a schedule at the update count, from 0); other arguments (bools, masks) are
-    static. Hyperparameters are kernel arguments, so changing them never rebuilds a kernel,
-    and the wrapped chain still fuses into one kernel.
+    each step (a schedule at the update count, from 0); other arguments (bools, masks, and the
+    numbers that shape the state: ``state_bits``, ``min_8bit_size``) are static.
+    Hyperparameters are kernel arguments, so changing them never rebuilds a kernel, and the
+    wrapped chain still fuses into one kernel.
     """
 
     def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:
         if args:
             raise TypeError("inject_hyperparams: pass hyperparameters by keyword")
-        static = {k: v for k, v in kwargs.items() if not (_is_numeric(v) or callable(v))}
-        numeric = {k: float(v) for k, v in kwargs.items() if _is_numeric(v)}
+        static = {
+            k: v for k, v in kwargs.items()
+            if k in STRUCTURAL or not (_is_numeric(v) or callable(v))
+        }  # fmt: skip
+        numeric = {k: float(v) for k, v in kwargs.items() if _is_numeric(v) and k not in static}
         schedules = {k: v for k, v in kwargs.items() if callable(v)}
         initial = {**numeric, **{k: float(fn(0)) for k, fn in schedules.items()}}
         # validates the arguments once, up front; scheduled values may be 0 (a warmup's start)
