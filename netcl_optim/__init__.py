@@ -128,6 +128,8 @@ from .transforms._monitor import snapshot as snapshot
 from .transforms._monitor import update_param_ratio as update_param_ratio
 from .transforms._plateau import ReduceLROnPlateauState as ReduceLROnPlateauState
 from .transforms._plateau import reduce_on_plateau as reduce_on_plateau
+from .transforms._rounding import StochasticRoundingState as StochasticRoundingState
+from .transforms._rounding import stochastic_rounding as stochastic_rounding
 from .transforms._scaling import ScaleByScheduleState as ScaleByScheduleState
 from .transforms._scaling import scale as scale
 from .transforms._scaling import scale_by_learning_rate as scale_by_learning_rate

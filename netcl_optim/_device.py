@@ -19,8 +19,9 @@ _lock = threading.Lock()
 _default_queue: cl.CommandQueue | None = None
 _pools: dict[cl.CommandQueue, cl_tools.MemoryPool] = {}
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# params and grads (float16 and bfloat16: storage, math in float32)
+FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 # what optimizer state may be stored as (math in float32): state_dtype= of every optimizer
 STATE_STORAGE = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
@@ -182,7 +183,8 @@ def has_fp64(device: cl.Device) -> bool:
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """Arithmetic type of a storage dtype: half is storage only, math is float32."""
+    """Arithmetic type of a storage dtype: float16 and bfloat16 are storage only, math is
+    float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
@@ -194,7 +196,9 @@ def state_dtype(dtype: np.dtype) -> np.dtype:
 def check_float_dtype(dtype: np.dtype, queue: cl.CommandQueue, where: str) -> None:
     dtype = np.dtype(dtype)
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where}: dtype {dtype} is not supported (float16, float32, float64)")
+        raise TypeError(
+            f"{where}: dtype {dtype} is not supported (float16, bfloat16, float32, float64)"
+        )
     if dtype == np.float64 and not has_fp64(queue.device):
         raise TypeError(f"{where}: float64 needs a device with cl_khr_fp64 ({queue.device.name})")
 
@@ -213,13 +217,13 @@ def _host_leaf(x: Any, path: tuple[Any, ...], queue: cl.CommandQueue) -> np.ndar
             f"to_device: leaf {_leaf_name(path)} has complex dtype {a.dtype}: netcl_optim works "
             "on real numbers; pass the real and imaginary parts as two float arrays"
         )
-    if a.dtype.kind not in "biuf":
+    if a.dtype.kind not in "biuf" and a.dtype != BFLOAT16:
         raise TypeError(
             f"to_device: leaf {_leaf_name(path)} has dtype {a.dtype} (from "
             f"{type(x).__name__}): leaves must be numpy arrays or numbers of a bool, integer "
-            "or float dtype"
+            "or float dtype (bfloat16: ml_dtypes.bfloat16)"
         )
-    if a.dtype.kind == "f":
+    if a.dtype.kind == "f" or a.dtype == BFLOAT16:
         check_float_dtype(a.dtype, queue, f"to_device: leaf {_leaf_name(path)}")
     if not a.flags.c_contiguous:
         a = a.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)

@@ -307,3 +307,192 @@ def test_wrappers_keep_low_precision_state(cl_queue, storage):
     clipped, _ = run(no.low_precision_state(no.chain(no.clip_by_global_norm(1e9), no.adam(0.01)),
                                             **storage))  # fmt: skip
     assert all(np.array_equal(clipped[k], want[k]) for k in want)
+
+
+def _reduces(case: Any) -> bool:
+    from netcl_optim.fusion import walk
+
+    return any(getattr(t.plan, "reduces", False) for t in walk(case.make(no)))
+
+
+BF16_PARAMS = [c for c in ELEMENTWISE if not _reduces(c)]
+
+
+@pytest.mark.parametrize("case", BF16_PARAMS, ids=[c.id for c in BF16_PARAMS])
+def test_bfloat16_params_are_float32_math_rounded_once(cl_queue, case):
+    """bfloat16 params and grads: a step is the float32 step on their exact float32 values,
+    the new params rounded to nearest even once (state float32, or as stored)."""
+    rng = np.random.default_rng(11)
+    shapes = {"w": (33, 17), "b": (5,)}
+    scale = case.param_scale
+
+    def draw():
+        return {k: (rng.standard_normal(s) * scale).astype(BF16) for k, s in shapes.items()}
+
+    tx = case.make(no)
+    host = draw()
+    p16 = no.pack(no.to_device(host, cl_queue))
+    p32 = no.pack(no.to_device({k: v.astype(np.float32) for k, v in host.items()}, cl_queue))
+    s16, s32 = tx.init(p16), tx.init(p32)
+    for k in range(3):
+        g = draw()
+        p16, s16 = no.step(tx, p16, no.to_device(g, cl_queue), s16)
+        g32 = {n: v.astype(np.float32) for n, v in g.items()}
+        p32, s32 = no.step(tx, p32, no.to_device(g32, cl_queue), s32)
+        rounded = {n: v.astype(BF16) for n, v in no.to_host(p32).items()}
+        assert_bitwise_equal(_nan(no.to_host(p16)), _nan(rounded), f"params after step {k}")
+        assert_bitwise_equal(_nan(snapshot(s16)), _nan(snapshot(s32)), f"state after step {k}")
+        p32 = no.to_device({n: v.astype(np.float32) for n, v in rounded.items()}, cl_queue)
+        p32 = no.pack(p32)
+
+
+def test_bfloat16_params_refused_where_a_rule_reduces(cl_queue):
+    tx = no.chain(no.clip_by_global_norm(1.0), no.adam(1e-2))
+    params = no.pack(no.to_device({"w": np.ones(10, BF16)}, cl_queue))
+    state = tx.init(params)
+    with pytest.raises(TypeError, match="bfloat16 params and grads are stepped by element-wise"):
+        no.step(tx, params, no.to_device({"w": np.ones(10, BF16)}, cl_queue), state)
+    assert np.array_equal(params["w"].get(), np.ones(10, BF16))
+
+
+@pytest.mark.parametrize("storage", [{}, {"state_bits": 8}, {"state_dtype": "bfloat16"}])
+def test_bfloat16_params_stateful_equals_functional_and_resumes(cl_queue, storage, tmp_path):
+    rng = np.random.default_rng(12)
+    shapes = [(70, 100), (100,)]
+    grads = [[rng.standard_normal(s).astype(BF16) for s in shapes] for _ in range(4)]
+
+    def fresh():
+        r = np.random.default_rng(0)
+        return [S.Parameter(no.to_device(r.standard_normal(s).astype(BF16), cl_queue))
+                for s in shapes]  # fmt: skip
+
+    def run(opt, params, steps):
+        for g in steps:
+            for p, x in zip(params, g, strict=True):
+                p.grad = no.to_device(x, cl_queue)
+            opt.step()
+
+    params = fresh()
+    opt = no.AdamW(params, lr=1e-2, **storage)
+    tx = no.low_precision_state(no.adamw(1e-2), storage.get("state_dtype"),
+                                state_bits=storage.get("state_bits", 32))  # fmt: skip
+    fp = no.pack([p.data.copy() for p in params])
+    fs = tx.init(fp)
+    run(opt, params, grads[:2])
+    for g in grads[:2]:
+        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
+    for p, q in zip(params, fp, strict=True):
+        assert p.data.dtype == BF16 and np.array_equal(p.data.get(), q.get())
+    no.save(tmp_path / "opt.npz", opt.state_dict())
+    params2 = fresh()
+    for p, q in zip(params2, params, strict=True):
+        p.data.set(q.data.get())
+    opt2 = no.AdamW(params2, lr=1e-2)
+    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
+    run(opt, params, grads[2:])
+    run(opt2, params2, grads[2:])
+    for p, q in zip(params, params2, strict=True):
+        assert np.array_equal(p.data.get(), q.data.get())
+
+
+def _stochastic_reference(p, u, seed, t, first_index):
+    """The params' stochastic rounding, from the tests' Philox: (p + u) in float32, its low
+    16 bits plus the element's 16 random bits (word 0 of Philox-4x32-10 at counter (index,
+    t, 0x53520000) under the seed's two halves), truncated to bfloat16."""
+    import reference as ref
+
+    x = (p.astype(np.float32) + u.astype(np.float32)).astype(np.float32)
+    idx = np.arange(x.size, dtype=np.uint64) + np.uint64(first_index)
+    words = ref.philox4x32_10(
+        [idx & 0xFFFFFFFF, idx >> np.uint64(32), np.uint64(t), np.uint64(0x53520000)],
+        [seed & 0xFFFFFFFF, seed >> 32],
+    )
+    bits = x.reshape(-1).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + (words[0] & 0xFFFF)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    rounded = np.where(np.isnan(x.reshape(-1)), x.reshape(-1), rounded)
+    return rounded.astype(BF16).reshape(x.shape)
+
+
+def test_stochastic_rounding_matches_its_reference_and_is_unbiased(cl_queue, tmp_path):
+    rng = np.random.default_rng(13)
+    host = {"w": rng.standard_normal((70, 100)).astype(BF16), "b": np.ones(100, BF16)}
+    seed = 2**40 + 7
+    tx = no.chain(no.sgd(1e-3), no.stochastic_rounding(seed))
+    params = no.pack(no.to_device(host, cl_queue))
+    state = tx.init(params)
+    want = {k: v.copy() for k, v in host.items()}
+    for t in range(1, 4):
+        g = {k: rng.standard_normal(v.shape).astype(BF16) for k, v in host.items()}
+        params, state = no.step(tx, params, no.to_device(g, cl_queue), state)
+        # sgd: u = -lr * g; the leaves' element indices run through the tree in order ("b"
+        # before "w": optree sorts dict keys)
+        first = {"b": 0, "w": 100}
+        for k in want:
+            u = (np.float32(-1e-3) * g[k].astype(np.float32)).astype(np.float32)
+            want[k] = _stochastic_reference(want[k], u, seed, t, first[k])
+        got = no.to_host(params)
+        for k in want:
+            assert np.array_equal(got[k].view(np.uint16), want[k].view(np.uint16)), (k, t)
+    # unbiased: a step of a quarter of the gap below 1 (2^-8) lands a quarter of the elements
+    # on the value below
+    ones = no.pack(no.to_device({"w": np.ones(100_000, BF16)}, cl_queue))
+    tiny = no.to_device({"w": np.full(100_000, 2.0**-10, BF16)}, cl_queue)
+    tx1 = no.chain(no.sgd(1.0), no.stochastic_rounding(5))
+    out, _ = no.step(tx1, ones, tiny, tx1.init(ones))
+    down = float((no.to_host(out)["w"].astype(np.float32) < 1).mean())
+    assert abs(down - 0.25) < 0.01, down
+    # round to nearest even drops it
+    plain, _ = no.step(no.sgd(1.0), ones, tiny, no.sgd(1.0).init(ones))
+    assert np.all(no.to_host(plain)["w"] == 1)
+    # a resumed run (its count in the state) continues bit for bit; float32 params: no-op
+    no.save(tmp_path / "sr.npz", {"params": params, "state": state})
+    back = no.load(tmp_path / "sr.npz")
+    g = no.to_device({k: np.ones(v.shape, BF16) for k, v in host.items()}, cl_queue)
+    a, _ = no.step(tx, params, g, state)
+    b, _ = no.step(tx, back["params"], g, back["state"])
+    for k in host:
+        assert np.array_equal(a[k].get().view(np.uint16), b[k].get().view(np.uint16))
+    p32 = no.to_device({"w": np.ones(5, np.float32)}, cl_queue)
+    g32 = no.to_device({"w": np.full(5, 0.5, np.float32)}, cl_queue)
+    r1, _ = no.step(tx1, p32, g32, tx1.init(p32))
+    r2, _ = no.step(no.sgd(1.0), p32, g32, no.sgd(1.0).init(p32))
+    assert np.array_equal(r1["w"].get(), r2["w"].get())
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_stochastic_rounding_stateful_equals_functional_and_resumes(cl_queue, cls, tmp_path):
+    rng = np.random.default_rng(14)
+    shapes = [(70, 100), (100,)]
+    grads = [[rng.standard_normal(s).astype(BF16) for s in shapes] for _ in range(6)]
+
+    def fresh():
+        return [S.Parameter(no.to_device(np.ones(s, BF16), cl_queue)) for s in shapes]
+
+    def run(opt, params, steps):
+        for g in steps:
+            for p, x in zip(params, g, strict=True):
+                p.grad = no.to_device(x, cl_queue)
+            opt.step()
+
+    params = fresh()
+    opt = getattr(no, cls)(params, lr=1e-3, stochastic_rounding=True)
+    tx = no.chain(getattr(no, cls.lower())(1e-3), no.stochastic_rounding())
+    fp = no.pack([p.data.copy() for p in params])
+    fs = tx.init(fp)
+    run(opt, params, grads[:3])
+    for g in grads[:3]:
+        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
+    for p, q in zip(params, fp, strict=True):
+        assert np.array_equal(p.data.get().view(np.uint16), q.get().view(np.uint16))
+    sd = opt.state_dict()
+    assert sd["state"][0]["step"] == 3.0  # (the generator's counter, also for SGD)
+    no.save(tmp_path / "opt.npz", sd)
+    params2 = fresh()
+    for p, q in zip(params2, params, strict=True):
+        p.data.set(q.data.get())
+    opt2 = getattr(no, cls)(params2, lr=1e-3)
+    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
+    run(opt, params, grads[3:])
+    run(opt2, params2, grads[3:])
+    for p, q in zip(params, params2, strict=True):
+        assert np.array_equal(p.data.get().view(np.uint16), q.data.get().view(np.uint16))

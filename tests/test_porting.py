@@ -323,7 +323,10 @@ SIGNATURES = {
             "capturable: bool | None = False) -> None",
 }  # fmt: skip
 # every class's storage arguments (netcl_optim's: see low_precision_state), keyword-only last
-_STORAGE = "state_dtype: Any = None, state_bits: int = 32, min_8bit_size: int = 4096"
+_STORAGE = (
+    "state_dtype: Any = None, state_bits: int = 32, min_8bit_size: int = 4096, "
+    "stochastic_rounding: bool = False"
+)
 SIGNATURES = {
     cls: sig.replace(") -> None", (", " if "*" in sig else ", *, ") + _STORAGE + ") -> None")
     for cls, sig in SIGNATURES.items()
@@ -357,8 +360,8 @@ def test_signature_follows_torch(cls):
     ours = inspect.signature(getattr(S, cls)).parameters
     theirs = inspect.signature(getattr(torch.optim, cls)).parameters
     assert set(theirs) - set(ours) <= {"amsgrad", "decoupled_weight_decay"}
-    storage = {"state_dtype", "state_bits", "min_8bit_size"}  # ours, keyword-only, last
-    assert list(ours)[-3:] == ["state_dtype", "state_bits", "min_8bit_size"]
+    storage = ["state_dtype", "state_bits", "min_8bit_size", "stochastic_rounding"]  # ours, last
+    assert list(ours)[-4:] == storage
     assert [n for n in ours if n not in storage] == [n for n in theirs if n in ours]
     ours = {n: p for n, p in ours.items() if n not in storage}
     for name, p in ours.items():

@@ -13,7 +13,13 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .. import _device
-from .._device import STATE_STORAGE, check_float_dtype, default_queue, state_dtype
+from .._device import (
+    FLOAT_DTYPES,
+    STATE_STORAGE,
+    check_float_dtype,
+    default_queue,
+    state_dtype,
+)
 from .._packing import (
     DONATED,
     DonatedArray,
@@ -226,7 +232,7 @@ def slot_storages(dtype: np.dtype) -> tuple[np.dtype, ...]:
     return STATE_STORAGE
 
 
-_OK_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+_OK_DTYPES = set(FLOAT_DTYPES)
 _F64 = np.dtype(np.float64)
 
 

@@ -21,11 +21,21 @@ _CTYPE = {
 # storage only (state): bfloat16 as 16-bit words, converted to and from float
 _STORAGE = {**_CTYPE, BFLOAT16: "bf16"}
 # each storage's C type in a kernel's argument list
-_POINTER = {"half": "half", "float": "float", "double": "double", "bf16": "ushort"}
+POINTER = {"half": "half", "float": "float", "double": "double", "bf16": "ushort"}
 
 
 def ctype(dtype: np.dtype) -> str:
-    return _CTYPE[np.dtype(dtype)]
+    """The C type of arrays of ``dtype`` in kernels that read them as such (reductions,
+    clipping, amp, per-segment and per-row rules); bfloat16 arrays are only read by the fused
+    element-wise kernels (``storage_of``): TypeError here."""
+    dtype = np.dtype(dtype)
+    if dtype == BFLOAT16:
+        raise TypeError(
+            "bfloat16 params and grads are stepped by element-wise rules only: clipping by a "
+            "norm, loss scaling and rules with values per leaf or row take float16, float32 "
+            "or float64 arrays"
+        )
+    return _CTYPE[dtype]
 
 
 def storage_of(dtype: np.dtype) -> str:
@@ -211,7 +221,7 @@ def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) ->
     red, acc = spec.sums, spec.acc
     terms = red.terms
     out = P_IN if spec.mode == "inplace" and spec.apply else OUT
-    reload = [f"u = {load(storage, out, out + '_off + i')};"] if storage == "half" else []
+    reload = [f"u = {load(storage, out, out + '_off + i')};"] if storage in ("half", "bf16") else []
     inner = [line.replace("    ", "", 1) for line in element]
     w = 4 if real == "double" else 8  # lanes, and vectors per block: as the reduce kernel's
     block = 1 if real == "double" else 8
@@ -325,7 +335,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     each part's scalars. Buffers come with an element offset, so the kernel serves a whole
     packed tree or one leaf alike.
     """
-    storage = ctype(spec.dtype)
+    storage = storage_of(spec.dtype)
     real = "double" if storage == "double" else "float"
     n_slots = sum(len(frag.slots) for frag in fragments)
     slot_storage = list(spec.slot_storage or (real,) * n_slots)
@@ -344,15 +354,15 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         args.append(Arg(arg + "_off", "offset"))
 
     inplace_params = spec.mode == "inplace" and spec.apply
-    buffer(U_IN, storage, True)
+    buffer(U_IN, POINTER[storage], True)
     if spec.needs_params or spec.apply:
-        buffer(P_IN, storage, not inplace_params)
+        buffer(P_IN, POINTER[storage], not inplace_params)
     if not inplace_params:
-        buffer(OUT, storage, False)
+        buffer(OUT, POINTER[storage], False)
     pure = spec.mode == "pure"
     for k, frag in enumerate(fragments):
         for slot in frag.slots:
-            slot_t = _POINTER[slot_of[k, slot]]
+            slot_t = POINTER[slot_of[k, slot]]
             if pure:
                 buffer(slot_arg(slot, k, "in"), slot_t, True)
                 buffer(slot_arg(slot, k, "out"), slot_t, False)
@@ -423,7 +433,8 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (
         f"//CL// {name}: {title or 'copy'}\n"
-        + preamble(real, "double" in (real, spec.acc), "bf16" in spec.slot_storage)
+        + preamble(real, "double" in (real, spec.acc), "bf16" in (storage, *spec.slot_storage))
+        + ("#define PARAMS_BF16\n" if storage == "bf16" else "")
         + (random_helpers(real) if indexed else "")
         + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
         + f"__kernel void {name}(\n    "

@@ -430,6 +430,8 @@ def _run_quantized(
     if inplace and apply:  # the same arrays every step: the launches are kept (see _cache)
         arrays = state_arrays(slot_leaves)
         keys = tuple(p.fragment.key for p in parts)
+        if any(p.fragment.element_index for p in parts):  # the launches hold the origin
+            keys = (*keys, tuple(sorted((_ORIGIN.get() or {}).items(), key=str)))
         cache_key = _cache.key(queue, keys, u_leaves, p_leaves, [arrays])
         found = _cache.lookup(cache_key, False)
         if found is not None:
@@ -442,7 +444,7 @@ def _run_quantized(
     launched: list[Any] = []
     out_leaves, new_slot_leaves = run_quantized(
         parts, u_leaves, p_leaves, slot_leaves, treedef, queue,
-        apply=apply, inplace=inplace, names=names, launched=launched,
+        apply=apply, inplace=inplace, names=names, launched=launched, origins=_ORIGIN.get(),
     )  # fmt: skip
     if cache_key is not None:
         written = [x for role in arrays for x in role]

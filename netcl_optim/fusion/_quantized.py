@@ -23,7 +23,7 @@ import pyopencl.array as cla
 
 from .._base import Part
 from .._packing import contiguous_run, element_offset, layout
-from ._codegen import OUT, P_IN, U_IN, KernelSpec, slot_arg, storage_of
+from ._codegen import INDEX, OUT, P_IN, U_IN, KernelSpec, slot_arg, storage_of
 from ._launch import Single, launch_all
 from ._programs import fused_kernel
 from ._qmaps import ZERO_CODE, dynamic_map
@@ -266,18 +266,19 @@ def run_quantized(
     inplace: bool,
     names: list[list[str]],
     launched: list[Any] | None = None,
+    origins: Any = None,
 ) -> tuple[list[Any], list[list[list[Any]]]]:
     """One fused step of ``parts`` whose slots hold 8-bit state (checked first: raises
     naming the leaf, nothing written): ``(output leaves, new slot leaves)``. Pure, every
     output is fresh; in place, params and state are written where they are. ``names``: each
     slot's name in errors; ``launched`` (if given) receives the launches' array arguments
-    (for the in-place cache)."""
+    (for the in-place cache); ``origins``: per dtype, the element index of the first element
+    (``_fused.element_origin``)."""
     fragments = [p.fragment for p in parts]
     for f in fragments:
-        if f.segment_reduction is not None or f.element_index:
+        if f.segment_reduction is not None:
             raise ValueError(
-                f"{f.name}: 8-bit state serves element-wise rules (not values per leaf, row "
-                "or element index)"
+                f"{f.name}: 8-bit state serves element-wise rules (not values per leaf or row)"
             )
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, x in enumerate(u_leaves):
@@ -293,7 +294,8 @@ def run_quantized(
     reductions = reduce_parts(parts, u_leaves, queue)
     launches = []
     for dtype, idx in by_dtype.items():
-        launches += step.group(dtype, idx, u_leaves, p_leaves, out_leaves, new_slots)
+        origin = (origins or {}).get(dtype, 0)
+        launches += step.group(dtype, idx, u_leaves, p_leaves, out_leaves, new_slots, origin)
     values = reductions
     for part in parts:
         values.extend(part.scalars)
@@ -366,6 +368,7 @@ class _Step:
         p_leaves: list[Any],
         out_leaves: list[Any],
         new_slots: list[list[Any]],
+        origin: int = 0,
     ) -> list[tuple[cl.Kernel, int, list[Any]]]:
         """The launches over the leaves ``idx`` (of ``dtype``); fills their outputs and new
         slots (fresh arrays when pure)."""
@@ -392,12 +395,13 @@ class _Step:
                 out[g] = v
             return out
 
-        roles.append((U_IN, [u_leaves[j] for j in idx], table.all))
+        lay = layout(table.all.shapes, dtype)  # (the updates' and params' own dtype)
+        roles.append((U_IN, [u_leaves[j] for j in idx], lay))
         if self.needs_params:
-            roles.append((P_IN, [p_leaves[j] for j in idx], table.all))
-        outs = roles[-1][1] if inplace_params else fresh(table.all, every)
+            roles.append((P_IN, [p_leaves[j] for j in idx], lay))
+        outs = roles[-1][1] if inplace_params else fresh(lay, every)
         if not inplace_params:
-            roles.append((OUT, outs, table.all))
+            roles.append((OUT, outs, lay))
         for j, o in zip(idx, outs, strict=True):
             out_leaves[j] = o
         qpos = [g for g, j in enumerate(idx) if mask[j]]
@@ -409,9 +413,9 @@ class _Step:
             for io in ("in", "out") if mode == "pure" else ("",):
                 base = slot_arg(slot, k, io)
                 if not kind:
-                    lay = layout(table.all.shapes, group[0].dtype)
-                    news = fresh(lay, every) if io == "out" else group
-                    roles.append((base, news, lay))
+                    whole = layout(table.all.shapes, group[0].dtype)
+                    news = fresh(whole, every) if io == "out" else group
+                    roles.append((base, news, whole))
                     continue
                 if io != "out":
                     codes = [y.codes if is_quantized(y) else None for y in group]
@@ -427,7 +431,7 @@ class _Step:
                         for c, a, pl in zip(codes, absmax, plain, strict=True)]  # fmt: skip
             for j, y in zip(idx, news, strict=True):
                 new_slots[s][j] = y
-        return _launches(kernel, args, roles, table, queue)
+        return _launches(kernel, args, roles, table, queue, origin)
 
 
 def state_arrays(slot_leaves: list[list[list[Any]]]) -> list[list[Any]]:
@@ -471,11 +475,12 @@ def _launches(
     roles: list[tuple[str, list[Any], Any]],
     table: BlockTable,
     queue: cl.CommandQueue,
+    origin: int = 0,
 ) -> list[tuple[cl.Kernel, int, list[Any]]]:
     """One launch over every row where each role's arrays are packed (in its layout's
     order), else one per leaf (each array at its offset less its leaf's position)."""
     by_name = {name: (leaves, lay) for name, leaves, lay in roles}
-    fixed_names = (BLOCKS, BUCKETS_ARG)
+    fixed_names = (BLOCKS, BUCKETS_ARG, INDEX)
     order = [a.name for a in args
              if a.name in fixed_names or (a.kind == "buffer" and a.name in by_name)]  # fmt: skip
     rows = table.table(queue).base_data
@@ -489,7 +494,7 @@ def _launches(
     if all(run is not None for run in runs.values()):
         flat: list[Any] = []
         for name in order:
-            fixed = {BLOCKS: [rows, 0], BUCKETS_ARG: [buckets, 0]}
+            fixed = {BLOCKS: [rows, 0], BUCKETS_ARG: [buckets, 0], INDEX: [buckets, origin]}
             flat += fixed[name] if name in fixed else list(runs[name])
         return [(kernel, Single(n_rows), flat)] if n_rows else []
     out = []
@@ -503,6 +508,9 @@ def _launches(
                 continue
             if name == BUCKETS_ARG:
                 flat += [buckets, 0]
+                continue
+            if name == INDEX:  # (a buffer not read: the offset is the first element's index)
+                flat += [buckets, origin]
                 continue
             leaves, lay = by_name[name]
             x = leaves[g]

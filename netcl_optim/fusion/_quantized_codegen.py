@@ -27,18 +27,20 @@ import numpy as np
 
 from .._base import Fragment
 from ._codegen import (
+    INDEX,
     OUT,
     P_IN,
+    POINTER,
     U_IN,
     Arg,
     KernelSpec,
-    ctype,
     load,
     part_lines,
     preamble,
     reduction_arg,
     scalar_arg,
     slot_arg,
+    storage_of,
     store,
 )
 from ._qmaps import (
@@ -50,6 +52,7 @@ from ._qmaps import (
     ZERO_CODE,
     bucket_words,
 )
+from ._random import random_helpers
 
 BLOCK = 256
 BLOCKS = "blocks"  # the block table argument (its offset: the launch's first row)
@@ -139,7 +142,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
     are updated in place), each slot's arrays (a quantized slot's codes, absmax and plain
     float32 state; in and out when pure), the block table, the reductions' buffers, the
     scalars; every array with an element offset."""
-    storage = ctype(spec.dtype)
+    storage = storage_of(spec.dtype)
     pure = spec.mode == "pure"
     inplace_params = spec.mode == "inplace" and spec.apply
     kinds = iter(spec.slot_storage)
@@ -152,11 +155,11 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         params.append(f"__global {q}{ctype_} *restrict {arg}, const long {arg}_off")
         args.extend((Arg(arg, "buffer"), Arg(arg + "_off", "offset")))
 
-    buffer(U_IN, storage, True)
+    buffer(U_IN, POINTER[storage], True)
     if spec.needs_params or spec.apply:
-        buffer(P_IN, storage, not inplace_params)
+        buffer(P_IN, POINTER[storage], not inplace_params)
     if not inplace_params:
-        buffer(OUT, storage, False)
+        buffer(OUT, POINTER[storage], False)
     ios = ("in", "out") if pure else ("",)
     for (k, slot), kind in kind_of.items():
         for io in ios:
@@ -166,7 +169,10 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
                 buffer(absmax_arg(base), "float", const)
                 buffer(plain_arg(base), "float", const)
             else:
-                buffer(base, {"bf16": "ushort"}.get(kind, kind), const)
+                buffer(base, POINTER[kind], const)
+    indexed = any(frag.element_index for frag in fragments)
+    if indexed:  # (the element index's base: see _codegen.INDEX)
+        buffer(INDEX, "uchar", True)
     buffer(BLOCKS, "long", True)
     buffer(BUCKETS_ARG, "uint", True)
     for k, frag in enumerate(fragments):
@@ -217,6 +223,8 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         """``lines`` (over ``q8_e``) for each element of the row: a loop of a constant trip
         count for a whole block (vectorised), else one up to ``q8_count``."""
         head = "const long i = q8_first + q8_e, q8_s = q8_pos + q8_e;"
+        if indexed:
+            head += f" const ulong idx = (ulong)({INDEX}_off + i);"
         out = []
         for cond, bound in ((f"if (q8_count == {BLOCK}) {{", BLOCK), ("} else {", "q8_count")):
             out += [f"    {cond}", f"    for (long q8_e = 0; q8_e < {bound}; q8_e++) {{",
@@ -264,7 +272,9 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     src = (
         f"//CL// {name}: {title} (8-bit state)\n"
-        + preamble("float", spec.acc == "double", "bf16" in spec.slot_storage)
+        + preamble("float", spec.acc == "double", "bf16" in (storage, *spec.slot_storage))
+        + ("#define PARAMS_BF16\n" if storage == "bf16" else "")
+        + (random_helpers("float") if indexed else "")
         + _TABLES
         + _QUANTIZE
         + f"__kernel void {name}(\n    "

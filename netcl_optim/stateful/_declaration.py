@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .._validation import (
     BOOL,
     NON_NEGATIVE,
@@ -122,6 +124,7 @@ DIFFERENTIABLE = TorchKeyword(
 
 
 STATE_DTYPE, STATE_BITS, MIN_8BIT_SIZE = "state_dtype", "state_bits", "min_8bit_size"
+STOCHASTIC_ROUNDING = "stochastic_rounding"
 
 
 @dataclass(frozen=True)
@@ -129,11 +132,14 @@ class Storage:
     """How a group stores its optimizer state (every class's keyword-only arguments and
     group keys ``state_dtype``, ``state_bits``, ``min_8bit_size``; see
     :func:`netcl_optim.low_precision_state`): ``dtype`` a name (``"bfloat16"``) or None
-    (float32), ``bits`` 32 or 8, ``min_8bit_size`` the smallest parameter stored in 8 bits."""
+    (float32), ``bits`` 32 or 8, ``min_8bit_size`` the smallest parameter stored in 8 bits;
+    ``stochastic_rounding``: bfloat16 params written with stochastic rounding (see
+    :func:`netcl_optim.stochastic_rounding`, seed 0)."""
 
     dtype: str | None = None
     bits: int = 32
     min_8bit_size: int = 4096
+    stochastic_rounding: bool = False
 
     @staticmethod
     def of(
@@ -142,7 +148,7 @@ class Storage:
         """A group's storage, checked (ValueError naming ``where``); a key the group does
         not set takes its value from ``defaults`` (the class's)."""
         defaults = defaults or STORAGE_DEFAULTS
-        dtype, bits, size = (group.get(k, defaults[k]) for k in STORAGE_DEFAULTS)
+        dtype, bits, size, rounding = (group.get(k, defaults[k]) for k in STORAGE_DEFAULTS)
         place = f" in {where}" if where else ""
         try:
             name = storage_dtype(dtype)
@@ -157,10 +163,13 @@ class Storage:
                 f"state_bits=8 and state_dtype={dtype!r}{place}: 8-bit state has its own "
                 "layout (leave state_dtype None)"
             )
-        return Storage(None if name is None else str(name), int(bits), int(size))
+        if not isinstance(rounding, (bool, np.bool_)):
+            raise invalid(STOCHASTIC_ROUNDING, rounding, "a bool", where)
+        return Storage(None if name is None else str(name), int(bits), int(size), bool(rounding))
 
 
-STORAGE_DEFAULTS = {STATE_DTYPE: None, STATE_BITS: 32, MIN_8BIT_SIZE: 4096}
+STORAGE_DEFAULTS = {STATE_DTYPE: None, STATE_BITS: 32, MIN_8BIT_SIZE: 4096,
+                    STOCHASTIC_ROUNDING: False}  # fmt: skip
 
 
 def torch_lr(default: float) -> Hyperparameter:
@@ -226,7 +235,7 @@ class Declaration:
         for name, default in self.storage_defaults.items():
             if name not in names:
                 kind = inspect.Parameter.KEYWORD_ONLY
-                annotation = Any if name == STATE_DTYPE else int
+                annotation = {STATE_DTYPE: Any, STOCHASTIC_ROUNDING: bool}.get(name, int)
                 parameters.append(
                     inspect.Parameter(name, kind, default=default, annotation=annotation)
                 )
@@ -249,7 +258,7 @@ class Declaration:
         }
         storage = Storage.of({k: values[k] for k in self.storage_defaults})
         # (kept in the groups only where not the class's default: torch's keys otherwise)
-        stored = (storage.dtype, storage.bits, storage.min_8bit_size)
+        stored = (storage.dtype, storage.bits, storage.min_8bit_size, storage.stochastic_rounding)
         for k, v in zip(STORAGE_DEFAULTS, stored, strict=True):
             if v != self.storage_defaults[k]:
                 defaults[k] = v

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
 from ..fusion import EightBit, element_origin, sliced, storage_dtype
+from ..transforms._combining import chain as chain_of
+from ..transforms._rounding import StochasticRoundingState, stochastic_rounding
 from ..transforms._storage import low_precision_state
 from ..transforms._update import step_
 from . import _state_dict
@@ -41,9 +43,12 @@ from ._torch_state import (
     keys_of,
     nonnegative_keys,
     slot_starts,
+    torch_state,
 )
 
 _CHAIN_CACHE_SIZE = 32
+# stochastic_rounding=True: its generator counts the parameter's steps
+ROUNDING_COUNT = torch_state(StochasticRoundingState, count=STEP)
 
 
 class _Chain(NamedTuple):
@@ -149,7 +154,7 @@ class Optimizer(abc.ABC):
             cls.__name__, cls.hyperparameters, cls.requirements, cls.functional,
             cls.storage_defaults,
         )  # fmt: skip
-        cls._torch_states = {s.type: s for s in cls.torch_state}
+        cls._torch_states = {s.type: s for s in (*cls.torch_state, ROUNDING_COUNT)}
         keys: list[str] = []
         for s in cls.torch_state:
             keys += [k for k in s.keys if k not in keys]
@@ -429,11 +434,13 @@ def _constructor(cls: type[Optimizer]) -> Callable[..., None]:
 
 
 def _stored(tx: GradientTransformation, storage: Storage, signed: bool) -> GradientTransformation:
-    """``tx`` with its state stored as ``storage`` says."""
-    return low_precision_state(
+    """``tx`` with its state stored as ``storage`` says (and bfloat16 params rounded
+    stochastically where it says so)."""
+    tx = low_precision_state(
         tx, storage.dtype, state_bits=storage.bits, min_8bit_size=storage.min_8bit_size,
         signed=signed,
     )  # fmt: skip
+    return chain_of(tx, stochastic_rounding()) if storage.stochastic_rounding else tx
 
 
 def _declared_classes() -> list[type[Optimizer]]:

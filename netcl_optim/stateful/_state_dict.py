@@ -20,7 +20,7 @@ import pyopencl.array as cla
 from .._device import BFLOAT16
 from .._validation import invalid
 from ..fusion import dynamic_map, is_quantized
-from ._declaration import as_stored
+from ._declaration import STOCHASTIC_ROUNDING, as_stored
 from ._groups import Group, set_value
 from ._torch_state import STEP, key_shapes, keys_of
 
@@ -41,10 +41,10 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
     if not rec.has_state(i):
         return {}
     entry: dict[str, Any] = {}
-    if opt.torch_step:
+    group = next(g for g, r in zip(opt.param_groups, opt._groups, strict=True) if r is rec)
+    if _keeps_step(type(opt), group):
         entry[STEP] = float(rec.steps[i])
     if opt.torch_scalars:
-        group = next(g for g, r in zip(opt.param_groups, opt._groups, strict=True) if r is rec)
         for k, fn in opt.torch_scalars.items():
             entry[k] = np.float32(fn(group, rec.steps[i]))
     shapes = opt._state_shapes(rec)
@@ -232,7 +232,13 @@ def _group_keys(cls: type[Optimizer], group: Mapping[str, Any]) -> tuple[str, ..
     values = cls._declaration.validate(group, in_group=True)
     template = cls.functional(**values).init([])
     keys = keys_of(template, cls._torch_states, cls.__name__)
-    return ((STEP,) if cls.torch_step else ()) + tuple(keys)
+    return ((STEP,) if _keeps_step(cls, group) else ()) + tuple(keys)
+
+
+def _keeps_step(cls: type[Optimizer], group: Mapping[str, Any]) -> bool:
+    """Whether a parameter's entry holds ``"step"``: torch's does, or stochastic rounding
+    counts the parameter's steps (its generator's counter)."""
+    return cls.torch_step or bool(group.get(STOCHASTIC_ROUNDING, False))
 
 
 def _shapes(cls: type[Optimizer], group: Mapping[str, Any]) -> dict[str, Any]:
