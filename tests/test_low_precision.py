@@ -309,13 +309,13 @@ def test_wrappers_keep_low_precision_state(cl_queue, storage):
     assert all(np.array_equal(clipped[k], want[k]) for k in want)
 
 
-def _reduces(case: Any) -> bool:
+def _per_segment(case: Any) -> bool:
     from netcl_optim.fusion import walk
 
-    return any(getattr(t.plan, "reduces", False) for t in walk(case.make(no)))
+    return any(getattr(t.plan, "segment_reduction", None) is not None for t in walk(case.make(no)))
 
 
-BF16_PARAMS = [c for c in ELEMENTWISE if not _reduces(c)]
+BF16_PARAMS = [c for c in ELEMENTWISE if not _per_segment(c)]  # (whole-tree norms included)
 
 
 @pytest.mark.parametrize("case", BF16_PARAMS, ids=[c.id for c in BF16_PARAMS])
@@ -346,11 +346,14 @@ def test_bfloat16_params_are_float32_math_rounded_once(cl_queue, case):
         p32 = no.pack(p32)
 
 
-def test_bfloat16_params_refused_where_a_rule_reduces(cl_queue):
-    tx = no.chain(no.clip_by_global_norm(1.0), no.adam(1e-2))
+def test_bfloat16_params_refused_where_a_rule_has_values_per_leaf(cl_queue):
+    tx = no.novograd(1e-2)
     params = no.pack(no.to_device({"w": np.ones(10, BF16)}, cl_queue))
     state = tx.init(params)
-    with pytest.raises(TypeError, match="bfloat16 params and grads are stepped by element-wise"):
+    with pytest.raises(
+        TypeError,
+        match="bfloat16 params and grads are stepped by element-wise rules and whole-tree",
+    ):
         no.step(tx, params, no.to_device({"w": np.ones(10, BF16)}, cl_queue), state)
     assert np.array_equal(params["w"].get(), np.ones(10, BF16))
 

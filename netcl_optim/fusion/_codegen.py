@@ -31,8 +31,8 @@ def ctype(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype == BFLOAT16:
         raise TypeError(
-            "bfloat16 params and grads are stepped by element-wise rules only: clipping by a "
-            "norm, loss scaling and rules with values per leaf or row take float16, float32 "
+            "bfloat16 params and grads are stepped by element-wise rules and whole-tree norms "
+            "only: loss scaling and rules with values per leaf or row take float16, float32 "
             "or float64 arrays"
         )
     return _CTYPE[dtype]

@@ -10,7 +10,7 @@ import numpy as np
 import pyopencl as cl
 
 from .._base import Fragment
-from ._codegen import Arg, KernelSpec, ctype, fused_source, preamble
+from ._codegen import Arg, KernelSpec, fused_source, preamble, storage_of
 from ._quantized_codegen import blockwise_source
 
 _lock = threading.Lock()
@@ -131,12 +131,23 @@ _SUMS = {
 }
 
 
+def _loads(storage: str, width: int) -> tuple[str, str, str]:
+    """A reduce kernel's loads from ``x_base`` at ``k``: ``width`` elements as a vector, one
+    element, and the pointer's C type (bfloat16: 16-bit words, widened lane by lane)."""
+    if storage == "half":
+        return f"vload_half{width}(0, x_base + k)", "vload_half(k, x_base)", "half"
+    if storage == "bf16":
+        lanes = ", ".join(f"BF16_LOAD(x_base[k + {j}])" for j in range(width))
+        return f"(realv)({lanes})", "BF16_LOAD(x_base[k])", "ushort"
+    return f"vload{width}(0, x_base + k)", "x_base[k]", storage
+
+
 def _rescue(op: str, storage: str, acc: str) -> str:
     """Stage 1, after the plain partial ``r``: the scale ``m`` of its pair, and for a sum,
     an overflowed chunk redone scaled."""
     if op not in _SUMS:
         return f"    const {acc} m = 0;\n"
-    load = f"({acc})vload_half(j, x_base)" if storage == "half" else f"({acc})x_base[j]"
+    load = f"({acc})" + _loads(storage, 1)[1].replace("k", "j")
     power = _SUMS[op][0].format(y="y")
     return f"""    {acc} m = 0;
     if (r == INFINITY) {{  /* a sum overflowed, or an element is inf */
@@ -166,15 +177,12 @@ def _stage1_source(op: str, storage: str, acc: str) -> tuple[str, str]:
     vec, one, combine = _OPS[op]
     vec = vec.replace("real8", "realv")
     name = f"netcl_reduce_{op}_{storage}"
-    load_v = (
-        f"vload_half{width}(0, x_base + k)" if storage == "half" else f"vload{width}(0, x_base + k)"
-    )
-    load1 = "vload_half(k, x_base)" if storage == "half" else "x_base[k]"
+    load_v, load1, pointer = _loads(storage, width)
     lanes = "".join(f"        b = v.s{j}; a = r; r = {combine};\n" for j in range(1, width))
     src = f"""//CL// {name}: one partial per work-item over a contiguous chunk
-{preamble(real, "double" in (real, acc))}
+{preamble(real, "double" in (real, acc), storage == "bf16")}
 typedef {real}{width} realv;
-__kernel void {name}(__global const {storage} *restrict x_base, const long x_off, const long n,
+__kernel void {name}(__global const {pointer} *restrict x_base, const long x_off, const long n,
                      const long chunk, __global {acc} *restrict partials, const long p_off,
                      const real pw)
 {{
@@ -215,17 +223,19 @@ def _stage1_blocked_source(op: str, storage: str) -> tuple[str, str]:
     vec = vec.replace("real8", "realv")
     lane, w = ("double", 4) if op == "sumpow" else ("float", 8)
     name = f"netcl_reduce_{op}_{storage}"
-    load_v = f"vload_half{w}(0, x_base + k)" if storage == "half" else f"vload{w}(0, x_base + k)"
-    load1 = "vload_half(k, x_base)" if storage == "half" else "x_base[k]"
+    load_v, load1, pointer = _loads(storage, w)
     if lane == "double":
         load_v, load1 = f"convert_double4({load_v})", f"(double){load1}"
+        if storage == "bf16":  # (lanes widened to float, then to double)
+            load_v = "convert_double4((float4)(" + ", ".join(
+                f"BF16_LOAD(x_base[k + {j}])" for j in range(w)) + "))"  # fmt: skip
         add = "lo += a;"
     else:
         add = "lo += convert_double4(a.lo);\n        hi += convert_double4(a.hi);"
     src = f"""//CL// {name}: one partial per work-item over a contiguous chunk, blocks in double
-{preamble(lane, True)}
+{preamble(lane, True, storage == "bf16")}
 typedef {lane}{w} realv;
-__kernel void {name}(__global const {storage} *restrict x_base, const long x_off, const long n,
+__kernel void {name}(__global const {pointer} *restrict x_base, const long x_off, const long n,
                      const long chunk, __global double *restrict partials, const long p_off,
                      const float pw_in)
 {{
@@ -322,7 +332,7 @@ def reduce_kernel(context: cl.Context, op: str, dtype: np.dtype, acc: str) -> cl
     key = (context, "stage1", op, np.dtype(dtype), acc)
     kernel = _reduce.get(key)
     if kernel is None:
-        src, name = _stage1_source(op, ctype(dtype), acc)
+        src, name = _stage1_source(op, storage_of(dtype), acc)
         real = np.float64 if np.dtype(dtype) == np.float64 else np.float32
         dts = [None, np.int64, np.int64, np.int64, None, np.int64, real]
         kernel = _reduce[key] = build(context, src, name, dts)
