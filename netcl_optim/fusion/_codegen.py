@@ -31,9 +31,9 @@ def ctype(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype == BFLOAT16:
         raise TypeError(
-            "bfloat16 params and grads are stepped by element-wise rules and whole-tree norms "
-            "only: loss scaling and rules with values per leaf or row take float16, float32 "
-            "or float64 arrays"
+            "bfloat16 params and grads are stepped by the fused rules (element-wise, whole-tree "
+            "norms, values per leaf or row): loss scaling, gradient clipping by value or norm "
+            "outside a chain, Adafactor and SM3 take float16, float32 or float64 arrays"
         )
     return _CTYPE[dtype]
 

@@ -44,7 +44,7 @@ import pyopencl.array as cla
 
 from .._base import SegmentReduction
 from .._packing import contiguous_run, element_offset, layout
-from ._codegen import ctype, preamble
+from ._codegen import POINTER, preamble, storage_of
 from ._launch import TILE, Single, Tiled, launch, note_launches
 from ._programs import build
 
@@ -287,10 +287,14 @@ def _reduce_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str, 
     def load_v(r: str) -> str:
         if storage == "half":
             return f"vload_half{w}(0, {r}_in + k)"
+        if storage == "bf16":  # (16-bit words, widened lane by lane)
+            return f"({vec})(" + ", ".join(f"BF16_LOAD({r}_in[k + {j}])" for j in range(w)) + ")"
         return f"vload{w}(0, {r}_in + k)"
 
     def load1(r: str) -> str:
-        return f"vload_half(k, {r}_in)" if storage == "half" else f"{r}_in[k]"
+        return {"half": f"vload_half(k, {r}_in)", "bf16": f"BF16_LOAD({r}_in[k])"}.get(
+            storage, f"{r}_in[k]"
+        )
 
     def lanes(j: int) -> str:  # a block's lanes into the accumulator, in a fixed order
         if w == 4:
@@ -298,7 +302,8 @@ def _reduce_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str, 
         halves = [f"(({acc})b{j}.s{a} + ({acc})b{j}.s{a + 1})" for a in range(0, 8, 2)]
         return f"({halves[0]} + {halves[1]}) + ({halves[2]} + {halves[3]})"
 
-    args = [f"__global const {storage} *restrict {r}_in, const long {r}_in_off" for r in roles]
+    pointer = POINTER[storage]
+    args = [f"__global const {pointer} *restrict {r}_in, const long {r}_in_off" for r in roles]
     shift = "".join(f"    {r}_in += {r}_in_off;\n" for r in roles)
     loads = "".join(f"            const {vec} {r} = {load_v(r)};\n" for r in roles)
     adds = "".join(f"            b{j} = b{j} + ({term});\n" for j, term in enumerate(red.terms))
@@ -322,7 +327,7 @@ def _reduce_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str, 
     }}
 """
     src = f"""//CL// {name}: one partial per chunk of a segment ({", ".join(red.terms)})
-{preamble(real, "double" in (real, acc))}
+{preamble(real, "double" in (real, acc), storage == "bf16")}
 typedef {vec} realv;
 __kernel void {name}({", ".join(args)},
     __global const long *restrict chunks, const long chunks_off,
@@ -351,10 +356,12 @@ def _strided_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str,
     name = f"netcl_segsum_columns_{storage}_{acc}_{digest}"
     roles = ["u"] + (["p"] if red.needs_params else [])
     t = len(red.terms)
-    args = [f"__global const {storage} *restrict {r}_in, const long {r}_in_off" for r in roles]
+    pointer = POINTER[storage]
+    args = [f"__global const {pointer} *restrict {r}_in, const long {r}_in_off" for r in roles]
 
     def load1(r: str) -> str:
-        return f"({acc})" + (f"vload_half(k, {r}_in)" if storage == "half" else f"{r}_in[k]")
+        load = {"half": f"vload_half(k, {r}_in)", "bf16": f"BF16_LOAD({r}_in[k])"}
+        return f"({acc})" + load.get(storage, f"{r}_in[k]")
 
     loads = "".join(f"            const {acc} {r} = {load1(r)};\n" for r in roles)
     first_row = "".join(
@@ -367,7 +374,13 @@ def _strided_source(red: SegmentReduction, storage: str, acc: str) -> tuple[str,
     )
     shift = "".join(f"    {r}_in += {r}_in_off;\n" for r in roles)
     src = f"""//CL// {name}: one work-item per block of rows of columns ({", ".join(red.terms)})
-{preamble("double" if "double" in (storage, acc) else "float", "double" in (storage, acc))}
+{
+        preamble(
+            "double" if "double" in (storage, acc) else "float",
+            "double" in (storage, acc),
+            storage == "bf16",
+        )
+    }
 __kernel void {name}({", ".join(args)},
     __global const long *restrict strided, const long strided_off,
     __global {acc} *restrict partials)
@@ -513,9 +526,9 @@ def reduce_segments(
         if not total:
             continue
         if table == "chunks":
-            kernel = _reducer(ctx, red, ctype(dtype), acc)
+            kernel = _reducer(ctx, red, storage_of(dtype), acc)
         else:  # columns: a work-item streams a block of rows
-            kernel = _strided_reducer(ctx, red, ctype(dtype), acc)
+            kernel = _strided_reducer(ctx, red, storage_of(dtype), acc)
         rows = tables[table].base_data
         if None not in runs:
             args = [v for run in runs for v in run]
