@@ -371,7 +371,7 @@ def test_bfloat16_params_refused_by_rules_with_kernels_of_their_own(cl_queue):
     state = tx.init(params)
     with pytest.raises(
         TypeError,
-        match="bfloat16 params and grads are stepped by element-wise rules and whole-tree",
+        match="bfloat16 params and grads are stepped by the fused rules",
     ):
         no.step(tx, params, no.to_device({"w": np.ones(10, BF16)}, cl_queue), state)
     assert np.array_equal(params["w"].get(), np.ones(10, BF16))
