@@ -107,6 +107,50 @@ def test_low_precision_state_is_float32_state_rounded(cl_queue, case, name, dtyp
         params = no.apply_updates(params, u)
 
 
+def _run(opt, params, steps, queue):
+    """Stateful steps: each of ``steps`` (a grad per param) set as the grads, then a step."""
+    for g in steps:
+        for p, x in zip(params, g, strict=True):
+            p.grad = no.to_device(x, queue)
+        opt.step()
+
+
+def _bits16(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _stateful_resumes(queue, tmp_path, fresh, make, make_plain, tx, grads, split):
+    """``make(fresh())``, stepped through ``grads[:split]``, equals the functional ``tx``
+    stepped alike (bit for bit); its state dict, saved and loaded by ``make_plain`` (storage
+    left to the loaded groups), continues bit for bit through the rest. Returns the state
+    dict after ``split`` steps."""
+    params = fresh()
+    opt = make(params)
+    fp = no.pack([p.data.copy() for p in params])
+    fs = tx.init(fp)
+    _run(opt, params, grads[:split], queue)
+    for g in grads[:split]:
+        fp, fs = no.step(tx, fp, no.to_device(g, queue), fs)
+    for p, q in zip(params, fp, strict=True):
+        assert np.array_equal(_bits16(p.data.get()), _bits16(q.get()))
+    sd = opt.state_dict()
+    no.save(tmp_path / "opt.npz", sd)
+    params2 = fresh()
+    for p, q in zip(params2, params, strict=True):
+        p.data.set(q.data.get())
+    opt2 = make_plain(params2)
+    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
+    _run(opt, params, grads[split:], queue)
+    _run(opt2, params2, grads[split:], queue)
+    for p, q in zip(params, params2, strict=True):
+        assert np.array_equal(_bits16(p.data.get()), _bits16(q.data.get()))
+    opt.zero_grad(set_to_none=False)
+    with no.count_launches() as c:  # packed params and grads: one kernel per group
+        opt.step()
+    assert len(set(c.kernels)) == 1 and c.launches <= 2  # (a size off 32 splits in two)
+    return sd
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in STAGES], ids=lambda c: c.id)
 def test_rules_with_own_kernels_refuse_low_precision_state(case):
     with pytest.raises(ValueError, match="keeps its state in float32"):
@@ -152,48 +196,24 @@ def test_stateful_state_dtype_equals_functional_and_resumes(cl_queue, row_id, na
     row = BY_ID[row_id]
     rng = np.random.default_rng(1)
     grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(6)]
-    params = _params(cl_queue)
-    opt = row.make_stateful(no, params, {**row.class_kwargs(), "state_dtype": name})
-    assert opt.param_groups[0]["state_dtype"] == name
-    tx = no.low_precision_state(row.make(no), name)
-    fp = no.pack([p.data.copy() for p in params])
-    fs = tx.init(fp)
+    made = []
 
-    def run(opt, params, steps):
-        for g in steps:
-            for p, x in zip(params, g, strict=True):
-                p.grad = no.to_device(x, cl_queue)
-            opt.step()
+    def make(params):
+        made.append(row.make_stateful(no, params, {**row.class_kwargs(), "state_dtype": name}))
+        return made[-1]
 
-    run(opt, params, grads[:3])
-    for g in grads[:3]:
-        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
-    for p, q in zip(params, fp, strict=True):
-        assert np.array_equal(p.data.get(), q.get())
-    for entry in opt.state.values():
+    # resume: state_dict into a fresh float32-declared optimizer, and a checkpoint file
+    sd = _stateful_resumes(cl_queue, tmp_path, lambda: _params(cl_queue), make,
+                           lambda ps: row.make_stateful(no, ps),
+                           no.low_precision_state(row.make(no), name), grads, 3)  # fmt: skip
+    assert made[0].param_groups[0]["state_dtype"] == sd["param_groups"][0]["state_dtype"] == name
+    for entry in sd["state"].values():
         for k, v in entry.items():
             if k != "step":
                 assert v.dtype == STORAGE[name], (k, v.dtype)
-    # resume: state_dict into a fresh float32-declared optimizer, and a checkpoint file
-    sd = opt.state_dict()
-    no.save(tmp_path / "opt.npz", sd)
-    params2 = _params(cl_queue)
-    for p, q in zip(params2, params, strict=True):
-        p.data.set(q.data.get())
-    opt2 = row.make_stateful(no, params2)
-    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
-    assert opt2.param_groups[0]["state_dtype"] == name
-    run(opt, params, grads[3:])
-    run(opt2, params2, grads[3:])
-    for p, q in zip(params, params2, strict=True):
-        assert np.array_equal(p.data.get(), q.data.get())
-    before = opt.state_dict()
-    for k, v in before["state"][0].items():
-        if k != "step":
-            assert v.dtype == STORAGE[name]
     # a float32 state dict loads into a bfloat16 optimizer: rounded once
     opt32 = row.make_stateful(no, _params(cl_queue))
-    run(opt32, opt32.param_groups[0]["params"], grads[:2])
+    _run(opt32, opt32.param_groups[0]["params"], grads[:2], cl_queue)
     opt3 = row.make_stateful(no, _params(cl_queue), {**row.class_kwargs(), "state_dtype": name})
     # a dict without storage keys (torch's, or ours at the default): the optimizer keeps its
     # own storage, the loaded state cast into it
@@ -254,39 +274,14 @@ def test_eight_bit_stateful_resumes_bit_for_bit(cl_queue, tmp_path):
         return [S.Parameter(no.to_device(r.standard_normal(s).astype(np.float32), cl_queue))
                 for s in shapes]  # fmt: skip
 
-    def run(opt, params, steps):
-        for g in steps:
-            for p, x in zip(params, g, strict=True):
-                p.grad = no.to_device(x, cl_queue)
-            opt.step()
-
-    params = fresh()
-    opt = no.Adam(params, lr=1e-2, state_bits=8)
-    tx = no.low_precision_state(no.adam(1e-2), state_bits=8)
-    fp = no.pack([p.data.copy() for p in params])
-    fs = tx.init(fp)
-    run(opt, params, grads[:3])
-    for g in grads[:3]:
-        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
-    for p, q in zip(params, fp, strict=True):
-        assert np.array_equal(p.data.get(), q.get())
-    entry = opt.state_dict()["state"][0]
+    sd = _stateful_resumes(
+        cl_queue, tmp_path, fresh, lambda ps: no.Adam(ps, lr=1e-2, state_bits=8),
+        lambda ps: no.Adam(ps, lr=1e-2),  # float32-declared: the saved groups say 8 bits
+        no.low_precision_state(no.adam(1e-2), state_bits=8), grads, 3,
+    )  # fmt: skip
+    entry = sd["state"][0]
     assert entry["exp_avg"].dtype == np.uint8 and entry["exp_avg_absmax"].shape == (28,)
     assert entry["exp_avg_qmap"][127] == 0 and entry["exp_avg_sq_qmap"][0] == 0
-    no.save(tmp_path / "opt.npz", opt.state_dict())
-    params2 = fresh()
-    for p, q in zip(params2, params, strict=True):
-        p.data.set(q.data.get())
-    opt2 = no.Adam(params2, lr=1e-2)  # float32-declared: the saved groups say 8 bits
-    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
-    run(opt, params, grads[3:])
-    run(opt2, params2, grads[3:])
-    for p, q in zip(params, params2, strict=True):
-        assert np.array_equal(p.data.get(), q.data.get())
-    opt.zero_grad(set_to_none=False)
-    with no.count_launches() as c:  # packed params and grads: one launch
-        opt.step()
-    assert c.launches == 1
 
 
 @pytest.mark.parametrize("storage", [{"state_bits": 8}, {"state_dtype": "bfloat16"}])
@@ -399,33 +394,10 @@ def test_bfloat16_params_stateful_equals_functional_and_resumes(cl_queue, storag
         return [S.Parameter(no.to_device(r.standard_normal(s).astype(BF16), cl_queue))
                 for s in shapes]  # fmt: skip
 
-    def run(opt, params, steps):
-        for g in steps:
-            for p, x in zip(params, g, strict=True):
-                p.grad = no.to_device(x, cl_queue)
-            opt.step()
-
-    params = fresh()
-    opt = no.AdamW(params, lr=1e-2, **storage)
     tx = no.low_precision_state(no.adamw(1e-2), storage.get("state_dtype"),
                                 state_bits=storage.get("state_bits", 32))  # fmt: skip
-    fp = no.pack([p.data.copy() for p in params])
-    fs = tx.init(fp)
-    run(opt, params, grads[:2])
-    for g in grads[:2]:
-        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
-    for p, q in zip(params, fp, strict=True):
-        assert p.data.dtype == BF16 and np.array_equal(p.data.get(), q.get())
-    no.save(tmp_path / "opt.npz", opt.state_dict())
-    params2 = fresh()
-    for p, q in zip(params2, params, strict=True):
-        p.data.set(q.data.get())
-    opt2 = no.AdamW(params2, lr=1e-2)
-    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
-    run(opt, params, grads[2:])
-    run(opt2, params2, grads[2:])
-    for p, q in zip(params, params2, strict=True):
-        assert np.array_equal(p.data.get(), q.data.get())
+    _stateful_resumes(cl_queue, tmp_path, fresh, lambda ps: no.AdamW(ps, lr=1e-2, **storage),
+                      lambda ps: no.AdamW(ps, lr=1e-2), tx, grads, 2)  # fmt: skip
 
 
 def _stochastic_reference(p, u, seed, t, first_index):
@@ -501,31 +473,10 @@ def test_stochastic_rounding_stateful_equals_functional_and_resumes(cl_queue, cl
     def fresh():
         return [S.Parameter(no.to_device(np.ones(s, BF16), cl_queue)) for s in shapes]
 
-    def run(opt, params, steps):
-        for g in steps:
-            for p, x in zip(params, g, strict=True):
-                p.grad = no.to_device(x, cl_queue)
-            opt.step()
-
-    params = fresh()
-    opt = getattr(no, cls)(params, lr=1e-3, stochastic_rounding=True)
-    tx = no.chain(getattr(no, cls.lower())(1e-3), no.stochastic_rounding())
-    fp = no.pack([p.data.copy() for p in params])
-    fs = tx.init(fp)
-    run(opt, params, grads[:3])
-    for g in grads[:3]:
-        fp, fs = no.step(tx, fp, no.to_device(g, cl_queue), fs)
-    for p, q in zip(params, fp, strict=True):
-        assert np.array_equal(p.data.get().view(np.uint16), q.get().view(np.uint16))
-    sd = opt.state_dict()
+    sd = _stateful_resumes(
+        cl_queue, tmp_path, fresh,
+        lambda ps: getattr(no, cls)(ps, lr=1e-3, stochastic_rounding=True),
+        lambda ps: getattr(no, cls)(ps, lr=1e-3),
+        no.chain(getattr(no, cls.lower())(1e-3), no.stochastic_rounding()), grads, 3,
+    )  # fmt: skip
     assert sd["state"][0]["step"] == 3.0  # (the generator's counter, also for SGD)
-    no.save(tmp_path / "opt.npz", sd)
-    params2 = fresh()
-    for p, q in zip(params2, params, strict=True):
-        p.data.set(q.data.get())
-    opt2 = getattr(no, cls)(params2, lr=1e-3)
-    opt2.load_state_dict(no.load(tmp_path / "opt.npz"))
-    run(opt, params, grads[3:])
-    run(opt2, params2, grads[3:])
-    for p, q in zip(params, params2, strict=True):
-        assert np.array_equal(p.data.get().view(np.uint16), q.data.get().view(np.uint16))

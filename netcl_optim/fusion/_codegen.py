@@ -294,6 +294,22 @@ def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) ->
     return body
 
 
+def step_arguments(
+    fragments: Sequence[Fragment], acc: str, params: list[str], args: list[Arg]
+) -> None:
+    """Append the per-step arguments (each part's reduction buffer, then each part's
+    scalars), after a kernel's arrays: their declarations to ``params``, their ``Arg``s to
+    ``args`` (the executor binds them in this order)."""
+    for k, frag in enumerate(fragments):
+        if frag.reduction is not None:
+            params.append(f"__global const {acc} *restrict {reduction_arg(k)}")
+            args.append(Arg(reduction_arg(k), "buffer"))
+    for k, frag in enumerate(fragments):
+        for s in frag.scalars:
+            params.append(f"const real {scalar_arg(s, k)}")
+            args.append(Arg(scalar_arg(s, k), "scalar"))
+
+
 def part_lines(
     frag: Fragment,
     k: int,
@@ -379,14 +395,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         for k, frag in enumerate(fragments):
             if frag.segment_reduction is not None:
                 buffer(segment_arg(k), spec.acc, True)
-    for k, frag in enumerate(fragments):
-        if frag.reduction is not None:
-            params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
-            args.append(Arg(reduction_arg(k), "buffer"))
-    for k, frag in enumerate(fragments):
-        for s in frag.scalars:
-            params.append(f"const real {scalar_arg(s, k)}")
-            args.append(Arg(scalar_arg(s, k), "scalar"))
+    step_arguments(fragments, spec.acc, params, args)
 
     def load_slot(k: int, slot: str) -> str:
         src = slot_arg(slot, k, "in" if pure else "")

@@ -37,9 +37,8 @@ from ._codegen import (
     load,
     part_lines,
     preamble,
-    reduction_arg,
-    scalar_arg,
     slot_arg,
+    step_arguments,
     storage_of,
     store,
 )
@@ -175,14 +174,7 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
         buffer(INDEX, "uchar", True)
     buffer(BLOCKS, "long", True)
     buffer(BUCKETS_ARG, "uint", True)
-    for k, frag in enumerate(fragments):
-        if frag.reduction is not None:
-            params.append(f"__global const {spec.acc} *restrict {reduction_arg(k)}")
-            args.append(Arg(reduction_arg(k), "buffer"))
-    for k, frag in enumerate(fragments):
-        for s in frag.scalars:
-            params.append(f"const real {scalar_arg(s, k)}")
-            args.append(Arg(scalar_arg(s, k), "scalar"))
+    step_arguments(fragments, spec.acc, params, args)
 
     def arg(k: int, slot: str, io: str) -> str:
         return slot_arg(slot, k, io if pure else "")
