@@ -480,3 +480,20 @@ def test_stochastic_rounding_stateful_equals_functional_and_resumes(cl_queue, cl
         no.chain(getattr(no, cls.lower())(1e-3), no.stochastic_rounding()), grads, 3,
     )  # fmt: skip
     assert sd["state"][0]["step"] == 3.0  # (the generator's counter, also for SGD)
+
+
+@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grad_norm_device", "clip_grad_value_"])
+def test_clipping_functions_on_bfloat16_grads(cl_queue, fn):
+    """The clipping functions scale or clamp bfloat16 grads in float32, rounding once: the
+    float32 result on their exact values, rounded to nearest even."""
+    rng = np.random.default_rng(15)
+    grads = [(3 * rng.standard_normal(s)).astype(BF16) for s in [(70, 100), (100,), ()]]
+    results = []
+    for dtype in (BF16, np.float32):
+        params = [S.Parameter(no.to_device(np.zeros(g.shape, dtype), cl_queue)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = no.to_device(g.astype(dtype), cl_queue)
+        getattr(no, fn)(params, 0.5)
+        results.append([p.grad.get() for p in params])
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == BF16 and np.array_equal(a.view(np.uint16), b.astype(BF16).view(np.uint16))

@@ -32,8 +32,8 @@ def ctype(dtype: np.dtype) -> str:
     if dtype == BFLOAT16:
         raise TypeError(
             "bfloat16 params and grads are stepped by the fused rules (element-wise, whole-tree "
-            "norms, values per leaf or row): loss scaling, gradient clipping by value or norm "
-            "outside a chain, Adafactor and SM3 take float16, float32 or float64 arrays"
+            "norms, values per leaf or row) and clipped by the clipping functions: loss "
+            "scaling, Adafactor and SM3 take float16, float32 or float64 arrays"
         )
     return _CTYPE[dtype]
 

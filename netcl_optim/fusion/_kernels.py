@@ -11,7 +11,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._packing import element_offset
-from ._codegen import ctype, preamble
+from ._codegen import POINTER, ctype, load, preamble, storage_of, store
 from ._launch import launch, note_launches
 from ._programs import build
 from ._reductions import acc_ctype
@@ -165,11 +165,13 @@ def _clip_scale_source(storage: str, acc: str) -> tuple[str, str]:
     name = f"netcl_clip_scale_{storage}_{acc}"
     if storage == "half":
         body = "vstore_half_rte(vload_half(x_off + i, x) * coef, x_off + i, x);"
+    elif storage == "bf16":
+        body = store("bf16", "x", "x_off + i", load("bf16", "x", "x_off + i") + " * coef")
     else:
         body = "x[x_off + i] = x[x_off + i] * coef;"
     src = f"""//CL// {name}: x *= clip coefficient (red[1]), in place
-{preamble(real, "double" in (real, acc))}
-__kernel void {name}(__global {storage} *restrict x, const long x_off,
+{preamble(real, "double" in (real, acc), storage == "bf16")}
+__kernel void {name}(__global {POINTER[storage]} *restrict x, const long x_off,
                      __global const {acc} *restrict red)
 {{
     const long i = get_global_id(0);
@@ -181,7 +183,7 @@ __kernel void {name}(__global {storage} *restrict x, const long x_off,
 
 
 def _clip_scale_kernel(queue: cl.CommandQueue, dtype: np.dtype, acc: str) -> cl.Kernel:
-    src, name = _clip_scale_source(ctype(dtype), acc)
+    src, name = _clip_scale_source(storage_of(dtype), acc)
     return build(queue.context, src, name, [None, np.int64, None])
 
 
@@ -202,16 +204,16 @@ def _clip_value_source(storage: str) -> tuple[str, str]:
     real = "double" if storage == "double" else "float"
     name = f"netcl_clip_value_{storage}"
     clamp = "v < -c ? -c : (v > c ? c : v)"  # torch's clamp_min then clamp_max: NaN stays NaN
-    if storage == "half":  # stores only a clamped value: a NaN keeps its bits
+    if storage in ("half", "bf16"):  # stores only a clamped value: a NaN keeps its bits
         body = (
-            "const real v = vload_half(x_off + i, x);\n"
-            "    if (v < -c || v > c) vstore_half_rte(v < -c ? -c : c, x_off + i, x);"
+            f"const real v = {load(storage, 'x', 'x_off + i')};\n"
+            f"    if (v < -c || v > c) {store(storage, 'x', 'x_off + i', 'v < -c ? -c : c')}"
         )
     else:
         body = f"const real v = x[x_off + i];\n    x[x_off + i] = {clamp};"
     src = f"""//CL// {name}: x = clamp(x, -c, c), in place
-{preamble(real, real == "double")}
-__kernel void {name}(__global {storage} *restrict x, const long x_off, const real c)
+{preamble(real, real == "double", storage == "bf16")}
+__kernel void {name}(__global {POINTER[storage]} *restrict x, const long x_off, const real c)
 {{
     const long i = get_global_id(0);
     {body}
@@ -227,7 +229,7 @@ def clamp_value(
     ``x_off`` (half clamped in float; NaN stays NaN). One launch (none for ``n == 0``)."""
     if not n:
         return
-    storage = ctype(dtype)
+    storage = storage_of(dtype)
     src, name = _clip_value_source(storage)
     real = np.float64 if storage == "double" else np.float32
     launch(build(queue.context, src, name, [None, np.int64, real]), queue, n, [x, x_off, c])
@@ -236,13 +238,13 @@ def clamp_value(
 @cache
 def _clip_coef_source(storage: str, acc: str) -> tuple[str, str]:
     name = f"netcl_clip_coef_{storage}_{acc}"
-    load = "vload_half(norm_off, norm)" if storage == "half" else "norm[norm_off]"
+    value = load(storage, "norm", "norm_off")
     src = f"""//CL// {name}: out = [norm, clamp(max_norm / (norm + 1e-6), max=1)] (NaN stays NaN)
-{preamble(acc, "double" in (storage, acc))}
-__kernel void {name}(__global const {storage} *restrict norm, const long norm_off,
+{preamble(acc, "double" in (storage, acc), storage == "bf16")}
+__kernel void {name}(__global const {POINTER[storage]} *restrict norm, const long norm_off,
                      __global {acc} *restrict out, const {acc} max_norm)
 {{
-    const {acc} t = ({acc}){load};
+    const {acc} t = ({acc}){value};
     const {acc} c = max_norm / (t + ({acc})1e-6);
     out[0] = t;
     out[1] = isnan(c) ? c : fmin(c, ({acc})1);
@@ -257,7 +259,7 @@ def clip_coefficient(norm: cla.Array, max_norm: float, out: cla.Array) -> None:
     ``"clip"`` reduction leaves them for :func:`clip_scale`. One single-work-item launch."""
     queue = norm.queue
     acc = acc_ctype(queue)
-    src, name = _clip_coef_source(ctype(norm.dtype), acc)
+    src, name = _clip_coef_source(storage_of(norm.dtype), acc)
     acc_dtype = np.float64 if acc == "double" else np.float32
     kernel = build(queue.context, src, name, [None, np.int64, None, acc_dtype])
     launch(kernel, queue, 1, [norm.base_data, element_offset(norm), out.base_data, max_norm])
