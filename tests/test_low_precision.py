@@ -66,9 +66,11 @@ def _nan(tree: Any) -> Any:
 # and stores of the same kernels) over a few rows: each new kernel is a compile in a cold CI
 FEW_ROWS = {"adam", "adamw", "sgd-momentum", "rmsprop-centered-momentum", "lion", "adagrad",
             "scale_by_adam-custom", "cocob", "trace-nesterov"}  # fmt: skip
-ROUNDED = [pytest.param(c, "bfloat16", (F32,), id=f"{c.id}-bfloat16") for c in ELEMENTWISE] + [
-    pytest.param(c, name, (F32, F16), id=f"{c.id}-{name}-mixed")
-    for c in ELEMENTWISE if c.id in FEW_ROWS for name in ("bfloat16", "float16")
+# (every row runs bfloat16 state with bfloat16 params below, one kernel per row)
+ROUNDED = [
+    pytest.param(c, name, dtypes, id=f"{c.id}-{name}-{'mixed' if len(dtypes) > 1 else 'f32'}")
+    for c in ELEMENTWISE if c.id in FEW_ROWS
+    for name, dtypes in (("bfloat16", (F32,)), ("bfloat16", (F32, F16)), ("float16", (F32, F16)))
 ]  # fmt: skip
 
 
@@ -335,8 +337,9 @@ BF16_PARAMS = ELEMENTWISE  # (whole-tree norms and values per leaf or row includ
 
 @pytest.mark.parametrize("case", BF16_PARAMS, ids=[c.id for c in BF16_PARAMS])
 def test_bfloat16_params_are_float32_math_rounded_once(cl_queue, case):
-    """bfloat16 params and grads: a step is the float32 step on their exact float32 values,
-    the new params rounded to nearest even once (state float32, or as stored)."""
+    """bfloat16 params and grads, and bfloat16 state: a step is the float32 step on their
+    exact float32 values, the new params and state rounded to nearest even once (one
+    kernel per row: the float32 rows' kernels are the other tests' too)."""
     rng = np.random.default_rng(11)
     shapes = {"w": (33, 17), "b": (5,)}
     scale = case.param_scale
@@ -344,31 +347,42 @@ def test_bfloat16_params_are_float32_math_rounded_once(cl_queue, case):
     def draw():
         return {k: (rng.standard_normal(s) * scale).astype(BF16) for k, s in shapes.items()}
 
+    def as_stored(host_state: Any, like: Any) -> Any:  # host values into ``like``'s storage
+        return optree.tree_map(
+            lambda d, r: no.to_device(r.astype(d.dtype), cl_queue)
+            if isinstance(d, cla.Array) else d, like, host_state, none_is_leaf=True)  # fmt: skip
+
     tx = case.make(no)
+    low = no.low_precision_state(tx, "bfloat16")
     host = draw()
     p16 = no.pack(no.to_device(host, cl_queue))
     p32 = no.pack(no.to_device({k: v.astype(np.float32) for k, v in host.items()}, cl_queue))
-    s16, s32 = tx.init(p16), tx.init(p32)
+    s16, s32 = low.init(p16), tx.init(p32)
+    rounded_state = _round_like(snapshot(s32), snapshot(s16), BF16)  # (the start values)
+    s32 = as_stored(rounded_state, s32)
     for k in range(3):
         g = draw()
         before = no.to_host(p16)
-        p16, s16 = no.step(tx, p16, no.to_device(g, cl_queue), s16)
+        p16, s16 = no.step(low, p16, no.to_device(g, cl_queue), s16)
         g32 = {n: v.astype(np.float32) for n, v in g.items()}
         p32, s32 = no.step(tx, p32, no.to_device(g32, cl_queue), s32)
         rounded = {n: v.astype(BF16) for n, v in no.to_host(p32).items()}
+        rounded_state = _round_like(snapshot(s32), snapshot(s16), BF16)
         if _materializes(case):  # the updates between its kernels stored in bfloat16
             for n, v in no.to_host(p16).items():
                 want = rounded[n].astype(np.float32)
                 ulp = np.abs(np.spacing(rounded[n])).astype(np.float32)  # (bfloat16's)
                 moved = np.abs(want - before[n].astype(np.float32))
                 assert np.all(np.abs(v.astype(np.float32) - want) <= 2 * ulp + moved / 64), n
-            s16 = s32  # (compare each step from the same state)
+            s16 = as_stored(rounded_state, s16)  # (compare each step from the same state)
             p16 = no.pack(no.to_device(rounded, cl_queue))
         else:
             assert_bitwise_equal(_nan(no.to_host(p16)), _nan(rounded), f"params after step {k}")
-            assert_bitwise_equal(_nan(snapshot(s16)), _nan(snapshot(s32)), f"state, step {k}")
-        p32 = no.to_device({n: v.astype(np.float32) for n, v in rounded.items()}, cl_queue)
-        p32 = no.pack(p32)
+            assert_bitwise_equal(_nan(_widen(snapshot(s16))), _nan(rounded_state),
+                                 f"state after step {k}")  # fmt: skip
+        p32 = no.pack(no.to_device({n: v.astype(np.float32) for n, v in rounded.items()},
+                                   cl_queue))  # fmt: skip
+        s32 = as_stored(rounded_state, s32)
 
 
 def test_bfloat16_params_refused_by_rules_with_kernels_of_their_own(cl_queue):
