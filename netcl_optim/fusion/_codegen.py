@@ -440,16 +440,33 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         body = _sums_body(body, spec, storage, real)
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
-    src = (
+    head = (
         f"//CL// {name}: {title or 'copy'}\n"
-        + preamble(real, "double" in (real, spec.acc), "bf16" in (storage, *spec.slot_storage))
+        + kernel_preamble(real, spec, storage, indexed)
+        + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
+    )
+    return kernel_text(head, name, params, body), name, args
+
+
+def kernel_preamble(real: str, spec: KernelSpec, storage: str, indexed: bool) -> str:
+    """A fused kernel's preamble: the helpers of its arithmetic type, bfloat16's where its
+    arrays use it (``PARAMS_BF16`` where the params are bfloat16), the generator's where a
+    fragment reads the element index."""
+    return (
+        preamble(real, "double" in (real, spec.acc), "bf16" in (storage, *spec.slot_storage))
         + ("#define PARAMS_BF16\n" if storage == "bf16" else "")
         + (random_helpers(real) if indexed else "")
-        + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
+    )
+
+
+def kernel_text(head: str, name: str, params: list[str], body: list[str]) -> str:
+    """``head`` (comment, preamble, attributes), then the kernel ``name`` over ``params``
+    with ``body``."""
+    return (
+        head
         + f"__kernel void {name}(\n    "
         + ",\n    ".join(params)
         + ")\n{\n"
         + "\n".join(body)
         + "\n}\n"
     )
-    return src, name, args

@@ -34,9 +34,10 @@ from ._codegen import (
     U_IN,
     Arg,
     KernelSpec,
+    kernel_preamble,
+    kernel_text,
     load,
     part_lines,
-    preamble,
     slot_arg,
     step_arguments,
     storage_of,
@@ -51,7 +52,6 @@ from ._qmaps import (
     ZERO_CODE,
     bucket_words,
 )
-from ._random import random_helpers
 
 BLOCK = 256
 BLOCKS = "blocks"  # the block table argument (its offset: the launch's first row)
@@ -262,17 +262,10 @@ def blockwise_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[s
 
     name = blockwise_name(spec)
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
-    src = (
+    head = (
         f"//CL// {name}: {title} (8-bit state)\n"
-        + preamble("float", spec.acc == "double", "bf16" in (storage, *spec.slot_storage))
-        + ("#define PARAMS_BF16\n" if storage == "bf16" else "")
-        + (random_helpers("float") if indexed else "")
+        + kernel_preamble("float", spec, storage, indexed)
         + _TABLES
         + _QUANTIZE
-        + f"__kernel void {name}(\n    "
-        + ",\n    ".join(params)
-        + ")\n{\n"
-        + "\n".join(body)
-        + "\n}\n"
     )
-    return src, name, args
+    return kernel_text(head, name, params, body), name, args
