@@ -385,7 +385,7 @@ def test_each_rank_updates_its_own_slice(MPI, row: Optimizer, rank):
     out, ref = no.to_host(out), no.to_host(ref)
     flat = np.concatenate([out[k].ravel() for k in sorted(out)])  # the packing order
     want = np.concatenate([ref[k].ravel() for k in sorted(ref)])
-    lo, hi = dist.shard_bounds(flat.size, 2)[rank]
+    lo, hi = dist.shard_bounds(flat.size, 2, [out[k].size for k in sorted(out)])[rank]
     assert flat[lo:hi].tobytes() == want[lo:hi].tobytes()
     assert np.isnan(np.delete(flat, np.arange(lo, hi))).all()
     assert dist.state_nbytes(state) == row.slots * 4 * (hi - lo)  # the slots of the slice
@@ -456,7 +456,7 @@ def test_zero_redundancy_optimizer_each_rank_updates_its_own_slice(MPI, row: Opt
     comm = FakeComm(rank=rank)
     zero = dist.ZeroRedundancyOptimizer(cls, groups(zero_ps), comm=comm, **row.class_kwargs())
     total = sum(v.size for v in host.values())
-    lo, hi = dist.shard_bounds(total, 2)[rank]
+    lo, hi = dist.shard_bounds(total, 2, [host[k].size for k in keys])[rank]
     for step in range(3):
         g = tree_host(30 + step, half=False)
         for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):

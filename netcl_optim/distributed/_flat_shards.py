@@ -1,13 +1,15 @@
 """Each rank's slice of the flat per-dtype buffers that ZeRO stage 1 shards.
 
 Every dtype's parameters form one flat buffer (leaves back to back, in tree order). Rank
-``r`` of ``N`` owns the elements ``[total * r // N, total * (r + 1) // N)`` of it (balanced
-by element count; a slice may cut through leaves). Used by :func:`shard_optimizer` and
+``r`` of ``N`` owns about the elements ``[total * r // N, total * (r + 1) // N)`` of it,
+cut at the nearest 256-element block boundary of a leaf (a slice may cut through leaves,
+but not through the blocks of 8-bit state). Used by :func:`shard_optimizer` and
 :class:`ZeroRedundancyOptimizer`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +18,34 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._packing import Block, Layout, layout
+from ..fusion import BLOCK_8BIT
 from ._comm import by_dtype, in_place, packed_run, raw
 
 
-def shard_bounds(total: int, size: int) -> list[tuple[int, int]]:
+def shard_bounds(
+    total: int, size: int, leaf_sizes: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
     """``[lo, hi)`` of each rank's slice of ``total`` elements: contiguous, sizes differing
-    by at most one. Device: none."""
-    return [(total * r // size, total * (r + 1) // size) for r in range(size)]
+    by at most one; or, given the sizes of the leaves laid end to end (summing to
+    ``total``), each bound moved to the nearest start of a 256-element block of a leaf (the
+    lower one at a tie; a leaf's blocks count from its own start), so that no rank's slice
+    cuts a block of 8-bit state. Device: none."""
+    even = [total * r // size for r in range(size + 1)]
+    if leaf_sizes is not None:
+        sizes = np.asarray(leaf_sizes, np.int64)
+        if int(sizes.sum()) != total:
+            raise ValueError(f"leaf_sizes sum to {int(sizes.sum())}, not {total}")
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        blocks = -(-sizes // BLOCK_8BIT)
+        cuts = np.repeat(starts, blocks) + BLOCK_8BIT * (
+            np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+        )
+        cuts = np.unique(np.concatenate([cuts, [0, total]]))
+        above = np.minimum(np.searchsorted(cuts, even), len(cuts) - 1)
+        below = np.maximum(above - 1, 0)
+        pick = np.where(cuts[above] - even < even - cuts[below], cuts[above], cuts[below])
+        even = [int(c) for c in pick]
+    return [(even[r], even[r + 1]) for r in range(size)]
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,7 @@ def plan_shards(leaves: list[Any], comm: Any) -> tuple[DtypeShard, ...]:
     shards = []
     for dtype, idx in by_dtype(leaves).items():
         lay = layout(tuple(leaves[i].shape for i in idx), dtype)
-        bounds = shard_bounds(lay.total, size)
+        bounds = shard_bounds(lay.total, size, lay.sizes)
         lo, hi = bounds[rank]
         shards.append(
             DtypeShard(

@@ -36,11 +36,16 @@ from ._per_segment import init_leaf_values as init_leaf_values
 from ._per_segment import leaf_values as leaf_values
 from ._programs import clear_kernel_caches as clear_kernel_caches
 from ._qmaps import dynamic_map as dynamic_map
+from ._quantized import BLOCK_8BIT as BLOCK_8BIT
+from ._quantized import QuantizedSlice as QuantizedSlice
 from ._quantized import QuantizedState as QuantizedState
 from ._quantized import dequantize as dequantize
 from ._quantized import init_quantized as init_quantized
+from ._quantized import is_eight_bit as is_eight_bit
 from ._quantized import is_quantized as is_quantized
 from ._quantized import quantize as quantize
+from ._quantized import slice_pieces as slice_pieces
+from ._quantized import stored_8bit as stored_8bit
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves
 from ._slices import Slice as Slice

@@ -57,7 +57,7 @@ from ._codegen import (
 from ._launch import Launch, launch_all, leaves_disjoint
 from ._per_segment import segment_values
 from ._programs import fused_kernel
-from ._quantized import init_quantized, is_quantized, run_quantized, state_arrays
+from ._quantized import init_quantized, is_eight_bit, run_quantized, state_arrays
 from ._reductions import acc_ctype, reduce_parts
 from ._segments import chunk_launches, segmentation, tiled_launches, workspace
 from ._slices import slice_of, window
@@ -167,7 +167,7 @@ def run_parts(
         for name, tree in zip(part.fragment.slots, part.slots, strict=True):
             leaves, other = flatten(tree)
             if other != treedef:  # 8-bit state (a QuantizedState per leaf), or an error
-                leaves = flatten_like(tree, treedef, f"state.{name}", u_role, is_quantized)
+                leaves = flatten_like(tree, treedef, f"state.{name}", u_role, is_eight_bit)
                 quantized = True
             others.append((f"state.{name} of {part.fragment.name}", leaves, slot_dtype))
             per_part.append(leaves)
@@ -417,8 +417,8 @@ def _run_quantized(
     """``run_parts`` where a slot holds 8-bit state (see ``_quantized``)."""
     if donate:
         raise ValueError("donate=True is not supported with 8-bit state: step without it")
-    if sums is not None or _slices_active():
-        raise ValueError("8-bit state serves element-wise rules, unsharded")
+    if sums is not None:
+        raise ValueError("8-bit state serves element-wise rules (not values per leaf or row)")
     params_role = [r for r in others if r[0] == "params"]
     if params_role and not all_valid(u_leaves, params_role, queue):
         check_leaves(u_leaves, params_role, optree.tree_unflatten(treedef, u_leaves), queue,

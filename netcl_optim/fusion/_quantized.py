@@ -37,9 +37,10 @@ from ._quantized_codegen import (
     plain_arg,
 )
 from ._reductions import acc_ctype, reduce_parts
-from ._slices import slices_active
+from ._slices import slice_for, slices_active, whole_view
 
 F32 = np.dtype(np.float32)
+BLOCK_8BIT = BLOCK  # (exported: ZeRO cuts its shards at these blocks)
 U8 = np.dtype(np.uint8)
 
 
@@ -55,8 +56,23 @@ class QuantizedState(NamedTuple):
     signed: bool
 
 
+class QuantizedSlice(NamedTuple):
+    """A ZeRO shard's 8-bit state of one dtype: the state of each piece of a parameter that
+    the rank's slice of the packed parameters holds, in order: a :class:`QuantizedState`
+    for a piece of a parameter of at least ``min_8bit_size`` elements (its blocks are the
+    parameter's own: shards are cut at blocks), a float32 array otherwise."""
+
+    pieces: tuple[Any, ...]
+
+
 def is_quantized(x: Any) -> bool:
     return type(x) is QuantizedState
+
+
+def is_eight_bit(x: Any) -> bool:
+    """Whether ``x`` is a leaf's 8-bit state: a :class:`QuantizedState` or, on a ZeRO
+    slice, a :class:`QuantizedSlice`."""
+    return type(x) is QuantizedState or type(x) is QuantizedSlice
 
 
 def n_blocks(size: int) -> int:
@@ -118,34 +134,103 @@ def init_quantized(
     """Fresh 8-bit state for params ``leaves`` (float16 or float32), every element ``start``
     (as quantized): a :class:`QuantizedState` per leaf of at least ``min_size`` elements
     (codes and absmax each packed in one buffer per params dtype), a float32 array for the
-    others (packed)."""
-    if slices_active():  # (a shard's blocks and sizes are not its leaves')
-        raise ValueError("8-bit state is not sharded yet: ZeRO takes float32, float16 or "
-                         "bfloat16 state")  # fmt: skip
+    others (packed). Inside ``_slices.sliced`` (ZeRO), each dtype's one leaf is a slice of
+    whole leaves, and gets a :class:`QuantizedSlice` of their pieces."""
     out: list[Any] = [None] * len(leaves)
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, x in enumerate(leaves):
         if x.dtype == np.float64:
             raise ValueError("8-bit state needs float32 or float16 params (float64 given)")
         by_dtype.setdefault(x.dtype, []).append(j)
-    codes1, absmax1 = quantize(np.array([start], F32), signed)
     for idx in by_dtype.values():
-        big = [j for j in idx if leaves[j].size >= min_size]
-        small = [j for j in idx if leaves[j].size < min_size]
-        if big:
-            shapes = tuple(leaves[j].shape for j in big)
-            codes = layout(shapes, U8).allocate(queue)
-            codes.fill(queue, codes1[0])
-            absmax = layout(tuple((n_blocks(leaves[j].size),) for j in big), F32).allocate(queue)
-            absmax.fill(queue, absmax1[0])
-            for j, c, a in zip(big, codes.views, absmax.views, strict=True):
-                out[j] = QuantizedState(c, a, signed)
-        if small:
-            plain = layout(tuple(leaves[j].shape for j in small), F32).allocate(queue)
-            plain.fill(queue, start)
-            for j, v in zip(small, plain.views, strict=True):
-                out[j] = v
+        if slices_active():
+            s = slice_for(leaves, idx)
+            if s is None:
+                raise ValueError("8-bit state on a ZeRO slice: each dtype's leaf must be the "
+                                 "slice of the packed parameters")  # fmt: skip
+            pieces = slice_pieces(s.shapes, s.lo, s.hi)
+            for n, _, first in pieces:
+                if n >= min_size and first % BLOCK:
+                    raise ValueError(
+                        f"a ZeRO slice [{s.lo}, {s.hi}) starts at element {first} of a leaf, "
+                        f"not at a {BLOCK}-element block of it, so its 8-bit blocks would not "
+                        "be the unsharded ones (cut shards with distributed.shard_bounds)"
+                    )
+            states = _allocate(
+                [(m,) for _, m, _ in pieces], [n >= min_size for n, _, _ in pieces],
+                queue, start, signed,
+            )  # fmt: skip
+            out[idx[0]] = QuantizedSlice(tuple(states))
+            continue
+        shapes = [leaves[j].shape for j in idx]
+        states = _allocate(shapes, [leaves[j].size >= min_size for j in idx], queue, start, signed)
+        for j, y in zip(idx, states, strict=True):
+            out[j] = y
     return out
+
+
+def _allocate(
+    shapes: list[tuple[int, ...]],
+    quantized: list[bool],
+    queue: cl.CommandQueue,
+    start: float,
+    signed: bool,
+) -> list[Any]:
+    """State for leaves of ``shapes``, every element ``start``: a :class:`QuantizedState`
+    where ``quantized`` (codes and absmax each packed in one buffer), else a float32 array
+    (packed)."""
+    out: list[Any] = [None] * len(shapes)
+    big = [j for j, q in enumerate(quantized) if q]
+    small = [j for j, q in enumerate(quantized) if not q]
+    if big:
+        codes1, absmax1 = quantize(np.array([start], F32), signed)
+        codes = layout(tuple(shapes[j] for j in big), U8).allocate(queue)
+        codes.fill(queue, codes1[0])
+        sizes = (int(np.prod(shapes[j])) for j in big)
+        absmax = layout(tuple((n_blocks(n),) for n in sizes), F32).allocate(queue)
+        absmax.fill(queue, absmax1[0])
+        for j, c, a in zip(big, codes.views, absmax.views, strict=True):
+            out[j] = QuantizedState(c, a, signed)
+    if small:
+        plain = layout(tuple(shapes[j] for j in small), F32).allocate(queue)
+        plain.fill(queue, start)
+        for j, v in zip(small, plain.views, strict=True):
+            out[j] = v
+    return out
+
+
+def slice_pieces(
+    shapes: tuple[tuple[int, ...], ...], lo: int, hi: int
+) -> list[tuple[int, int, int]]:
+    """The pieces of the leaves of ``shapes`` (laid end to end) that the elements ``[lo,
+    hi)`` hold, in order: ``(leaf size, piece size, first element of the leaf)``."""
+    out = []
+    offset = 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        a, b = max(offset, lo), min(offset + n, hi)
+        if a < b:
+            out.append((n, b - a, a - offset))
+        offset += n
+    return out
+
+
+def stored_8bit(
+    y: Any, size: int, signed: bool, min_size: int, pieces: list[Any] | None = None
+) -> bool:
+    """Whether ``y`` is the 8-bit state (``signed`` map, ``min_size``) that a leaf of
+    ``size`` elements keeps, or, given its ``pieces`` (a ZeRO slice's: ``slice_pieces``),
+    that slice keeps."""
+    if pieces is not None:
+        return (
+            type(y) is QuantizedSlice
+            and len(y.pieces) == len(pieces)
+            and all(stored_8bit(p, n, signed, min_size)
+                    for p, (n, _, _) in zip(y.pieces, pieces, strict=True))
+        )  # fmt: skip
+    if size >= min_size:
+        return is_quantized(y) and y.signed == signed
+    return not is_eight_bit(y)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -280,6 +365,20 @@ def run_quantized(
             raise ValueError(
                 f"{f.name}: 8-bit state serves element-wise rules (not values per leaf or row)"
             )
+    pieces = _pieces(u_leaves, slot_leaves)
+    if pieces:  # ZeRO slices: their pieces are the leaves of the step
+        split = _Split(pieces, queue)
+        out, new = run_quantized(
+            parts, split.arrays(u_leaves), split.arrays(p_leaves),
+            [[split.slot(leaves) for leaves in per] for per in slot_leaves], treedef, queue,
+            apply=apply, inplace=inplace, names=names, launched=launched, origins=origins,
+        )  # fmt: skip
+        merged = split.merge_arrays(out, p_leaves if inplace and apply else None, u_leaves)
+        slots = [
+            [split.merge_slot(ys, old, inplace) for ys, old in zip(per, olds, strict=True)]
+            for per, olds in zip(new, slot_leaves, strict=True)
+        ]
+        return merged, slots
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, x in enumerate(u_leaves):
         by_dtype.setdefault(x.dtype, []).append(j)
@@ -310,6 +409,87 @@ def run_quantized(
     return out_leaves, per_part
 
 
+def _pieces(u_leaves: list[Any], slot_leaves: list[list[list[Any]]]) -> dict[int, list[int]]:
+    """Per leaf that a slot holds as a :class:`QuantizedSlice` (a ZeRO slice), the sizes
+    of its pieces; raises where they do not add up to the leaf."""
+    out: dict[int, list[int]] = {}
+    for per in slot_leaves:
+        for leaves in per:
+            for j, y in enumerate(leaves):
+                if type(y) is not QuantizedSlice:
+                    continue
+                sizes = [int(p.codes.size if is_quantized(p) else p.size) for p in y.pieces]
+                if sum(sizes) != u_leaves[j].size or out.get(j, sizes) != sizes:
+                    raise ValueError(
+                        f"leaf {j}'s 8-bit slice state has pieces of {sizes} elements, for "
+                        f"{u_leaves[j].size} elements{'' if j not in out else f' ({out[j]})'}"
+                    )
+                out[j] = sizes
+    return out
+
+
+class _Split:
+    """A step's ZeRO slices cut into their pieces (views), and its results put back."""
+
+    def __init__(self, pieces: dict[int, list[int]], queue: cl.CommandQueue) -> None:
+        self.pieces, self.queue = pieces, queue
+
+    def arrays(self, leaves: list[Any]) -> list[Any]:
+        """``leaves`` (1-D arrays, or none) with each sliced one replaced by its pieces."""
+        out: list[Any] = []
+        for j, x in enumerate(leaves):
+            sizes = self.pieces.get(j)
+            if sizes is None:
+                out.append(x)
+                continue
+            lay = layout(tuple((n,) for n in sizes), x.dtype)
+            out += lay.views_of(x.queue or self.queue, x.base_data, x.offset) if sizes else []
+        return out
+
+    def slot(self, leaves: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for j, y in enumerate(leaves):
+            if type(y) is QuantizedSlice:
+                out += list(y.pieces)
+            else:
+                out += self.arrays([y]) if j in self.pieces else [y]
+        return out
+
+    def _groups(self, n: int) -> list[tuple[int, int, int]]:
+        """Per leaf of the step before the split: ``(leaf, first, end)`` among the pieces."""
+        out, k = [], 0
+        for j in range(n):
+            m = len(self.pieces[j]) if j in self.pieces else 1
+            out.append((j, k, k + m))
+            k += m
+        return out
+
+    def _one(self, ys: list[Any], a: int, b: int, like: Any) -> Any:
+        """Pieces ``ys[a:b]`` of a fresh packed output as one 1-D array like ``like``."""
+        if b > a:
+            return whole_view(ys[a], 0, like.size)
+        return cla.empty(self.queue, like.shape, like.dtype)
+
+    def merge_arrays(self, out: list[Any], inplace: list[Any] | None, like: list[Any]) -> list[Any]:
+        """The step's output per leaf: a sliced leaf's pieces as one 1-D array (fresh ones
+        are packed, end to end), or the params' own leaf when written ``inplace``."""
+        return [
+            out[a] if j not in self.pieces else inplace[j] if inplace is not None
+            else self._one(out, a, b, like[j])
+            for j, a, b in self._groups(len(like))
+        ]  # fmt: skip
+
+    def merge_slot(self, ys: list[Any], old: list[Any], inplace: bool) -> list[Any]:
+        """A slot's new leaves: a sliced leaf's pieces as a :class:`QuantizedSlice`, or as
+        one 1-D array (a slot kept whole: the old one when written ``inplace``)."""
+        return [
+            ys[a] if j not in self.pieces
+            else QuantizedSlice(tuple(ys[a:b])) if type(old[j]) is QuantizedSlice
+            else old[j] if inplace else self._one(ys, a, b, old[j])
+            for j, a, b in self._groups(len(old))
+        ]  # fmt: skip
+
+
 def _check_slots(
     slots: list[list[Any]], names: list[str], u_leaves: list[cla.Array], ctx: cl.Context
 ) -> tuple[list[str], list[bool]]:
@@ -327,7 +507,8 @@ def _check_slots(
         if len(signs) != 1:
             raise ValueError(f"{name}: 8-bit state with both the signed and the unsigned map")
         kinds.append("q8s" if signs.pop() else "q8u")
-    assert mask is not None
+    if mask is None:  # (a ZeRO slice without pieces of 8-bit parameters)
+        mask = [False] * len(u_leaves)
     for leaves, name, kind in zip(slots, names, kinds, strict=True):
         for j, (y, x) in enumerate(zip(leaves, u_leaves, strict=True)):
             if kind:
@@ -439,7 +620,8 @@ def state_arrays(slot_leaves: list[list[list[Any]]]) -> list[list[Any]]:
     float32 arrays; a slot kept whole), for the in-place cache's keys."""
     out = []
     for per in slot_leaves:
-        for leaves in per:
+        for slot in per:
+            leaves = [p for y in slot for p in (y.pieces if type(y) is QuantizedSlice else (y,))]
             if any(map(is_quantized, leaves)):
                 out.append([y.codes if is_quantized(y) else y for y in leaves])
                 out.append([y.absmax for y in leaves if is_quantized(y)])

@@ -6,6 +6,7 @@ All raise before anything changes, naming ``param_groups[i]['params'][j]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -27,7 +28,17 @@ from .._packing import (
     pack,
     same_memory,
 )
-from ..fusion import EightBit, dequantize, init_quantized, is_quantized, quantize
+from ..fusion import (
+    EightBit,
+    QuantizedSlice,
+    dequantize,
+    init_quantized,
+    is_quantized,
+    quantize,
+    slice_pieces,
+    sliced,
+    stored_8bit,
+)
 
 _NONE_TYPE = type(None)
 
@@ -125,10 +136,8 @@ class Group:
         if old is not None and self._stored_as(old, dtype):
             return
         if isinstance(dtype, EightBit):
-            if self.whole_shapes:
-                raise ValueError("8-bit state is not sharded yet: ZeroRedundancyOptimizer takes "
-                                 "float32, float16 or bfloat16 state")  # fmt: skip
-            new = init_quantized(self.data, self.queue, start, dtype.signed, dtype.min_size)
+            with self.sliced():  # (a ZeRO slice: 8-bit state of its pieces)
+                new = init_quantized(self.data, self.queue, start, dtype.signed, dtype.min_size)
             self.bufs[key], self.blocks[key] = new, []
             self.refills[key] = start
         else:
@@ -150,15 +159,29 @@ class Group:
         """Whether ``bufs`` (a key's buffers) are stored as ``dtype`` says (see ``ensure``)."""
         if isinstance(dtype, EightBit):
             return all(
-                is_quantized(b) and b.signed == dtype.signed if d.size >= dtype.min_size
-                else not is_quantized(b)
-                for b, d in zip(bufs, self.data, strict=True)
-            )  # fmt: skip
+                stored_8bit(b, d.size, dtype.signed, dtype.min_size, self.pieces(i))
+                for i, (b, d) in enumerate(zip(bufs, self.data, strict=True))
+            )
         return all(
-            not is_quantized(b)
+            isinstance(b, cla.Array)
             and b.dtype == (state_dtype(d) if dtype is None or d == np.float64 else dtype)
             for b, d in zip(bufs, self.dtypes, strict=True)
         )
+
+    def sliced(self) -> contextlib.AbstractContextManager[None]:
+        """Inside it, a ZeRO group's parameters are their slices (``fusion.sliced``)."""
+        if not self.slices:
+            return contextlib.nullcontext()
+        return sliced({d: make() for d, make in self.slices.items()})
+
+    def pieces(self, i: int) -> list[tuple[int, int, int]] | None:
+        """For a ZeRO slice (ZeroRedundancyOptimizer), parameter ``i``'s pieces of whole
+        parameters (``fusion.slice_pieces``); else ``None``."""
+        make = self.slices.get(self.dtypes[i])
+        if make is None:
+            return None
+        s = make()
+        return slice_pieces(s.shapes, s.lo, s.hi)
 
     def ensure_grads(self) -> None:
         if self.grad_views is None:
@@ -173,8 +196,7 @@ class Group:
                 block.fill(self.queue, self.starts.get(key, 0.0))
             if key in self.refills:
                 for buf in self.bufs[key]:
-                    set_value(buf, np.full(buf.codes.shape if is_quantized(buf) else buf.shape,
-                                           self.refills[key], np.float32))  # fmt: skip
+                    set_value(buf, np.full(state_size(buf), self.refills[key], np.float32))
 
     def has_state(self, i: int) -> bool:
         return self.steps[i] > 0 or any(c[i] for c in self.counts.values())
@@ -274,9 +296,20 @@ class Group:
         return None
 
 
+def state_size(buf: Any) -> int:
+    """A state buffer's element count (8-bit state: its codes'; a ZeRO slice's: its
+    pieces')."""
+    if type(buf) is QuantizedSlice:
+        return sum(map(state_size, buf.pieces))
+    return int(buf.codes.size if is_quantized(buf) else buf.size)
+
+
 def host_value(buf: Any) -> np.ndarray:
     """A state buffer's values on the host: an array's, or 8-bit state's dequantized
-    (float32)."""
+    (float32; a ZeRO slice's 8-bit state: its pieces' end to end)."""
+    if type(buf) is QuantizedSlice:
+        return np.concatenate([host_value(p).reshape(-1) for p in buf.pieces] +
+                              [np.zeros(0, np.float32)])  # fmt: skip
     if is_quantized(buf):
         return dequantize(buf.codes.get(), buf.absmax.get(), buf.signed)
     return buf.get()
@@ -285,6 +318,15 @@ def host_value(buf: Any) -> np.ndarray:
 def set_value(buf: Any, value: np.ndarray) -> None:
     """Write host ``value`` (shaped like the buffer) into a state buffer: cast to an array's
     dtype, or quantized into 8-bit state (see ``fusion/_quantized.py``)."""
+    if not state_size(buf):  # (pyopencl's set() refuses some empty arrays' strides)
+        return
+    if type(buf) is QuantizedSlice:
+        flat, k = np.asarray(value).reshape(-1), 0
+        for piece in buf.pieces:
+            n = state_size(piece)
+            set_value(piece, flat[k : k + n])
+            k += n
+        return
     if is_quantized(buf):
         codes, absmax = quantize(np.asarray(value, np.float32), buf.signed)
         buf.codes.set(codes.reshape(buf.codes.shape))

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 from .._base import GradientTransformation
-from ..fusion import EightBit, element_origin, sliced, storage_dtype
+from ..fusion import EightBit, element_origin, storage_dtype
 from ..transforms._combining import chain as chain_of
 from ..transforms._rounding import StochasticRoundingState, stochastic_rounding
 from ..transforms._storage import low_precision_state
@@ -330,8 +330,7 @@ class Optimizer(abc.ABC):
         with contextlib.ExitStack() as stack:
             if rec.element_origins:
                 stack.enter_context(element_origin(rec.element_origins))
-            if rec.slices:  # ZeRO: values per leaf over the whole leaves
-                stack.enter_context(sliced({d: make() for d, make in rec.slices.items()}))
+            stack.enter_context(rec.sliced())  # ZeRO: values per leaf over the whole leaves
             step_(chain.tx, params, grads, state)
         if whole:
             rec.steps = [s + 1 for s in rec.steps]

@@ -19,9 +19,9 @@ import pyopencl.array as cla
 
 from .._device import BFLOAT16
 from .._validation import invalid
-from ..fusion import dynamic_map, is_quantized
+from ..fusion import BLOCK_8BIT, QuantizedSlice, dynamic_map, is_quantized
 from ._declaration import STOCHASTIC_ROUNDING, as_stored
-from ._groups import Group, set_value
+from ._groups import Group, set_value, state_size
 from ._torch_state import STEP, key_shapes, keys_of
 
 if TYPE_CHECKING:
@@ -53,7 +53,16 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
         absent = rec.state_shape(i, shapes.get(k)) is None  # a placeholder
         if counts is not None and counts[i] > 0 and not absent:
             v = rec.bufs[k][i]
-            if is_quantized(v):  # codes under the key, with its absmax and map beside
+            if type(v) is QuantizedSlice:  # a ZeRO slice's pieces (see _slice_arrays)
+                if host:
+                    absmax_key, qmap_key = opt.quantized_keys(k)
+                    entry[k], entry[absmax_key], signed, entry[unquantized_key(k)] = _slice_arrays(
+                        v
+                    )
+                    entry[qmap_key] = dynamic_map(signed).copy()
+                else:
+                    entry[k] = v
+            elif is_quantized(v):  # codes under the key, with its absmax and map beside
                 absmax_key, qmap_key = opt.quantized_keys(k)
                 entry[k] = v.codes.get() if host else v.codes
                 entry[absmax_key] = v.absmax.get() if host else v.absmax
@@ -64,6 +73,31 @@ def param_state(opt: Optimizer, rec: Group, i: int, host: bool) -> dict[str, Any
         nested = {k: v for k, v in entry.items() if k != STEP}
         entry = {STEP: int(rec.steps[i]), BNB_NESTED: nested} if nested else entry
     return entry
+
+
+def unquantized_key(key: str) -> str:
+    """The key of a ZeRO slice's float32 state (of its pieces of parameters below
+    ``min_8bit_size``) beside 8-bit ``key``."""
+    return key + "_float32"
+
+
+def _slice_arrays(v: QuantizedSlice) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+    """A ZeRO slice's 8-bit state on the host: ``(codes, absmax, signed, unquantized)``:
+    codes shaped like the slice (its pieces' in place, 0 where a piece keeps float32), the
+    quantized pieces' absmax end to end, their map, the other pieces' float32 end to end."""
+    codes = np.zeros(state_size(v), np.uint8)
+    absmax, plain, signed, k = [], [], False, 0
+    for piece in v.pieces:
+        n = state_size(piece)
+        if is_quantized(piece):
+            codes[k : k + n] = piece.codes.get().reshape(-1)
+            absmax.append(piece.absmax.get())
+            signed = bool(piece.signed)
+        else:
+            plain.append(piece.get().reshape(-1))
+        k += n
+    f32 = np.zeros(0, np.float32)
+    return codes, np.concatenate([f32, *absmax]), signed, np.concatenate([f32, *plain])
 
 
 def export(opt: Optimizer) -> dict[str, Any]:
@@ -130,6 +164,7 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
 
     group_keys = [_group_keys(type(opt), group) for group in new_groups]
     shapes = [_shapes(type(opt), group) for group in new_groups]
+    min_sizes = [opt._declaration.storage(group).min_8bit_size for group in new_groups]
     staged = []
     for pid, entry in state_dict["state"].items():
         idx = _index(pid)
@@ -137,7 +172,9 @@ def load(opt: Optimizer, state_dict: Mapping[str, Any], classes: list[type[Optim
             raise ValueError(f"loaded state refers to parameter {pid!r}, which is in no group")
         gi, i = where[idx]
         keys = group_keys[gi]
-        imported = _import_entry(opt, entry, opt._groups[gi], i, idx, keys, shapes[gi])
+        imported = _import_entry(
+            opt, entry, opt._groups[gi], i, idx, keys, shapes[gi], min_sizes[gi]
+        )
         staged.append((gi, i, *imported))
 
     for group, rec, new in zip(opt.param_groups, opt._groups, new_groups, strict=True):
@@ -255,6 +292,7 @@ def _import_entry(
     pid: int,
     keys: tuple[str, ...],
     shapes: Mapping[str, Any] | None = None,
+    min_size: int = 4096,
 ) -> tuple[int, dict[str, np.ndarray]]:
     where = f"loaded state of parameter {pid}"
     if not isinstance(entry, Mapping):
@@ -265,6 +303,9 @@ def _import_entry(
     # the keys this parameter has (Adafactor: row_var and col_var, or variance)
     keys = tuple(k for k in keys if k == STEP or rec.state_shape(i, shapes.get(k)) is not None)
     companions = {c: k for k in keys if k != STEP for c in opt.quantized_keys(k)}
+    pieces = rec.pieces(i)  # (a ZeRO slice: its 8-bit state keeps float32 beside)
+    if pieces is not None:
+        companions.update({unquantized_key(k): k for k in keys if k != STEP})
     unknown = set(entry) - {STEP, *keys, *opt.torch_scalars, *companions}
     if unknown:
         raise ValueError(
@@ -283,6 +324,12 @@ def _import_entry(
         if a.shape != shape:
             raise ValueError(f"{where}: {k!r} has shape {a.shape}, expected {shape}")
         absmax_key, qmap_key = opt.quantized_keys(k)
+        if a.dtype == np.uint8 and pieces is not None:  # a ZeRO slice's 8-bit state
+            codes, absmax, qmap = _quantized_entry(entry, k, a, absmax_key, qmap_key, where,
+                                                   _blocks(pieces, min_size))  # fmt: skip
+            plain = _unquantized(entry, unquantized_key(k), pieces, min_size, where)
+            arrays[k] = (codes, absmax, qmap, plain, [(m, n >= min_size) for n, m, _ in pieces])
+            continue
         if a.dtype == np.uint8:  # 8-bit state: codes, with its absmax and map
             arrays[k] = _quantized_entry(entry, k, a, absmax_key, qmap_key, where)
             continue
@@ -319,14 +366,16 @@ def _quantized_entry(
     absmax_key: str,
     qmap_key: str,
     where: str,
+    blocks: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(codes, absmax, map)`` of the 8-bit state under ``k``, checked (ValueError)."""
+    """``(codes, absmax, map)`` of the 8-bit state under ``k``, checked (ValueError);
+    ``blocks``: the absmax count (one per 256 codes by default)."""
     if entry.get(absmax_key) is None or entry.get(qmap_key) is None:
         raise ValueError(
             f"{where}: {k!r} holds 8-bit codes without {absmax_key!r} and {qmap_key!r}"
         )
     absmax, qmap = _host(entry[absmax_key]), _host(entry[qmap_key])
-    blocks = -(-codes.size // 256)
+    blocks = -(-codes.size // BLOCK_8BIT) if blocks is None else blocks
     if absmax.shape != (blocks,) or absmax.dtype.kind != "f":
         raise ValueError(
             f"{where}: {absmax_key!r} has {absmax.dtype} {absmax.shape}, expected float32 "
@@ -337,6 +386,25 @@ def _quantized_entry(
     return codes, absmax.astype(np.float32), qmap.astype(np.float32)
 
 
+def _blocks(pieces: list[tuple[int, int, int]], min_size: int) -> int:
+    """The absmax count of a ZeRO slice's 8-bit state (its ``fusion.slice_pieces``)."""
+    return sum(-(-m // BLOCK_8BIT) for n, m, _ in pieces if n >= min_size)
+
+
+def _unquantized(
+    entry: Mapping[str, Any], key: str, pieces: list[tuple[int, int, int]], min_size: int,
+    where: str,
+) -> np.ndarray:  # fmt: skip
+    """A ZeRO slice's float32 state beside its codes (under ``key``), checked."""
+    want = (sum(m for n, m, _ in pieces if n < min_size),)
+    a = _host(entry[key]) if entry.get(key) is not None else None
+    if a is None or a.shape != want or a.dtype.kind != "f":
+        got = "absent" if a is None else f"{a.dtype} {a.shape}"
+        raise ValueError(f"{where}: {key!r} is {got}, expected float32 {want} (the slice's "
+                         f"parameters below min_8bit_size={min_size})")  # fmt: skip
+    return a.astype(np.float32)
+
+
 def _set_loaded(buf: Any, loaded: Any) -> None:
     """Write a loaded value into a state buffer: an array (cast, or quantized into 8-bit
     state), or 8-bit state ``(codes, absmax, map)`` (copied where the buffer is 8-bit state
@@ -344,6 +412,9 @@ def _set_loaded(buf: Any, loaded: Any) -> None:
     if not isinstance(loaded, tuple):
         if loaded.size:
             set_value(buf, loaded)
+        return
+    if len(loaded) == 5:  # a ZeRO slice's: its pieces' codes and float32 state
+        _set_slice(buf, *loaded)
         return
     codes, absmax, qmap = loaded
     if is_quantized(buf) and np.array_equal(qmap, dynamic_map(buf.signed)):
@@ -353,6 +424,45 @@ def _set_loaded(buf: Any, loaded: Any) -> None:
     flat = np.asarray(codes).reshape(-1)
     values = qmap[flat] * np.repeat(absmax, 256)[: flat.size]
     set_value(buf, values.astype(np.float32).reshape(np.shape(codes)))
+
+
+def _set_slice(
+    buf: Any,
+    codes: np.ndarray,
+    absmax: np.ndarray,
+    qmap: np.ndarray,
+    plain: np.ndarray,
+    pieces: list[tuple[int, bool]],
+) -> None:
+    """Write a ZeRO slice's loaded 8-bit state (see ``_slice_arrays``; ``pieces``: each
+    piece's size and whether it is quantized) into ``buf``: piece by piece where ``buf`` is
+    such 8-bit state with that map, else as values."""
+    parts, k = [], 0  # per piece: (codes, absmax) or its float32 values
+    a = u = 0
+    for m, quantized in pieces:
+        if quantized:
+            b = -(-m // BLOCK_8BIT)
+            parts.append((codes[k : k + m], absmax[a : a + b]))
+            a += b
+        else:
+            parts.append(plain[u : u + m])
+            u += m
+        k += m
+    same = type(buf) is QuantizedSlice and [is_quantized(p) for p in buf.pieces] == [
+        q for _, q in pieces
+    ]
+    if same and all(np.array_equal(qmap, dynamic_map(p.signed))
+                    for p in buf.pieces if is_quantized(p)):  # fmt: skip
+        for piece, part in zip(buf.pieces, parts, strict=True):
+            _set_loaded(piece, (*part, qmap) if isinstance(part, tuple) else part)
+        return
+    values = [np.zeros(0, np.float32)]
+    for part in parts:
+        if isinstance(part, tuple):
+            c, x = part
+            part = (qmap[c] * np.repeat(x, BLOCK_8BIT)[: c.size]).astype(np.float32)
+        values.append(part)
+    set_value(buf, np.concatenate(values))
 
 
 def _index(pid: Any) -> int:
