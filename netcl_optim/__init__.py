@@ -26,6 +26,7 @@ from .amp import dynamic_loss_scale as dynamic_loss_scale
 from .amp import loss_scale_of as loss_scale_of
 from .amp import scale_loss as scale_loss
 from .amp import unscale_grads as unscale_grads
+from .fusion import QuantizedSlice as QuantizedSlice
 from .fusion import QuantizedState as QuantizedState
 from .fusion import clear_kernel_caches as clear_kernel_caches
 from .fusion import count_launches as count_launches

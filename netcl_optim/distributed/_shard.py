@@ -1,8 +1,9 @@
 """ZeRO stage 1 for functional optimizers: :func:`shard_optimizer` and :func:`sharded_step`.
 
 Every dtype's parameters form one flat buffer (leaves back to back, in tree order). Rank
-``r`` of ``N`` owns the elements ``[total * r // N, total * (r + 1) // N)`` of it (balanced
-by element count; a slice may cut through leaves) and keeps optimizer state for those
+``r`` of ``N`` owns about the elements ``[total * r // N, total * (r + 1) // N)`` of it
+(each cut at the nearest 256-element block of a leaf: a slice may cut through leaves, not
+through 8-bit state's blocks; see ``shard_bounds``) and keeps optimizer state for those
 elements only. A step runs the (element-wise) optimizer on the slice, a 1-D device view of
 the packed params and grads, then one ``Allgatherv`` per dtype rebuilds the full tree on
 every rank. Element-wise maths makes the result bit-identical to the unsharded optimizer.
