@@ -257,6 +257,12 @@ class Fragment:
     order; the same whether the tree is packed, stepped leaf by leaf or sharded), and call
     the counter-based generator's helpers (``philox4x32_10``, ``philox_normal``; see
     ``fusion/_random.py``), for noise that depends on the element and not on the launch.
+
+    ``rounds_state`` (in ``key``; with ``element_index`` and the scalars ``key0_lo``,
+    ``key0_hi``, ``key1_lo``, ``key1_hi``, ``t_lo``, ``t_hi``: 16-bit halves of the
+    generator's key and counter): every bfloat16 slot of the step is stored with stochastic
+    rounding, its random bits from Philox of (element index, t) under that key
+    (:func:`~netcl_optim.stochastic_rounding`).
     """
 
     name: str
@@ -270,6 +276,7 @@ class Fragment:
     element_index: bool = False
     segment_reduction: SegmentReduction | None = None
     nonnegative: tuple[str, ...] = ()
+    rounds_state: bool = False
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -292,6 +299,8 @@ class Fragment:
             key = (*key, "element_index")
         if self.segment_reduction is not None:
             key = (*key, self.segment_reduction)
+        if self.rounds_state:
+            key = (*key, "rounds_state")
         object.__setattr__(self, "key", key)
 
     # as a leaf Plan

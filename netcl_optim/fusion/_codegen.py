@@ -401,8 +401,12 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         src = slot_arg(slot, k, "in" if pure else "")
         return load(slot_of[k, slot], src, src + "_off + i")
 
+    draws, random_bits = state_rounding(fragments, slot_of)
+
     def store_slot(k: int, slot: str) -> str:
         dst = slot_arg(slot, k, "out" if pure else "")
+        if (k, slot) in random_bits:
+            return f"{dst}[{dst}_off + i] = BF16_SR({slot}, {random_bits[k, slot]});"
         return store(slot_of[k, slot], dst, dst + "_off + i", slot)
 
     if spec.sums is not None:
@@ -424,6 +428,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         body.append(f"    if ((long)get_local_id(0) < {TILE_ARG}[tile_row + 2]) {{")
     if indexed:
         body.append(f"    const ulong idx = (ulong)({INDEX}_off + i);")
+    body += draws
     body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")
     if spec.needs_params or spec.apply:
         body.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
@@ -443,9 +448,47 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     head = (
         f"//CL// {name}: {title or 'copy'}\n"
         + kernel_preamble(real, spec, storage, indexed)
+        + (BF16_SR if draws else "")
         + (f"__attribute__((reqd_work_group_size({TILE}, 1, 1)))\n" if spec.tiling else "")
     )
     return kernel_text(head, name, params, body), name, args
+
+
+# bfloat16 with stochastic rounding: up with probability (the low 16 bits) / 2^16, from 16
+# random bits (torchao's bf16_stochastic_round); NaN as BF16_RNE keeps it
+BF16_SR = """static inline __attribute__((always_inline))
+ushort BF16_SR(const float x, const uint r)
+{
+    return ISNAN(x) ? BF16_RNE(x) : (ushort)((as_uint(x) + r) >> 16);
+}
+"""
+ROUNDING_SCALARS = ("key0_lo", "key0_hi", "key1_lo", "key1_hi", "t_lo", "t_hi")
+STATE_ROUNDING_WORD = 0x53530000  # the generator's fourth counter word for state ("SS")
+
+
+def state_rounding(
+    fragments: Sequence[Fragment], slot_of: dict[tuple[int, str], str]
+) -> tuple[list[str], dict[tuple[int, str], str]]:
+    """Where a fragment ``rounds_state``: the lines that draw the random bits of the
+    kernel's bfloat16 slots (one Philox-4x32-10 draw per 8 slots, of (element index, t,
+    ``STATE_ROUNDING_WORD`` + draw) under the fragment's key), and each such slot's 16 bits
+    (an expression). Else nothing."""
+    k = next((k for k, f in enumerate(fragments) if f.rounds_state), None)
+    slots = [ks for ks, st in slot_of.items() if st == "bf16"]
+    if k is None or not slots:
+        return [], {}
+    key0_lo, key0_hi, key1_lo, key1_hi, t_lo, t_hi = (scalar_arg(n, k) for n in ROUNDING_SCALARS)
+    lines, bits = [], {}
+    for d in range(-(-len(slots) // 8)):
+        lines.append(
+            f"    const uint4 sr_state{d} = philox4x32_10((uint4)((uint)idx, (uint)(idx >> 32), "
+            f"WORD16({t_lo}, {t_hi}), 0x{STATE_ROUNDING_WORD + d:08x}u), "
+            f"(uint2)(WORD16({key0_lo}, {key0_hi}), WORD16({key1_lo}, {key1_hi})));"
+        )
+    for j, ks in enumerate(slots):
+        word = f"sr_state{j // 8}.{'xyzw'[j % 8 // 2]}"
+        bits[ks] = f"({word} & 0xffffu)" if j % 2 == 0 else f"({word} >> 16)"
+    return lines, bits
 
 
 def kernel_preamble(real: str, spec: KernelSpec, storage: str, indexed: bool) -> str:

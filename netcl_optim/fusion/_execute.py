@@ -4,10 +4,14 @@ plans (see ``Plan``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._base import GradientTransformation, Part, StagePlan
+import optree
+
+from .._base import Fragment, GradientTransformation, Part, StagePlan
+from .._device import BFLOAT16
 from .._state_check import checked_transform
 from ._checks import check_donation
 from ._fused import can_sum, run_parts
@@ -97,6 +101,7 @@ def execute(
             j += 1
         last = j == n
         segments = _segments(parts)
+        rounding = _state_rounding(parts)
         if unchecked and not (i == 0 and last and len(segments) == 1):
             # several in-place runs: check them all before the first one writes
             check_donation(params, updates, state, u_role)
@@ -107,8 +112,9 @@ def execute(
             final = last and s == len(segments) - 1
             nxt = segments[s + 1][0].fragment.segment_reduction if s + 1 < len(segments) else None
             sums = nxt if nxt is not None and can_sum(seg, nxt, u, params) else None
+            extra = rounding is not None and _needs_rounding(seg)
             u, seg_slots = run_parts(
-                seg,
+                [*seg, rounding] if extra else seg,
                 u,
                 params,
                 apply=apply and final,
@@ -120,13 +126,38 @@ def execute(
             )
             summed = sums is not None
             applied = applied or (apply and final)
-            new_slots.extend(seg_slots)
+            new_slots.extend(seg_slots[:-1] if extra else seg_slots)
         for k, rb, start, count in owners:
             new_states[k] = rb(new_slots[start : start + count])
         i = j
     if apply and not applied:
         u, _ = run_parts([], u, params, apply=True, inplace=inplace, donate=donate, u_role=u_role)
     return u, rebuild(new_states)
+
+
+def _state_rounding(parts: list[Part]) -> Part | None:
+    """Where a part ``rounds_state`` (``stochastic_rounding``, in the last segment): the
+    part that lends its key and counter to the other segments' kernels, so that their
+    bfloat16 state is rounded the same way (its fragment without source: the params'
+    rounding stays in the last kernel)."""
+    part = next((p for p in parts if p.fragment.rounds_state), None)
+    if part is None:
+        return None
+    return Part(_lender(part.fragment), part.scalars, ())
+
+
+@functools.cache
+def _lender(fragment: Fragment) -> Fragment:
+    return Fragment("state_rounding", "", scalars=fragment.scalars, element_index=True,
+                    rounds_state=True)  # fmt: skip
+
+
+def _needs_rounding(seg: list[Part]) -> bool:
+    """Whether a segment without the rounding part stores a bfloat16 slot."""
+    if any(p.fragment.rounds_state for p in seg):
+        return False
+    return any(getattr(x, "dtype", None) == BFLOAT16
+               for p in seg for tree in p.slots for x in optree.tree_leaves(tree))  # fmt: skip
 
 
 def _segments(parts: list[Part]) -> list[list[Part]]:

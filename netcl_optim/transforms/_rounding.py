@@ -1,4 +1,4 @@
-"""stochastic_rounding: bfloat16 params written with stochastic rounding."""
+"""stochastic_rounding: bfloat16 params and state written with stochastic rounding."""
 
 from __future__ import annotations
 
@@ -37,18 +37,23 @@ def _halves(word: int) -> tuple[float, float]:
 
 
 def stochastic_rounding(seed: int = 0) -> GradientTransformation:
-    """Write bfloat16 params with stochastic rounding (the last transform of a chain run by
-    :func:`netcl_optim.step` or a stateful optimizer; for params of any other dtype it does
-    nothing)::
+    """Write bfloat16 params, and the chain's bfloat16 state, with stochastic rounding (the
+    last transform of a chain run by :func:`netcl_optim.step` or a stateful optimizer)::
 
         t <- t + 1;  r <- p + u rounded to bfloat16 up or down, up with probability
         (its distance from the value below) / (the gap between them);  u <- r - p
 
-    The random bits are Philox-4x32-10 of (element index, t) under ``seed``: the same bits
-    whether the tree is packed, stepped leaf by leaf or resumed from a checkpoint. Rounding
-    in expectation keeps the small updates that round to nearest even would drop (a bfloat16
-    param has 8 significant bits). ``tx.update`` alone returns bfloat16 updates, which
+    and every state slot stored as bfloat16 (``low_precision_state(tx, "bfloat16")``) is
+    rounded the same way from its float32 value. Params and state of other dtypes are
+    written as without it (float16 state rounds to nearest even).
+
+    The random bits are Philox-4x32-10 of (element index, t) under ``seed`` (one draw for
+    the params, another for up to 8 state slots): the same bits whether the tree is
+    packed, stepped leaf by leaf, sharded or resumed from a checkpoint. Rounding in
+    expectation keeps the small updates that round to nearest even would drop (bfloat16
+    has 8 significant bits). ``tx.update`` alone returns bfloat16 updates, which
     ``apply_updates`` adds rounding to nearest even: step with :func:`netcl_optim.step`.
+    8-bit state is quantized as without it.
     """
     key = require("seed", seed, SEED)
     key0, key1 = key & 0xFFFFFFFF, key >> 32
@@ -64,5 +69,6 @@ def stochastic_rounding(seed: int = 0) -> GradientTransformation:
         host_step=host_step,
         needs_params=True,
         element_index=True,
+        rounds_state=True,
     )
     return elementwise(fragment, init=lambda: StochasticRoundingState(count=0))
