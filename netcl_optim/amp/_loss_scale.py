@@ -13,7 +13,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import EmptyState, GradientTransformation, OpaquePlan, OptState
-from .._device import allocator, check_float_dtype, queue_of
+from .._device import BFLOAT16, allocator, check_float_dtype, queue_of
 from .._packing import contiguous_run, element_offset, layout
 from .._state_check import NamedTupleSpec, Spec, check_state, register, spec_of
 from .._validation import OPEN_UNIT, Rule, at_least, greater_than, real, require
@@ -53,8 +53,9 @@ def unscale_grads_(grads: Sequence[cla.Array], inv_scale: float, found: cla.Arra
     some are not finite, as torch), and ``found[0] = 1`` if any *input* element is not
     finite; ``found`` (from :func:`new_flag`) is left untouched otherwise.
 
-    float16 grads are allowed: the product is computed in float32 and rounded to half
-    (unscaled values below 2**-14 become subnormal, below 2**-25 zero).
+    float16 and bfloat16 grads are allowed: the product is computed in float32 and rounded
+    once to nearest even (half: unscaled values below 2**-14 become subnormal, below 2**-25
+    zero; bfloat16 has float32's range).
 
     Device:
       One launch per dtype for grads that lie back to back in one buffer (a packed set),
@@ -141,7 +142,7 @@ def _scale_leaf(x: Any, scale: float) -> Any:
     if isinstance(x, (int, float)):
         return x * scale
     a = np.asarray(x)
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and a.dtype != BFLOAT16:
         raise ValueError(f"outputs must be floating point, got dtype {a.dtype}")
     compute = np.float64 if a.dtype == np.float64 else np.float32
     with np.errstate(over="ignore"):
@@ -151,8 +152,8 @@ def _scale_leaf(x: Any, scale: float) -> Any:
 
 def scale_outputs(outputs: Any, scale: float) -> Any:
     """``outputs * scale`` for a number, a numpy array, a device array or a pytree of them;
-    dtypes are kept (half is computed in float32). Device arrays get a fresh array (one
-    launch each, no host sync)."""
+    dtypes are kept (half and bfloat16 are computed in float32, rounded once to nearest
+    even). Device arrays get a fresh array (one launch each, no host sync)."""
     return optree.tree_map(lambda x: _scale_leaf(x, scale), outputs)
 
 

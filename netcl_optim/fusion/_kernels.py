@@ -11,7 +11,7 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._packing import element_offset
-from ._codegen import POINTER, ctype, load, preamble, storage_of, store
+from ._codegen import POINTER, load, preamble, storage_of, store
 from ._launch import launch, note_launches
 from ._programs import build
 from ._reductions import acc_ctype
@@ -24,56 +24,41 @@ _WORKERS = 512  # work-items per launch at most, beyond _CHUNK_MIN * _WORKERS el
 
 def _unscale_source(storage: str, inplace: bool) -> tuple[str, str]:
     """``y = x * inv_scale`` over one contiguous chunk per work-item (vectors of 8, or 4 for
-    double: PoCL mishandles double8 without AVX-512), and ``found[0] = 1`` from every
-    work-item that saw a non-finite *input* (torch checks the scaled values). All writers
-    store the same value, as torch's CUDA kernel does."""
+    double: PoCL mishandles double8 without AVX-512; bfloat16 widened to float), and
+    ``found[0] = 1`` from every work-item that saw a non-finite *input* (torch checks the
+    scaled values). All writers store the same value, as torch's CUDA kernel does."""
     real = "double" if storage == "double" else "float"
-    w = 4 if real == "double" else 8
     mode = "inplace" if inplace else "pure"
     name = f"netcl_unscale_{mode}_{storage}"
-    mask = f"long{w}" if real == "double" else f"int{w}"
-    if storage == "half":
-        load_v, load1 = f"vload_half{w}(0, x + k)", "vload_half(k, x)"
-        store_v = f"vstore_half{w}_rte(v * inv_scale, 0, y + k);"
-        store1 = "vstore_half_rte(v * inv_scale, k, y);"
-    else:
-        load_v, load1 = f"vload{w}(0, x + k)", "x[k]"
-        store_v = f"vstore{w}(v * inv_scale, 0, y + k);"
-        store1 = "y[k] = v * inv_scale;"
+    pointer = POINTER[storage]
     if inplace:
-        buffers = f"__global {storage} *x_base, const long x_off"
+        buffers = f"__global {pointer} *x_base, const long x_off"
         rebase = (
             "    __global const {s} *x = x_base + x_off;\n    __global {s} *y = x_base + x_off;"
         )
     else:
         buffers = (
-            f"__global const {storage} *restrict x_base, const long x_off,\n"
-            f"    __global {storage} *restrict y_base, const long y_off"
+            f"__global const {pointer} *restrict x_base, const long x_off,\n"
+            f"    __global {pointer} *restrict y_base, const long y_off"
         )
         rebase = (
             "    __global const {s} *restrict x = x_base + x_off;\n"
             "    __global {s} *restrict y = y_base + y_off;"
         )
     src = f"""//CL// {name}: x * inv_scale in chunks; found[0] = 1 if any input is not finite
-{preamble(real, real == "double")}
+{preamble(real, real == "double", storage == "bf16")}
 __kernel void {name}(
     {buffers},
     const long n, const long chunk, __global float *restrict found, const real inv_scale)
 {{
-{rebase.format(s=storage)}
+{rebase.format(s=pointer)}
     long k = get_global_id(0) * chunk;
     const long stop = min(k + chunk, n);
-    {mask} bad_v = ({mask})(0);
-    for (; k + {w} <= stop; k += {w}) {{
-        const {real}{w} v = {load_v};
-        bad_v |= isnan(v - v);
-        {store_v}
-    }}
-    int bad = any(bad_v);
+{_unscale_vectors(storage, real)}
     for (; k < stop; k++) {{
-        const real v = {load1};
+        const real v = {load(storage, "x", "k")};
         bad |= isnan(v - v);
-        {store1}
+        {store(storage, "y", "k", "v * inv_scale")}
     }}
     if (bad) found[0] = 1.0f;
 }}
@@ -81,18 +66,49 @@ __kernel void {name}(
     return src, name
 
 
+# bfloat16 by 8: widened to float8 on load; BF16_RNE lane by lane on store (a NaN's bits
+# >> 16 with the quiet bit, else round to nearest even)
+_BF16_LOAD8 = "as_float8(convert_uint8(vload8(0, x + k)) << 16)"
+_BF16_STORE8 = """const uint8 b = as_uint8(v * inv_scale);
+        const uint8 rne = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+        const int8 nan = (b & 0x7fffffffu) > 0x7f800000u;
+        vstore8(convert_ushort8(select(rne, (b >> 16) | 0x40u, nan)), 0, y + k);"""
+
+
+def _unscale_vectors(storage: str, real: str) -> str:
+    """The unscale kernel's vector loop, which leaves ``bad`` set for the scalar loop after
+    it."""
+    w = 4 if real == "double" else 8
+    mask = f"long{w}" if real == "double" else f"int{w}"
+    if storage == "bf16":
+        load_v, store_v = _BF16_LOAD8, _BF16_STORE8
+    elif storage == "half":
+        load_v = f"vload_half{w}(0, x + k)"
+        store_v = f"vstore_half{w}_rte(v * inv_scale, 0, y + k);"
+    else:
+        load_v = f"vload{w}(0, x + k)"
+        store_v = f"vstore{w}(v * inv_scale, 0, y + k);"
+    return f"""\
+    {mask} bad_v = ({mask})(0);
+    for (; k + {w} <= stop; k += {w}) {{
+        const {real}{w} v = {load_v};
+        bad_v |= isnan(v - v);
+        {store_v}
+    }}
+    int bad = any(bad_v);"""
+
+
 def _scale_source(storage: str) -> tuple[str, str]:
     """``y = x * s``, one work-item per element (loss scaling of device arrays)."""
     real = "double" if storage == "double" else "float"
     name = f"netcl_scale_{storage}"
-    if storage == "half":
-        body = "vstore_half_rte(vload_half(x_off + i, x) * s, y_off + i, y);"
-    else:
-        body = "y[y_off + i] = x[x_off + i] * s;"
+    value = load(storage, "x", "x_off + i") + " * s"
+    body = store(storage, "y", "y_off + i", value)
+    pointer = POINTER[storage]
     src = f"""//CL// {name}: y = x * s
-{preamble(real, real == "double")}
-__kernel void {name}(__global const {storage} *restrict x, const long x_off,
-                     __global {storage} *restrict y, const long y_off, const real s)
+{preamble(real, real == "double", storage == "bf16")}
+__kernel void {name}(__global const {pointer} *restrict x, const long x_off,
+                     __global {pointer} *restrict y, const long y_off, const real s)
 {{
     const long i = get_global_id(0);
     {body}
@@ -115,7 +131,7 @@ def _sources(kind: str, storage: str, inplace: bool) -> tuple[str, str, tuple]:
 
 
 def _kernel(queue: cl.CommandQueue, kind: str, dtype: np.dtype, inplace: bool = False) -> Any:
-    src, name, dts = _sources(kind, ctype(dtype), inplace)
+    src, name, dts = _sources(kind, storage_of(dtype), inplace)
     return build(queue.context, src, name, list(dts))
 
 
@@ -148,7 +164,8 @@ def unscale(
 
 
 def scale_into(x: cla.Array, y: cla.Array, s: float) -> None:
-    """``y = x * s`` for C-contiguous arrays alike (half computed in float). One launch."""
+    """``y = x * s`` for C-contiguous arrays alike (half and bfloat16 computed in float,
+    rounded once to nearest even). One launch."""
     queue = x.queue
     kernel = _kernel(queue, "scale", x.dtype)
     launch(

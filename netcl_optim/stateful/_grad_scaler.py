@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyopencl.array as cla
 
+from .._device import BFLOAT16
 from ..amp._loss_scale import (
     check_scaler_args,
     check_scaler_value,
@@ -70,7 +71,8 @@ class AMPGradScaler:
 
     Unlike torch, float16 gradients may be unscaled: half is a storage type here, the
     product is computed in float32 and rounded back to half (unscaled values below ``2**-14``
-    become subnormal, below ``2**-25`` zero; keep float32 grads if that matters).
+    become subnormal, below ``2**-25`` zero; keep float32 grads if that matters). bfloat16
+    gradients, as in torch, are unscaled in float32 and rounded once to nearest even.
 
     Args:
       init_scale: initial scale (2**16), a normal float32 value (``2**-126`` to ``3.4e38``).
@@ -186,7 +188,7 @@ class AMPGradScaler:
             return
         if new_scale is not None:
             value = new_scale.get() if isinstance(new_scale, cla.Array) else np.asarray(new_scale)
-            if value.size != 1 or value.dtype.kind not in "fiu":
+            if value.size != 1 or (value.dtype.kind not in "fiu" and value.dtype != BFLOAT16):
                 raise ValueError(
                     f"new_scale should be a float or a 1-element array, got {new_scale!r}"
                 )
