@@ -17,6 +17,7 @@ from ._checks import flatten_like as flatten_like
 from ._checks import group_by_dtype as group_by_dtype
 from ._checks import path_names as path_names
 from ._checks import queue_of_leaves as queue_of_leaves
+from ._checks import slot_storages as slot_storages
 from ._execute import execute as execute
 from ._execute import walk as walk
 from ._factored import FactoredRule as FactoredRule
@@ -57,5 +58,6 @@ from ._slices import whole_view as whole_view
 from ._storage import EightBit as EightBit
 from ._storage import current_rule as current_rule
 from ._storage import slot_dtype_of as slot_dtype_of
+from ._storage import slot_rule as slot_rule
 from ._storage import slot_storage as slot_storage
 from ._storage import storage_dtype as storage_dtype

@@ -24,22 +24,9 @@ _STORAGE = {**_CTYPE, BFLOAT16: "bf16"}
 POINTER = {"half": "half", "float": "float", "double": "double", "bf16": "ushort"}
 
 
-def ctype(dtype: np.dtype) -> str:
-    """The C type of arrays of ``dtype`` in kernels that read them as such (reductions,
-    clipping, amp, per-segment and per-row rules); bfloat16 arrays are only read by the fused
-    element-wise kernels (``storage_of``): TypeError here."""
-    dtype = np.dtype(dtype)
-    if dtype == BFLOAT16:
-        raise TypeError(
-            "bfloat16 params and grads are stepped by the fused rules (element-wise, whole-tree "
-            "norms, values per leaf or row) and clipped by the clipping functions: loss "
-            "scaling, Adafactor and SM3 take float16, float32 or float64 arrays"
-        )
-    return _CTYPE[dtype]
-
-
 def storage_of(dtype: np.dtype) -> str:
-    """A slot's storage name in kernel specs: ``ctype``'s, or ``"bf16"`` for bfloat16."""
+    """The storage name of arrays of ``dtype`` in kernels: their C type (``half``, ``float``,
+    ``double``), or ``"bf16"`` for bfloat16 (16-bit words, see ``POINTER``)."""
     return _STORAGE[np.dtype(dtype)]
 
 

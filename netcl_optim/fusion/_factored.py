@@ -18,7 +18,10 @@ One step, per dtype group, whatever the number of leaves (see ``_segments``):
 
 So 8 to 11 launches per dtype group (a launch over many segments may be split in two, see
 ``_launch.launch``); separate arrays take one sums launch per leaf, state arrays that are
-not packed go through a packed copy.
+not packed go through a packed copy. Row and column state stored in 16 bits (float16,
+bfloat16) takes two more: it is widened into a float copy before the EMAs, and the new
+values rounded back once after them (the factors, the updates, read the float values: the
+float32 rule with its state rounded after every step).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._base import SegmentReduction
-from .._device import state_dtype
 from .._packing import contiguous_run, element_offset, layout, pack
 from ._checks import (
     all_valid,
@@ -42,7 +44,9 @@ from ._checks import (
     group_by_dtype,
     queue_of_leaves,
 )
-from ._codegen import ctype, preamble
+from ._codegen import POINTER, preamble, storage_of
+from ._codegen import load as load_expr
+from ._codegen import store as store_stmt
 from ._launch import launch, note_launches
 from ._programs import build
 from ._reductions import acc_ctype
@@ -293,6 +297,8 @@ def _both_source(storage: str, acc: str) -> tuple[str, str]:
     w = 4 if real == "double" else 8
     if storage == "half":
         load, loadv = "vload_half(k, g)", f"vload_half{w}(0, g + k)"
+    elif storage == "bf16":  # (16-bit words widened lane by lane: the float lanes' sums)
+        load, loadv = "BF16_LOAD(g[k])", f"as_float{w}(convert_uint{w}(vload{w}(0, g + k)) << 16)"
     else:
         load, loadv = "g[k]", f"vload{w}(0, g + k)"
     if w == 4:
@@ -313,8 +319,8 @@ def _both_source(storage: str, acc: str) -> tuple[str, str]:
         }}
 """
     src = f"""//CL// {name}: Adafactor's row sums and column partials of g^2 in one pass
-{preamble(real, "double" in (storage, acc))}
-__kernel void {name}(__global const {storage} *restrict g, const long g_off,
+{preamble(real, "double" in (storage, acc), storage == "bf16")}
+__kernel void {name}(__global const {POINTER[storage]} *restrict g, const long g_off,
     __global const long *restrict both, const long both_off,
     __global {acc} *restrict row_partials, __global {acc} *restrict col_partials)
 {{
@@ -397,6 +403,9 @@ def _apply_source(rule: FactoredRule, storage: str, acc: str) -> tuple[str, str]
     if storage == "half":
         load, store = "vload_half(k, g)", "vstore_half_rte(x, k, u)"
         load8, store8 = "vload_half8(0, g + k)", "vstore_half8_rte(x, 0, u + k)"
+    elif storage == "bf16":  # (no vector loop: each element as the scalar loop's)
+        load, store = "BF16_LOAD(g[k])", "u[k] = BF16_RNE(x)"
+        load8 = store8 = ""
     else:
         load, store = "g[k]", "u[k] = x"
         load8, store8 = f"vload{w}(0, g + k)", f"vstore{w}(x, 0, u + k)"
@@ -412,23 +421,27 @@ def _apply_source(rule: FactoredRule, storage: str, acc: str) -> tuple[str, str]
     def loop(row: str, col: str) -> str:  # row and col: the uniform one is fu, the other fv
         vec_row = row.replace("fv[j]", f"vload{w}(0, fv + j)")
         vec_col = col.replace("fv[j]", f"vload{w}(0, fv + j)")
-        return f"""for (; j + {w} <= nj; j += {w}) {{
+        vector = f"""for (; j + {w} <= nj; j += {w}) {{
                 const long k = e + j;
                 const realv y = convert_{real}{w}({load8});
                 const realv x = {scaled("y", vec_row, vec_col)};
                 {store8};
             }}
-            for (; j < nj; j++) {{
+            """
+        return (
+            (vector if load8 else "")
+            + f"""for (; j < nj; j++) {{
                 const long k = e + j;
                 const real x = {scaled(f"({real}){load}", row, col)};
                 {store};
             }}"""
+        )
 
     src = f"""//CL// {name}: Adafactor's factored updates, a run of the last axes per work-item
-{preamble(real, "double" in (real, acc))}
+{preamble(real, "double" in (real, acc), storage == "bf16")}
 typedef {real}{w} realv;
-__kernel void {name}(__global const {storage} *restrict g, const long g_off,
-    __global {storage} *restrict u, const long u_off,
+__kernel void {name}(__global const {POINTER[storage]} *restrict g, const long g_off,
+    __global {POINTER[storage]} *restrict u, const long u_off,
     __global const real *restrict f, __global const long *restrict blocks,
     __global const long *restrict items, const long items_off, const {acc} eps1)
 {{
@@ -476,17 +489,26 @@ def _plain_source(rule: FactoredRule, storage: str, state_t: str, acc: str) -> t
     real = "double" if storage == "double" else "float"
     if storage == "half":
         load, store = "vload_half(gs + k, g)", "vstore_half_rte(x, gs + k, u)"
+    elif storage == "bf16":
+        load, store = "BF16_LOAD(g[gs + k])", "u[gs + k] = BF16_RNE(x)"
     else:
         load, store = "g[gs + k]", "u[gs + k] = x"
     square = "y * y + (real)epsilon" if rule.epsilon else "y * y"
     ema = "LERP(v, s, (real)add)" if rule.lerp else "(real)keep * v + (real)add * s"
     scale = "v" if rule.eps1 is None else "fmax(v, (real)eps1 * (real)eps1)"
+    if state_t in ("float", "double"):
+        v_load, v_round = "(real)v_in[vs + k]", f"({state_t})"
+        v_store = f"v_out[vs + k] = ({state_t})v;"
+    else:  # low-precision state: float math, one rounding on store
+        v_load, v_round = load_expr(state_t, "v_in", "vs + k"), "(real)"
+        v_store = store_stmt(state_t, "v_out", "vs + k", "v")
+    bf16 = "bf16" in (storage, state_t)
     src = f"""//CL// {name}: Adafactor's updates of the leaves that are not factored
-{preamble(real, "double" in (real, state_t, acc))}
-__kernel void {name}(__global const {storage} *restrict g, const long g_off,
-    __global {storage} *restrict u, const long u_off,
-    __global const {state_t} *restrict v_in, const long v_in_off,
-    __global {state_t} *restrict v_out, const long v_out_off,
+{preamble(real, "double" in (real, state_t, acc), bf16)}
+__kernel void {name}(__global const {POINTER[storage]} *restrict g, const long g_off,
+    __global {POINTER[storage]} *restrict u, const long u_off,
+    __global const {POINTER[state_t]} *restrict v_in, const long v_in_off,
+    __global {POINTER[state_t]} *restrict v_out, const long v_out_off,
     __global const long *restrict rows, const long rows_off,
     const {acc} keep, const {acc} add, const {acc} epsilon, const {acc} eps1)
 {{
@@ -496,9 +518,9 @@ __kernel void {name}(__global const {storage} *restrict g, const long g_off,
     for (long k = 0; k < n; k++) {{
         const real y = ({real}){load};
         const real s = {square};
-        real v = (real)v_in[vs + k];
-        v = ({state_t})({ema});
-        v_out[vs + k] = ({state_t})v;
+        real v = {v_load};
+        v = {v_round}({ema});
+        {v_store}
         const real x = y * ((real)1 / SQRT({scale}));
         {store};
     }}
@@ -508,12 +530,16 @@ __kernel void {name}(__global const {storage} *restrict g, const long g_off,
 
 
 def _copy_source(state_t: str) -> tuple[str, str]:
-    """Pure mode: the placeholders of the new state (``copies``: which array, which index)."""
-    name = f"netcl_factored_copy_{state_t}"
+    """Pure mode: the placeholders of the new state (``copies``: which array, which index).
+    ``state_t``: the fields' C type, or their storages ``"row,col,v"`` where they differ or
+    are 16-bit (copied as words)."""
+    fields = state_t.split(",") if "," in state_t else [state_t] * 3
+    types = [{"half": "ushort", "bf16": "ushort"}.get(t, t) for t in fields]
+    name = f"netcl_factored_copy_{state_t.replace(',', '_')}"
     args = ", ".join(
-        f"__global const {state_t} *restrict {r}_in, const long {r}_in_off, "
-        f"__global {state_t} *restrict {r}_out, const long {r}_out_off"
-        for r in ("vr", "vc", "v")
+        f"__global const {t} *restrict {r}_in, const long {r}_in_off, "
+        f"__global {t} *restrict {r}_out, const long {r}_out_off"
+        for r, t in zip(("vr", "vc", "v"), types, strict=True)
     )
     src = f"""//CL// {name}: Adafactor's placeholders, copied to the new state
 {preamble("double" if state_t == "double" else "float", state_t == "double")}
@@ -524,6 +550,36 @@ __kernel void {name}({args}, __global const long *restrict copies, const long co
     if (which == -1) vr_out[vr_out_off + k] = vr_in[vr_in_off + k];
     else if (which == -2) vc_out[vc_out_off + k] = vc_in[vc_in_off + k];
     else v_out[v_out_off + k] = v_in[v_in_off + k];
+}}
+"""
+    return src, name
+
+
+def _convert_source(state_t: str, widen: bool) -> tuple[str, str]:
+    """Low-precision row and column state (``state_t``: their storages ``"row,col"``) to a
+    float copy (rows, then columns: ``widen``) or back from it, rounded once."""
+    row_t, col_t = state_t.split(",")
+    which = "widen" if widen else "narrow"
+    name = f"netcl_factored_{which}_{row_t}_{col_t}"
+
+    def move(t: str, v: str, index: str) -> str:
+        if widen:
+            return f"wide[s] = {load_expr(t, v, index)};"
+        return store_stmt(t, v, index, "wide[s]")
+
+    state_q, wide_q = ("const ", "") if widen else ("", "const ")
+    src = f"""//CL// {name}: Adafactor's row and column state, {which}ed
+{preamble("float", False, "bf16" in (row_t, col_t))}
+__kernel void {name}(__global {state_q}{POINTER[row_t]} *restrict vr, const long vr_off,
+    __global {state_q}{POINTER[col_t]} *restrict vc, const long vc_off,
+    __global {wide_q}float *restrict wide, const long rows)
+{{
+    const long s = get_global_id(0);
+    if (s < rows) {{
+        {move(row_t, "vr", "vr_off + s")}
+    }} else {{
+        {move(col_t, "vc", "vc_off + s - rows")}
+    }}
 }}
 """
     return src, name
@@ -551,6 +607,9 @@ def _kernel(ctx: cl.Context, which: str, rule: FactoredRule, storage: str, state
         elif which == "plain":
             src, name = _plain_source(rule, storage, state_t, acc)
             dtypes = [None, np.int64] * 5 + [a] * 4
+        elif which in ("widen", "narrow"):
+            src, name = _convert_source(state_t, which == "widen")
+            dtypes = [None, np.int64, None, np.int64, None, np.int64]
         else:
             src, name = _copy_source(state_t)
             dtypes = [None, np.int64] * 7
@@ -575,7 +634,7 @@ def _row_and_column_sums(
     col_seg = segmentation(plan.shapes, "leaf", plan.col_views)
     row_partials, _ = workspace(queue, row_seg, ema, dtype, acc_dtype)
     col_partials, _ = workspace(queue, col_seg, ema, dtype, acc_dtype)
-    kernel = _kernel(queue.context, "both", FactoredRule(), ctype(dtype), "", acc)
+    kernel = _kernel(queue.context, "both", FactoredRule(), storage_of(dtype), "", acc)
     table = plan.tables(queue)["both"].base_data
     lay = layout(plan.shapes, dtype)
     run = contiguous_run(grads, lay)
@@ -605,6 +664,34 @@ def _factors(queue: cl.CommandQueue, plan: Plan, dtype: np.dtype) -> cla.Array:
     return buf
 
 
+def _wide(queue: cl.CommandQueue, plan: Plan) -> cla.Array:
+    """A float copy of low-precision row and column state (rows, then columns; kept across
+    steps as the factors' buffer)."""
+    key = (queue, plan, "wide")
+    buf = _outputs.get(key)
+    if buf is None:
+        buf = _outputs[key] = cla.empty(queue, (max(plan.factor_count, 1),), np.float32)
+    return buf
+
+
+def _convert(
+    queue: cl.CommandQueue, plan: Plan, which: str, state_t: str, runs: list, wide: cla.Array
+) -> None:
+    """``which``: ``"widen"`` the row and column state ``runs[0]``, ``runs[1]`` into ``wide``,
+    or ``"narrow"`` it back into them (rounded to nearest even)."""
+    kernel = _kernel(queue.context, which, FactoredRule(), "", state_t, "")
+    launch(kernel, queue, plan.factor_count, [*runs[0], *runs[1], wide.base_data,
+                                              plan.factor_rows])  # fmt: skip
+
+
+def _copy_types(row_t: str, col_t: str, v_t: str) -> str:
+    """The copy kernel's ``state_t``: one C type where the fields share a 32- or 64-bit one
+    (the kernels as before low-precision state), else the three storages."""
+    if row_t == col_t == v_t and row_t in ("float", "double"):
+        return row_t
+    return f"{row_t},{col_t},{v_t}"
+
+
 def _run_of(leaves: list[cla.Array], shapes: tuple, queue: cl.CommandQueue) -> tuple[Any, int]:
     """``(buffer, element offset)`` of ``leaves`` packed back to back (a packed copy if
     they are not)."""
@@ -629,16 +716,18 @@ def factored_step(
     """One step over one dtype group: ``(updates, (v_row, v_col, v))``. Pure: every output
     is fresh (the inputs are unchanged); in place: the state's arrays are written where they
     are (through a packed copy, copied back, where they are not packed) and the updates are a
-    buffer kept for the next step."""
+    buffer kept for the next step. Each state field is stored as its arrays are (the state
+    dtype, or float16 or bfloat16: float math, the new values rounded once on store)."""
     dtype = grads[0].dtype
     shapes = tuple(g.shape for g in grads)
     plan = plan_of(shapes, rule)
     acc = acc_ctype(queue)
-    sdtype = state_dtype(dtype)
-    storage, state_t = ctype(dtype), ctype(sdtype)
+    storage = storage_of(dtype)
+    fields = (plan.row_shapes, plan.col_shapes, plan.v_shapes)
+    lays = [layout(s, leaves[0].dtype) for s, leaves in zip(fields, state, strict=True)]
+    row_t, col_t, v_t = (storage_of(lay.dtype) for lay in lays)
     ctx = queue.context
     g_run = _run_of(grads, shapes, queue)
-    lays = [layout(s, sdtype) for s in (plan.row_shapes, plan.col_shapes, plan.v_shapes)]
     olds = [_run_of(leaves, lay.shapes, queue) for leaves, lay in zip(state, lays, strict=True)]
     new_leaves: list[list[cla.Array]] = []
     news = []
@@ -651,7 +740,7 @@ def factored_step(
                 copy_back.append((old, leaves, lay))
             continue
         block = lay.allocate(queue)
-        news.append((block.buffer, block.offset // sdtype.itemsize))
+        news.append((block.buffer, block.offset // lay.dtype.itemsize))
         new_leaves.append(block.views)
     out_lay = layout(shapes, dtype)
     if inplace:
@@ -670,36 +759,51 @@ def factored_step(
     sums = plan.both is None or not len(plan.both)
     if not sums:
         _row_and_column_sums(queue, plan, ema, grads, acc)
-    for views, s in ((plan.row_views, 0), (plan.col_views, 1)):
-        reduce_segments(queue, ema, grads, [], acc, scalars, ((olds[s], news[s]),), views,
-                        state_t, sums)  # fmt: skip
-    rows = lays[0].views_of(queue, news[0][0], news[0][1] * sdtype.itemsize)
+    factor_t = storage_of(lays[0].dtype)
+    ema_runs = [(olds[0], news[0]), (olds[1], news[1])]
+    rows_at = (lays[0], *news[0])
+    wide = None
+    if {row_t, col_t} - {"float", "double"}:  # low precision: the EMAs in a float copy
+        factor_t, wide = "float", _wide(queue, plan)
+        _convert(queue, plan, "widen", f"{row_t},{col_t}", olds, wide)
+        ema_runs = [((wide.base_data, 0),) * 2, ((wide.base_data, plan.factor_rows),) * 2]
+        rows_at = (layout(plan.row_shapes, np.float32), wide.base_data, 0)
+    for (views, s), run in zip(((plan.row_views, 0), (plan.col_views, 1)), ema_runs,
+                               strict=True):  # fmt: skip
+        reduce_segments(queue, ema, grads, [], acc, scalars, (run,), views,
+                        factor_t if wide is not None else (row_t, col_t)[s], sums)  # fmt: skip
+    if wide is not None:  # (the new state rounded once; the factors from its float values)
+        _convert(queue, plan, "narrow", f"{row_t},{col_t}", news, wide)
+    row_lay, row_buf, row_off = rows_at
+    rows = row_lay.views_of(queue, row_buf, row_off * row_lay.dtype.itemsize)
     means = reduce_segments(queue, _ROW_MEAN, rows, [], acc, views=plan.mean_views)
     if len(plan.blocks):
         factors = _factors(queue, plan, dtype)
-        kernel = _kernel(ctx, "factors", rule, storage, state_t, acc)
-        args = [*news[0], *news[1], means.base_data, tables["row_means"].base_data,
+        kernel = _kernel(ctx, "factors", rule, storage, factor_t, acc)
+        state_runs = [*news[0], *news[1]] if wide is None else [
+            wide.base_data, 0, wide.base_data, plan.factor_rows]  # fmt: skip
+        args = [*state_runs, means.base_data, tables["row_means"].base_data,
                 factors.base_data, plan.factor_rows, a(eps1)]  # fmt: skip
         launch(kernel, queue, plan.factor_count, args)
-        kernel = _kernel(ctx, "apply", rule, storage, state_t, acc)
+        kernel = _kernel(ctx, "apply", rule, storage, "", acc)
         args = [*g_run, *u_run, factors.base_data, tables["blocks"].base_data,
                 tables["items"].base_data, 0, a(eps1)]  # fmt: skip
         kernel(queue, (len(plan.items),), (1,), *args)
         note_launches(kernel.function_name)
     if len(plan.rows):
-        kernel = _kernel(ctx, "plain", rule, storage, state_t, acc)
+        kernel = _kernel(ctx, "plain", rule, storage, v_t, acc)
         args = [*g_run, *u_run, *olds[2], *news[2], tables["rows"].base_data, 0,
                 a(keep), a(add), a(rule.epsilon), a(eps1)]  # fmt: skip
         kernel(queue, (len(plan.rows),), (1,), *args)
         note_launches(kernel.function_name)
     if not inplace and len(plan.copies):
-        kernel = _kernel(ctx, "copy", rule, storage, state_t, acc)
+        kernel = _kernel(ctx, "copy", rule, storage, _copy_types(row_t, col_t, v_t), acc)
         args = [*olds[0], *news[0], *olds[1], *news[1], *olds[2], *news[2],
                 tables["copies"].base_data, 0]  # fmt: skip
         kernel(queue, (len(plan.copies),), None, *args)
         note_launches(kernel.function_name)
     for (buf, off), leaves, lay in copy_back:
-        item = sdtype.itemsize
+        item = lay.dtype.itemsize
         for leaf, start in zip(leaves, lay.offsets, strict=True):
             cl.enqueue_copy(queue, leaf.base_data, buf, byte_count=leaf.nbytes,
                             dst_offset=leaf.offset, src_offset=(off + start) * item)  # fmt: skip

@@ -40,7 +40,9 @@ import pyopencl.array as cla
 
 from .._device import state_dtype
 from .._packing import contiguous_run, layout
-from ._codegen import ctype, preamble
+from ._codegen import POINTER, preamble, storage_of
+from ._codegen import load as load_expr
+from ._codegen import store as store_stmt
 from ._launch import note_launches
 from ._programs import build
 
@@ -164,19 +166,33 @@ static inline long find(__global const long *t, const long n, const long cols, c
 """
 
 
-def _accum(storage: str) -> str:
+def _mu_load(ms: str, index: str) -> str:
+    """An accumulator of storage ``ms`` at ``index``, as ``real``."""
+    return f"(real)mu[{index}]" if ms in ("float", "double") else load_expr(ms, "mu", index)
+
+
+def _accum(storage: str, ms: str) -> str:
     """``a`` of element ``e`` (column ``j``) of a row: ``c g^2 + b2 bound``."""
-    g = "vload_half(e, g)" if storage == "half" else "(real)g[e]"
+    g = {"half": "vload_half(e, g)", "bf16": "BF16_LOAD(g[e])"}.get(storage, "(real)g[e]")
     pad = " " * 12
     return (
         f"{pad}const real x = {g};\n"
-        f"{pad}const real bound = MINN(lead, (real)mu[mu_last + j]);\n"
+        f"{pad}const real bound = MINN(lead, {_mu_load(ms, 'mu_last + j')});\n"
         f"{pad}const real a = c * x * x + b2 * bound;\n"
     )
 
 
-def _rows_source(storage: str, st: str) -> str:
-    out = "vstore_half_rte(nn, e, out);" if storage == "half" else f"out[e] = ({storage})nn;"
+def _rows_source(storage: str, ms: str, ns: str) -> str:
+    """The rows and cols kernels for ``storage`` updates, accumulators stored as ``ms`` and
+    momentum as ``ns`` (bfloat16 updates or 16-bit state: no vector loop, each element as
+    the scalar loop's)."""
+    ws = "double" if storage == "double" else "float"  # the workspace's type
+    vector = storage != "bf16" and {ms, ns} <= {"float", "double"}
+    if storage == "bf16":
+        out = "out[e] = BF16_RNE(nn);"
+    else:
+        out = "vstore_half_rte(nn, e, out);" if storage == "half" else f"out[e] = ({storage})nn;"
+    nu_load = "(real)nu_in[e]" if ns in ("float", "double") else load_expr(ns, "nu_in", "e")
     w = 4 if storage == "double" else 8  # see width()
     load_v = f"vload_half{w}(0, g + e)" if storage == "half" else f"vload{w}(0, g + e)"
     store_v = (
@@ -184,20 +200,57 @@ def _rows_source(storage: str, st: str) -> str:
         if storage == "half"
         else f"vstore{w}(nn, 0, out + e);"
     )
-    accum = _accum(storage)
-    lanes = "".join(f"        m = MAXN(mv.s{k}, m);\n" for k in range(w))
+    accum = _accum(storage, ms)
+    lanes = "".join(f"        m = MAXN(mv.s{k}, m);\n" for k in range(w)) if vector else ""
     real = "double" if storage == "double" else "float"
+    g_t, mu_t, nu_t = POINTER[storage], POINTER[ms], POINTER[ns]
+    mu_store = store_stmt(ms, "mu_out", "mu_last + j", "a")
+    rows_head = f"for (; j + {w} <= j1; j += {w}) {{  /* as the scalar loop below, {w} lanes */"
+    rows_vector = f"""        {rows_head}
+            const long e = base + j;
+            const vec x = {load_v};
+            const vec mul = vload{w}(0, mu + mu_last + j);
+            const vec bound = select(mul, leadv, (leadv < mul) | isnan(leadv));
+            const vec a = c * x * x + b2 * bound;
+            const vec up = select((vec)(0), x / sqrt(a + eps), a > (vec)(0));
+            const vec nn = omb1 * up + b1 * vload{w}(0, nu_in + e);
+            vstore{w}(nn, 0, nu_out + e);
+            {store_v}
+            if (n_lead == 0) vstore{w}(a, 0, mu_out + mu_last + j);
+            mv = select(mv, a, (a > mv) | isnan(a));
+        }}
+"""
+    cols_note = f"/* {w} columns as one vector: as the scalar loop below */"
+    cols_head = f"if (j0 + {w} <= length) {{  {cols_note}"
+    cols_vector = f"""    {cols_head}
+        const vec mul = vload{w}(0, mu + mu_last + j0);
+        vec mv = (vec)(0);
+        for (long r = r0; r < r1; r++) {{
+            const long e = first + r * length + j0;
+            const vec x = {load_v};
+            const vec leadv = (vec)(mins[r]);
+            const vec bound = select(mul, leadv, (leadv < mul) | isnan(leadv));
+            const vec a = c * x * x + b2 * bound;
+            mv = select(mv, a, (a > mv) | isnan(a));
+        }}
+        vstore{w}(mv, 0, part + j0);
+        return;
+    }}
+"""
+    if not vector:
+        rows_vector = cols_vector = ""
+    cols_end = "length" if vector else f"min(j0 + {w}, length)"
     return f"""
 typedef {real}{w} vec;
 __kernel void sm3_rows(__global const long *restrict leaves, const long n_leaves,
                        __global const long *restrict axes, const long n_work,
-                       __global const {storage} *restrict g, const long g_off,
-                       __global const {st} *mu, const long mu_off,
-                       __global {st} *mu_out, const long mu_out_off,
-                       __global const {st} *nu_in, const long nu_in_off,
-                       __global {st} *nu_out, const long nu_out_off,
-                       __global {storage} *restrict out, const long out_off,
-                       __global {st} *restrict rowmin, __global {st} *restrict chunkmax,
+                       __global const {g_t} *restrict g, const long g_off,
+                       __global const {mu_t} *mu, const long mu_off,
+                       __global {mu_t} *mu_out, const long mu_out_off,
+                       __global const {nu_t} *nu_in, const long nu_in_off,
+                       __global {nu_t} *nu_out, const long nu_out_off,
+                       __global {g_t} *restrict out, const long out_off,
+                       __global {ws} *restrict rowmin, __global {ws} *restrict chunkmax,
                        const real c, const real b2, const real eps, const real b1,
                        const real omb1)
 {{
@@ -214,40 +267,27 @@ __kernel void sm3_rows(__global const long *restrict leaves, const long n_leaves
     const long row1 = cpr == 1 ? min(row0 + rpi, leaf[{L_R}]) : row0 + 1;
     const long chunk = cpr == 1 ? 0 : local_w - row0 * cpr;
     const long j0 = chunk * {CHUNK}, j1 = min(j0 + {CHUNK}, length);
-    __global {st} *chunk_max = chunkmax + leaf[{L_CHUNK}] + chunk;
+    __global {ws} *chunk_max = chunkmax + leaf[{L_CHUNK}] + chunk;
     for (long row = row0; row < row1; row++) {{
         real lead = INFINITY;
         __global const long *axis = axes + leaf[{L_AXIS}] * {A_COLS};
         for (long k = 0; k < n_lead; k++, axis += {A_COLS}) {{
             const long i = (row / axis[2]) % axis[0];
-            lead = MINN(lead, (real)mu[axis[1] + i]);
+            lead = MINN(lead, {_mu_load(ms, "axis[1] + i")});
         }}
         if (chunk == 0) rowmin[leaf[{L_ROW}] + row] = lead;
         const long base = leaf[{L_ELEM}] + row * length;
         long j = j0;
         vec mv = (vec)(0);
         const vec leadv = (vec)(lead);
-        for (; j + {w} <= j1; j += {w}) {{  /* as the scalar loop below, {w} lanes */
-            const long e = base + j;
-            const vec x = {load_v};
-            const vec mul = vload{w}(0, mu + mu_last + j);
-            const vec bound = select(mul, leadv, (leadv < mul) | isnan(leadv));
-            const vec a = c * x * x + b2 * bound;
-            const vec up = select((vec)(0), x / sqrt(a + eps), a > (vec)(0));
-            const vec nn = omb1 * up + b1 * vload{w}(0, nu_in + e);
-            vstore{w}(nn, 0, nu_out + e);
-            {store_v}
-            if (n_lead == 0) vstore{w}(a, 0, mu_out + mu_last + j);
-            mv = select(mv, a, (a > mv) | isnan(a));
-        }}
-        real m = 0;
+{rows_vector}        real m = 0;
 {lanes}        for (; j < j1; j++) {{
             const long e = base + j;
 {accum}            const real up = a > 0 ? x / SQRT(a + eps) : (real)0;
-            const real nn = omb1 * up + b1 * (real)nu_in[e];
-            nu_out[e] = nn;
+            const real nn = omb1 * up + b1 * {nu_load};
+            {store_stmt(ns, "nu_out", "e", "nn")}
             {out}
-            if (n_lead == 0) mu_out[mu_last + j] = a;  /* rank <= 1: mu <- a */
+            if (n_lead == 0) {mu_store}  /* rank <= 1: mu <- a */
             m = MAXN(a, m);
         }}
         chunk_max[row * cpr] = m;
@@ -256,9 +296,9 @@ __kernel void sm3_rows(__global const long *restrict leaves, const long n_leaves
 
 __kernel void sm3_cols(__global const long *restrict leaves, const long n_leaves,
                        const long n_work,
-                       __global const {storage} *restrict g, const long g_off,
-                       __global const {st} *restrict mu, const long mu_off,
-                       __global const {st} *restrict rowmin, __global {st} *restrict colpart,
+                       __global const {g_t} *restrict g, const long g_off,
+                       __global const {mu_t} *restrict mu, const long mu_off,
+                       __global const {ws} *restrict rowmin, __global {ws} *restrict colpart,
                        const real c, const real b2)
 {{
     const long w = get_global_id(0);
@@ -269,24 +309,10 @@ __kernel void sm3_cols(__global const long *restrict leaves, const long n_leaves
     const long local_w = w - leaf[{L_W2}], groups = (length + {w - 1}) / {w};
     const long block = local_w / groups, j0 = (local_w - block * groups) * {w};
     const long r0 = block * {ROWS}, r1 = min(r0 + {ROWS}, leaf[{L_R}]);
-    __global const {st} *mins = rowmin + leaf[{L_ROW}];
-    __global {st} *part = colpart + leaf[{L_COLPART}] + block * length;
+    __global const {ws} *mins = rowmin + leaf[{L_ROW}];
+    __global {ws} *part = colpart + leaf[{L_COLPART}] + block * length;
     const long first = leaf[{L_ELEM}];
-    if (j0 + {w} <= length) {{  /* {w} columns as one vector: as the scalar loop below */
-        const vec mul = vload{w}(0, mu + mu_last + j0);
-        vec mv = (vec)(0);
-        for (long r = r0; r < r1; r++) {{
-            const long e = first + r * length + j0;
-            const vec x = {load_v};
-            const vec leadv = (vec)(mins[r]);
-            const vec bound = select(mul, leadv, (leadv < mul) | isnan(leadv));
-            const vec a = c * x * x + b2 * bound;
-            mv = select(mv, a, (a > mv) | isnan(a));
-        }}
-        vstore{w}(mv, 0, part + j0);
-        return;
-    }}
-    for (long j = j0; j < length; j++) {{
+{cols_vector}    for (long j = j0; j < {cols_end}; j++) {{
         real m = 0;
         for (long r = r0; r < r1; r++) {{
             const long e = first + r * length + j;
@@ -299,16 +325,16 @@ __kernel void sm3_cols(__global const long *restrict leaves, const long n_leaves
 """
 
 
-def _finish_source(st: str) -> str:
+def _finish_source(ws: str, ms: str) -> str:
     """Segment row: ``(first work-item, 0, L, blocks, first colpart, -, -, mu start)`` for
     a last-axis vector, ``(first work-item, 1, dim, outer, inner, chunks per row, first
     chunk, mu start)`` for a leading axis (its rows: ``(o * dim + i) * inner + t``)."""
     return f"""
 __kernel void sm3_finish(__global const long *restrict segs, const long n_segs,
                          const long n_work,
-                         __global const {st} *restrict chunkmax,
-                         __global const {st} *restrict colpart,
-                         __global {st} *restrict mu_out, const long mu_out_off)
+                         __global const {ws} *restrict chunkmax,
+                         __global const {ws} *restrict colpart,
+                         __global {POINTER[ms]} *restrict mu_out, const long mu_out_off)
 {{
     const long w = get_global_id(0);
     if (w >= n_work) return;
@@ -318,40 +344,49 @@ __kernel void sm3_finish(__global const long *restrict segs, const long n_segs,
     real m = 0;
     if (s[1] == 0) {{
         const long length = s[2];
-        __global const {st} *p = colpart + s[4] + i;
+        __global const {ws} *p = colpart + s[4] + i;
         for (long b = 0; b < s[3]; b++) m = MAXN((real)p[b * length], m);
     }} else {{
         const long dim = s[2], outer = s[3], inner = s[4], cpr = s[5];
         for (long o = 0; o < outer; o++) {{
             const long row0 = (o * dim + i) * inner;
-            __global const {st} *p = chunkmax + s[6] + row0 * cpr;
+            __global const {ws} *p = chunkmax + s[6] + row0 * cpr;
             for (long k = 0; k < inner * cpr; k++) m = MAXN((real)p[k], m);
         }}
     }}
-    mu_out[i] = m;
+    {store_stmt(ms, "mu_out", "i", "m")}
 }}
 """
 
 
-_kernels: dict[tuple[cl.Context, np.dtype], tuple[cl.Kernel, cl.Kernel, cl.Kernel]] = {}
+_kernels: dict[tuple, tuple[cl.Kernel, cl.Kernel, cl.Kernel]] = {}
 
 
-def source(dtype: np.dtype) -> str:
-    """The program of a group of ``dtype`` leaves (for reading)."""
-    storage = ctype(dtype)
-    st = ctype(state_dtype(dtype))
+def source(
+    dtype: np.dtype, mu_dtype: np.dtype | None = None, nu_dtype: np.dtype | None = None
+) -> str:
+    """The program of a group of ``dtype`` leaves (for reading), its accumulators stored as
+    ``mu_dtype`` and its momentum as ``nu_dtype`` (default: the state dtype)."""
+    storage = storage_of(dtype)
+    ms = storage_of(state_dtype(dtype) if mu_dtype is None else mu_dtype)
+    ns = storage_of(state_dtype(dtype) if nu_dtype is None else nu_dtype)
     real = "double" if storage == "double" else "float"
-    head = f"//CL// netcl SM3 ({storage})\n{preamble(real, real == 'double')}\n"
+    title = storage if {ms, ns} <= {"float", "double"} else f"{storage}; state {ms}, {ns}"
+    bf16 = "bf16" in (storage, ms, ns)
+    head = f"//CL// netcl SM3 ({title})\n{preamble(real, real == 'double', bf16)}\n"
     head += _HELPERS
-    return head + _rows_source(storage, st) + _finish_source(st)
+    return head + _rows_source(storage, ms, ns) + _finish_source(real, ms)
 
 
-def kernels(context: cl.Context, dtype: np.dtype) -> tuple[cl.Kernel, cl.Kernel, cl.Kernel]:
-    """The rows, cols and finish kernels for ``dtype`` leaves, built once per context."""
-    dtype = np.dtype(dtype)
-    hit = _kernels.get((context, dtype))
+def kernels(
+    context: cl.Context, dtype: np.dtype, mu_dtype: np.dtype, nu_dtype: np.dtype
+) -> tuple[cl.Kernel, cl.Kernel, cl.Kernel]:
+    """The rows, cols and finish kernels for ``dtype`` leaves with state stored as
+    ``mu_dtype`` and ``nu_dtype``, built once per context."""
+    dtype, mu_dtype, nu_dtype = np.dtype(dtype), np.dtype(mu_dtype), np.dtype(nu_dtype)
+    hit = _kernels.get((context, dtype, mu_dtype, nu_dtype))
     if hit is None:
-        src = source(dtype)
+        src = source(dtype, mu_dtype, nu_dtype)
         real = np.float64 if dtype == np.float64 else np.float32
         i64 = np.int64
         rows = build(
@@ -364,7 +399,7 @@ def kernels(context: cl.Context, dtype: np.dtype) -> tuple[cl.Kernel, cl.Kernel,
             [None, i64, i64, None, i64, None, i64, None, None, real, real],
         )  # fmt: skip
         finish = build(context, src, "sm3_finish", [None, i64, i64, None, None, None, i64])
-        hit = _kernels[(context, dtype)] = (rows, cols, finish)
+        hit = _kernels[(context, dtype, mu_dtype, nu_dtype)] = (rows, cols, finish)
     return hit
 
 
@@ -433,21 +468,23 @@ def sm3_group(
 ) -> tuple[list[cla.Array], list[cla.Array], list[cla.Array]]:
     """One SM3 step over the leaves ``g`` of one dtype (checked by the caller): ``mu`` the
     accumulators of every leaf in order (:func:`sm3_mu_shapes`), ``nu`` shaped like ``g``,
-    both of the state dtype. Returns ``(updates, new mu, new nu)``: the updates in a fresh
-    packed buffer; the state fresh and packed, or with ``inplace`` written into ``mu`` and
-    ``nu`` (and those returned)."""
+    each stored as its arrays are (one dtype over the group: the state dtype, or float16 or
+    bfloat16: float math, the new values rounded once on store). Returns ``(updates, new
+    mu, new nu)``: the updates in a fresh packed buffer; the state fresh and packed, or
+    with ``inplace`` written into ``mu`` and ``nu`` (and those returned)."""
     dtype = g[0].dtype
-    st = state_dtype(dtype)
+    mu_dtype, nu_dtype = mu[0].dtype, nu[0].dtype
     shapes = tuple(x.shape for x in g)
     plan = sm3_plan(shapes, width(dtype))
-    rows_k, cols_k, finish_k = kernels(queue.context, dtype)
+    rows_k, cols_k, finish_k = kernels(queue.context, dtype, mu_dtype, nu_dtype)
     tables = plan.tables(queue)
-    rowmin, chunkmax, colpart = _workspace(queue, plan, st)
-    mu_lay = layout(plan.mu_shapes, st)
-    nu_lay = layout(shapes, st)
+    real = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    rowmin, chunkmax, colpart = _workspace(queue, plan, real)
+    mu_lay = layout(plan.mu_shapes, mu_dtype)
+    nu_lay = layout(shapes, nu_dtype)
     g_buf, g_off, _ = _packed(queue, g, shapes, dtype)
-    mu_buf, mu_off, mu_copied = _packed(queue, mu, plan.mu_shapes, st)
-    nu_buf, nu_off, nu_copied = _packed(queue, nu, shapes, st)
+    mu_buf, mu_off, mu_copied = _packed(queue, mu, plan.mu_shapes, mu_dtype)
+    nu_buf, nu_off, nu_copied = _packed(queue, nu, shapes, nu_dtype)
     out = layout(shapes, dtype).allocate(queue)
     if inplace:
         nu_out_buf, nu_out_off, new_nu = nu_buf, nu_off, None

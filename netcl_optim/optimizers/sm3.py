@@ -21,10 +21,11 @@ from .._device import check_float_dtype, state_dtype
 from .._packing import DonatedArray, c_strides, layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
-from ..fusion import slice_for, whole_updates, whole_view
-from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves
+from ..fusion import EightBit, slice_for, slot_dtype_of, whole_updates, whole_view
+from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves, slot_storages
 from ..fusion._fused import init_slots
 from ..fusion._sm3 import sm3_group, sm3_mu_shapes
+from ..fusion._storage import slot_rule
 from ..stateful._declaration import KEYWORD_ONLY, MAXIMIZE, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import torch_state
@@ -37,7 +38,8 @@ from ._shared import ascent
 class ScaleBySM3State(NamedTuple):
     """``mu``: per leaf, a list of accumulators (one ``(shape[i],)`` vector per axis for
     rank >= 2, else one array of the leaf's shape); ``nu``: the momentum, like the params.
-    Both in the state dtype (float32 for float16 and float32 params)."""
+    Both in the state dtype (float32 for float16, bfloat16 and float32 params), or as
+    ``low_precision_state`` stores them (slots ``mu``, ``nu``: float16 or bfloat16)."""
 
     mu: Any
     nu: Any
@@ -64,19 +66,30 @@ def _whole_momentum(queue: Any, s: Any, dtype: Any) -> cla.Array:
     return buf
 
 
+def _storage_rule() -> tuple[Any, Any]:
+    """The dtypes (for a params dtype) of new accumulators (slot ``mu``) and momentum
+    (``nu``) under the active storage rule (see ``low_precision_state``); 8 bits: ValueError."""
+    for name in ("mu", "nu"):
+        if isinstance(slot_rule(name), EightBit):
+            raise ValueError(
+                f"scale_by_sm3: {name} cannot be stored in 8 bits (the accumulators are a max "
+                "per axis, not element-wise): use state_dtype"
+            )
+    return slot_dtype_of("mu"), slot_dtype_of("nu")
+
+
 def _init(params: Any) -> ScaleBySM3State:
     leaves, treedef = optree.tree_flatten(params)
+    mu_dtype, nu_dtype = _storage_rule()
     if leaves and all(slice_for(leaves, [i]) is not None for i in range(len(leaves))):
-        return _init_sliced(leaves, treedef)
-    nu = init_slots(params, 1)[0]  # checks the leaves
+        return _init_sliced(leaves, treedef, mu_dtype, nu_dtype)
+    nu = init_slots(params, 1, ("nu",))[0]  # checks the leaves
     mu: list[Any] = [None] * len(leaves)
     if leaves:
         queue = queue_of_leaves(leaves)
         for dtype, idx in group_by_dtype(leaves).items():
             per_leaf = [sm3_mu_shapes(leaves[i].shape) for i in idx]
-            block = layout(tuple(s for m in per_leaf for s in m), state_dtype(dtype)).allocate(
-                queue
-            )
+            block = layout(tuple(s for m in per_leaf for s in m), mu_dtype(dtype)).allocate(queue)
             block.fill(queue, 0)
             views = iter(block.views)
             for i, shapes in zip(idx, per_leaf, strict=True):
@@ -84,17 +97,20 @@ def _init(params: Any) -> ScaleBySM3State:
     return ScaleBySM3State(mu=optree.tree_unflatten(treedef, mu), nu=nu)
 
 
-def _init_sliced(leaves: list[Any], treedef: Any) -> ScaleBySM3State:
+def _init_sliced(leaves: list[Any], treedef: Any, mu_dtype: Any, nu_dtype: Any) -> ScaleBySM3State:
     """On ZeRO slices: per dtype, the whole leaves' accumulators (every rank keeps them
     whole: O(sum of dims)) and the slice's momentum, each one 1-D array."""
     queue = queue_of_leaves(leaves)
     mu, nu = [], []
     for x in leaves:
         n_mu, n_nu = _whole_totals(slice_for([x], [0]))
-        block = layout(((n_mu,), (n_nu,)), state_dtype(x.dtype)).allocate(queue)
-        block.fill(queue, 0)
-        mu.append([block.views[0]])
-        nu.append(block.views[1])
+        arrays = []
+        for n, dtype_of in ((n_mu, mu_dtype), (n_nu, nu_dtype)):
+            block = layout(((n,),), dtype_of(x.dtype)).allocate(queue)
+            block.fill(queue, 0)
+            arrays.append(block.views[0])
+        mu.append([arrays[0]])
+        nu.append(arrays[1])
     return ScaleBySM3State(optree.tree_unflatten(treedef, mu), optree.tree_unflatten(treedef, nu))
 
 
@@ -111,31 +127,60 @@ def _run_sliced(
     for x, mu, nu in zip(leaves, mus, nus, strict=True):
         s = slice_for([x], [0])
         n_mu, n_nu = _whole_totals(s)
-        st = state_dtype(x.dtype)
         if isinstance(mu, cla.Array):  # the stateful layer's accumulator buffer
             mu = [mu]
         ok = isinstance(mu, (list, tuple)) and len(mu) == 1 and isinstance(mu[0], cla.Array)
-        if not (ok and mu[0].shape == (n_mu,) and isinstance(nu, cla.Array)
-                and nu.shape == (n_nu,) and mu[0].dtype == st == nu.dtype):  # fmt: skip
+        ok = ok and isinstance(nu, cla.Array)
+        mu_st = _storage(x.dtype, mu[0] if ok else None)
+        nu_st = _storage(x.dtype, nu if ok else None)
+        if not (ok and mu[0].shape == (n_mu,) and nu.shape == (n_nu,)
+                and mu[0].dtype == mu_st and nu.dtype == nu_st):  # fmt: skip
             raise ValueError(
                 f"scale_by_sm3: the state of a ZeRO slice of {x.dtype} holds one accumulator "
-                f"array of {n_mu} and a momentum of {n_nu} elements ({st}); got {_what(mu)} "
-                f"and {_what(nu)}"
+                f"array of {n_mu} and a momentum of {n_nu} elements ({mu_st}, {nu_st}); got "
+                f"{_what(mu)} and {_what(nu)}"
             )
         whole = whole_updates(s, x)
         mu_shapes = tuple(m for shape in s.shapes for m in sm3_mu_shapes(shape))
-        m_views = layout(mu_shapes, st).views_of(queue, mu[0].base_data, mu[0].offset)
-        scratch = _whole_momentum(queue, s, st)
+        m_views = layout(mu_shapes, mu_st).views_of(queue, mu[0].base_data, mu[0].offset)
+        scratch = _whole_momentum(queue, s, nu_st)
         _copy(queue, whole_view(scratch, s.lo, n_nu), nu)
-        n_views = layout(s.shapes, st).views_of(queue, scratch.base_data, scratch.offset)
+        n_views = layout(s.shapes, nu_st).views_of(queue, scratch.base_data, scratch.offset)
         o, m, n = sm3_group(queue, whole, m_views, n_views, b1, b2, eps, inplace)
         out.append(whole_view(o[0], s.lo, n_nu))
         new_mu.append(list(mu) if inplace else [whole_view(m[0], 0, n_mu)])
-        fresh = nu if inplace else layout(((n_nu,),), st).allocate(queue).views[0]
+        fresh = nu if inplace else layout(((n_nu,),), nu_st).allocate(queue).views[0]
         _copy(queue, fresh, whole_view(n[0], s.lo, n_nu))
         new_nu.append(fresh)
     unflat = lambda ls: optree.tree_unflatten(treedef, ls)  # noqa: E731
     return unflat(out), ScaleBySM3State(unflat(new_mu), unflat(new_nu))
+
+
+def _storage(dtype: np.dtype, stored: Any) -> np.dtype:
+    """The dtype a state array of updates of ``dtype`` must have, where it is stored as
+    ``stored`` (an array, or None): its own where that is a storage for ``dtype`` (the state
+    dtype, or float16 or bfloat16 for float32 and half updates), else the state dtype."""
+    got = getattr(stored, "dtype", None)
+    return got if got in slot_storages(np.dtype(dtype)) else state_dtype(dtype)
+
+
+def _group_storages(u: list[Any], mu: list[Any], nu: list[Any]) -> tuple[list, list]:
+    """Per leaf, the dtypes its accumulators and its momentum must have: as the first leaf
+    of its dtype group stores them (see :func:`_storage`)."""
+    first: dict[np.dtype, tuple[np.dtype, np.dtype]] = {}
+    mus, nus = [], []
+    for x, m, n in zip(u, mu, nu, strict=True):
+        d = getattr(x, "dtype", None)
+        if d is None:  # (not an array: the caller names it)
+            mus.append(None)
+            nus.append(None)
+            continue
+        if d not in first:
+            m0 = m[0] if isinstance(m, (list, tuple)) and len(m) else None
+            first[d] = (_storage(d, m0), _storage(d, n))
+        mus.append(first[d][0])
+        nus.append(first[d][1])
+    return mus, nus
 
 
 def _copy(queue: Any, dst: cla.Array, src: cla.Array) -> None:
@@ -146,18 +191,20 @@ def _copy(queue: Any, dst: cla.Array, src: cla.Array) -> None:
 
 
 @lru_cache(maxsize=64)
-def _expected(shapes: tuple, dtypes: tuple) -> tuple[list, list, list, list, list]:
+def _expected(
+    shapes: tuple, dtypes: tuple, mu_st: tuple, nu_st: tuple
+) -> tuple[list, list, list, list, list]:
     """Per leaf, its accumulator count, its updates' C strides, its momentum's, then every
-    accumulator's ``(shape, dtype, strides)`` in order, and the state dtypes."""
-    st = [state_dtype(d) for d in dtypes]
+    accumulator's ``(shape, dtype, strides)`` in order, and the momentum's dtypes (``mu_st``,
+    ``nu_st``: per leaf, how its state is stored)."""
     mu_shapes = [sm3_mu_shapes(s) for s in shapes]
-    mu = [(m, t) for ms, t in zip(mu_shapes, st, strict=True) for m in ms]
+    mu = [(m, t) for ms, t in zip(mu_shapes, mu_st, strict=True) for m in ms]
     return (
         [len(ms) for ms in mu_shapes],
         [c_strides(s, np.dtype(d).itemsize) for s, d in zip(shapes, dtypes, strict=True)],
-        [c_strides(s, t.itemsize) for s, t in zip(shapes, st, strict=True)],
+        [c_strides(s, t.itemsize) for s, t in zip(shapes, nu_st, strict=True)],
         [(m, t, c_strides(m, t.itemsize)) for m, t in mu],
-        st,
+        list(nu_st),
     )
 
 
@@ -170,7 +217,10 @@ def _leaves_ok(u: list[Any], mu: list[Any], nu: list[Any], queue: Any) -> bool:
             return False
         shapes = tuple(x.shape for x in u)
         dtypes = tuple(x.dtype for x in u)
-        counts, u_strides, nu_strides, mu_want, st = _expected(shapes, dtypes)
+        mu_st, nu_st = _group_storages(u, mu, nu)
+        counts, u_strides, nu_strides, mu_want, st = _expected(
+            shapes, dtypes, tuple(mu_st), tuple(nu_st)
+        )
         if [len(m) for m in mu] != counts or [x.strides for x in u] != u_strides:
             return False
         if [x.shape for x in nu] != list(shapes) or [x.dtype for x in nu] != st:
@@ -227,6 +277,7 @@ def _check(
     if _leaves_ok(u, mu, nu, queue):
         return u, treedef, [list(m) for m in mu], nu
     ctx = None
+    mu_st, nu_st = _group_storages(u, mu, nu)
     for i, x in enumerate(u):
         if not isinstance(x, cla.Array) or type(x) is DonatedArray:
             raise TypeError(
@@ -235,7 +286,6 @@ def _check(
             )
         ctx = ctx or x.context
         check_float_dtype(x.dtype, queue, f"scale_by_sm3: leaf {name(i)} of updates")
-        want = state_dtype(x.dtype)
         mu_shapes = sm3_mu_shapes(x.shape)
         m = mu[i]
         if not isinstance(m, (list, tuple)) or len(m) != len(mu_shapes):
@@ -243,9 +293,9 @@ def _check(
                 f"scale_by_sm3: leaf {name(i)}: state.mu holds {_what(m)}, expected a list of "
                 f"{len(mu_shapes)} arrays (shapes {mu_shapes})"
             )
-        roles = [("updates", x, x.shape, x.dtype), ("state.nu", nu[i], x.shape, want)]
+        roles = [("updates", x, x.shape, x.dtype), ("state.nu", nu[i], x.shape, nu_st[i])]
         roles += [
-            (f"state.mu[{k}]", a, s, want)
+            (f"state.mu[{k}]", a, s, mu_st[i])
             for k, (a, s) in enumerate(zip(m, mu_shapes, strict=True))
         ]
         for role, a, shape, dtype in roles:

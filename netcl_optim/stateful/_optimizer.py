@@ -42,6 +42,7 @@ from ._torch_state import (
     key_shapes,
     keys_of,
     nonnegative_keys,
+    per_leaf_shape,
     slot_starts,
     torch_state,
 )
@@ -250,8 +251,12 @@ class Optimizer(abc.ABC):
                 if k not in shapes:
                     signed = self.signed_8bit or k not in nonnegative
                     slot_storage[k] = EightBit(storage.min_8bit_size, signed)
-        elif storage.dtype is not None:
-            slot_storage = {k: storage_dtype(storage.dtype) for k in keys if k not in shapes}
+        elif storage.dtype is not None:  # (a value per leaf, as NovoGrad's, stays float32)
+            slot_storage = {
+                k: storage_dtype(storage.dtype)
+                for k in keys
+                if k not in shapes or shapes[k] is not per_leaf_shape
+            }
         chain = _Chain(tx, template, keys, starts, shapes, slot_storage)
         self._chains[key] = chain
         if len(self._chains) > _CHAIN_CACHE_SIZE:

@@ -156,7 +156,7 @@ def nonnegative_keys(tx: GradientTransformation, declared: Mapping[type, TorchSt
     return keys
 
 
-def _per_leaf(shape: tuple[int, ...]) -> tuple[int, ...]:
+def per_leaf_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return ()
 
 
@@ -172,7 +172,7 @@ def key_shapes(
     for t in _transforms(tx):
         plan = t.plan
         if isinstance(plan, Fragment):
-            fields: dict[str, ShapeOf] = {f: _per_leaf for f in plan.segment_state}
+            fields: dict[str, ShapeOf] = {f: per_leaf_shape for f in plan.segment_state}
         elif isinstance(plan, StagePlan):
             fields = dict(plan.state_shapes)
         else:

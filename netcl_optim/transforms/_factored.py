@@ -19,6 +19,7 @@ from .._packing import layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import BOOL, FINITE, NON_NEGATIVE, check, invalid, require
 from ..fusion import (
+    EightBit,
     FactoredRule,
     check_updates,
     factored_step,
@@ -30,6 +31,9 @@ from ..fusion import (
     queue_of_leaves,
     slice_for,
     slices_active,
+    slot_dtype_of,
+    slot_rule,
+    slot_storages,
     state_shapes,
     whole_updates,
     whole_view,
@@ -117,9 +121,14 @@ def scale_by_factored_rms(
     def init(params: Any) -> FactoredState:
         leaves, treedef = optree.tree_flatten(params)
         trees = []
-        for k in range(3):
+        for k, name in enumerate(FIELDS):
+            if isinstance(slot_rule(name), EightBit):
+                raise ValueError(
+                    f"scale_by_factored_rms: {name} cannot be stored in 8 bits (a row or "
+                    "column mean is not element-wise): use state_dtype"
+                )
             concrete = [_field_shape(leaves, i, rule, k) for i in range(len(leaves))]
-            out = init_packed(leaves, concrete, state_dtype, params)
+            out = init_packed(leaves, concrete, slot_dtype_of(name), params)
             trees.append(optree.tree_unflatten(treedef, out))
         return FactoredState(0, *trees)
 
@@ -133,7 +142,7 @@ def scale_by_factored_rms(
             return updates, state._replace(count=state.count + 1)
         queue = queue_of_leaves(leaves)
         check_updates(leaves, updates, queue)
-        fields = ("v_row", "v_col", "v")
+        fields = FIELDS
         stated = [flatten_like(tree, treedef, f"state.{f}", "updates")
                   for f, tree in zip(fields, state[1:], strict=True)]  # fmt: skip
         _check_state(leaves, stated, fields, rule, queue, state)
@@ -187,6 +196,9 @@ def scale_by_factored_rms(
     return register(tx, lambda: NamedTupleSpec(FactoredState))
 
 
+FIELDS = ("v_row", "v_col", "v")
+
+
 def _field_shape(leaves: list[Any], i: int, rule: FactoredRule, k: int) -> tuple[int, ...]:
     """Leaf ``i``'s state field ``k`` (``v_row``, ``v_col``, ``v``): its shape, a ``(1,)``
     placeholder, or for a ZeRO slice one 1-D array: the whole leaves' state end to end."""
@@ -212,12 +224,26 @@ def _whole_state(s: Any, rule: FactoredRule, columns: list[Any]) -> tuple[list[A
 
 @lru_cache(maxsize=64)
 def _expected(
-    shapes: tuple[tuple[int, ...], ...], dtypes: tuple[np.dtype, ...], rule: FactoredRule
-) -> tuple[tuple[list[tuple[int, ...]], list[np.dtype]], ...]:
-    """Per state field, every leaf's expected shape and dtype (not on a ZeRO slice)."""
+    shapes: tuple[tuple[int, ...], ...], rule: FactoredRule
+) -> tuple[list[tuple[int, ...]], ...]:
+    """Per state field, every leaf's expected shape (not on a ZeRO slice)."""
     per = [state_shapes(s, rule) for s in shapes]
-    sdtypes = [state_dtype(d) for d in dtypes]
-    return tuple(([(1,) if p[k] is None else p[k] for p in per], sdtypes) for k in range(3))
+    return tuple([(1,) if p[k] is None else p[k] for p in per] for k in range(3))
+
+
+def _storages(leaves: list[Any], column: list[Any]) -> list[np.dtype]:
+    """Per leaf, the dtype its state field must have: the one its dtype group's first leaf
+    stores it as, where that is a storage for the group (the state dtype, or float16 or
+    bfloat16 for float32 and half updates), else the state dtype."""
+    first: dict[np.dtype, np.dtype] = {}
+    out = []
+    for x, y in zip(leaves, column, strict=True):
+        d = x.dtype
+        if d not in first:
+            stored = getattr(y, "dtype", None)
+            first[d] = stored if stored in slot_storages(d) else state_dtype(d)
+        out.append(first[d])
+    return out
 
 
 def _state_ok(leaves: list[Any], stated: list[list[Any]], rule: FactoredRule, queue: Any) -> bool:
@@ -226,10 +252,11 @@ def _state_ok(leaves: list[Any], stated: list[list[Any]], rule: FactoredRule, qu
     if slices_active():
         return False
     try:
-        want = _expected(tuple(x.shape for x in leaves), tuple(x.dtype for x in leaves), rule)
-        for column, (shapes, dtypes) in zip(stated, want, strict=True):
+        want = _expected(tuple(x.shape for x in leaves), rule)
+        for column, shapes in zip(stated, want, strict=True):
             if set(map(type, column)) != {cla.Array}:
                 return False
+            dtypes = _storages(leaves, column)
             if [y.shape for y in column] != shapes or [y.dtype for y in column] != dtypes:
                 return False
             contexts = [y.context for y in column]
@@ -248,10 +275,12 @@ def _check_state(
     queue: Any,
     state: FactoredState,
 ) -> None:
-    """Each state leaf: a device array of its leaf's state dtype and expected shape, on
-    ``queue``'s context (raises naming the first that is not)."""
+    """Each state leaf: a device array of its expected shape, on ``queue``'s context, each
+    field stored alike over a dtype group (see :func:`_storages`; raises naming the first
+    that is not)."""
     if _state_ok(leaves, stated, rule, queue):
         return
+    storages = [_storages(leaves, column) for column in stated]
     for i, x in enumerate(leaves):
         for f, (name, column) in enumerate(zip(fields, stated, strict=True)):
             y = column[i]
@@ -260,11 +289,11 @@ def _check_state(
                 where = path_names(state[f + 1])[i]
                 raise TypeError(f"state.{name}: leaf {where} is a {type(y).__name__}, "
                                 "not a device array")  # fmt: skip
-            if y.shape != shape or y.dtype != state_dtype(x.dtype):
+            if y.shape != shape or y.dtype != storages[f][i]:
                 where = path_names(state[f + 1])[i]
                 raise ValueError(
                     f"state.{name}: leaf {where} has shape {y.shape} and dtype {y.dtype}; "
-                    f"expected {shape} and {state_dtype(x.dtype)} for updates of shape "
+                    f"expected {shape} and {storages[f][i]} for updates of shape "
                     f"{x.shape}"
                 )
             if y.context != queue.context:

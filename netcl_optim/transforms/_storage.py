@@ -38,8 +38,10 @@ def low_precision_state(
 
     bfloat16 arrays hold ``ml_dtypes.bfloat16`` values (on the device: 16-bit words; on the
     host, ``to_host`` gives ``ml_dtypes.bfloat16`` arrays). float64 params keep float64
-    state (their math is float64). Rules with kernels of their own (Adafactor, SM3) keep
-    float32 state: ValueError here.
+    state (their math is float64). Rules with kernels of their own store theirs alike:
+    Adafactor's row and column EMAs and its ``v`` (slots ``v_row``, ``v_col``, ``v``),
+    SM3's accumulators and momentum (``mu``, ``nu``); ``state_bits=8`` refuses them
+    (ValueError here: their state is not element-wise).
 
     ``state_bits=8``: the slots are block-quantized in bitsandbytes' layout (a
     :class:`QuantizedState` per parameter of at least ``min_8bit_size`` elements: ``uint8``
@@ -66,12 +68,12 @@ def low_precision_state(
     storage: Any = EightBit(min_size, force_signed) if bits == 8 else dtype
     if storage is None:
         return tx
-    stages = sorted(set(_stages(tx)))
+    stages = sorted(set(_stages(tx))) if bits == 8 else []
     if stages:
         raise ValueError(
-            f"state_dtype={state_dtype!r}, state_bits={bits}: {', '.join(stages)} keeps its "
-            "state in float32 "
-            "(only element-wise rules store theirs in another dtype)"
+            f"state_bits=8: {', '.join(stages)} keeps its state in float32, float16 or "
+            "bfloat16 (its state is not element-wise: 8-bit block quantization serves the "
+            "element-wise rules' slots); use state_dtype"
         )
     names = None if slots is None else frozenset(slots)
 
