@@ -7,6 +7,7 @@ import types as _types
 
 from . import schedules as schedules
 from . import stateful as stateful
+from ._base import PARAMS as PARAMS
 from ._base import EmptyState as EmptyState
 from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation

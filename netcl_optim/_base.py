@@ -236,6 +236,19 @@ class SegmentReduction:
             raise ValueError("SegmentReduction: one finish expression per output")
 
 
+class _Params:
+    """The start value "a copy of the params" (:data:`PARAMS`)."""
+
+    def __repr__(self) -> str:
+        return "PARAMS"
+
+    def __reduce__(self) -> str:
+        return "PARAMS"
+
+
+PARAMS = _Params()
+
+
 @dataclass(frozen=True, eq=False)
 class Fragment:
     """OpenCL C for one element-wise transform, to be fused with its neighbours.
@@ -246,8 +259,10 @@ class Fragment:
     ``host_step(state, **extra_args) -> (values, state with its host fields advanced)``.
 
     ``slot_init`` declares each slot's start value (empty: all zeros): ``init`` and the
-    stateful optimizers' fresh buffers hold it, so the source just reads the slot. It only
-    changes allocation, not the kernel (it is not in ``key``).
+    stateful optimizers' fresh buffers hold it, so the source just reads the slot. A start
+    of :data:`PARAMS` makes the slot a copy of the params (schedule-free's ``z``, a
+    lookahead's slow weights, an average). It only changes allocation, not the kernel (it
+    is not in ``key``).
 
     ``nonnegative``: the slots that never hold a negative value (Adam's ``nu``): stored in 8
     bits, they use the unsigned map (allocation only, not in ``key``).
@@ -272,7 +287,7 @@ class Fragment:
     host_step: Callable[..., tuple[tuple[float, ...], Any]] | None = None
     needs_params: bool = False
     reduction: Reduction | None = None
-    slot_init: tuple[float, ...] = ()
+    slot_init: tuple[float | _Params, ...] = ()
     element_index: bool = False
     segment_reduction: SegmentReduction | None = None
     nonnegative: tuple[str, ...] = ()
@@ -285,7 +300,8 @@ class Fragment:
                 f"Fragment {self.name!r}: slot_init has {len(self.slot_init)} values for "
                 f"{len(self.slots)} slots"
             )
-        object.__setattr__(self, "slot_init", tuple(float(v) for v in self.slot_init))
+        starts = tuple(v if v is PARAMS else float(v) for v in self.slot_init)
+        object.__setattr__(self, "slot_init", starts)
         if self.reduction is not None and self.segment_reduction is not None:
             raise ValueError(f"Fragment {self.name!r}: a whole-tree and a segment reduction")
         red = self.segment_reduction
@@ -312,7 +328,7 @@ class Fragment:
         return (self.name, self.slots)
 
     @property
-    def slot_starts(self) -> tuple[float, ...]:
+    def slot_starts(self) -> tuple[float | _Params, ...]:
         """Each slot's start value (``slot_init``, or zeros)."""
         return self.slot_init or (0.0,) * len(self.slots)
 

@@ -10,6 +10,7 @@ import pytest
 import netcl_optim as no
 import netcl_optim.stateful as S
 from netcl_optim._base import Fragment
+from netcl_optim.fusion import dequantize, quantize
 from netcl_optim.optimizers.adagrad import scale_by_rss
 from netcl_optim.optimizers.yogi import scale_by_yogi
 
@@ -106,3 +107,42 @@ def test_adagrad_loads_torch_fresh_state(cl_queue):
     np.testing.assert_allclose(
         opt.state_dict()["state"][0]["sum"], topt.state[tp]["sum"].numpy(), rtol=1e-6
     )
+
+
+def _copy_slot():
+    """A rule whose slot starts as a copy of the params: ``z += u``, the update is ``z``."""
+    from typing import NamedTuple
+
+    from netcl_optim.transforms._combining import elementwise
+
+    class CopyState(NamedTuple):
+        z: object
+
+    frag = Fragment("copy_start", "z = z + u;\nu = z;", slots=("z",), slot_init=(no.PARAMS,))
+    assert frag.slot_starts == (no.PARAMS,)
+    return elementwise(frag, init=CopyState)
+
+
+@pytest.mark.parametrize("storage", [{}, {"state_dtype": "bfloat16"}, {"state_bits": 8}])
+def test_slot_that_starts_at_the_params(cl_queue, storage):
+    """``slot_init=(PARAMS,)``: ``init`` copies the params' values into the slot, stored as
+    the storage rule says (rounded to nearest even, or quantized, as any stored value)."""
+    host = {"a": np.arange(5000, dtype=np.float32) / 7, "b": np.ones((2, 3), np.float32)}
+    params = no.pack(no.to_device(host, cl_queue))
+    tx = _copy_slot()
+    if storage:
+        tx = no.low_precision_state(tx, storage.get("state_dtype"),
+                                    state_bits=storage.get("state_bits", 32))  # fmt: skip
+    state = tx.init(params)
+    z = state.z
+    for k, v in host.items():
+        if storage.get("state_bits") == 8 and v.size >= 4096:
+            want = dequantize(*quantize(v, True), True).reshape(v.shape)
+            got = dequantize(z[k].codes.get(), z[k].absmax.get(), True)
+            assert np.array_equal(got, want)
+        else:
+            got = z[k].get()
+            assert np.array_equal(got, v.astype(got.dtype)), k
+    u, _ = tx.update(no.to_device({k: np.ones_like(v) for k, v in host.items()}, cl_queue),
+                     state, params)  # fmt: skip
+    assert np.array_equal(no.to_host(u)["b"], np.full((2, 3), 2, np.float32))

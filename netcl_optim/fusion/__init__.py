@@ -40,12 +40,16 @@ from ._qmaps import dynamic_map as dynamic_map
 from ._quantized import BLOCK_8BIT as BLOCK_8BIT
 from ._quantized import QuantizedSlice as QuantizedSlice
 from ._quantized import QuantizedState as QuantizedState
+from ._quantized import copy_params as copy_params
 from ._quantized import dequantize as dequantize
+from ._quantized import host_value as host_value
 from ._quantized import init_quantized as init_quantized
 from ._quantized import is_eight_bit as is_eight_bit
 from ._quantized import is_quantized as is_quantized
 from ._quantized import quantize as quantize
+from ._quantized import set_value as set_value
 from ._quantized import slice_pieces as slice_pieces
+from ._quantized import state_size as state_size
 from ._quantized import stored_8bit as stored_8bit
 from ._reductions import acc_ctype as acc_ctype
 from ._reductions import reduce_leaves as reduce_leaves

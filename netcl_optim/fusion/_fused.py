@@ -14,7 +14,7 @@ import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import Part, SegmentReduction
+from .._base import PARAMS, Part, SegmentReduction
 from .._device import state_dtype
 from .._packing import (
     Layout,
@@ -57,7 +57,7 @@ from ._codegen import (
 from ._launch import Launch, launch_all, leaves_disjoint
 from ._per_segment import segment_values
 from ._programs import fused_kernel
-from ._quantized import init_quantized, is_eight_bit, run_quantized, state_arrays
+from ._quantized import copy_params, init_quantized, is_eight_bit, run_quantized, state_arrays
 from ._reductions import acc_ctype, reduce_parts
 from ._segments import chunk_launches, segmentation, tiled_launches, workspace
 from ._slices import slice_of, window
@@ -506,12 +506,13 @@ def _hand_over(
 
 def init_slots(
     params: Any,
-    count: int | Sequence[float],
+    count: int | Sequence[Any],
     names: Sequence[str] = (),
     nonnegative: Sequence[str] = (),
 ) -> list[Any]:
     """State trees shaped like ``params``, each packed in one buffer per dtype: ``count``
-    zeroed ones, or one per value of a sequence, filled with that value. Slots given
+    zeroed ones, or one per value of a sequence, filled with that value (``_base.PARAMS``:
+    a copy of the params' values). Slots given
     ``names`` (a fragment's) are stored as the active ``slot_storage`` rule says (see
     ``_storage``: a dtype, or 8 bits with the unsigned map for the ``nonnegative`` ones);
     the others in the state dtype."""
@@ -524,12 +525,15 @@ def init_slots(
     trees = []
     for s, start in enumerate(starts):
         rule = slot_rule(names[s]) if names else None
+        fill = 0.0 if start is PARAMS else start
         if isinstance(rule, EightBit):
             signed = rule.signed or names[s] not in nonnegative
-            new = init_quantized(leaves, queue, start, signed, rule.min_size)
+            new = init_quantized(leaves, queue, fill, signed, rule.min_size)
         else:
             dtype_of = slot_dtype_of(names[s]) if names else state_dtype
-            new = allocate_like(leaves, queue, dtype_of, fill=start)
+            new = allocate_like(leaves, queue, dtype_of, fill=fill)
+        if start is PARAMS:
+            copy_params(new, leaves, queue)
         trees.append(optree.tree_unflatten(treedef, new))
     return trees
 

@@ -233,6 +233,59 @@ def stored_8bit(
     return not is_eight_bit(y)
 
 
+def state_size(buf: Any) -> int:
+    """A state buffer's element count: an array's, 8-bit state's codes', a ZeRO slice's
+    pieces'."""
+    if type(buf) is QuantizedSlice:
+        return sum(map(state_size, buf.pieces))
+    return int(buf.codes.size if is_quantized(buf) else buf.size)
+
+
+def host_value(buf: Any) -> np.ndarray:
+    """A state buffer's values on the host: an array's, or 8-bit state's dequantized
+    (float32; a ZeRO slice's 8-bit state: its pieces' end to end)."""
+    if type(buf) is QuantizedSlice:
+        return np.concatenate([host_value(p).reshape(-1) for p in buf.pieces] +
+                              [np.zeros(0, np.float32)])  # fmt: skip
+    if is_quantized(buf):
+        return dequantize(buf.codes.get(), buf.absmax.get(), buf.signed)
+    return buf.get()
+
+
+def set_value(buf: Any, value: np.ndarray) -> None:
+    """Write host ``value`` (shaped like the buffer) into a state buffer: cast to an array's
+    dtype (bfloat16: to nearest even), or quantized into 8-bit state."""
+    if not state_size(buf):  # (pyopencl's set() refuses some empty arrays' strides)
+        return
+    if type(buf) is QuantizedSlice:
+        flat, k = np.asarray(value).reshape(-1), 0
+        for piece in buf.pieces:
+            n = state_size(piece)
+            set_value(piece, flat[k : k + n])
+            k += n
+        return
+    if is_quantized(buf):
+        codes, absmax = quantize(np.asarray(value, np.float32), buf.signed)
+        buf.codes.set(codes.reshape(buf.codes.shape))
+        buf.absmax.set(absmax)
+    else:
+        buf.set(np.require(value, dtype=buf.dtype, requirements="C").reshape(buf.shape))
+
+
+def copy_params(states: list[Any], leaves: list[cla.Array], queue: cl.CommandQueue) -> None:
+    """Fill each state buffer with its param's values (a slot that starts at
+    ``_base.PARAMS``): a device copy where the dtypes match, else through the host (rounded
+    to nearest even, or quantized)."""
+    for y, x in zip(states, leaves, strict=True):
+        if not x.size:
+            continue
+        if isinstance(y, cla.Array) and y.dtype == x.dtype:
+            cl.enqueue_copy(queue, y.base_data, x.base_data, byte_count=x.nbytes,
+                            src_offset=x.offset, dst_offset=y.offset)  # fmt: skip
+        else:
+            set_value(y, x.get())
+
+
 # ---------------------------------------------------------------------------- the table
 
 

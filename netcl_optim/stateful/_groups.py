@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyopencl.array as cla
 
+from .._base import PARAMS
 from .._device import check_float_dtype, queue_of, state_dtype
 from .._packing import (
     DONATED,
@@ -30,13 +31,13 @@ from .._packing import (
 )
 from ..fusion import (
     EightBit,
-    QuantizedSlice,
-    dequantize,
+    copy_params,
+    host_value,
     init_quantized,
-    is_quantized,
-    quantize,
+    set_value,
     slice_pieces,
     sliced,
+    state_size,
     stored_8bit,
 )
 
@@ -70,9 +71,10 @@ class Group:
         self.steps = [0] * n
         self.counts: dict[str, list[int]] = {}
         self.bufs: dict[str, list[cla.Array]] = {}
-        self.starts: dict[str, float] = {}  # each buffer's start value (0 when absent)
+        self.starts: dict[str, Any] = {}  # each buffer's start value (0 when absent)
         self.blocks: dict[str, list[Block]] = {}
-        self.refills: dict[str, float] = {}  # 8-bit keys: their start values (see reset)
+        # 8-bit keys and keys that start at the params (PARAMS): their start (see reset)
+        self.refills: dict[str, Any] = {}
         self.grad_views: list[cla.Array] | None = None
         self.grad_blocks: list[Block] = []
         # per dtype, the element index of the group's first element (Fragment.element_index):
@@ -122,22 +124,24 @@ class Group:
     def ensure(
         self,
         key: str,
-        start: float = 0.0,
+        start: Any = 0.0,
         shape_of: Callable[[tuple], Any] | None = None,
         dtype: Any = None,
     ) -> None:
         """Create the state buffer ``key`` (packed per dtype), filled with its slot's
-        ``start`` value, if it is missing: shaped like the params, or ``shape_of(param
-        shape)`` (one value per parameter: ``()``; ``None``: a placeholder); stored as
+        ``start`` value (``PARAMS``: a copy of the params' values), if it is missing: shaped
+        like the params, or ``shape_of(param shape)`` (one value per parameter: ``()``;
+        ``None``: a placeholder); stored as
         ``dtype`` (None: the state dtype; an ``EightBit``: 8-bit state, see
         ``fusion/_quantized.py``). A buffer stored another way (the group's storage
         changed) is converted, its values kept (rounded, or quantized)."""
         old = self.bufs.get(key)
         if old is not None and self._stored_as(old, dtype):
             return
+        fill = 0.0 if start is PARAMS else start
         if isinstance(dtype, EightBit):
             with self.sliced():  # (a ZeRO slice: 8-bit state of its pieces)
-                new = init_quantized(self.data, self.queue, start, dtype.signed, dtype.min_size)
+                new = init_quantized(self.data, self.queue, fill, dtype.signed, dtype.min_size)
             self.bufs[key], self.blocks[key] = new, []
             self.refills[key] = start
         else:
@@ -145,13 +149,17 @@ class Group:
             def dtype_of(d: np.dtype) -> np.dtype:
                 return state_dtype(d) if dtype is None or d == np.float64 else np.dtype(dtype)
 
-            self.bufs[key], self.blocks[key] = self._allocate(dtype_of, start, shape_of)
+            self.bufs[key], self.blocks[key] = self._allocate(dtype_of, fill, shape_of)
             self.refills.pop(key, None)
+            if start is PARAMS:
+                self.refills[key] = start
         if old is not None:
             for value, buf in zip(old, self.bufs[key], strict=True):
                 set_value(buf, host_value(value))
             return
         self.counts[key] = [0] * len(self.params)
+        if start is PARAMS:
+            copy_params(self.bufs[key], self.data, self.queue)
         if start:
             self.starts[key] = start
 
@@ -192,11 +200,15 @@ class Group:
         self.steps = [0] * len(self.params)
         for key, blocks in self.blocks.items():
             self.counts[key] = [0] * len(self.params)
+            start = self.starts.get(key, 0.0)
             for block in blocks:
-                block.fill(self.queue, self.starts.get(key, 0.0))
-            if key in self.refills:
+                block.fill(self.queue, 0.0 if start is PARAMS else start)
+            refill = self.refills.get(key)
+            if refill is PARAMS:  # (the params' values now)
+                copy_params(self.bufs[key], [p.data for p in self.params], self.queue)
+            elif refill is not None:
                 for buf in self.bufs[key]:
-                    set_value(buf, np.full(state_size(buf), self.refills[key], np.float32))
+                    set_value(buf, np.full(state_size(buf), refill, np.float32))
 
     def has_state(self, i: int) -> bool:
         return self.steps[i] > 0 or any(c[i] for c in self.counts.values())
@@ -294,45 +306,6 @@ class Group:
         if not g.flags.c_contiguous:
             return ValueError(f"{where}: .grad is not C-contiguous")
         return None
-
-
-def state_size(buf: Any) -> int:
-    """A state buffer's element count (8-bit state: its codes'; a ZeRO slice's: its
-    pieces')."""
-    if type(buf) is QuantizedSlice:
-        return sum(map(state_size, buf.pieces))
-    return int(buf.codes.size if is_quantized(buf) else buf.size)
-
-
-def host_value(buf: Any) -> np.ndarray:
-    """A state buffer's values on the host: an array's, or 8-bit state's dequantized
-    (float32; a ZeRO slice's 8-bit state: its pieces' end to end)."""
-    if type(buf) is QuantizedSlice:
-        return np.concatenate([host_value(p).reshape(-1) for p in buf.pieces] +
-                              [np.zeros(0, np.float32)])  # fmt: skip
-    if is_quantized(buf):
-        return dequantize(buf.codes.get(), buf.absmax.get(), buf.signed)
-    return buf.get()
-
-
-def set_value(buf: Any, value: np.ndarray) -> None:
-    """Write host ``value`` (shaped like the buffer) into a state buffer: cast to an array's
-    dtype, or quantized into 8-bit state (see ``fusion/_quantized.py``)."""
-    if not state_size(buf):  # (pyopencl's set() refuses some empty arrays' strides)
-        return
-    if type(buf) is QuantizedSlice:
-        flat, k = np.asarray(value).reshape(-1), 0
-        for piece in buf.pieces:
-            n = state_size(piece)
-            set_value(piece, flat[k : k + n])
-            k += n
-        return
-    if is_quantized(buf):
-        codes, absmax = quantize(np.asarray(value, np.float32), buf.signed)
-        buf.codes.set(codes.reshape(buf.codes.shape))
-        buf.absmax.set(absmax)
-    else:
-        buf.set(np.require(value, dtype=buf.dtype, requirements="C").reshape(buf.shape))
 
 
 def check_unshared(groups: list[list[Any]]) -> None:

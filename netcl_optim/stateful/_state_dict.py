@@ -19,9 +19,9 @@ import pyopencl.array as cla
 
 from .._device import BFLOAT16
 from .._validation import invalid
-from ..fusion import BLOCK_8BIT, QuantizedSlice, dynamic_map, is_quantized
+from ..fusion import BLOCK_8BIT, QuantizedSlice, dynamic_map, is_quantized, set_value, state_size
 from ._declaration import STOCHASTIC_ROUNDING, as_stored
-from ._groups import Group, set_value, state_size
+from ._groups import Group
 from ._torch_state import STEP, key_shapes, keys_of
 
 if TYPE_CHECKING:

@@ -119,12 +119,11 @@ def _transforms(tx: GradientTransformation) -> Iterator[GradientTransformation]:
         yield from _transforms(child)
 
 
-def slot_starts(
-    tx: GradientTransformation, declared: Mapping[type, TorchState]
-) -> dict[str, float]:
+def slot_starts(tx: GradientTransformation, declared: Mapping[type, TorchState]) -> dict[str, Any]:
     """The start value of each torch key whose slot a fragment of ``tx`` declares a non-zero
-    ``slot_init`` for (the others start at zero): its fresh buffers are filled with it."""
-    starts: dict[str, float] = {}
+    ``slot_init`` for (the others start at zero): its fresh buffers are filled with it
+    (``PARAMS``: a copy of the params)."""
+    starts: dict[str, Any] = {}
     for t in _transforms(tx):
         fragment = t.plan
         if not isinstance(fragment, Fragment) or not any(fragment.slot_init):
