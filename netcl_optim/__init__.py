@@ -49,6 +49,7 @@ from .optimizers.fromage import *  # noqa: F403
 from .optimizers.lamb import *  # noqa: F403
 from .optimizers.lars import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
+from .optimizers.lookahead import *  # noqa: F403
 from .optimizers.madgrad import *  # noqa: F403
 from .optimizers.nadam import *  # noqa: F403
 from .optimizers.noisy_sgd import *  # noqa: F403
@@ -94,11 +95,20 @@ from .stateful._clip import clip_grad_value_ as clip_grad_value_
 from .stateful._clip import clip_grads_with_norm_ as clip_grads_with_norm_
 from .stateful._clip import get_total_norm as get_total_norm
 from .stateful._grad_scaler import AMPGradScaler as AMPGradScaler
+from .stateful._swa import SWALR as SWALR
+from .stateful._swa import AveragedParams as AveragedParams
+from .stateful._swa import AveragingFunction as AveragingFunction
+from .stateful._swa import get_ema_avg_fn as get_ema_avg_fn
+from .stateful._swa import get_ema_multi_avg_fn as get_ema_multi_avg_fn
+from .stateful._swa import get_swa_avg_fn as get_swa_avg_fn
+from .stateful._swa import get_swa_multi_avg_fn as get_swa_multi_avg_fn
 from .transforms._adaptive import ScaleByAdamState as ScaleByAdamState
 from .transforms._adaptive import ScaleByRmsState as ScaleByRmsState
 from .transforms._adaptive import ScaleByRStdDevState as ScaleByRStdDevState
 from .transforms._adaptive import scale_by_adam as scale_by_adam
 from .transforms._adaptive import scale_by_rms as scale_by_rms
+from .transforms._averaging import incremental_update as incremental_update
+from .transforms._averaging import periodic_update as periodic_update
 from .transforms._blocks import adaptive_grad_clip as adaptive_grad_clip
 from .transforms._blocks import centralize as centralize
 from .transforms._blocks import clip_by_block_rms as clip_by_block_rms
