@@ -58,6 +58,7 @@ from .optimizers.optimistic import *  # noqa: F403
 from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.rprop import *  # noqa: F403
+from .optimizers.schedule_free import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .optimizers.sign import *  # noqa: F403
 from .optimizers.sm3 import *  # noqa: F403
@@ -146,6 +147,9 @@ from .transforms._scaling import ScaleByScheduleState as ScaleByScheduleState
 from .transforms._scaling import scale as scale
 from .transforms._scaling import scale_by_learning_rate as scale_by_learning_rate
 from .transforms._scaling import scale_by_schedule as scale_by_schedule
+from .transforms._schedule_free import ScheduleFreeState as ScheduleFreeState
+from .transforms._schedule_free import schedule_free as schedule_free
+from .transforms._schedule_free import schedule_free_eval_params as schedule_free_eval_params
 from .transforms._storage import low_precision_state as low_precision_state
 from .transforms._update import apply_updates as apply_updates
 from .transforms._update import step as step

@@ -336,7 +336,7 @@ class Optimizer(abc.ABC):
             if rec.element_origins:
                 stack.enter_context(element_origin(rec.element_origins))
             stack.enter_context(rec.sliced())  # ZeRO: values per leaf over the whole leaves
-            step_(chain.tx, params, grads, state)
+            step_(chain.tx, params, grads, state, **self._step_args(rec))
         if whole:
             rec.steps = [s + 1 for s in rec.steps]
             for k in chain.keys:
@@ -346,6 +346,11 @@ class Optimizer(abc.ABC):
             rec.steps[i] += 1
             for k in chain.keys:
                 rec.counts[k][i] += 1
+
+    def _step_args(self, rec: Group) -> dict[str, Any]:
+        """Extra arguments of the group ``rec``'s step, which its fragments' ``host_step``
+        receive (a class whose rule reads per-group host values, e.g. schedule-free's)."""
+        return {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Set every grad to ``None`` (default), or zero it on the device.
