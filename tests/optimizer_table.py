@@ -97,6 +97,9 @@ class Case:
     # scales the updates by a block norm of the params (up to 1e3 * sqrt(n) there) overflows
     # float16.
     param_scale: float = 1.0
+    # The updates are a difference of params (schedule-free's y' - y): their rounding error
+    # scales with the params, not with the updates (optax's too).
+    updates_scale_with_params: bool = False
 
     def make(self, no: Any, kwargs: Hyper | None = None) -> Any:
         """The transform, from ``kwargs`` (the row's by default)."""
@@ -1017,6 +1020,28 @@ OPTIMIZERS: list[Optimizer] = [
               parts=(("add_decayed_weights", {"weight_decay": 0.01}),
                      ("scale_by_learning_rate", {"learning_rate": 0.5, "flip_sign": False}),
                      ("scale_by_cocob", {"alpha": 10.0, "eps": 1e-6}))),
+    # schedule-free (optax.contrib's; the params are y). The stateful AdamWScheduleFree,
+    # SGDScheduleFree and RAdamScheduleFree are schedulefree's rule in torch's order (and need
+    # train() before a step): no stateful here; they are tested in test_schedule_free.py.
+    Optimizer(id="schedule_free_adamw", factory="schedule_free_adamw",
+              kwargs={"learning_rate": 1e-2}, reference=ref.schedule_free_adamw_tx, slots=2,
+              needs_params=True, updates_scale_with_params=True,
+              optax=lambda optax, h: optax.contrib.schedule_free_adamw(**h)),
+    Optimizer(id="schedule_free_adamw-warmup-wd", factory="schedule_free_adamw",
+              kwargs={"learning_rate": 1e-2, "warmup_steps": 5, "b1": 0.95, "b2": 0.99,
+                      "weight_decay": 0.01, "weight_lr_power": 1.0},
+              reference=ref.schedule_free_adamw_tx, slots=2, needs_params=True,
+              updates_scale_with_params=True,
+              optax=lambda optax, h: optax.contrib.schedule_free_adamw(**h)),
+    Optimizer(id="schedule_free_sgd", factory="schedule_free_sgd",
+              kwargs={"learning_rate": 0.1}, reference=ref.schedule_free_sgd_tx, slots=1,
+              needs_params=True, updates_scale_with_params=True,
+              optax=lambda optax, h: optax.contrib.schedule_free_sgd(**h)),
+    Optimizer(id="schedule_free_sgd-warmup-wd", factory="schedule_free_sgd",
+              kwargs={"learning_rate": 0.1, "warmup_steps": 5, "weight_decay": 0.01},
+              reference=ref.schedule_free_sgd_tx, slots=1, needs_params=True,
+              updates_scale_with_params=True,
+              optax=lambda optax, h: optax.contrib.schedule_free_sgd(**h)),
 ]  # fmt: skip
 
 BY_ID: dict[str, Optimizer] = {row.id: row for row in OPTIMIZERS}

@@ -1962,3 +1962,103 @@ def _run(tx: Transform, params: Any, grads_seq: Sequence[Any], storage_dtype: An
         ps.append(params)
         us.append(u)
     return ps, us, state
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule-free (optax.contrib's)
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_by_rms_bias_corrected(b2: float = 0.999, eps: float = 1e-8) -> Transform:
+    """optax's scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True):
+    nu = (1 - b2) g^2 + b2 nu; u = g / (sqrt(nu / (1 - b2^t)) + eps)."""
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        nu = tree_map(lambda g, v: (1 - b2) * _f64(g) ** 2 + b2 * v, u, state["nu"])
+        out = tree_map(lambda g, v: _f64(g) / (np.sqrt(v / (1 - b2**t)) + eps), u, nu)
+        return out, {"count": t, "nu": nu}
+
+    return Transform(lambda params: {"count": 0, "nu": _zeros(params)}, update)
+
+
+def schedule_free(
+    base: Transform,
+    learning_rate: float | Callable[[int], float],
+    b1: float = 0.9,
+    weight_lr_power: float = 2.0,
+) -> Transform:
+    """optax.contrib's schedule_free around ``base`` (called with params = y):
+    lr = lr(t) (t from 1); max_lr = max(max_lr, lr); w = max_lr^P; W += w; ck = w / W (0 for
+    0/0); z' = z + base(g); x = (1 - ck) (y - (1 - b1) z) / b1 + ck z';
+    u = b1 x + (1 - b1) z' - y."""
+
+    def init(params):
+        return {"base": base.init(params), "z": tree_f64(params), "weight_sum": 0.0,
+                "max_lr": 0.0, "step_count": 1}  # fmt: skip
+
+    def update(u, state, params=None):
+        if params is None:
+            raise ValueError("schedule_free needs params")
+        t = state["step_count"]
+        lr = learning_rate(t) if callable(learning_rate) else learning_rate
+        max_lr = max(state["max_lr"], lr)
+        weight = max_lr**weight_lr_power
+        total = state["weight_sum"] + weight
+        ck = weight / total if total else 0.0
+        base_u, base_state = base.update(u, state["base"], params)
+        z = tree_map(lambda a, b: a + b, state["z"], base_u)
+
+        def new_update(y, z_old, z_new):
+            x = (1 - ck) * (_f64(y) - (1 - b1) * z_old) / b1 + ck * z_new
+            return b1 * x + (1 - b1) * z_new - _f64(y)
+
+        out = tree_map(new_update, params, state["z"], z)
+        return out, {"base": base_state, "z": z, "weight_sum": total, "max_lr": max_lr,
+                     "step_count": t + 1}  # fmt: skip
+
+    return Transform(init, update)
+
+
+def _sf_warmup(learning_rate: float, warmup_steps: int | None) -> Any:
+    """optax's warmup_constant_schedule(0, lr, warmup_steps), whose values are float32."""
+    if warmup_steps is None:
+        return learning_rate
+    f32 = np.float32
+
+    def schedule(c):
+        if c >= warmup_steps:
+            return float(f32(learning_rate))
+        frac = f32(1) - f32(c) / f32(warmup_steps)
+        return float(f32(-learning_rate) * frac + f32(learning_rate))
+
+    return schedule
+
+
+def schedule_free_adamw_tx(
+    learning_rate: float = 0.0025,
+    warmup_steps: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_lr_power: float = 2.0,
+) -> Transform:
+    """optax.contrib's schedule_free_adamw."""
+    lr = _sf_warmup(learning_rate, warmup_steps)
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    base = chain(scale_by_rms_bias_corrected(b2, eps), *decay, scale_by_learning_rate(lr))
+    return schedule_free(base, lr, b1, weight_lr_power)
+
+
+def schedule_free_sgd_tx(
+    learning_rate: float = 1.0,
+    warmup_steps: int | None = None,
+    b1: float = 0.9,
+    weight_decay: float | None = None,
+    weight_lr_power: float = 2.0,
+) -> Transform:
+    """optax.contrib's schedule_free_sgd."""
+    lr = _sf_warmup(learning_rate, warmup_steps)
+    decay = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return schedule_free(chain(*decay, scale_by_learning_rate(lr)), lr, b1, weight_lr_power)

@@ -237,8 +237,10 @@ def _check_against_reference(
     *,
     coupled: bool = False,
     conditioning: float = 1.0,
+    updates_scale_with_params: bool = False,
 ) -> None:
-    """Run tx over prob's steps with update + apply_updates; compare every step with rtx.
+    """Run tx over prob's steps with update + apply_updates; compare every step with rtx
+    (updates to the params' scale where they are a difference of params).
 
     Also: no call writes to its inputs, and the state keeps its structure, shapes and dtypes.
     """
@@ -267,7 +269,7 @@ def _check_against_reference(
             no.to_host(updates),
             want_u[k],
             prob.dtypes,
-            scale=u_scale,
+            scale=u_scale + (p_scale if updates_scale_with_params else 0.0),
             steps=1,
             what=f"updates at step {k}",
             uniform_rtol=uniform,
@@ -320,6 +322,7 @@ def test_case_matches_reference(cl_queue, case: Case, prob: Problem):
         cl_queue,
         coupled=case.reduction,
         conditioning=case.conditioning,
+        updates_scale_with_params=case.updates_scale_with_params,
     )
 
 
