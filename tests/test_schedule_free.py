@@ -726,3 +726,53 @@ def test_stateful_low_precision_state(cl_queue, storage):
         for key, value in entry.items():
             assert np.asarray(value).tobytes() == np.asarray(after[i][key]).tobytes(), key
     assert all(np.all(np.isfinite(v)) for v in _host_params(params).values())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_zero_redundancy_schedule_free_equals_unsharded(rank):
+    """ZeroRedundancyOptimizer(AdamWScheduleFree): train()/eval() swap every rank's slice
+    (then the gather), the group entries (k, train_mode, ...) follow the local optimizer's,
+    and each rank's slice steps bit for bit as the unsharded optimizer's (two ranks
+    simulated: the peer's part of a gather stays NaN)."""
+    pytest.importorskip("mpi4py.MPI")
+    from test_distributed import FakeComm
+
+    import netcl_optim.distributed as dist
+
+    rng = np.random.default_rng(5)
+    host = [rng.standard_normal(s).astype(np.float32) for s in [(30, 20), (20,), (7,)]]
+    ref_ps = [no.Parameter(no.to_device(h)) for h in host]
+    zero_ps = [no.Parameter(no.to_device(h)) for h in host]
+    kwargs = {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.01}
+    ref = no.AdamWScheduleFree(ref_ps, **kwargs)
+    zero = dist.ZeroRedundancyOptimizer(no.AdamWScheduleFree, zero_ps, comm=FakeComm(rank=rank),
+                                        **kwargs)  # fmt: skip
+    sizes = [h.size for h in host]
+    lo, hi = dist.shard_bounds(sum(sizes), 2, sizes)[rank]
+
+    def check(what: str) -> None:
+        want = np.concatenate([p.data.get().ravel() for p in ref_ps])
+        got = np.concatenate([p.data.get().ravel() for p in zero_ps])
+        assert got[lo:hi].tobytes() == want[lo:hi].tobytes(), what
+        assert np.isnan(np.delete(got, np.arange(lo, hi))).all(), what
+        for p, q in zip(ref_ps, zero_ps, strict=True):  # the peer's part, as a real gather
+            q.data.set(p.data.get())
+
+    for opt in (ref, zero):
+        opt.train()
+    check("train")
+    for t in range(4):
+        g = [rng.standard_normal(h.shape).astype(np.float32) for h in host]
+        for p, q, x in zip(ref_ps, zero_ps, g, strict=True):
+            p.grad, q.grad = no.to_device(x), no.to_device(x)
+        ref.step()
+        zero.step()
+        check(f"step {t}")
+        assert zero.param_groups[0]["k"] == ref.param_groups[0]["k"] == t + 1
+    for opt in (ref, zero):
+        opt.eval()
+    check("eval")
+    assert zero.param_groups[0]["train_mode"] is False
+    with pytest.raises(RuntimeError, match="eval mode"):  # before anything moves
+        zero.step()
+    assert "Abort" not in zero.comm.calls

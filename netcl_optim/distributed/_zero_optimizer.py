@@ -353,6 +353,7 @@ class ZeroRedundancyOptimizer:
         """Validate the hyperparameters of every group that steps, as the local optimizer's
         step would before launching anything (a netcl_optim optimizer; others are trusted)."""
         if isinstance(self.optim, Optimizer):
+            self.optim._check_step()
             for gi, on in enumerate(active):
                 if on:
                     self.optim._chain(gi)  # checks, builds and caches the group's chain
@@ -409,10 +410,45 @@ class ZeroRedundancyOptimizer:
                 for flat in self._flats:
                     for _, shard, _, _ in flat.parts:
                         shard.grad = None
+                self._sync_back()
             if self.comm.Get_size() > 1:
                 for flat in self._flats:
                     flat.gather(self.comm, queue)
         return loss
+
+    def _sync_back(self) -> None:
+        """The local optimizer's group entries back into ``param_groups`` (what its step
+        keeps there, e.g. schedule-free's ``k`` and ``train_mode``)."""
+        for pg, ig in zip(self.param_groups, self.optim.param_groups, strict=True):
+            pg.update({k: v for k, v in ig.items() if k != "params"})
+
+    def train(self) -> None:
+        """The local optimizer's ``train()`` (schedule-free: the params to y), then the
+        gather: every rank's parameters are swapped."""
+        self._swap("train")
+
+    def eval(self) -> None:
+        """The local optimizer's ``eval()`` (schedule-free: the params to x), then the
+        gather."""
+        self._swap("eval")
+
+    def _swap(self, mode: str) -> None:
+        swap = getattr(self.optim, mode, None)
+        if not callable(swap):
+            raise AttributeError(f"{type(self.optim).__name__} has no {mode}() to run sharded")
+        what = f"ZeroRedundancyOptimizer.{mode}"
+
+        def local() -> tuple[Any, Any]:
+            self._sync_hyperparameters()
+            return signature(what, [p.data for p in self._params]), None
+
+        agree(self.comm, what, local, lambda _: None)
+        with committed(self.comm, what):
+            swap()
+            self._sync_back()
+            if self.comm.Get_size() > 1:
+                for flat in self._flats:
+                    flat.gather(self.comm, self._queue)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Set every grad to ``None`` (default), or to a zeroed view of one packed gradient

@@ -405,13 +405,7 @@ class _ScheduleFreeOptimizer(Optimizer):
         grads.
 
         Device: one fused kernel per packed group (``y``, ``z`` and the second moment)."""
-        for gi, group in enumerate(self.param_groups):
-            if not group["train_mode"]:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step() with param_groups[{gi}] in eval mode: call "
-                    "optimizer.train() before training steps (and optimizer.eval() before "
-                    "evaluating or saving)"
-                )
+        self._check_step()
         loss = None
         if closure is not None:
             loss = closure()
@@ -427,6 +421,15 @@ class _ScheduleFreeOptimizer(Optimizer):
         for group, (_, entries) in zip(self.param_groups, planned, strict=True):
             group.update(entries)
         return loss
+
+    def _check_step(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            if not group["train_mode"]:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() with param_groups[{gi}] in eval mode: call "
+                    "optimizer.train() before training steps (and optimizer.eval() before "
+                    "evaluating or saving)"
+                )
 
     def _step_args(self, rec: Any) -> dict[str, Any]:
         return {_GROUP_VALUES: self._pending[id(rec)]}

@@ -300,6 +300,7 @@ class Optimizer(abc.ABC):
           only when some parameters skipped steps). No host sync, no allocation after the
           first step.
         """
+        self._check_step()
         loss = None
         if closure is not None:
             loss = closure()
@@ -346,6 +347,11 @@ class Optimizer(abc.ABC):
             rec.steps[i] += 1
             for k in chain.keys:
                 rec.counts[k][i] += 1
+
+    def _check_step(self) -> None:
+        """Raise if the optimizer cannot step now, whatever the grads (schedule-free's eval
+        mode); ``step`` and ZeRO's checks call it before anything changes."""
+        return None
 
     def _step_args(self, rec: Group) -> dict[str, Any]:
         """Extra arguments of the group ``rec``'s step, which its fragments' ``host_step``
