@@ -176,6 +176,32 @@ def eight_bit() -> None:
         f"{dist.state_nbytes(ref)} unsharded")  # fmt: skip
 
 
+def schedule_free() -> None:
+    """The stateful schedule-free AdamW: train() and eval() swap every rank's slice, then
+    the gather; steps as unsharded (float32 leaves of the 8-bit tree's shapes)."""
+    rng = np.random.default_rng(6)
+    init = {k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in SHAPES_8BIT.items()}
+    keys = list(init)
+    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    kwargs = {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.01}
+    ref = no.AdamWScheduleFree([{"params": ref_ps[:2]}, {"params": ref_ps[2:]}], **kwargs)
+    groups = [{"params": zero_ps[:2]}, {"params": zero_ps[2:]}]
+    zero = dist.ZeroRedundancyOptimizer(no.AdamWScheduleFree, groups, comm=COMM, **kwargs)
+    for opt in (ref, zero):
+        opt.train()
+    for _ in range(4):
+        g = {k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in init.items()}
+        for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):
+            p.grad, q.grad = no.to_device(g[k]), no.to_device(g[k])
+        ref.step()
+        zero.step()
+    for opt in (ref, zero):
+        opt.eval()
+    for k, p, q in zip(keys, ref_ps, zero_ps, strict=True):
+        check(bits_equal(p.data.get(), q.data.get()), f"schedule-free AdamW (eval): {k}")
+
+
 def main() -> None:
     sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
     cases = {
@@ -219,6 +245,7 @@ def main() -> None:
     stateful(SGD, {"lr": 0.05, "momentum": 0.9}, [{}, {"nesterov": True}])
     stateful(AdamW, {"lr": 3e-3, "state_dtype": "bfloat16"}, [{}, {"weight_decay": 0.0}])
     eight_bit()
+    schedule_free()
     # a value per leaf: the groups' whole leaves, their per-leaf state whole on every rank
     stateful(Lamb, {"lr": 1e-2, "weight_decay": 0.1}, [{}, {"lr": 5e-3}], balanced=False)
     stateful(LARS, {"lr": 0.5}, [{}, {"weight_decay": 1e-3}], balanced=False)
