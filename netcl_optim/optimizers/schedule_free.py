@@ -20,6 +20,7 @@ __all__ = [
     "schedule_free_sgd",
 ]
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -351,10 +352,10 @@ class _ScheduleFreeOptimizer(Optimizer):
     def _b1(group: Mapping[str, Any]) -> float:
         return float(group["betas"][0])
 
+    @abc.abstractmethod
     def _group_step(self, group: Mapping[str, Any]) -> tuple[tuple[float, ...], dict]:
         """The step's kernel values ``(bc2, ck, y_lr, lr, adaptive)`` and the group's new host
         entries, computed as schedulefree does (Python floats)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ groups
 
