@@ -13,6 +13,7 @@ from ._base import Fragment as Fragment
 from ._base import GradientTransformation as GradientTransformation
 from ._base import Reduction as Reduction
 from ._base import SegmentReduction as SegmentReduction
+from ._base import TreeSums as TreeSums
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load as load
 from ._checkpoint import save as save
@@ -45,6 +46,8 @@ from .optimizers.adopt import *  # noqa: F403
 from .optimizers.asgd import *  # noqa: F403
 from .optimizers.bnb8bit import *  # noqa: F403
 from .optimizers.cocob import *  # noqa: F403
+from .optimizers.dadapt import *  # noqa: F403
+from .optimizers.dog import *  # noqa: F403
 from .optimizers.fromage import *  # noqa: F403
 from .optimizers.lamb import *  # noqa: F403
 from .optimizers.lars import *  # noqa: F403
@@ -55,6 +58,7 @@ from .optimizers.nadam import *  # noqa: F403
 from .optimizers.noisy_sgd import *  # noqa: F403
 from .optimizers.novograd import *  # noqa: F403
 from .optimizers.optimistic import *  # noqa: F403
+from .optimizers.prodigy import *  # noqa: F403
 from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.rprop import *  # noqa: F403

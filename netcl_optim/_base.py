@@ -236,6 +236,49 @@ class SegmentReduction:
             raise ValueError("SegmentReduction: one finish expression per output")
 
 
+@dataclass(frozen=True)
+class TreeSums:
+    """Scalars of a fragment's state fed by sums over the whole tree, kept on the device (the
+    learning-rate-free rules' step size ``d``): see ``fusion/_tree_sums.py``.
+
+    ``state``: the fields holding them, each a tree of 0-d arrays like the params (one value
+    per leaf, the state dtype, all equal: every leaf of a step holds the tree's value).
+    ``statements``: ``(name, expression)`` pairs run in order by the finishing launch (one
+    work-item), over the sums ``s0, s1, ...`` (the tree's sums of ``terms``), the fragment's
+    scalars and the state fields by name; a name that is a state field assigns its new value,
+    any other declares a ``real`` local (an output when listed in ``outputs``).
+
+    ``after=True`` (the sums of this step are used at the next one: D-Adaptation): ``terms``
+    names ``real`` variables the fragment's source assigns; the fused kernel itself sums them
+    (one pass over the tree), its source reads the state fields as they were at the start
+    of the step, and the finish runs after it. ``outputs`` must be empty.
+
+    ``after=False`` (the sums are used in the same step: DoG, Prodigy): ``terms`` are
+    expressions of ``u``, ``p``, the slots (before the step), the state fields and the
+    scalars, summed by a pass over the tree before the fused kernel; the finish runs
+    between them and the source reads ``outputs`` (by name, as ``real``).
+    """
+
+    state: tuple[str, ...]
+    terms: tuple[str, ...]
+    statements: tuple[tuple[str, str], ...]
+    outputs: tuple[str, ...] = ()
+    after: bool = True
+    start: tuple[float, ...] = ()  # each state field's value at init (empty: zeros)
+
+    def __post_init__(self) -> None:
+        if self.start and len(self.start) != len(self.state):
+            raise ValueError("TreeSums: one start value per state field")
+        names = [name for name, _ in self.statements]
+        if self.after and self.outputs:
+            raise ValueError("TreeSums: after=True reads the state, not outputs")
+        missing = [o for o in self.outputs if o not in names]
+        if missing:
+            raise ValueError(f"TreeSums: outputs {missing} are assigned by no statement")
+        if not self.terms or not self.state:
+            raise ValueError("TreeSums: needs terms and state fields")
+
+
 class _Params:
     """The start value "a copy of the params" (:data:`PARAMS`)."""
 
@@ -292,6 +335,7 @@ class Fragment:
     segment_reduction: SegmentReduction | None = None
     nonnegative: tuple[str, ...] = ()
     rounds_state: bool = False
+    tree_sums: TreeSums | None = None
     key: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -309,6 +353,8 @@ class Fragment:
             raise ValueError(f"Fragment {self.name!r}: per-segment state needs segments='leaf'")
         if red is not None and red.needs_params:
             object.__setattr__(self, "needs_params", True)
+        if self.tree_sums is not None and not self.tree_sums.after:  # (its pre-pass reads p)
+            object.__setattr__(self, "needs_params", True)
         key = (self.name, self.source, self.slots, self.scalars, self.needs_params, self.reduction)
         # an opt-in capability extends the key only when asked: other kernels keep their names
         if self.element_index:
@@ -317,6 +363,10 @@ class Fragment:
             key = (*key, self.segment_reduction)
         if self.rounds_state:
             key = (*key, "rounds_state")
+        if self.tree_sums is not None:
+            if self.reduction is not None or self.segment_reduction is not None:
+                raise ValueError(f"Fragment {self.name!r}: tree sums and another reduction")
+            key = (*key, self.tree_sums)
         object.__setattr__(self, "key", key)
 
     # as a leaf Plan
@@ -334,12 +384,14 @@ class Fragment:
 
     @property
     def elementwise(self) -> bool:
-        return self.reduction is None and self.segment_reduction is None
+        return self.reduction is None and self.segment_reduction is None and self.tree_sums is None
 
     @property
     def reduces(self) -> bool:
         """Whether a reduction (whole-tree or per segment) runs before this fragment: it
         then starts a fused segment, over materialised updates."""
+        if self.tree_sums is not None and not self.tree_sums.after:
+            return True
         return self.reduction is not None or self.segment_reduction is not None
 
     def split(self, state: OptState) -> None:
@@ -347,7 +399,10 @@ class Fragment:
 
     @property
     def segment_state(self) -> tuple[str, ...]:
-        """The state fields with one value per segment (see :class:`SegmentReduction`)."""
+        """The state fields with one value per segment (see :class:`SegmentReduction`) or
+        per leaf, all equal (:class:`TreeSums`)."""
+        if self.tree_sums is not None:
+            return self.tree_sums.state
         return self.segment_reduction.state if self.segment_reduction is not None else ()
 
     def parts(self, state: OptState, extra_args: dict[str, Any]) -> tuple[list[Part], Rebuild]:

@@ -86,6 +86,7 @@ class Rule:
     what: str
     convert: Callable[[Any], Any]
     kind: Callable[[Any], bool] = _numeric
+    optional: bool = False  # None is valid too (and stays None)
 
     def __call__(self, name: str, value: Any, where: str = "") -> Any:
         return require(name, value, self, where)
@@ -103,6 +104,8 @@ class Rule:
 def require(name: str, value: Any, rule: Rule, where: str = "") -> Any:
     """``value`` converted by ``rule``; raises ``invalid(...)`` if it breaks the rule
     (``TypeError`` when it is not even of the rule's kind, see :class:`Rule`)."""
+    if value is None and rule.optional:
+        return None
     converted = rule.convert(value)
     if converted is None:
         error = ValueError if rule.kind(value) else TypeError
@@ -115,6 +118,11 @@ def check(rule: Rule, where: str = "", **values: Any) -> None:
     for name, value in values.items():
         if not callable(value):
             require(name, value, rule, where)
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or ``None``."""
+    return replace(rule, what=f"None or {rule.what}", optional=True)
 
 
 def number(what: str, ok: Callable[[float], bool]) -> Rule:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._base import Fragment
+from .._base import Fragment, TreeSums
 from .._device import BFLOAT16
 from ._launch import TILE
 from ._random import random_helpers
@@ -182,6 +182,22 @@ def segment_arg(k: int) -> str:
     return f"seg_{k}"
 
 
+def tree_state_arg(field: str, k: int) -> str:
+    """Part ``k``'s tree-sum state field ``field`` (its per-leaf values, packed: the kernel
+    reads the first; see ``TreeSums``)."""
+    return f"ts_{field}_{k}"
+
+
+def tree_outputs_arg(k: int) -> str:
+    """The buffer of part ``k``'s tree-sum outputs (``TreeSums(after=False)``)."""
+    return f"tso_{k}"
+
+
+def state_ctype(real: str) -> str:
+    """The C type of the state dtype's values for a kernel of compute type ``real``."""
+    return "double" if real == "double" else "float"
+
+
 def scalar_arg(name: str, k: int) -> str:
     """Part ``k``'s scalar ``name``."""
     return f"{name}_{k}"
@@ -207,8 +223,10 @@ def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) ->
     term, into ``PARTIALS`` (the next part's workspace)."""
     red, acc = spec.sums, spec.acc
     terms = red.terms
+    tree = isinstance(red, TreeSums)  # terms: variables the element's code assigns
     out = P_IN if spec.mode == "inplace" and spec.apply else OUT
-    reload = [f"u = {load(storage, out, out + '_off + i')};"] if storage in ("half", "bf16") else []
+    half = storage in ("half", "bf16")
+    reload = [f"u = {load(storage, out, out + '_off + i')};"] if half and not tree else []
     inner = [line.replace("    ", "", 1) for line in element]
     w = 4 if real == "double" else 8  # lanes, and vectors per block: as the reduce kernel's
     block = 1 if real == "double" else 8
@@ -260,7 +278,7 @@ def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) ->
         *("        " + line for line in inner + reload + tails),
         "    }",
     ]
-    if acc == "double" and real == "float":
+    if acc == "double" and real == "float" and not tree:
         suspicious = " || ".join(f"r{t} == 0 || r{t} - r{t} != 0" for t in range(len(terms)))
         p_load = (
             [f"const double p = (double){load(storage, P_IN, P_IN + '_off + i')};"]
@@ -319,6 +337,15 @@ def part_lines(
             lines.append(
                 f"        const real {out} = (real){arg}[{arg}_off + {width} * seg + {j}];"
             )
+    tree = frag.tree_sums
+    if tree is not None and tree.after:  # the state at the start of the step
+        for f in tree.state:
+            arg = tree_state_arg(f, k)
+            lines.append(f"        const real {f} = (real){arg}[{arg}_off];")
+    elif tree is not None:  # the finish's outputs
+        arg = tree_outputs_arg(k)
+        for j, out in enumerate(tree.outputs):
+            lines.append(f"        const real {out} = (real){arg}[{arg}_off + {j}];")
     for slot in frag.slots:
         lines.append(f"        real {slot} = {load_slot(k, slot)};")
     for line in frag.source.strip("\n").splitlines():
@@ -382,6 +409,13 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         for k, frag in enumerate(fragments):
             if frag.segment_reduction is not None:
                 buffer(segment_arg(k), spec.acc, True)
+    for k, frag in enumerate(fragments):
+        tree = frag.tree_sums
+        if tree is not None and tree.after:
+            for f in tree.state:
+                buffer(tree_state_arg(f, k), state_ctype(real), True)
+        elif tree is not None:
+            buffer(tree_outputs_arg(k), spec.acc, True)
     step_arguments(fragments, spec.acc, params, args)
 
     def load_slot(k: int, slot: str) -> str:
@@ -419,6 +453,8 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     body.append(f"    real u = {load(storage, U_IN, U_IN + '_off + i')};")
     if spec.needs_params or spec.apply:
         body.append(f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};")
+    if isinstance(spec.sums, TreeSums):  # assigned by the fragment's source, then summed
+        body.append(f"    real {', '.join(spec.sums.terms)};")
     for k, frag in enumerate(fragments):
         body += part_lines(frag, k, load_slot, store_slot)
     if spec.apply:

@@ -63,6 +63,8 @@ from ._segments import chunk_launches, segmentation, tiled_launches, workspace
 from ._slices import slice_of, window
 from ._slices import slices_active as _slices_active
 from ._storage import EightBit, slot_dtype_of, slot_rule
+from ._tree_sums import TreeStep, combiner, tree_chunk_launches, tree_part
+from ._tree_sums import prepare as prepare_tree
 
 
 class Binding(NamedTuple):
@@ -172,6 +174,12 @@ def run_parts(
             others.append((f"state.{name} of {part.fragment.name}", leaves, slot_dtype))
             per_part.append(leaves)
         slot_leaves.append(per_part)
+    tk = tree_part(parts)
+    if quantized and tk is not None:
+        raise ValueError(
+            f"{parts[tk].fragment.name}: 8-bit state serves element-wise rules (its step "
+            "sums over the whole tree)"
+        )
     if quantized:
         return _run_quantized(parts, u_leaves, p_leaves, slot_leaves, treedef, queue, others,
                               apply=apply, inplace=inplace, donate=donate, sums=sums)  # fmt: skip
@@ -180,8 +188,10 @@ def run_parts(
     if any(f.element_index for f in fragments):  # the launches hold the index origin
         keys = (*keys, tuple(sorted((_ORIGIN.get() or {}).items(), key=str)))
     cache_key = None
-    if inplace and apply:
-        cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+    tree_leaves = [optree.tree_leaves(t) for t in parts[tk].segment_state] if tk is not None else []
+    cached = inplace and apply and not (tk is not None and combiner() is not None)
+    if cached:
+        cache_key = _cache.key(queue, keys, u_leaves, p_leaves, [*slot_leaves, tree_leaves])
         found = _cache.lookup(cache_key, donate)
         if found is not None:
             hit, objs = found
@@ -192,7 +202,7 @@ def run_parts(
                 return params, [(*part.slots, *part.segment_state) for part in parts]
             p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, True)
             written = _written(p_leaves, slot_leaves)
-            new_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+            new_key = _cache.key(queue, keys, u_leaves, p_leaves, [*slot_leaves, tree_leaves])
             _cache.move(cache_key, new_key, hit, len(u_leaves), written)
             trees = _slot_trees(treedef, slot_leaves)
             trees[0] = (*trees[0], *parts[0].segment_state)
@@ -204,9 +214,16 @@ def run_parts(
     seg_values, seg_state = segment_values(
         queue, parts, u_leaves, p_leaves, treedef, inplace, u_role, summed
     )
+    tree = None
+    if tk is not None:
+        if sums is not None or (parts[0].fragment.segment_reduction is not None and tk):
+            raise ValueError(f"{parts[tk].fragment.name}: tree sums cannot fuse with a value "
+                             "per leaf or row in one kernel")  # fmt: skip
+        tree = prepare_tree(queue, parts, tk, u_leaves, p_leaves, slot_leaves[tk], treedef,
+                            inplace, u_role)  # fmt: skip
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
         queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params,
-        seg_values, sums,
+        seg_values, sums, tree,
     )  # fmt: skip
     if donate and (packed_bases is None or len(set(packed_bases)) != len(packed_bases)):
         # no array written may share memory with another (sure already if every role is
@@ -219,12 +236,20 @@ def run_parts(
         )
         check_unshared([(role, updates, leaves, w) for role, leaves, w in roles_w])
     values = _step_values(parts, reduce_parts(parts, u_leaves, queue), binding.step_order)
+    if tree is not None:
+        launches = _tree_order(tree, launches, queue, values)
     # Pure, every output is fresh; in place, the tree's leaves must not share memory.
-    independent = len(launches) > 1 and (
-        not inplace
-        or (
-            cache_key is not None
-            and leaves_disjoint([u_leaves, p_leaves, *(ls for per in slot_leaves for ls in per)])
+    independent = (
+        tree is None
+        and len(launches) > 1
+        and (
+            not inplace
+            or (
+                cache_key is not None
+                and leaves_disjoint(
+                    [u_leaves, p_leaves, *(ls for per in slot_leaves for ls in per)]
+                )
+            )
         )
     )
     launch_all(queue, [(kernel, n, args + values) for kernel, n, args in launches], independent)
@@ -237,12 +262,35 @@ def run_parts(
         if donate:  # keyed by the new arrays
             _cache.discard(cache_key)
             cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
-        leaves = [*u_leaves, *_written(p_leaves, slot_leaves)]
+        leaves = [
+            *u_leaves,
+            *_written(p_leaves, slot_leaves),
+            *(x for xs in tree_leaves for x in xs),
+        ]
         _cache.store(cache_key, leaves, launches, independent, donate, binding.step_order)
     trees = _slot_trees(treedef, new_slot_leaves)
     if seg_state:
         trees[0] = (*trees[0], *seg_state)
+    if tree is not None:
+        trees[tree.k] = (*trees[tree.k], *tree.new_state)
     return optree.tree_unflatten(treedef, out_leaves), trees
+
+
+def _tree_order(
+    tree: TreeStep, fused: list[Launch], queue: cl.CommandQueue, values: list[Any]
+) -> list[Launch]:
+    """The step's launches in order with its tree sums': pre-pass, finish, fused kernel
+    (``after=False``) or fused kernel, finish. On a ZeRO slice the launches before the
+    finish run now, then every rank's partials are added (``combine_partials``), and the
+    rest is returned."""
+    before = [*tree.pre] if not tree.tree.after else [*fused]
+    rest = [tree.finish, *fused] if not tree.tree.after else [tree.finish]
+    combine = combiner()
+    if combine is None:
+        return before + rest
+    launch_all(queue, [(kernel, n, args + values) for kernel, n, args in before], False)
+    combine(tree.partials, len(tree.tree.terms), tree.chunks)
+    return rest
 
 
 def _plan_launches(
@@ -256,6 +304,7 @@ def _plan_launches(
     needs_params: bool,
     seg_values: dict[np.dtype, cla.Array],
     sums: SegmentReduction | None = None,
+    tree: TreeStep | None = None,
 ) -> tuple[list[Launch], Binding, list[Any], list[list[list[Any]]], list[int] | None]:
     """The fused kernel's launches (array arguments only, bound by name; one per dtype where
     every role is packed, else one per leaf; tiled where a segment reduction starts the
@@ -311,7 +360,10 @@ def _plan_launches(
             tiling = "full_stepped" if seg.stepped else "full"
         slot_dtypes = _slot_storage(slot_leaves, idx, dtype)
         storage = tuple(storage_of(d) for d in slot_dtypes) if slot_dtypes else ()
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, sums, storage)
+        chunk_sums: Any = sums
+        if tree is not None and tree.tree.after:
+            chunk_sums = tree.tree
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, chunk_sums, storage)
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
@@ -337,6 +389,22 @@ def _plan_launches(
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
         origin = origins.get(dtype, 0)
+        tree_fixed = tree.fixed if tree is not None else {}
+        if tree is not None and tree.tree.after:  # a work-item per chunk of the tree's leaves
+            fixed = {
+                CHUNKS: (tree.seg.tables(queue)["chunks"].base_data, 0),
+                PARTIALS: (tree.partials.base_data, 0),
+                **tree_fixed,
+            }
+            if INDEX in binding.arrays:
+                fixed[INDEX] = (arrays[U_IN][0].base_data, origin)
+            columns = [
+                (name, None if name in fixed else arrays.get(name), fixed.get(name, runs.get(name)))
+                for name in binding.arrays
+            ]
+            launches.extend(tree_chunk_launches(tree.seg, kernel, columns, lay.offsets))
+            packed_bases = None
+            continue
         if sums is not None:  # a work-item per chunk of the next part's segments
             sum_seg = segmentation(tuple(x.shape for x in group_u), sums.segments)
             acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
@@ -358,7 +426,7 @@ def _plan_launches(
             partial_tiling = tiling.replace("full", "partial")
             partial, _ = fused_kernel(ctx, fragments, spec._replace(tiling=partial_tiling))
             groups = seg.tables(queue)["groups"].base_data
-            fixed = {segment_arg(0): (seg_values[dtype].base_data, 0)}
+            fixed = {segment_arg(0): (seg_values[dtype].base_data, 0), **tree_fixed}
             if INDEX in binding.arrays:  # elements are indexed by their place in the layout
                 fixed[INDEX] = (arrays[U_IN][0].base_data, origin)
             columns = [
@@ -379,6 +447,7 @@ def _plan_launches(
         if INDEX in binding.arrays:  # the updates' buffer (not read), the first index
             runs[INDEX] = None if runs[U_IN] is None else (runs[U_IN][0], origin)
             arrays[INDEX] = arrays[U_IN]
+        runs.update(tree_fixed)
         bound = [runs[name] for name in binding.arrays]
         if None not in bound:
             if packed_bases is not None:
@@ -388,11 +457,14 @@ def _plan_launches(
                 launches.append((kernel, lay.total, [v for run in bound for v in run]))
         else:
             packed_bases = None
-            columns = [arrays[name] for name in binding.arrays]
+            columns = [arrays.get(name, []) for name in binding.arrays]
             for j, size in enumerate(lay.sizes):
                 if size:
                     leaf_args = []
                     for name, column in zip(binding.arrays, columns, strict=True):
+                        if name in tree_fixed:
+                            leaf_args += list(tree_fixed[name])
+                            continue
                         a = column[j]
                         off = origin + lay.offsets[j] if name == INDEX else element_offset(a)
                         leaf_args += [a.base_data, off]
@@ -546,6 +618,8 @@ def can_sum(parts: Sequence[Part], red: SegmentReduction, updates: Any, params: 
     contiguous (no columns), the params are given where ``red`` reads them, and the step is
     not on a ZeRO slice (whose sums run over the whole leaves)."""
     if not parts or parts[0].fragment.segment_reduction is not None:
+        return False
+    if any(p.fragment.tree_sums is not None for p in parts):  # (its kernel sums those)
         return False
     if red.needs_params and params is None:
         return False

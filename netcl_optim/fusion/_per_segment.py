@@ -140,21 +140,23 @@ def _segment_state_leaves(
     return leaves
 
 
-def init_leaf_values(params: Any, count: int) -> list[Any]:
+def init_leaf_values(params: Any, count: int | Sequence[float]) -> list[Any]:
     """``count`` state trees like ``params`` with one zero per leaf (0-d arrays of the state
-    dtype, packed in one buffer per dtype): per-leaf state (``SegmentReduction.state``)."""
+    dtype, packed in one buffer per dtype): per-leaf state (``SegmentReduction.state``); or
+    one tree per value of a sequence, filled with it (``TreeSums.start``)."""
+    starts = (0.0,) * count if isinstance(count, int) else tuple(count)
     leaves, treedef = optree.tree_flatten(params)
     if not leaves:
-        return [optree.tree_unflatten(treedef, []) for _ in range(count)]
+        return [optree.tree_unflatten(treedef, []) for _ in starts]
     queue = queue_of_leaves(leaves)
     trees = []
-    for _ in range(count):
+    for start in starts:
         out: list[Any] = [None] * len(leaves)
         for dtype, idx in group_by_dtype(leaves).items():
             s = slice_for(leaves, idx)  # a slice: one value per whole leaf
             shapes = ((len(s.shapes),),) if s is not None else ((),) * len(idx)
             block = layout(shapes, state_dtype(dtype)).allocate(queue)
-            block.fill(queue, 0.0)
+            block.fill(queue, float(start))
             for i, view in zip(idx, block.views, strict=True):
                 out[i] = view
         trees.append(optree.tree_unflatten(treedef, out))

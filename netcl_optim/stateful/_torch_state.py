@@ -126,14 +126,20 @@ def slot_starts(tx: GradientTransformation, declared: Mapping[type, TorchState])
     starts: dict[str, Any] = {}
     for t in _transforms(tx):
         fragment = t.plan
-        if not isinstance(fragment, Fragment) or not any(fragment.slot_init):
+        if not isinstance(fragment, Fragment):
+            continue
+        fields = list(zip(fragment.slots, fragment.slot_starts, strict=True))
+        if fragment.tree_sums is not None:  # (its per-leaf values' start)
+            tree = fragment.tree_sums
+            fields += zip(tree.state, tree.start or (0.0,) * len(tree.state), strict=True)
+        if not any(start for _, start in fields):
             continue
         spec = spec_of(t)
         state = declared.get(spec.cls) if isinstance(spec, NamedTupleSpec) else None
         if state is None:
             continue  # keys_of raises for an undeclared state type
         keys = dict(state.slots)
-        for field, start in zip(fragment.slots, fragment.slot_init, strict=True):
+        for field, start in fields:
             if start and field in keys:
                 starts.setdefault(keys[field], start)
     return starts

@@ -147,7 +147,10 @@ def elementwise(
             if fragment.slots
             else []
         )
-        per_leaf = init_leaf_values(params, len(fragment.segment_state))
+        tree = fragment.tree_sums
+        per_leaf = init_leaf_values(
+            params, tree.start if tree is not None and tree.start else len(fragment.segment_state)
+        )
         return init(*slots, *per_leaf) if init is not None else EmptyState()
 
     tx: GradientTransformation

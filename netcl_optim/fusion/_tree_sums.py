@@ -1,0 +1,429 @@
+"""Scalars fed by sums over the whole tree (``TreeSums``: the step size of Prodigy,
+D-Adaptation, DoG, DoWG), kept on the device: no host sync.
+
+A step of a fragment with tree sums runs, for a tree of one dtype, whatever its leaves:
+
+- ``after=True`` (D-Adaptation: the sums feed the next step): the fused kernel itself, in
+  its chunk form (a work-item per chunk of at most ``CHUNK`` elements of one leaf, see
+  ``_codegen._sums_body``), sums the variables the source assigns into one partial per
+  chunk and term; then a **finish** launch (one work-item) adds the partials in chunk order
+  and runs the statements, which write the state fields. 2 launches (one fused kernel per
+  leaf where the tree is not packed).
+- ``after=False`` (DoG, DoWG, Prodigy: the sums feed this step): a **pre-pass** kernel in
+  the same chunk form sums the terms over the updates, params and slots before the step,
+  the finish writes the state fields and the outputs, then the fused kernel reads the
+  outputs. 3 launches.
+
+Chunks start at each leaf's first element, and the finish adds the partials in the tree's
+order, so a packed tree and the same tree as separate arrays give the same bits. The state
+fields are trees of 0-d arrays like the params, all holding the tree's value (the finish
+writes every leaf's), so the stateful layer keeps them as a per-parameter key and ZeRO as
+per-leaf state.
+
+On a ZeRO shard (a slice of the flat parameters cut at chunk boundaries, see
+``distributed/_shard.py``), each rank sums its own chunks, the ``combine`` hook set by the
+sharded step adds every rank's partials (zero where a rank has no chunk, so the sum is
+exact), and every rank's finish sees the same partials: the same bits as unsharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import optree
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._base import Fragment, TreeSums
+from .._device import state_dtype
+from .._packing import contiguous_run, element_offset, layout, pack
+from ._codegen import (
+    CHUNKS,
+    P_IN,
+    PARTIALS,
+    U_IN,
+    Arg,
+    KernelSpec,
+    _sums_body,
+    kernel_preamble,
+    kernel_text,
+    load,
+    scalar_arg,
+    state_ctype,
+    step_arguments,
+    storage_of,
+    tree_outputs_arg,
+    tree_state_arg,
+)
+from ._launch import Launch, Single
+from ._programs import _arg_dtypes, build
+from ._segments import chunk_launches, segmentation
+from ._slices import slice_of
+
+# Set by a ZeRO step: adds every rank's partials (see combine_partials).
+_COMBINE: contextvars.ContextVar[Callable[..., None] | None] = contextvars.ContextVar(
+    "tree_sums_combine", default=None
+)
+
+
+@contextlib.contextmanager
+def combine_partials(combine: Callable[..., None]) -> Iterator[None]:
+    """Steps run inside add every rank's partial sums with ``combine(partials, width,
+    (c0, c1))`` before their finish (ZeRO): ``partials`` (a device array, ``width`` values
+    per chunk) holds this rank's sums of the chunks ``c0 <= c < c1``; ``combine`` replaces
+    it, in place, by every rank's (each rank's own chunks, added in rank order: as each
+    chunk is one rank's, the sum is exact)."""
+    token = _COMBINE.set(combine)
+    try:
+        yield
+    finally:
+        _COMBINE.reset(token)
+
+
+def combiner() -> Callable[..., None] | None:
+    return _COMBINE.get()
+
+
+def tree_part(parts: Sequence[Any]) -> int | None:
+    """The index of the part with tree sums among ``parts`` (at most one), if any."""
+    found = [k for k, p in enumerate(parts) if p.fragment.tree_sums is not None]
+    if len(found) > 1:
+        names = ", ".join(parts[k].fragment.name for k in found)
+        raise ValueError(f"one step fuses at most one rule with tree sums ({names}): chain "
+                         "them in separate steps")  # fmt: skip
+    return found[0] if found else None
+
+
+def _scalars(frag: Fragment, k: int) -> list[str]:
+    return [f"    const real {s} = {scalar_arg(s, k)};" for s in frag.scalars]
+
+
+def prepass_source(
+    fragments: Sequence[Fragment], dtype: np.dtype, slot_storage: Sequence[str], acc: str
+) -> tuple[str, str, list[Arg]]:
+    """The pre-pass of ``fragments[0]``'s ``TreeSums(after=False)``: one partial per chunk
+    and term (the terms over ``u``, ``p``, the slots, the state fields and the scalars),
+    in the chunk form of a fused kernel that sums; it takes the step's per-step arguments
+    (those of every part of the fused kernel), so one list of values binds both."""
+    frag = fragments[0]
+    tree = frag.tree_sums
+    assert tree is not None and not tree.after
+    storage = storage_of(dtype)
+    real = "double" if storage == "double" else "float"
+    text = repr(("prepass", frag.key, [f.key for f in fragments], storage, tuple(slot_storage)))
+    name = "netcl_treesum_" + hashlib.sha1(text.encode()).hexdigest()[:10]
+    params: list[str] = []
+    args: list[Arg] = []
+
+    def buffer(arg: str, ctype: str, const: bool) -> None:
+        q = "const " if const else ""
+        params.append(f"__global {q}{ctype} *restrict {arg}, const long {arg}_off")
+        args.extend([Arg(arg, "buffer"), Arg(arg + "_off", "offset")])
+
+    buffer(U_IN, _pointer(storage), True)
+    buffer(P_IN, _pointer(storage), True)
+    for slot, st in zip(frag.slots, slot_storage, strict=True):
+        buffer(f"{slot}_in", _pointer(st), True)
+    for f in tree.state:
+        buffer(tree_state_arg(f, 0), state_ctype(real), True)
+    buffer(CHUNKS, "long", True)
+    buffer(PARTIALS, acc, False)
+    step_arguments(fragments, acc, params, args)
+    terms = tuple(f"t{j}" for j in range(len(tree.terms)))
+    element = [
+        f"    real u = {load(storage, U_IN, U_IN + '_off + i')};",
+        f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};",
+        f"    real {', '.join(terms)};",
+        "    {",
+        *("    " + line for line in _scalars(frag, 0)),
+        *(f"        const real {f} = (real){tree_state_arg(f, 0)}[{tree_state_arg(f, 0)}_off];"
+          for f in tree.state),
+        *(f"        const real {slot} = {load(st, slot + '_in', slot + '_in_off + i')};"
+          for slot, st in zip(frag.slots, slot_storage, strict=True)),
+        *(f"        {t} = {expr};" for t, expr in zip(terms, tree.terms, strict=True)),
+        "    }",
+    ]  # fmt: skip
+    spec = KernelSpec((), np.dtype(dtype), "pure", False, True, acc, sums=TreeSums(
+        tree.state, terms, tree.statements, tree.outputs, tree.after))  # fmt: skip
+    body = _sums_body(element, spec, storage, real)
+    head = f"//CL// {name}: sums of {frag.name}\n" + _head(real, acc, storage, slot_storage)
+    return kernel_text(head, name, params, body), name, args
+
+
+def finish_source(
+    fragments: Sequence[Fragment], k: int, dtype: np.dtype, acc: str
+) -> tuple[str, str, list[Arg]]:
+    """The finish of part ``k``'s tree sums: one work-item adds the partials in order (in
+    the reduction type), runs the statements in the kernel's compute type (the sums cast to
+    it), writes each state field to every leaf's value and the outputs to their buffer. It
+    takes the step's per-step arguments, as the pre-pass."""
+    frag = fragments[k]
+    tree = frag.tree_sums
+    assert tree is not None
+    storage = storage_of(dtype)
+    real = "double" if storage == "double" else "float"
+    st = state_ctype(real)
+    text = repr(("finish", frag.key, k, [f.key for f in fragments], storage, acc))
+    name = "netcl_treefinish_" + hashlib.sha1(text.encode()).hexdigest()[:10]
+    params: list[str] = []
+    args: list[Arg] = []
+
+    def buffer(arg: str, ctype: str, const: bool) -> None:
+        q = "const " if const else ""
+        params.append(f"__global {q}{ctype} *restrict {arg}, const long {arg}_off")
+        args.extend([Arg(arg, "buffer"), Arg(arg + "_off", "offset")])
+
+    buffer(PARTIALS, acc, True)
+    buffer("n_chunks", "uchar", True)  # (the count as the offset of an unread buffer)
+    for f in tree.state:
+        buffer(f"{f}_in", st, True)
+        buffer(f"{f}_out", st, False)
+    buffer("n_leaves", "uchar", True)
+    buffer(tree_outputs_arg(k), acc, False)
+    step_arguments(fragments, acc, params, args)
+    width = len(tree.terms)
+    state = set(tree.state)
+    body = [
+        *(f"    {acc} sum{t} = 0;" for t in range(width)),
+        "    for (long c = 0; c < n_chunks_off; c++) {",
+        *(f"        sum{t} = sum{t} + {PARTIALS}[{PARTIALS}_off + {width} * c + {t}];"
+          for t in range(width)),
+        "    }",
+        *(f"    const real s{t} = (real)sum{t};" for t in range(width)),
+        *_scalars(frag, k),
+        *(f"    real {f} = (real){f}_in[{f}_in_off];" for f in tree.state),
+        *_statements(tree.statements, state),
+        "    for (long j = 0; j < n_leaves_off; j++) {",
+        *(f"        {f}_out[{f}_out_off + j] = {f};" for f in tree.state),
+        "    }",
+        *(f"    {tree_outputs_arg(k)}[{tree_outputs_arg(k)}_off + {j}] = {out};"
+          for j, out in enumerate(tree.outputs)),
+    ]  # fmt: skip
+    head = f"//CL// {name}: finish of {frag.name}\n" + _head(real, acc, real, ())
+    return kernel_text(head, name, params, body), name, args
+
+
+def _statements(statements: Sequence[tuple[str, str]], state: set[str]) -> list[str]:
+    """The finish's statements: a state field or a local assigned again is assigned, a new
+    local declared (``real``)."""
+    known = set(state)
+    lines = []
+    for name, expr in statements:
+        lines.append(f"    {name} = {expr};" if name in known else f"    real {name} = {expr};")
+        known.add(name)
+    return lines
+
+
+def _pointer(storage: str) -> str:
+    return "ushort" if storage == "bf16" else storage
+
+
+def _head(real: str, acc: str, storage: str, slot_storage: Sequence[str]) -> str:
+    spec = KernelSpec((), np.dtype(np.float64 if real == "double" else np.float32), "pure",
+                      False, True, acc, slot_storage=tuple(slot_storage))  # fmt: skip
+    return kernel_preamble(real, spec, storage, False)
+
+
+_kernels: dict[tuple, tuple[cl.Kernel, list[Arg]]] = {}
+
+
+def tree_kernel(
+    context: cl.Context, which: str, fragments: Sequence[Fragment], k: int, dtype: np.dtype,
+    slot_storage: Sequence[str], acc: str,
+) -> tuple[cl.Kernel, list[Arg]]:  # fmt: skip
+    """The pre-pass (``which="prepass"``, of part 0) or the finish of part ``k``, built once
+    per context."""
+    key = (context, which, tuple(f.key for f in fragments), k, np.dtype(dtype),
+           tuple(slot_storage), acc)  # fmt: skip
+    hit = _kernels.get(key)
+    if hit is None:
+        if which == "prepass":
+            source, name, args = prepass_source(fragments, dtype, slot_storage, acc)
+        else:
+            source, name, args = finish_source(fragments, k, dtype, acc)
+        real = np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+        hit = _kernels[key] = (build(context, source, name, _arg_dtypes(args, real)), args)
+    return hit
+
+
+class TreeStep(NamedTuple):
+    """One step's tree-sum work for the part ``k``: the launches before the fused kernel
+    (``pre``: the pre-pass, ``after=False``), the ``finish`` launch, the fused kernel's
+    extra arguments (``fixed``: name -> (buffer, offset)), its chunk form (``seg``,
+    ``partials``: after=True), the new state trees and the state leaves (old, for the
+    launch cache's identity)."""
+
+    k: int
+    tree: TreeSums
+    pre: list[Launch]
+    finish: Launch
+    fixed: dict[str, tuple[Any, int]]
+    seg: Any
+    partials: cla.Array
+    new_state: tuple[Any, ...]
+    state_leaves: list[Any]
+    chunks: tuple[int, int]  # the chunks this step sums (a ZeRO rank's; else all)
+
+
+_partials: dict[tuple, cla.Array] = {}
+_outputs: dict[tuple, cla.Array] = {}
+
+
+def _workspace(cache: dict, key: tuple, queue: cl.CommandQueue, n: int, dtype: Any) -> cla.Array:
+    ws = cache.get(key)
+    if ws is None:
+        ws = cache[key] = cla.zeros(queue, (max(n, 1),), dtype)
+    return ws
+
+
+def prepare(
+    queue: cl.CommandQueue,
+    parts: Sequence[Any],
+    k: int,
+    u_leaves: list[Any],
+    p_leaves: list[Any],
+    slot_leaves: list[list[Any]],
+    treedef: Any,
+    inplace: bool,
+    u_role: str,
+) -> TreeStep:
+    """Check part ``k``'s tree state and plan its launches (see the module's docstring)."""
+    from ._checks import group_by_dtype
+    from ._per_segment import _segment_state_leaves
+    from ._reductions import acc_ctype
+
+    part = parts[k]
+    frag = part.fragment
+    tree = frag.tree_sums
+    assert tree is not None
+    groups = group_by_dtype(u_leaves)
+    if len(groups) > 1:
+        kinds = ", ".join(sorted(str(d) for d in groups))
+        raise ValueError(
+            f"{frag.name} sums over the whole tree: every leaf of {u_role} must have one "
+            f"dtype (got {kinds}); step the dtypes as separate trees"
+        )
+    dtype = next(iter(groups))
+    n = len(u_leaves)
+    sl = slice_of(dtype)
+    shapes = tuple(x.shape for x in u_leaves)
+    if sl is not None and n == 1 and shapes[0] == (sl.hi - sl.lo,):
+        shapes = sl.shapes
+    seg = segmentation(shapes, "leaf")
+    c0, c1 = 0, len(seg.chunks)
+    if sl is not None:  # this rank's chunks (the slice is cut at chunk boundaries)
+        c0, c1 = chunk_range(seg, sl.lo, sl.hi)
+    acc = acc_ctype(queue)
+    acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
+    width = len(tree.terms)
+    partials = _workspace(_partials, (queue, len(seg.chunks), width, acc_dtype), queue,
+                          width * len(seg.chunks), acc_dtype)  # fmt: skip
+    per_leaf = [(len(sl.shapes),) if sl is not None else ()] * n
+    what = frag.name
+    olds, news_bufs, new_trees, state_leaves = [], [], [], []
+    st_dtype = state_dtype(dtype)
+    for name, tree_ in zip(tree.state, part.segment_state, strict=True):
+        leaves = _segment_state_leaves(tree_, treedef, u_leaves, f"state.{name} of {what}",
+                                       u_role, queue, per_leaf)  # fmt: skip
+        state_leaves.extend(leaves)
+        run = contiguous_run(leaves)
+        if run is None:
+            if inplace:
+                raise ValueError(
+                    f"state.{name} of {what}: its leaves must lie back to back in one buffer "
+                    "to be updated in place (as init makes them)"
+                )
+            packed = pack(leaves, queue)
+            run = (packed[0].base_data, element_offset(packed[0]))
+        olds.append(run)
+        if inplace:
+            news_bufs.append(run)
+            new_trees.append(tree_)
+        else:
+            block = layout(tuple(per_leaf), st_dtype).allocate(queue)
+            news_bufs.append((block.buffer, block.offset // st_dtype.itemsize))
+            new_trees.append(optree.tree_unflatten(treedef, block.views))
+    n_values = sum(math.prod(s) for s in per_leaf)
+    outputs = _workspace(_outputs, (queue, frag.key, k, acc_dtype), queue, len(tree.outputs),
+                         acc_dtype)  # fmt: skip
+    fragments = [p.fragment for p in parts]
+    ctx = queue.context
+    finisher, _ = tree_kernel(ctx, "finish", fragments, k, dtype, (), acc)
+    pbuf = partials.base_data
+    f_args: list[Any] = [pbuf, 0, pbuf, len(seg.chunks)]
+    for old, new in zip(olds, news_bufs, strict=True):
+        f_args += [*old, *new]
+    f_args += [pbuf, n_values, outputs.base_data, 0]
+    finish: Launch = (finisher, Single(1), f_args)
+    pre: list[Launch] = []
+    fixed: dict[str, tuple[Any, int]] = {}
+    if tree.after:
+        for name, old in zip(tree.state, olds, strict=True):
+            fixed[tree_state_arg(name, k)] = old
+    else:
+        fixed[tree_outputs_arg(k)] = (outputs.base_data, 0)
+        slot_storage = [storage_of(leaves[0].dtype) for leaves in slot_leaves]
+        prepass, _ = tree_kernel(ctx, "prepass", fragments, 0, dtype, slot_storage, acc)
+        lay = layout(tuple(x.shape for x in u_leaves), dtype)
+        columns: list[tuple[str, Any, Any]] = [
+            (U_IN, u_leaves, contiguous_run(u_leaves, lay)),
+            (P_IN, p_leaves, contiguous_run(p_leaves, lay)),
+        ]
+        for slot, leaves in zip(frag.slots, slot_leaves, strict=True):
+            columns.append((f"{slot}_in", leaves, contiguous_run(leaves, layout(lay.shapes,
+                                                                 leaves[0].dtype))))  # fmt: skip
+        columns += [(tree_state_arg(name, 0), None, old) for name, old in
+                    zip(tree.state, olds, strict=True)]  # fmt: skip
+        columns += [(CHUNKS, None, (seg.tables(queue)["chunks"].base_data, 0)),
+                    (PARTIALS, None, (pbuf, 0))]  # fmt: skip
+        pre = tree_chunk_launches(seg, prepass, columns, lay.offsets)
+    return TreeStep(k, tree, pre, finish, fixed, seg, partials, tuple(new_trees), state_leaves,
+                    (c0, c1))  # fmt: skip
+
+
+def tree_chunk_launches(
+    seg: Any, kernel: cl.Kernel, columns: list[tuple[str, Any, Any]], offsets: tuple[int, ...]
+) -> list[Launch]:
+    """A chunk-form kernel's launches over ``seg`` (see ``_segments.chunk_launches``); on a
+    ZeRO slice (one flat leaf of the slice's dtype), over this rank's chunks only, each
+    array bound so that the chunk table's element positions (in the whole layout) index
+    it."""
+    dtypes = {leaves[0].dtype for _, leaves, _ in columns if leaves}
+    sl = next((slice_of(d) for d in dtypes if slice_of(d) is not None), None)
+    if sl is None:
+        return chunk_launches(seg, kernel, columns, offsets, CHUNKS)
+    c0, c1 = chunk_range(seg, sl.lo, sl.hi)
+    args: list[Any] = []
+    for name, leaves, run in columns:
+        if name == CHUNKS:
+            args += [run[0], c0]
+        elif leaves is None:
+            args += list(run)
+        else:
+            args += [leaves[0].base_data, element_offset(leaves[0]) - sl.lo]
+    return [(kernel, Single(c1 - c0), args)] if c1 > c0 else []
+
+
+def chunk_range(seg: Any, lo: int, hi: int) -> tuple[int, int]:
+    """The chunks of ``seg`` inside the elements ``[lo, hi)`` (a ZeRO slice): they must
+    cover it exactly (the slice is cut at chunk boundaries)."""
+    firsts = seg.chunks[:, 0]
+    c0 = int(np.searchsorted(firsts, lo))
+    c1 = int(np.searchsorted(firsts, hi))
+    covered = int(seg.chunks[c0:c1, 1].sum()) if c1 > c0 else 0
+    if (c0 < len(firsts) and int(firsts[c0]) != lo and hi > lo) or covered != hi - lo:
+        raise ValueError(
+            f"a shard [{lo}, {hi}) of a rule with tree sums must be cut at chunk boundaries "
+            "(shard_bounds with the rule's granularity)"
+        )
+    return c0, c1
+
+
+__all__ = ["TreeStep", "chunk_range", "combine_partials", "combiner", "finish_source",
+           "prepare", "prepass_source", "tree_kernel", "tree_part"]  # fmt: skip
