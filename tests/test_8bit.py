@@ -49,9 +49,11 @@ def _fragments(tx: Any) -> list[Any]:
 
 
 def _per_leaf(case: Any) -> bool:
-    """Whether ``case``'s transform has values per leaf / row or reads the element index."""
+    """Whether ``case``'s transform has values per leaf / row / tree or reads the element
+    index."""
     return any(
-        f.segment_reduction is not None or f.element_index for f in _fragments(case.make(no))
+        f.segment_reduction is not None or f.tree_sums is not None or f.element_index
+        for f in _fragments(case.make(no))
     )
 
 

@@ -25,6 +25,8 @@ STAGES = {"adafactor", "sm3"}
 STATELESS = {"fromage", "noisy_sgd", "sgd", "sign_sgd"}
 # values per leaf: 8-bit state refused at the first step
 PER_LEAF_8BIT = {"lamb", "lars", "novograd"}
+# sums over the whole tree (TreeSums): 8-bit state refused as well
+TREE_SUMS_8BIT = {"prodigy", "dadapt_adamw", "dog", "dowg"}
 # the slots optax's mu_dtype casts (ademamix: both first-order EMAs)
 MU_SLOTS = {"scale_by_ademamix": {"m1", "m2"}, "ademamix": {"m1", "m2"}}
 
@@ -141,7 +143,7 @@ def test_stages_refuse_8bit_state(name):
 @pytest.mark.parametrize("name", sorted(ALIASES.keys() - STAGES - STATELESS))
 def test_8bit_state(name, cl_queue):
     tx = _build(name, state_bits=8)
-    if name in PER_LEAF_8BIT:
+    if name in PER_LEAF_8BIT | TREE_SUMS_8BIT:
         with pytest.raises(ValueError, match="8-bit state serves element-wise rules"):
             _run(tx, cl_queue, _host_params(4096))
         return

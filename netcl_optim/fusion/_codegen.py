@@ -146,6 +146,9 @@ class KernelSpec(NamedTuple):
     sums: Any = None
     # each slot's storage (``storage_of``), parts' slots in order; empty: all the state dtype
     slot_storage: tuple[str, ...] = ()
+    # the C type of the tree-sum state an after=True part reads (the first dtype group's: one
+    # number for every group); empty without one
+    tree_ctype: str = ""
 
 
 class Arg(NamedTuple):
@@ -206,7 +209,8 @@ def scalar_arg(name: str, k: int) -> str:
 def kernel_name(spec: KernelSpec) -> str:
     # (a spec with the state dtype's storage hashes as before slot_storage existed: the
     # kernels' names, and so PoCL's cache of their binaries, stay as they were)
-    fields = KernelSpec._fields if spec.slot_storage else KernelSpec._fields[:-1]
+    optional = {"slot_storage", "tree_ctype"}  # (empty: left out of the name)
+    fields = [f for f in KernelSpec._fields if f not in optional or getattr(spec, f)]
     text = "KernelSpec(" + ", ".join(f"{f}={getattr(spec, f)!r}" for f in fields) + ")"
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     return f"netcl_fused_{digest}"
@@ -413,7 +417,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
         tree = frag.tree_sums
         if tree is not None and tree.after:
             for f in tree.state:
-                buffer(tree_state_arg(f, k), state_ctype(real), True)
+                buffer(tree_state_arg(f, k), spec.tree_ctype or state_ctype(real), True)
         elif tree is not None:
             buffer(tree_outputs_arg(k), spec.acc, True)
     step_arguments(fragments, spec.acc, params, args)

@@ -55,6 +55,7 @@ from ._codegen import (
     storage_of,
 )
 from ._launch import Launch, launch_all, leaves_disjoint
+from ._per_segment import _copy as copy_array
 from ._per_segment import segment_values
 from ._programs import fused_kernel
 from ._quantized import copy_params, init_quantized, is_eight_bit, run_quantized, state_arrays
@@ -238,6 +239,8 @@ def run_parts(
     values = _step_values(parts, reduce_parts(parts, u_leaves, queue), binding.step_order)
     if tree is not None:
         launches = _tree_order(tree, launches, queue, values)
+        if tree.post:  # scattered in-place state: copied back after the launches
+            cache_key = None
     # Pure, every output is fresh; in place, the tree's leaves must not share memory.
     independent = (
         tree is None
@@ -253,6 +256,10 @@ def run_parts(
         )
     )
     launch_all(queue, [(kernel, n, args + values) for kernel, n, args in launches], independent)
+    if tree is not None:
+        for packed, group in tree.post:
+            for src, dst in zip(packed, group, strict=True):
+                copy_array(queue, dst, src)
     if donate:
         p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, inplace_params)
         if inplace_params:
@@ -273,6 +280,8 @@ def run_parts(
         trees[0] = (*trees[0], *seg_state)
     if tree is not None:
         trees[tree.k] = (*trees[tree.k], *tree.new_state)
+    elif tk is not None:  # (no leaves)
+        trees[tk] = (*trees[tk], *parts[tk].segment_state)
     return optree.tree_unflatten(treedef, out_leaves), trees
 
 
@@ -289,7 +298,7 @@ def _tree_order(
     if combine is None:
         return before + rest
     launch_all(queue, [(kernel, n, args + values) for kernel, n, args in before], False)
-    combine(tree.partials, len(tree.tree.terms), tree.chunks)
+    combine(tree.partials, len(tree.tree.terms), tree.chunk_ranges)
     return rest
 
 
@@ -361,9 +370,11 @@ def _plan_launches(
         slot_dtypes = _slot_storage(slot_leaves, idx, dtype)
         storage = tuple(storage_of(d) for d in slot_dtypes) if slot_dtypes else ()
         chunk_sums: Any = sums
+        tree_ctype = ""
         if tree is not None and tree.tree.after:
-            chunk_sums = tree.tree
-        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, chunk_sums, storage)
+            chunk_sums, tree_ctype = tree.tree, tree.ctype
+        spec = KernelSpec(keys, dtype, mode, apply, needs_params, acc, tiling, chunk_sums, storage,
+                          tree_ctype)  # fmt: skip
         kernel, args = fused_kernel(ctx, fragments, spec)
         binding = _binding(spec, fragments, args)
         group_u = pick(u_leaves, idx)
@@ -389,11 +400,13 @@ def _plan_launches(
                     news = ins
                 place(new_slot_leaves[k][s], idx, news)
         origin = origins.get(dtype, 0)
-        tree_fixed = tree.fixed if tree is not None else {}
+        tree_group = tree.groups[dtype] if tree is not None else None
+        tree_fixed = tree_group.fixed if tree_group is not None else {}
         if tree is not None and tree.tree.after:  # a work-item per chunk of the tree's leaves
+            assert tree_group is not None
             fixed = {
-                CHUNKS: (tree.seg.tables(queue)["chunks"].base_data, 0),
-                PARTIALS: (tree.partials.base_data, 0),
+                CHUNKS: (tree_group.seg.tables(queue)["chunks"].base_data, 0),
+                PARTIALS: (tree.partials.base_data, tree_group.base * len(tree.tree.terms)),
                 **tree_fixed,
             }
             if INDEX in binding.arrays:
@@ -402,7 +415,7 @@ def _plan_launches(
                 (name, None if name in fixed else arrays.get(name), fixed.get(name, runs.get(name)))
                 for name in binding.arrays
             ]
-            launches.extend(tree_chunk_launches(tree.seg, kernel, columns, lay.offsets))
+            launches.extend(tree_chunk_launches(tree_group.seg, kernel, columns, lay.offsets))
             packed_bases = None
             continue
         if sums is not None:  # a work-item per chunk of the next part's segments

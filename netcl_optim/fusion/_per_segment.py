@@ -149,10 +149,14 @@ def init_leaf_values(params: Any, count: int | Sequence[float]) -> list[Any]:
     if not leaves:
         return [optree.tree_unflatten(treedef, []) for _ in starts]
     queue = queue_of_leaves(leaves)
+    groups = group_by_dtype(leaves)
+    # a tree's values (TreeSums) are one number in every leaf: in the lowest precision
+    lowest = np.float64 if all(state_dtype(d) == np.float64 for d in groups) else np.float32
     trees = []
     for start in starts:
+        start = float(lowest(start)) if not isinstance(count, int) else start
         out: list[Any] = [None] * len(leaves)
-        for dtype, idx in group_by_dtype(leaves).items():
+        for dtype, idx in groups.items():
             s = slice_for(leaves, idx)  # a slice: one value per whole leaf
             shapes = ((len(s.shapes),),) if s is not None else ((),) * len(idx)
             block = layout(shapes, state_dtype(dtype)).allocate(queue)

@@ -105,7 +105,11 @@ def _scalars(frag: Fragment, k: int) -> list[str]:
 
 
 def prepass_source(
-    fragments: Sequence[Fragment], dtype: np.dtype, slot_storage: Sequence[str], acc: str
+    fragments: Sequence[Fragment],
+    dtype: np.dtype,
+    slot_storage: Sequence[str],
+    acc: str,
+    tree_ctype: str = "",
 ) -> tuple[str, str, list[Arg]]:
     """The pre-pass of ``fragments[0]``'s ``TreeSums(after=False)``: one partial per chunk
     and term (the terms over ``u``, ``p``, the slots, the state fields and the scalars),
@@ -116,7 +120,8 @@ def prepass_source(
     assert tree is not None and not tree.after
     storage = storage_of(dtype)
     real = "double" if storage == "double" else "float"
-    text = repr(("prepass", frag.key, [f.key for f in fragments], storage, tuple(slot_storage)))
+    text = repr(("prepass", frag.key, [f.key for f in fragments], storage, tuple(slot_storage),
+                 tree_ctype))  # fmt: skip
     name = "netcl_treesum_" + hashlib.sha1(text.encode()).hexdigest()[:10]
     params: list[str] = []
     args: list[Arg] = []
@@ -130,8 +135,8 @@ def prepass_source(
     buffer(P_IN, _pointer(storage), True)
     for slot, st in zip(frag.slots, slot_storage, strict=True):
         buffer(f"{slot}_in", _pointer(st), True)
-    for f in tree.state:
-        buffer(tree_state_arg(f, 0), state_ctype(real), True)
+    for f in tree.state:  # (the first dtype group's: ``tree_ctype``)
+        buffer(tree_state_arg(f, 0), tree_ctype or state_ctype(real), True)
     buffer(CHUNKS, "long", True)
     buffer(PARTIALS, acc, False)
     step_arguments(fragments, acc, params, args)
@@ -157,19 +162,17 @@ def prepass_source(
 
 
 def finish_source(
-    fragments: Sequence[Fragment], k: int, dtype: np.dtype, acc: str
+    fragments: Sequence[Fragment], k: int, real: str, acc: str, groups: tuple[str, ...]
 ) -> tuple[str, str, list[Arg]]:
     """The finish of part ``k``'s tree sums: one work-item adds the partials in order (in
-    the reduction type), runs the statements in the kernel's compute type (the sums cast to
-    it), writes each state field to every leaf's value and the outputs to their buffer. It
-    takes the step's per-step arguments, as the pre-pass."""
+    the reduction type), runs the statements in ``real`` (the tree's lowest precision; the
+    sums cast to it) from the state as the first dtype group holds it, writes each state
+    field to every leaf's value in every group (``groups``: each one's state C type) and
+    the outputs to their buffer. It takes the step's per-step arguments, as the pre-pass."""
     frag = fragments[k]
     tree = frag.tree_sums
     assert tree is not None
-    storage = storage_of(dtype)
-    real = "double" if storage == "double" else "float"
-    st = state_ctype(real)
-    text = repr(("finish", frag.key, k, [f.key for f in fragments], storage, acc))
+    text = repr(("finish", frag.key, k, [f.key for f in fragments], real, acc, groups))
     name = "netcl_treefinish_" + hashlib.sha1(text.encode()).hexdigest()[:10]
     params: list[str] = []
     args: list[Arg] = []
@@ -181,10 +184,11 @@ def finish_source(
 
     buffer(PARTIALS, acc, True)
     buffer("n_chunks", "uchar", True)  # (the count as the offset of an unread buffer)
-    for f in tree.state:
-        buffer(f"{f}_in", st, True)
-        buffer(f"{f}_out", st, False)
-    buffer("n_leaves", "uchar", True)
+    for g, st in enumerate(groups):
+        for f in tree.state:
+            buffer(f"{f}_in_{g}", st, True)
+            buffer(f"{f}_out_{g}", st, False)
+        buffer(f"n_leaves_{g}", "uchar", True)
     buffer(tree_outputs_arg(k), acc, False)
     step_arguments(fragments, acc, params, args)
     width = len(tree.terms)
@@ -197,14 +201,17 @@ def finish_source(
         "    }",
         *(f"    const real s{t} = (real)sum{t};" for t in range(width)),
         *_scalars(frag, k),
-        *(f"    real {f} = (real){f}_in[{f}_in_off];" for f in tree.state),
+        *(f"    real {f} = (real){f}_in_0[{f}_in_0_off];" for f in tree.state),
         *_statements(tree.statements, state),
-        "    for (long j = 0; j < n_leaves_off; j++) {",
-        *(f"        {f}_out[{f}_out_off + j] = {f};" for f in tree.state),
-        "    }",
-        *(f"    {tree_outputs_arg(k)}[{tree_outputs_arg(k)}_off + {j}] = {out};"
-          for j, out in enumerate(tree.outputs)),
     ]  # fmt: skip
+    for g in range(len(groups)):
+        body += [
+            f"    for (long j = 0; j < n_leaves_{g}_off; j++) {{",
+            *(f"        {f}_out_{g}[{f}_out_{g}_off + j] = {f};" for f in tree.state),
+            "    }",
+        ]
+    body += [f"    {tree_outputs_arg(k)}[{tree_outputs_arg(k)}_off + {j}] = {out};"
+             for j, out in enumerate(tree.outputs)]  # fmt: skip
     head = f"//CL// {name}: finish of {frag.name}\n" + _head(real, acc, real, ())
     return kernel_text(head, name, params, body), name, args
 
@@ -235,40 +242,58 @@ _kernels: dict[tuple, tuple[cl.Kernel, list[Arg]]] = {}
 
 def tree_kernel(
     context: cl.Context, which: str, fragments: Sequence[Fragment], k: int, dtype: np.dtype,
-    slot_storage: Sequence[str], acc: str,
+    slot_storage: Sequence[str], acc: str, groups: tuple[str, ...] = (),
 ) -> tuple[cl.Kernel, list[Arg]]:  # fmt: skip
-    """The pre-pass (``which="prepass"``, of part 0) or the finish of part ``k``, built once
-    per context."""
+    """The pre-pass (``which="prepass"``, of part 0, over ``dtype`` leaves) or the finish of
+    part ``k`` (in ``dtype``'s compute type, over ``groups``), built once per context."""
     key = (context, which, tuple(f.key for f in fragments), k, np.dtype(dtype),
-           tuple(slot_storage), acc)  # fmt: skip
+           tuple(slot_storage), acc, groups)  # fmt: skip
     hit = _kernels.get(key)
     if hit is None:
+        real = "double" if np.dtype(dtype) == np.float64 else "float"
         if which == "prepass":
-            source, name, args = prepass_source(fragments, dtype, slot_storage, acc)
+            source, name, args = prepass_source(fragments, dtype, slot_storage, acc, *groups)
         else:
-            source, name, args = finish_source(fragments, k, dtype, acc)
-        real = np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-        hit = _kernels[key] = (build(context, source, name, _arg_dtypes(args, real)), args)
+            source, name, args = finish_source(fragments, k, real, acc, groups)
+        real_dtype = np.dtype(np.float64 if real == "double" else np.float32)
+        hit = _kernels[key] = (build(context, source, name, _arg_dtypes(args, real_dtype)), args)
     return hit
+
+
+class Group(NamedTuple):
+    """One dtype group's part of a tree-sum step: its chunks (``seg``), where its partials
+    start (``base``, in chunks), the chunks this step sums (``c0 <= c < c1``: a ZeRO rank's,
+    else all) and the fused kernel's extra arguments (``fixed``: name -> (buffer, offset))."""
+
+    seg: Any
+    base: int
+    c0: int
+    c1: int
+    fixed: dict[str, tuple[Any, int]]
 
 
 class TreeStep(NamedTuple):
     """One step's tree-sum work for the part ``k``: the launches before the fused kernel
-    (``pre``: the pre-pass, ``after=False``), the ``finish`` launch, the fused kernel's
-    extra arguments (``fixed``: name -> (buffer, offset)), its chunk form (``seg``,
-    ``partials``: after=True), the new state trees and the state leaves (old, for the
-    launch cache's identity)."""
+    (``pre``: the pre-pass, ``after=False``), the ``finish`` launch, per dtype its
+    :class:`Group`, the partials, the new state trees, the state leaves (old, for the
+    launch cache's identity) and the copies back into scattered in-place state (``post``:
+    ``(packed, leaves)`` pairs, after the finish)."""
 
     k: int
     tree: TreeSums
     pre: list[Launch]
     finish: Launch
-    fixed: dict[str, tuple[Any, int]]
-    seg: Any
+    groups: dict[Any, Group]
     partials: cla.Array
     new_state: tuple[Any, ...]
     state_leaves: list[Any]
-    chunks: tuple[int, int]  # the chunks this step sums (a ZeRO rank's; else all)
+    post: list[tuple[Any, Any]]
+    ctype: str  # the C type of the first group's state, which every fused kernel reads
+
+    @property
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """The partials (in chunks) this step wrote: every group's ``[base + c0, base + c1)``."""
+        return [(g.base + g.c0, g.base + g.c1) for g in self.groups.values()]
 
 
 _partials: dict[tuple, cla.Array] = {}
@@ -292,8 +317,9 @@ def prepare(
     treedef: Any,
     inplace: bool,
     u_role: str,
-) -> TreeStep:
-    """Check part ``k``'s tree state and plan its launches (see the module's docstring)."""
+) -> TreeStep | None:
+    """Check part ``k``'s tree state and plan its launches (see the module's docstring);
+    ``None`` for a tree without leaves."""
     from ._checks import group_by_dtype
     from ._per_segment import _segment_state_leaves
     from ._reductions import acc_ctype
@@ -302,89 +328,106 @@ def prepare(
     frag = part.fragment
     tree = frag.tree_sums
     assert tree is not None
-    groups = group_by_dtype(u_leaves)
-    if len(groups) > 1:
-        kinds = ", ".join(sorted(str(d) for d in groups))
-        raise ValueError(
-            f"{frag.name} sums over the whole tree: every leaf of {u_role} must have one "
-            f"dtype (got {kinds}); step the dtypes as separate trees"
-        )
-    dtype = next(iter(groups))
-    n = len(u_leaves)
-    sl = slice_of(dtype)
-    shapes = tuple(x.shape for x in u_leaves)
-    if sl is not None and n == 1 and shapes[0] == (sl.hi - sl.lo,):
-        shapes = sl.shapes
-    seg = segmentation(shapes, "leaf")
-    c0, c1 = 0, len(seg.chunks)
-    if sl is not None:  # this rank's chunks (the slice is cut at chunk boundaries)
-        c0, c1 = chunk_range(seg, sl.lo, sl.hi)
+    by_dtype = group_by_dtype(u_leaves)
+    if not by_dtype:
+        return None
     acc = acc_ctype(queue)
     acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
     width = len(tree.terms)
-    partials = _workspace(_partials, (queue, len(seg.chunks), width, acc_dtype), queue,
-                          width * len(seg.chunks), acc_dtype)  # fmt: skip
-    per_leaf = [(len(sl.shapes),) if sl is not None else ()] * n
+    ctx = queue.context
+    fragments = [p.fragment for p in parts]
     what = frag.name
-    olds, news_bufs, new_trees, state_leaves = [], [], [], []
-    st_dtype = state_dtype(dtype)
-    for name, tree_ in zip(tree.state, part.segment_state, strict=True):
-        leaves = _segment_state_leaves(tree_, treedef, u_leaves, f"state.{name} of {what}",
-                                       u_role, queue, per_leaf)  # fmt: skip
-        state_leaves.extend(leaves)
-        run = contiguous_run(leaves)
-        if run is None:
-            if inplace:
-                raise ValueError(
-                    f"state.{name} of {what}: its leaves must lie back to back in one buffer "
-                    "to be updated in place (as init makes them)"
-                )
-            packed = pack(leaves, queue)
-            run = (packed[0].base_data, element_offset(packed[0]))
-        olds.append(run)
-        if inplace:
-            news_bufs.append(run)
-            new_trees.append(tree_)
-        else:
-            block = layout(tuple(per_leaf), st_dtype).allocate(queue)
-            news_bufs.append((block.buffer, block.offset // st_dtype.itemsize))
-            new_trees.append(optree.tree_unflatten(treedef, block.views))
-    n_values = sum(math.prod(s) for s in per_leaf)
+    plans = {}
+    chunks = 0
+    shapes_of: list[tuple[int, ...]] = [()] * len(u_leaves)
+    for dtype, idx in by_dtype.items():
+        sl = slice_of(dtype)
+        shapes = tuple(u_leaves[i].shape for i in idx)
+        if sl is not None and len(idx) == 1 and shapes[0] == (sl.hi - sl.lo,):
+            shapes = sl.shapes
+        seg = segmentation(shapes, "leaf")
+        c0, c1 = chunk_range(seg, sl.lo, sl.hi) if sl is not None else (0, len(seg.chunks))
+        plans[dtype] = (idx, seg, chunks, c0, c1, sl)
+        for i in idx:
+            shapes_of[i] = (len(sl.shapes),) if sl is not None else ()
+        chunks += len(seg.chunks)
+    partials = _workspace(_partials, (queue, chunks, width, acc_dtype), queue, width * chunks,
+                          acc_dtype)  # fmt: skip
+    pbuf = partials.base_data
     outputs = _workspace(_outputs, (queue, frag.key, k, acc_dtype), queue, len(tree.outputs),
                          acc_dtype)  # fmt: skip
-    fragments = [p.fragment for p in parts]
-    ctx = queue.context
-    finisher, _ = tree_kernel(ctx, "finish", fragments, k, dtype, (), acc)
-    pbuf = partials.base_data
-    f_args: list[Any] = [pbuf, 0, pbuf, len(seg.chunks)]
-    for old, new in zip(olds, news_bufs, strict=True):
-        f_args += [*old, *new]
-    f_args += [pbuf, n_values, outputs.base_data, 0]
-    finish: Launch = (finisher, Single(1), f_args)
+    all_leaves = [
+        _segment_state_leaves(
+            tree_, treedef, u_leaves, f"state.{name} of {what}", u_role, queue, shapes_of
+        )
+        for name, tree_ in zip(tree.state, part.segment_state, strict=True)
+    ]
+    new_leaves = [list(leaves) for leaves in all_leaves]
+    post: list[tuple[Any, Any]] = []
+    f_args: list[Any] = [pbuf, 0, pbuf, chunks]
+    groups: dict[Any, Group] = {}
+    ctypes: list[str] = []
+    first_state: list[tuple[Any, int]] = []
     pre: list[Launch] = []
-    fixed: dict[str, tuple[Any, int]] = {}
-    if tree.after:
-        for name, old in zip(tree.state, olds, strict=True):
-            fixed[tree_state_arg(name, k)] = old
-    else:
-        fixed[tree_outputs_arg(k)] = (outputs.base_data, 0)
-        slot_storage = [storage_of(leaves[0].dtype) for leaves in slot_leaves]
-        prepass, _ = tree_kernel(ctx, "prepass", fragments, 0, dtype, slot_storage, acc)
-        lay = layout(tuple(x.shape for x in u_leaves), dtype)
-        columns: list[tuple[str, Any, Any]] = [
-            (U_IN, u_leaves, contiguous_run(u_leaves, lay)),
-            (P_IN, p_leaves, contiguous_run(p_leaves, lay)),
-        ]
-        for slot, leaves in zip(frag.slots, slot_leaves, strict=True):
-            columns.append((f"{slot}_in", leaves, contiguous_run(leaves, layout(lay.shapes,
-                                                                 leaves[0].dtype))))  # fmt: skip
-        columns += [(tree_state_arg(name, 0), None, old) for name, old in
-                    zip(tree.state, olds, strict=True)]  # fmt: skip
-        columns += [(CHUNKS, None, (seg.tables(queue)["chunks"].base_data, 0)),
-                    (PARTIALS, None, (pbuf, 0))]  # fmt: skip
-        pre = tree_chunk_launches(seg, prepass, columns, lay.offsets)
-    return TreeStep(k, tree, pre, finish, fixed, seg, partials, tuple(new_trees), state_leaves,
-                    (c0, c1))  # fmt: skip
+    for dtype, (idx, seg, base, c0, c1, _sl) in plans.items():
+        st_dtype = state_dtype(dtype)
+        ctypes.append(state_ctype("double" if st_dtype == np.float64 else "float"))
+        olds = []
+        for f, leaves in enumerate(all_leaves):
+            group = [leaves[i] for i in idx]
+            old = contiguous_run(group)
+            if old is None:  # scattered 0-d arrays (a cohort of a stateful group): packed
+                packed = pack(group, queue)
+                old = (packed[0].base_data, element_offset(packed[0]))
+                if inplace:
+                    post.append((packed, group))
+            new = old
+            if not inplace:
+                block = layout(tuple(shapes_of[i] for i in idx), st_dtype).allocate(queue)
+                new = (block.buffer, block.offset // st_dtype.itemsize)
+                for i, view in zip(idx, block.views, strict=True):
+                    new_leaves[f][i] = view
+            olds.append(old)
+            f_args += [*old, *new]
+        first_state = first_state or olds
+        f_args += [pbuf, sum(math.prod(shapes_of[i]) for i in idx)]
+        fixed: dict[str, tuple[Any, int]] = {}
+        if tree.after:  # (every group reads the first's: one number)
+            for name, old in zip(tree.state, first_state, strict=True):
+                fixed[tree_state_arg(name, k)] = old
+        else:
+            fixed[tree_outputs_arg(k)] = (outputs.base_data, 0)
+            us = [u_leaves[i] for i in idx]
+            slots = [[leaves[i] for i in idx] for leaves in slot_leaves]
+            slot_storage = [storage_of(leaves[0].dtype) for leaves in slots]
+            prepass, _ = tree_kernel(ctx, "prepass", fragments, 0, dtype, slot_storage, acc,
+                                     (ctypes[0],))  # fmt: skip
+            lay = layout(tuple(x.shape for x in us), dtype)
+            ps = [p_leaves[i] for i in idx]
+            columns: list[tuple[str, Any, Any]] = [
+                (U_IN, us, contiguous_run(us, lay)),
+                (P_IN, ps, contiguous_run(ps, lay)),
+            ]
+            for slot, leaves in zip(frag.slots, slots, strict=True):
+                slot_lay = layout(lay.shapes, leaves[0].dtype)
+                columns.append((f"{slot}_in", leaves, contiguous_run(leaves, slot_lay)))
+            columns += [(tree_state_arg(name, 0), None, old) for name, old in
+                        zip(tree.state, first_state, strict=True)]  # fmt: skip
+            columns += [(CHUNKS, None, (seg.tables(queue)["chunks"].base_data, 0)),
+                        (PARTIALS, None, (pbuf, base * width))]  # fmt: skip
+            pre += tree_chunk_launches(seg, prepass, columns, lay.offsets)
+        groups[dtype] = Group(seg, base, c0, c1, fixed)
+    f_args += [outputs.base_data, 0]
+    finish_dtype = np.float64 if all(d == np.float64 for d in plans) else np.float32
+    finisher, _ = tree_kernel(ctx, "finish", fragments, k, finish_dtype, (), acc, tuple(ctypes))
+    finish: Launch = (finisher, Single(1), f_args)
+    new_state = tuple(
+        tree_ if inplace else optree.tree_unflatten(treedef, leaves)
+        for tree_, leaves in zip(part.segment_state, new_leaves, strict=True)
+    )
+    state_leaves = [x for leaves in all_leaves for x in leaves]
+    return TreeStep(k, tree, pre, finish, groups, partials, new_state, state_leaves, post,
+                    ctypes[0])  # fmt: skip
 
 
 def tree_chunk_launches(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import optree
+
 from .. import _validation
 from .._base import GradientTransformation, ScalarOrSchedule
 from .._validation import BOOL, NON_NEGATIVE, check, require
@@ -88,3 +91,13 @@ def moment_host_step(b1: float, b2: float, eps: float, eps_root: float) -> Any:
         return values, state._replace(count=t)
 
     return host_step
+
+
+def adam_step_scale(b1: float, b2: float, t: int, tree: Any) -> float:
+    """optax.contrib's ``sqrt(1 - b2^t) / (1 - b1^t)`` (Prodigy, D-Adaptation) in the
+    precision of the state ``tree``'s arrays, as jax computes it: float64 where they are
+    float64, else float32."""
+    wide = any(getattr(x, "dtype", None) == np.float64 for x in optree.tree_leaves(tree))
+    dt = np.float64 if wide else np.float32
+    with np.errstate(all="ignore"):
+        return float(np.sqrt(dt(1) - dt(b2) ** dt(t)) / (dt(1) - dt(b1) ** dt(t)))

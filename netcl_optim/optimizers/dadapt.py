@@ -9,15 +9,14 @@ __all__ = ["DAdaptAdamW", "DAdaptAdamWState", "dadapt_adamw"]
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from .._base import Fragment, GradientTransformation, ScalarOrSchedule, TreeSums
 from .._validation import NON_NEGATIVE, POSITIVE, UNIT, check
 from ..stateful._declaration import BETAS, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import elementwise
-from ._shared import check_learning_rate
+from ..transforms._storage import low_precision_state
+from ._shared import adam_step_scale, check_learning_rate
 
 
 class DAdaptAdamWState(NamedTuple):
@@ -71,6 +70,9 @@ def dadapt_adamw(
     eps: float = 1e-8,
     estim_lr0: float = 1e-6,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """D-Adaptation AdamW (optax.contrib's ``dadapt_adamw``: its signature, defaults and
     order of operations), with ``d`` the step size estimate (``estim_lr``, from
@@ -85,6 +87,9 @@ def dadapt_adamw(
     One pass over the tree: the update kernel also sums both terms (a partial per chunk),
     and a one-work-item finish updates ``d`` and ``r`` on the device (2 launches per
     tree). Every leaf must share one dtype.
+
+    ``state_dtype``: the slots stored as bfloat16 or float16 (see
+    :func:`low_precision_state`); 8-bit state is refused (its step sums over the tree).
     """
     check_learning_rate(learning_rate)
     check(UNIT, b1=betas[0], b2=betas[1])
@@ -92,14 +97,12 @@ def dadapt_adamw(
     check(NON_NEGATIVE, weight_decay=weight_decay)
     b1, b2 = float(betas[0]), float(betas[1])
     sb2 = b2**0.5
-    f32 = np.float32
 
     def host_step(state: DAdaptAdamWState, **_: Any):
         t = state.count + 1
         sched = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        with np.errstate(all="ignore"):  # (optax: in float32)
-            bc = np.sqrt(f32(1) - f32(b2) ** f32(t)) / (f32(1) - f32(b1) ** f32(t))
-        values = (float(sched), float(bc), b1, 1.0 - b1, b2, 1.0 - b2, sb2, 1.0 - sb2,
+        bc = adam_step_scale(b1, b2, t, state.estim_lr)
+        values = (float(sched), bc, b1, 1.0 - b1, b2, 1.0 - b2, sb2, 1.0 - sb2,
                   float(eps), -float(weight_decay))  # fmt: skip
         return values, state._replace(count=t)
 
@@ -109,7 +112,8 @@ def dadapt_adamw(
         tree_sums=TreeSums(_SUMS.state, _SUMS.terms, _SUMS.statements, after=True,
                            start=(float(estim_lr0), 0.0)),
     )  # fmt: skip
-    return elementwise(fragment, init=lambda m, v, s, d, r: DAdaptAdamWState(m, v, s, d, r, 0))
+    tx = elementwise(fragment, init=lambda m, v, s, d, r: DAdaptAdamWState(m, v, s, d, r, 0))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class DAdaptAdamW(Optimizer):

@@ -17,6 +17,7 @@ from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import chain, elementwise
 from ..transforms._scaling import scale_by_learning_rate
+from ..transforms._storage import low_precision_state
 from ..transforms._weight_decay import add_decayed_weights
 from ._shared import DECAY_COUNT, check_learning_rate
 
@@ -162,6 +163,9 @@ def dog(
     eps: float = 1e-8,
     weight_decay: float | None = None,
     mask: Any = None,
+    *,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """DoG (optax.contrib's ``dog``): ``chain([add_decayed_weights(weight_decay, mask)],
     scale_by_dog(init_step, eps), scale_by_learning_rate(learning_rate))``::
@@ -170,9 +174,11 @@ def dog(
         x <- x - lr r / sqrt(G + eps) g
 
     See :func:`scale_by_dog` for ``init_step``. The authors recommend averaging the
-    iterates (:func:`netcl_optim.ema`, ``AveragedParams``).
+    iterates (:func:`netcl_optim.ema`, ``AveragedParams``). ``state_dtype``: ``x0``
+    stored as bfloat16 or float16; 8-bit state is refused (its step sums over the tree).
     """
-    return _chain(scale_by_dog(init_step, eps), learning_rate, weight_decay, mask)
+    tx = _chain(scale_by_dog(init_step, eps), learning_rate, weight_decay, mask)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 def dowg(
@@ -181,6 +187,9 @@ def dowg(
     eps: float = 1e-4,
     weight_decay: float | None = None,
     mask: Any = None,
+    *,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """DoWG (optax.contrib's ``dowg``): ``chain([add_decayed_weights(weight_decay, mask)],
     scale_by_dowg(init_estim_sq_dist, eps), scale_by_learning_rate(learning_rate))``::
@@ -188,7 +197,8 @@ def dowg(
         g <- g + wd x;   r2 = max(r2, ||x - x0||^2);   v <- v + r2 ||g||^2
         x <- x - lr r2 / (sqrt(v) + eps) g
     """
-    return _chain(scale_by_dowg(init_estim_sq_dist, eps), learning_rate, weight_decay, mask)
+    tx = _chain(scale_by_dowg(init_estim_sq_dist, eps), learning_rate, weight_decay, mask)
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class DoG(Optimizer):

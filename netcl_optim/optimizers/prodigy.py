@@ -9,15 +9,14 @@ __all__ = ["Prodigy", "ProdigyState", "prodigy"]
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from .._base import PARAMS, Fragment, GradientTransformation, ScalarOrSchedule, TreeSums
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, optional, require
 from ..stateful._declaration import BETAS, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import elementwise
-from ._shared import check_learning_rate
+from ..transforms._storage import low_precision_state
+from ._shared import adam_step_scale, check_learning_rate
 
 
 class ProdigyState(NamedTuple):
@@ -98,6 +97,9 @@ def prodigy(
     estim_lr_coef: float = 1.0,
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
+    *,
+    state_dtype: Any = None,
+    state_bits: int = 32,
 ) -> GradientTransformation:
     """Prodigy (optax.contrib's ``prodigy``: its signature, defaults and order of operations),
     with ``d`` the step size estimate (``estim_lr``, from ``estim_lr0``) and ``t`` from 1::
@@ -116,6 +118,9 @@ def prodigy(
     and the reference implementation do, so the sums cannot wait for the next step.
     konstmish/prodigy (torch) also has ``growth_rate``, ``d_coef`` and optional bias
     correction; optax's rule is this one. Every leaf must share one dtype.
+
+    ``state_dtype``: the slots stored as bfloat16 or float16 (see
+    :func:`low_precision_state`); 8-bit state is refused (its step sums over the tree).
     """
     check_learning_rate(learning_rate)
     check(UNIT, b1=betas[0], b2=betas[1])
@@ -125,14 +130,12 @@ def prodigy(
     check(POSITIVE, eps=eps, estim_lr0=estim_lr0, estim_lr_coef=estim_lr_coef)
     check(NON_NEGATIVE, weight_decay=weight_decay)
     fragment = _FRAGMENTS[require("safeguard_warmup", safeguard_warmup, BOOL)]
-    f32 = np.float32
 
     def host_step(state: ProdigyState, **_: Any):
         t = state.count + 1
         sched = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        with np.errstate(all="ignore"):  # (optax: in float32)
-            bc = np.sqrt(f32(1) - f32(b2) ** f32(t)) / (f32(1) - f32(b1) ** f32(t))
-        values = (float(sched), float(bc), b1, 1.0 - b1, b2, 1.0 - b2, b3, float(eps),
+        bc = adam_step_scale(b1, b2, t, state.estim_lr)
+        values = (float(sched), bc, b1, 1.0 - b1, b2, 1.0 - b2, b3, float(eps),
                   float(estim_lr0), float(estim_lr_coef), -float(weight_decay))  # fmt: skip
         return values, state._replace(count=t)
 
@@ -143,7 +146,8 @@ def prodigy(
                              ("state", "terms", "statements", "outputs", "after")),
                            start=(float(estim_lr0), 0.0)),
     )  # fmt: skip
-    return elementwise(fragment, init=lambda m, v, s, x0, d, r: ProdigyState(m, v, s, x0, d, r, 0))
+    tx = elementwise(fragment, init=lambda m, v, s, x0, d, r: ProdigyState(m, v, s, x0, d, r, 0))
+    return low_precision_state(tx, state_dtype, state_bits=state_bits)
 
 
 class Prodigy(Optimizer):
