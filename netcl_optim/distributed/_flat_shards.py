@@ -18,26 +18,27 @@ import pyopencl as cl
 import pyopencl.array as cla
 
 from .._packing import Block, Layout, layout
-from ..fusion import BLOCK_8BIT
+from ..fusion import BLOCK_8BIT, TREE_SUMS_BLOCK, walk
 from ._comm import by_dtype, in_place, packed_run, raw
 
 
 def shard_bounds(
-    total: int, size: int, leaf_sizes: Sequence[int] | None = None
+    total: int, size: int, leaf_sizes: Sequence[int] | None = None, block: int = BLOCK_8BIT
 ) -> list[tuple[int, int]]:
     """``[lo, hi)`` of each rank's slice of ``total`` elements: contiguous, sizes differing
     by at most one; or, given the sizes of the leaves laid end to end (summing to
-    ``total``), each bound moved to the nearest start of a 256-element block of a leaf (the
-    lower one at a tie; a leaf's blocks count from its own start), so that no rank's slice
-    cuts a block of 8-bit state. Device: none."""
+    ``total``), each bound moved to the nearest start of a ``block``-element block of a leaf
+    (the lower one at a tie; a leaf's blocks count from its own start): 256, so that no
+    rank's slice cuts a block of 8-bit state, or for a rule with sums over the tree
+    (:func:`shard_block`) the chunks of its partial sums. Device: none."""
     even = [total * r // size for r in range(size + 1)]
     if leaf_sizes is not None:
         sizes = np.asarray(leaf_sizes, np.int64)
         if int(sizes.sum()) != total:
             raise ValueError(f"leaf_sizes sum to {int(sizes.sum())}, not {total}")
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        blocks = -(-sizes // BLOCK_8BIT)
-        cuts = np.repeat(starts, blocks) + BLOCK_8BIT * (
+        blocks = -(-sizes // block)
+        cuts = np.repeat(starts, blocks) + block * (
             np.arange(int(blocks.sum())) - np.repeat(np.cumsum(blocks) - blocks, blocks)
         )
         cuts = np.unique(np.concatenate([cuts, [0, total]]))
@@ -68,14 +69,24 @@ class DtypeShard:
         return layout(((self.n,),), self.lay.dtype)
 
 
-def plan_shards(leaves: list[Any], comm: Any) -> tuple[DtypeShard, ...]:
+def shard_block(tx: Any) -> int:
+    """The block :func:`shard_bounds` cuts ``tx``'s shards at: the chunks of the partial sums
+    where a fragment sums over the whole tree (``TreeSums``: Prodigy, D-Adaptation, DoG,
+    DoWG; 8192, a multiple of 256), else 8-bit state's 256-element blocks."""
+    if tx is None:
+        return BLOCK_8BIT
+    sums = any(getattr(t.plan, "tree_sums", None) is not None for t in walk(tx))
+    return TREE_SUMS_BLOCK if sums else BLOCK_8BIT
+
+
+def plan_shards(leaves: list[Any], comm: Any, block: int = BLOCK_8BIT) -> tuple[DtypeShard, ...]:
     """One :class:`DtypeShard` per dtype of ``leaves``: its leaves, layout and the slice
-    of rank ``comm.Get_rank()``."""
+    of rank ``comm.Get_rank()`` (cut at ``block``-element blocks of the leaves)."""
     size, rank = comm.Get_size(), comm.Get_rank()
     shards = []
     for dtype, idx in by_dtype(leaves).items():
         lay = layout(tuple(leaves[i].shape for i in idx), dtype)
-        bounds = shard_bounds(lay.total, size, lay.sizes)
+        bounds = shard_bounds(lay.total, size, lay.sizes, block)
         lo, hi = bounds[rank]
         shards.append(
             DtypeShard(
@@ -120,6 +131,24 @@ def flat_slice(
                 dst_offset=view.offset + (a - sh.lo) * item,
             )
     return view
+
+
+def combine_ranks(comm: Any, queue: cl.CommandQueue) -> Any:
+    """The ``combine`` of ``fusion.combine_partials`` over ``comm``: each rank's partial
+    sums of its own chunks, zero elsewhere, added by one in-place Allreduce (each chunk is
+    one rank's, so the sum is exact and the same on every rank)."""
+
+    def combine(partials: cla.Array, width: int, ranges: list[tuple[int, int]]) -> None:
+        host = partials.get(queue)
+        keep = np.zeros(host.shape, bool)
+        for c0, c1 in ranges:
+            keep[c0 * width : c1 * width] = True
+        host[~keep] = 0.0
+        if comm.Get_size() > 1:
+            comm.Allreduce(in_place(), host)
+        partials.set(host, queue)
+
+    return combine
 
 
 def allgatherv(

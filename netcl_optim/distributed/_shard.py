@@ -11,6 +11,7 @@ every rank. Element-wise maths makes the result bit-identical to the unsharded o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,10 +22,17 @@ import pyopencl.array as cla
 from .._base import GradientTransformation, OpaquePlan, StagePlan, is_elementwise, is_fusible
 from .._device import queue_of
 from .._state_check import register, wrapper
-from ..fusion import Slice, element_origin, flatten_like, sliced, walk
+from ..fusion import Slice, combine_partials, element_origin, flatten_like, sliced, walk
 from ..transforms._update import step as _step
 from ._comm import agree, check_device_leaves, committed, get_comm, path_names, signature
-from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
+from ._flat_shards import (
+    DtypeShard,
+    allgatherv,
+    combine_ranks,
+    flat_slice,
+    plan_shards,
+    shard_block,
+)
 
 
 def check_per_leaf(tx: GradientTransformation, what: str) -> None:
@@ -50,7 +58,9 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     Accepted: fragments without a reduction, chains of them, :func:`inject_hyperparams` and
     ``MultiSteps`` over them; fragments with a value per leaf, row or unit (LAMB, LARS,
     NovoGrad, Fromage, adaptive_grad_clip, ...: their sums run over the whole leaves, see
-    ``fusion/_slices.py``). Rejected (ValueError): whole-tree reductions
+    ``fusion/_slices.py``); rules whose step size sums over the whole tree (Prodigy,
+    D-Adaptation, DoG, DoWG: each rank sums its chunks, one Allreduce adds them, see
+    ``fusion/_tree_sums.py``). Rejected (ValueError): whole-tree reductions
     (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
     would be a partial one; rules with kernels of their own (Adafactor, SM3), for now.
     Rejected (TypeError): opaque transforms (not fused, e.g.
@@ -89,6 +99,8 @@ def _per_leaf(tx: GradientTransformation) -> bool:
         return False
     if getattr(tx.plan, "segment_reduction", None) is not None:
         return True
+    if getattr(tx.plan, "tree_sums", None) is not None:  # (every rank's partials added)
+        return True
     children = getattr(tx.plan, "children", ())
     return bool(children) and all(is_elementwise(c) or _per_leaf(c) for c in children)
 
@@ -119,6 +131,7 @@ class _Sharded:
     def __init__(self, tx: GradientTransformation, comm: Any) -> None:
         self.tx = tx
         self.comm = comm
+        self.block = shard_block(tx)
         self._plans: dict[Any, tuple[DtypeShard, ...]] = {}
 
     def _local(self, tree: Any, what: str) -> tuple[Any, list[Any], Any, Any, Any]:
@@ -129,7 +142,7 @@ class _Sharded:
         sig = signature(treedef, leaves)
         plan = self._plans.get(sig)
         if plan is None:
-            plan = plan_shards(leaves, self.comm)
+            plan = plan_shards(leaves, self.comm, self.block)
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[sig] = plan
@@ -188,6 +201,8 @@ class _Sharded:
         """The slices' context (``fusion/_slices.py``): per-leaf values over whole leaves,
         an intermediate gathered from every rank (one Allgatherv per dtype)."""
         p_leaves = None if params is None else optree.tree_leaves(params)
+        stack = contextlib.ExitStack()
+        stack.enter_context(combine_partials(combine_ranks(self.comm, queue)))
 
         def gather_of(sh: DtypeShard) -> Any:
             def gather(part: cla.Array) -> list[cla.Array]:
@@ -197,13 +212,14 @@ class _Sharded:
 
             return gather
 
-        return sliced({
+        stack.enter_context(sliced({
             sh.lay.dtype: Slice(
                 sh.lay.shapes, sh.lo, sh.hi, u[sh.name], [leaves[i] for i in sh.idx],
                 None if p_leaves is None else [p_leaves[i] for i in sh.idx], gather_of(sh),
             )
             for sh in plan
-        })  # fmt: skip
+        }))  # fmt: skip
+        return stack
 
     def init(self, params: Any) -> ShardState:
         what = "shard_optimizer.init"

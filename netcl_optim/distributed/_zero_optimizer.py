@@ -19,11 +19,18 @@ import pyopencl.array as cla
 
 from .._device import queue_of
 from .._packing import Block, contiguous_run, layout, pack
-from ..fusion import Slice
+from ..fusion import Slice, combine_partials
 from ..stateful import Parameter
 from ..stateful._optimizer import Optimizer
 from ._comm import agree, check_device_leaves, committed, get_comm, packed_run, signature
-from ._flat_shards import DtypeShard, allgatherv, flat_slice, plan_shards
+from ._flat_shards import (
+    DtypeShard,
+    allgatherv,
+    combine_ranks,
+    flat_slice,
+    plan_shards,
+    shard_block,
+)
 from ._shard import check_per_leaf
 
 
@@ -208,7 +215,7 @@ class ZeroRedundancyOptimizer:
         # per group and dtype: its whole leaves' shapes and the maker of its step's Slice
         wholes: list[dict[np.dtype, Any]] = [{} for _ in groups]
         slices: list[dict[np.dtype, Any]] = [{} for _ in groups]
-        for sh in plan_shards(arrays, self.comm):
+        for sh in plan_shards(arrays, self.comm, _class_block(opt_class)):
             xs = [arrays[i] for i in sh.idx]
             if sh.lay.total == 0 or contiguous_run(xs) is None:
                 xs = pack(xs, queue)  # one buffer per dtype (values unchanged)
@@ -405,7 +412,8 @@ class ZeroRedundancyOptimizer:
                     on = active[gi]
                     shard.grad = flat.view(queue, a, b, base, off + flat.sh.lo) if on else None
             try:
-                self.optim.step()
+                with combine_partials(combine_ranks(self.comm, queue)):
+                    self.optim.step()
             finally:
                 for flat in self._flats:
                     for _, shard, _, _ in flat.parts:
@@ -493,3 +501,13 @@ class ZeroRedundancyOptimizer:
             f"ZeroRedundancyOptimizer(rank {self.comm.Get_rank()} of {self.comm.Get_size()},\n"
             f"  {inner})"
         )
+
+
+def _class_block(opt_class: Any) -> int:
+    """:func:`shard_block` of an optimizer class's rule (its defaults' chain); 8-bit
+    state's blocks for a class that is not one of ours."""
+    declaration = getattr(opt_class, "_declaration", None)
+    if declaration is None:
+        return shard_block(None)
+    defaults = {h.name: h.default for h in declaration.hyperparameters}
+    return shard_block(opt_class.functional(**defaults))

@@ -65,3 +65,5 @@ from ._storage import slot_dtype_of as slot_dtype_of
 from ._storage import slot_rule as slot_rule
 from ._storage import slot_storage as slot_storage
 from ._storage import storage_dtype as storage_dtype
+from ._tree_sums import TREE_SUMS_BLOCK as TREE_SUMS_BLOCK
+from ._tree_sums import combine_partials as combine_partials

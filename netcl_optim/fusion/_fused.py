@@ -415,7 +415,9 @@ def _plan_launches(
                 (name, None if name in fixed else arrays.get(name), fixed.get(name, runs.get(name)))
                 for name in binding.arrays
             ]
-            launches.extend(tree_chunk_launches(tree_group.seg, kernel, columns, lay.offsets))
+            launches.extend(
+                tree_chunk_launches(tree_group.seg, kernel, columns, lay.offsets, dtype)
+            )
             packed_bases = None
             continue
         if sums is not None:  # a work-item per chunk of the next part's segments

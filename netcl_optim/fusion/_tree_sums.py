@@ -63,8 +63,11 @@ from ._codegen import (
 )
 from ._launch import Launch, Single
 from ._programs import _arg_dtypes, build
-from ._segments import chunk_launches, segmentation
+from ._segments import CHUNK, chunk_launches, segmentation
 from ._slices import slice_of
+
+# ZeRO cuts the shards of a rule with tree sums at these blocks of each leaf (the chunks)
+TREE_SUMS_BLOCK = CHUNK
 
 # Set by a ZeRO step: adds every rank's partials (see combine_partials).
 _COMBINE: contextvars.ContextVar[Callable[..., None] | None] = contextvars.ContextVar(
@@ -415,7 +418,7 @@ def prepare(
                         zip(tree.state, first_state, strict=True)]  # fmt: skip
             columns += [(CHUNKS, None, (seg.tables(queue)["chunks"].base_data, 0)),
                         (PARTIALS, None, (pbuf, base * width))]  # fmt: skip
-            pre += tree_chunk_launches(seg, prepass, columns, lay.offsets)
+            pre += tree_chunk_launches(seg, prepass, columns, lay.offsets, dtype)
         groups[dtype] = Group(seg, base, c0, c1, fixed)
     f_args += [outputs.base_data, 0]
     finish_dtype = np.float64 if all(d == np.float64 for d in plans) else np.float32
@@ -431,14 +434,17 @@ def prepare(
 
 
 def tree_chunk_launches(
-    seg: Any, kernel: cl.Kernel, columns: list[tuple[str, Any, Any]], offsets: tuple[int, ...]
+    seg: Any,
+    kernel: cl.Kernel,
+    columns: list[tuple[str, Any, Any]],
+    offsets: tuple[int, ...],
+    dtype: Any,
 ) -> list[Launch]:
     """A chunk-form kernel's launches over ``seg`` (see ``_segments.chunk_launches``); on a
     ZeRO slice (one flat leaf of the slice's dtype), over this rank's chunks only, each
     array bound so that the chunk table's element positions (in the whole layout) index
     it."""
-    dtypes = {leaves[0].dtype for _, leaves, _ in columns if leaves}
-    sl = next((slice_of(d) for d in dtypes if slice_of(d) is not None), None)
+    sl = slice_of(dtype)
     if sl is None:
         return chunk_launches(seg, kernel, columns, offsets, CHUNKS)
     c0, c1 = chunk_range(seg, sl.lo, sl.hi)
@@ -468,5 +474,6 @@ def chunk_range(seg: Any, lo: int, hi: int) -> tuple[int, int]:
     return c0, c1
 
 
-__all__ = ["TreeStep", "chunk_range", "combine_partials", "combiner", "finish_source",
+__all__ = ["TREE_SUMS_BLOCK", "TreeStep", "chunk_range", "combine_partials", "combiner",
+           "finish_source",
            "prepare", "prepass_source", "tree_kernel", "tree_part"]  # fmt: skip

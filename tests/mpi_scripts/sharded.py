@@ -16,10 +16,13 @@ from netcl_optim.stateful import (
     SM3,
     Adafactor,
     AdamW,
+    DAdaptAdamW,
+    DoG,
     Fromage,
     Lamb,
     NovoGrad,
     Parameter,
+    Prodigy,
 )
 
 SHAPES = {
@@ -202,6 +205,65 @@ def schedule_free() -> None:
         check(bits_equal(p.data.get(), q.data.get()), f"schedule-free AdamW (eval): {k}")
 
 
+SHAPES_TREE_SUMS = {  # a leaf of several chunks (8192 elements): a rank's cut inside it
+    "a": ((20000,), np.float32),
+    "b": ((300, 7), np.float32),
+    "c": ((13,), np.float32),
+    "e": ((9,), np.float64),
+}
+
+
+def tree_sums() -> None:
+    """Rules whose step size sums over the whole tree: each rank sums its chunks, one
+    Allreduce adds them; every rank's step size and params equal the unsharded ones."""
+    rng = np.random.default_rng(6)
+
+    def tree(scale: float = 1.0) -> dict[str, Any]:
+        return {k: (scale * rng.standard_normal(s)).astype(t)
+                for k, (s, t) in SHAPES_TREE_SUMS.items()}  # fmt: skip
+
+    cases = {
+        "prodigy": (no.prodigy(1.0, weight_decay=0.01), "estim_lr"),
+        "dadapt_adamw": (no.dadapt_adamw(1.0), "estim_lr"),
+        "dog": (no.dog(0.5, weight_decay=1e-3), "max_dist"),
+        "dowg": (no.dowg(0.5), "estim_sq_dist"),
+    }
+    for name, (tx, field) in cases.items():
+        stx = dist.shard_optimizer(tx, COMM)
+        p_ref = p_step = no.pack(no.to_device(tree()))
+        s_ref, s_step = tx.init(p_ref), stx.init(p_step)
+        for step in range(5):
+            g = dist.allreduce(no.pack(no.to_device(tree(0.1))), COMM)
+            p_ref, s_ref = no.step(tx, p_ref, g, s_ref)
+            p_step, s_step = dist.sharded_step(stx, p_step, g, s_step)
+            check(equal(p_step, p_ref), f"{name} step {step}: sharded_step != step")
+
+        mine, want = _scalar(s_step, field), _scalar(s_ref, field)
+        check(mine == want, f"{name}: {field} {mine} != unsharded {want}")
+        check(len(set(COMM.allgather(mine))) == 1, f"{name}: ranks hold different {field}")
+    log("tree sums (Prodigy, D-Adaptation, DoG, DoWG) sharded == unsharded, the same d")
+
+
+def _scalar(state: Any, name: str) -> float:
+    """The tree's value of the scalar field ``name`` (every leaf holds it)."""
+    import optree
+
+    return float(optree.tree_leaves(_field(state, name))[0].get().ravel()[0])
+
+
+def _field(state: Any, name: str) -> Any:
+    """The first NamedTuple field ``name`` inside ``state`` (a chain's, a shard's)."""
+    if hasattr(state, "_fields") and name in state._fields:
+        return getattr(state, name)
+    children = state.values() if isinstance(state, dict) else state
+    if isinstance(state, (tuple, list, dict)):
+        for child in children:
+            found = _field(child, name)
+            if found is not None:
+                return found
+    return None
+
+
 def main() -> None:
     sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
     cases = {
@@ -253,6 +315,11 @@ def main() -> None:
     stateful(Fromage, {"lr": 1e-2}, [{}, {}], balanced=False)
     stateful(Adafactor, {"lr": 1e-2}, [{}, {"weight_decay": 0.1}], balanced=False)
     stateful(SM3, {"lr": 0.1}, [{}, {"momentum": 0.5}], balanced=False)
+    tree_sums()
+    # sums over each group's leaves: each rank its chunks, added by an Allreduce
+    stateful(Prodigy, {"lr": 1.0}, [{}, {"weight_decay": 0.01}], balanced=False)
+    stateful(DAdaptAdamW, {"lr": 1.0}, [{}, {"lr": 0.5}], balanced=False)
+    stateful(DoG, {"lr": 1.0}, [{}, {"weight_decay": 1e-3}], balanced=False)
     log("sharded == unsharded, bit for bit")
 
 
