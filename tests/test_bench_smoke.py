@@ -196,3 +196,15 @@ def test_breadth_run_and_table(bench, tmp_path):
     spec.loader.exec_module(module)
     lines = module.main(["--breadth", str(tmp_path / "b.json")]).splitlines()
     assert len(lines) == 3 and lines[2].startswith("| adam | 28 | 10K | ")
+
+
+def test_lr_free_benchmark_runs(capsys):
+    path = BENCH.parent / "bench_lr_free.py"
+    spec = importlib.util.spec_from_file_location("bench_lr_free", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--sizes", "tree5", "--rounds", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    timed = {" ".join(r[1:-4]): float(r[-4]) for r in rows if r and r[0] == "tree5"}
+    assert {"limit prodigy", "prodigy stateful", "limit dadapt", "dadapt stateful"} <= set(timed)
+    assert all(ms > 0 for ms in timed.values())

@@ -213,7 +213,7 @@ class DoG(Optimizer):
       init_step: ``("heuristic", a)`` (default, a = 1e-6: ``r0 = a (1 + ||x0||)``),
         ``("distance", r0)`` or ``("learning_rate", a)`` (the first step's size).
       eps: added to ``G``, > 0 (default 1e-8).
-      weight_decay: coupled (added to the gradient), >= 0 (default 0: none).
+      weight_decay: coupled (added to the gradient), >= 0, or None (default: none).
 
     State per parameter: ``step``, ``x0`` (shaped like the parameter) and ``rbar``, ``G``
     (0-d: the group's values).
@@ -223,16 +223,16 @@ class DoG(Optimizer):
         torch_lr(1.0),
         Hyperparameter("init_step", ("heuristic", 1e-6), INIT_STEP.value_errors()),
         Hyperparameter("eps", 1e-8, POSITIVE),
-        Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+        Hyperparameter("weight_decay", None, optional(NON_NEGATIVE)),
     )
     torch_state = (DOG_STATE, DECAY_COUNT)
     torch_step = True
 
     @staticmethod
     def functional(
-        lr: Any, init_step: tuple[str, float], eps: float, weight_decay: float
+        lr: Any, init_step: tuple[str, float], eps: float, weight_decay: float | None
     ) -> GradientTransformation:
-        return dog(lr, init_step, eps, weight_decay or None)
+        return dog(lr, init_step, eps, weight_decay)
 
 
 class DoWG(Optimizer):
@@ -246,7 +246,7 @@ class DoWG(Optimizer):
       lr: multiplies DoWG's step size, > 0 (default 1.0).
       init_estim_sq_dist: the first ``r2``, >= 0, or None (default) for ``eps``.
       eps: > 0 (default 1e-4).
-      weight_decay: coupled (added to the gradient), >= 0 (default 0: none).
+      weight_decay: coupled (added to the gradient), >= 0, or None (default: none).
 
     State per parameter: ``step``, ``x0`` and ``v``, ``rbar_sq`` (0-d: the group's values).
     """
@@ -255,13 +255,13 @@ class DoWG(Optimizer):
         torch_lr(1.0),
         Hyperparameter("init_estim_sq_dist", None, optional(NON_NEGATIVE)),
         Hyperparameter("eps", 1e-4, POSITIVE),
-        Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+        Hyperparameter("weight_decay", None, optional(NON_NEGATIVE)),
     )
     torch_state = (DOWG_STATE, DECAY_COUNT)
     torch_step = True
 
     @staticmethod
     def functional(
-        lr: Any, init_estim_sq_dist: float | None, eps: float, weight_decay: float
+        lr: Any, init_estim_sq_dist: float | None, eps: float, weight_decay: float | None
     ) -> GradientTransformation:
-        return dowg(lr, init_estim_sq_dist, eps, weight_decay or None)
+        return dowg(lr, init_estim_sq_dist, eps, weight_decay)
