@@ -39,11 +39,22 @@ def _max(a: float, b: float) -> float:
     return a if a >= b else b
 
 
+def adam_step_scale(b1: float, b2: float, t: int, dtype: Any = None) -> float:
+    """``sqrt(1 - b2^t) / (1 - b1^t)``: in float64, or computed in ``dtype`` (optax computes
+    it from an int32 count in the params' precision; so does netcl_optim)."""
+    if dtype is None:
+        return (1 - b2**t) ** 0.5 / (1 - b1**t)
+    d = np.dtype(dtype).type
+    with np.errstate(all="ignore"):
+        return float(np.sqrt(d(1) - d(b2) ** d(t)) / (d(1) - d(b1) ** d(t)))
+
+
 def _lr(learning_rate: Schedule, count: int) -> float:
     return float(learning_rate(count) if callable(learning_rate) else learning_rate)
 
 
-def prodigy_tx(
+def prodigy_with(
+    bc_dtype: Any = None,
     learning_rate: Schedule = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     beta3: float | None = None,
@@ -54,7 +65,8 @@ def prodigy_tx(
     safeguard_warmup: bool = False,
 ) -> Transform:
     """optax.contrib.prodigy: the update uses the step's d in the moments and the new d in
-    eps; the sums <g, x0 - x> (before the step) and ||s||_1 (after) update d."""
+    eps; the sums <g, x0 - x> (before the step) and ||s||_1 (after) update d. ``bc_dtype``:
+    the bias correction's precision (see ``adam_step_scale``)."""
     b1, b2 = betas
     b3 = b2**0.5 if beta3 is None else beta3
 
@@ -67,14 +79,15 @@ def prodigy_tx(
             raise ValueError("prodigy needs params")
         t = state["count"] + 1
         d = state["d"]
-        dlr = d * _lr(learning_rate, state["count"]) * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        dlr = d * _lr(learning_rate, state["count"]) * adam_step_scale(b1, b2, t, bc_dtype)
         num = _vdot(u, tree_map(lambda x0, p: x0 - _f64(p), state["x0"], params))
         m = tree_map(lambda m, g: b1 * m + (1 - b1) * d * _f64(g), state["m"], u)
         v = tree_map(lambda v, g: b2 * v + (1 - b2) * (d * _f64(g)) ** 2, state["v"], u)
         scale = d if safeguard_warmup else dlr
         s = tree_map(lambda s, g: b3 * s + scale * d * _f64(g) / estim_lr0, state["s"], u)
         r = b3 * state["r"] + (d / estim_lr0) * dlr * num
-        new_d = _max(d, _div(estim_lr_coef * r, _sum_abs(s)))
+        l1 = _sum_abs(s)  # (0: d stays, where optax's becomes NaN)
+        new_d = d if l1 == 0 else _max(d, _div(estim_lr_coef * r, l1))
         out = tree_map(lambda m, v, p: -weight_decay * dlr * _f64(p)
                        - dlr * m / (np.sqrt(v) + new_d * eps), m, v, params)  # fmt: skip
         return out, {"m": m, "v": v, "s": s, "x0": state["x0"], "d": new_d, "r": r, "count": t}
@@ -82,7 +95,8 @@ def prodigy_tx(
     return Transform(init, update)
 
 
-def dadapt_adamw_tx(
+def dadapt_adamw_with(
+    bc_dtype: Any = None,
     learning_rate: Schedule = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -102,19 +116,47 @@ def dadapt_adamw_tx(
         if params is None:
             raise ValueError("dadapt_adamw needs params")
         t = state["count"] + 1
-        dlr = state["d"] * _lr(learning_rate, state["count"]) * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        scale = adam_step_scale(b1, b2, t, bc_dtype)
+        dlr = state["d"] * _lr(learning_rate, state["count"]) * scale
         weighted = tree_map(lambda s, v: s / (np.sqrt(v) + eps), state["s"], state["v"])
         num = _vdot(u, weighted)
         m = tree_map(lambda m, g: b1 * m + (1 - b1) * dlr * _f64(g), state["m"], u)
         v = tree_map(lambda v, g: b2 * v + (1 - b2) * _f64(g) ** 2, state["v"], u)
         s = tree_map(lambda s, g: sb2 * s + (1 - sb2) * dlr * _f64(g), state["s"], u)
         r = sb2 * state["r"] + (1 - sb2) * dlr * num
-        new_d = _max(state["d"], _div(r, (1 - sb2) * _sum_abs(s)))
+        l1 = _sum_abs(s)  # (0: d stays, where optax's becomes NaN)
+        new_d = state["d"] if l1 == 0 else _max(state["d"], _div(r, (1 - sb2) * l1))
         out = tree_map(lambda m, v, p: -weight_decay * dlr * _f64(p) - m / (np.sqrt(v) + eps),
                        m, v, params)  # fmt: skip
         return out, {"m": m, "v": v, "s": s, "d": new_d, "r": r, "count": t}
 
     return Transform(init, update)
+
+
+def prodigy_tx(
+    learning_rate: Schedule = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    beta3: float | None = None,
+    eps: float = 1e-8,
+    estim_lr0: float = 1e-6,
+    estim_lr_coef: float = 1.0,
+    weight_decay: float = 0.0,
+    safeguard_warmup: bool = False,
+) -> Transform:
+    """``prodigy_with`` the bias correction in float64 (the table's reference)."""
+    return prodigy_with(None, learning_rate, betas, beta3, eps, estim_lr0, estim_lr_coef,
+                        weight_decay, safeguard_warmup)  # fmt: skip
+
+
+def dadapt_adamw_tx(
+    learning_rate: Schedule = 1.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    estim_lr0: float = 1e-6,
+    weight_decay: float = 0.0,
+) -> Transform:
+    """``dadapt_adamw_with`` the bias correction in float64 (the table's reference)."""
+    return dadapt_adamw_with(None, learning_rate, betas, eps, estim_lr0, weight_decay)
 
 
 def _norm_sq(tree: Any) -> float:

@@ -601,3 +601,19 @@ def test_bad_hyperparameters_stateful(cl_queue, cls, kwargs, name):
     ps = [Parameter(no.to_device(np.ones(3, np.float32), cl_queue))]
     with pytest.raises(ValueError, match=f"Invalid {name}: "):
         cls(ps, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["prodigy", "dadapt"])
+def test_all_zero_gradients_keep_d(cl_queue, rule):
+    """Where ||s||_1 is 0 (every gradient so far zero) d stays as it was: optax's 0 / 0 makes
+    it NaN for good; the next real gradient steps as from the start."""
+    p0 = {"a": np.linspace(-1.0, 1.0, 50, dtype=np.float32)}
+    tx = FUNCTIONAL[rule]()
+    params = no.to_device(p0, cl_queue)
+    state = tx.init(params)
+    params, state = no.step(tx, params, no.to_device({"a": np.zeros(50, np.float32)}), state)
+    core = _core(state, STATE_TYPES[rule])
+    assert _scalar(core.estim_lr) == float(np.float32(1e-6))
+    params, state = no.step(tx, params, no.to_device({"a": p0["a"].copy()}), state)
+    assert np.isfinite(params["a"].get()).all()
+    assert np.isfinite(_scalar(_core(state, STATE_TYPES[rule]).estim_lr))

@@ -1,7 +1,8 @@
 """Scalars fed by sums over the whole tree (``TreeSums``: the step size of Prodigy,
 D-Adaptation, DoG, DoWG), kept on the device: no host sync.
 
-A step of a fragment with tree sums runs, for a tree of one dtype, whatever its leaves:
+A step of a fragment with tree sums runs, whatever the tree's leaves (per dtype group where
+the tree mixes dtypes, one finish for all):
 
 - ``after=True`` (D-Adaptation: the sums feed the next step): the fused kernel itself, in
   its chunk form (a work-item per chunk of at most ``CHUNK`` elements of one leaf, see
@@ -18,10 +19,11 @@ Chunks start at each leaf's first element, and the finish adds the partials in t
 order, so a packed tree and the same tree as separate arrays give the same bits. The state
 fields are trees of 0-d arrays like the params, all holding the tree's value (the finish
 writes every leaf's), so the stateful layer keeps them as a per-parameter key and ZeRO as
-per-leaf state.
+per-leaf state. In a tree that mixes dtypes the finish computes in the lowest precision and
+every fused kernel reads the first group's values: one number for the whole tree.
 
-On a ZeRO shard (a slice of the flat parameters cut at chunk boundaries, see
-``distributed/_shard.py``), each rank sums its own chunks, the ``combine`` hook set by the
+On a ZeRO shard (a slice of the flat parameters cut at chunk boundaries,
+``distributed.shard_block``), each rank sums its own chunks, the ``combine`` hook set by the
 sharded step adds every rank's partials (zero where a rank has no chunk, so the sum is
 exact), and every rank's finish sees the same partials: the same bits as unsharded.
 """
@@ -128,11 +130,7 @@ def prepass_source(
     name = "netcl_treesum_" + hashlib.sha1(text.encode()).hexdigest()[:10]
     params: list[str] = []
     args: list[Arg] = []
-
-    def buffer(arg: str, ctype: str, const: bool) -> None:
-        q = "const " if const else ""
-        params.append(f"__global {q}{ctype} *restrict {arg}, const long {arg}_off")
-        args.extend([Arg(arg, "buffer"), Arg(arg + "_off", "offset")])
+    buffer = _buffers(params, args)
 
     buffer(U_IN, _pointer(storage), True)
     buffer(P_IN, _pointer(storage), True)
@@ -179,11 +177,7 @@ def finish_source(
     name = "netcl_treefinish_" + hashlib.sha1(text.encode()).hexdigest()[:10]
     params: list[str] = []
     args: list[Arg] = []
-
-    def buffer(arg: str, ctype: str, const: bool) -> None:
-        q = "const " if const else ""
-        params.append(f"__global {q}{ctype} *restrict {arg}, const long {arg}_off")
-        args.extend([Arg(arg, "buffer"), Arg(arg + "_off", "offset")])
+    buffer = _buffers(params, args)
 
     buffer(PARTIALS, acc, True)
     buffer("n_chunks", "uchar", True)  # (the count as the offset of an unread buffer)
@@ -217,6 +211,18 @@ def finish_source(
              for j, out in enumerate(tree.outputs)]  # fmt: skip
     head = f"//CL// {name}: finish of {frag.name}\n" + _head(real, acc, real, ())
     return kernel_text(head, name, params, body), name, args
+
+
+def _buffers(params: list[str], args: list[Arg]) -> Callable[[str, str, bool], None]:
+    """``buffer(name, ctype, const)``: a buffer-and-offset argument, appended to a kernel's
+    declarations ``params`` and its ``args``."""
+
+    def buffer(arg: str, ctype: str, const: bool) -> None:
+        q = "const " if const else ""
+        params.append(f"__global {q}{ctype} *restrict {arg}, const long {arg}_off")
+        args.extend([Arg(arg, "buffer"), Arg(arg + "_off", "offset")])
+
+    return buffer
 
 
 def _statements(statements: Sequence[tuple[str, str]], state: set[str]) -> list[str]:

@@ -47,7 +47,7 @@ _SUMS = TreeSums(
         ("dlr", "(estim_lr * sched) * bc"),
         ("numerator_weighted", "sb2 * numerator_weighted + (one_minus_sb2 * dlr) * s0"),
         ("d_estimate", "numerator_weighted / (one_minus_sb2 * s1)"),
-        ("estim_lr", "estim_lr >= d_estimate ? estim_lr : d_estimate"),
+        ("estim_lr", "s1 == 0 ? estim_lr : estim_lr >= d_estimate ? estim_lr : d_estimate"),
     ),
     after=True,
 )
@@ -81,12 +81,13 @@ def dadapt_adamw(
         dlr = d lr(t) sqrt(1 - b2^t) / (1 - b1^t)
         r <- sb2 r + (1 - sb2) dlr <g, s / (sqrt(v) + eps)>     (old s, v; over the tree)
         m <- b1 m + (1 - b1) dlr g;   v <- b2 v + (1 - b2) g^2;   s <- sb2 s + (1 - sb2) dlr g
-        d <- max(d, r / ((1 - sb2) ||s||_1))                     (used from the next step)
+        d <- max(d, r / ((1 - sb2) ||s||_1))   (used from the next step; kept while ||s||_1 = 0)
         u = -wd dlr x - m / (sqrt(v) + eps)
 
     One pass over the tree: the update kernel also sums both terms (a partial per chunk),
     and a one-work-item finish updates ``d`` and ``r`` on the device (2 launches per
-    tree). Every leaf must share one dtype.
+    tree). Where ``||s||_1`` is 0 (the gradients so far all zero, or too small for the
+    dtype) ``d`` stays; optax's becomes NaN (0 / 0) for good.
 
     ``state_dtype``: the slots stored as bfloat16 or float16 (see
     :func:`low_precision_state`); 8-bit state is refused (its step sums over the tree).
@@ -121,7 +122,7 @@ class DAdaptAdamW(Optimizer):
     rule, one pass over the tree per step).
 
     Args:
-      params: parameters or param groups (each group one dtype: its sums run over it).
+      params: parameters or param groups (the sums run over each group).
       lr: the schedule's multiplier of ``d``, > 0 (default 1.0).
       betas: ``(b1, b2)``, each in [0, 1) (default (0.9, 0.999)).
       eps: > 0 (default 1e-8).

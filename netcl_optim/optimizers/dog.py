@@ -106,7 +106,7 @@ def scale_by_dog(
     ``("heuristic", a)`` (``r0 = a (1 + ||x0||)``, from the params at the first step, where
     optax takes the params given to ``init``: the same when they are). A pass over the
     updates and params sums before the fused step, a one-work-item finish updates the state
-    on the device: 3 launches per tree. Every leaf must share one dtype.
+    on the device: 3 launches per tree.
     """
     kind, value = require("init_step", init_step, INIT_STEP)
     check(POSITIVE, eps=eps)
@@ -208,7 +208,7 @@ class DoG(Optimizer):
         x <- x - lr r / sqrt(G + eps) g
 
     Args:
-      params: parameters or param groups (each group one dtype: its sums run over it).
+      params: parameters or param groups (the sums run over each group).
       lr: multiplies DoG's step size, > 0 (default 1.0).
       init_step: ``("heuristic", a)`` (default, a = 1e-6: ``r0 = a (1 + ||x0||)``),
         ``("distance", r0)`` or ``("learning_rate", a)`` (the first step's size).
@@ -242,7 +242,7 @@ class DoWG(Optimizer):
         x <- x - lr r2 / (sqrt(v) + eps) g
 
     Args:
-      params: parameters or param groups (each group one dtype: its sums run over it).
+      params: parameters or param groups (the sums run over each group).
       lr: multiplies DoWG's step size, > 0 (default 1.0).
       init_estim_sq_dist: the first ``r2``, >= 0, or None (default) for ``eps``.
       eps: > 0 (default 1e-4).

@@ -62,7 +62,7 @@ def _fragment(safeguard_warmup: bool) -> Fragment:
                 "beta3 * numerator_weighted + ((estim_lr / estim_lr0) * dlr) * s0",
             ),
             ("d_hat", "(coef * numerator_weighted) / s1"),
-            ("estim_lr", "estim_lr >= d_hat ? estim_lr : d_hat"),
+            ("estim_lr", "s1 == 0 ? estim_lr : estim_lr >= d_hat ? estim_lr : d_hat"),
         ),
         outputs=("dlr", "d_old", "estim_lr"),
         after=False,
@@ -108,7 +108,7 @@ def prodigy(
         m <- b1 m + (1 - b1) d g;   v <- b2 v + (1 - b2) (d g)^2
         s <- b3 s + dlr d g / d0                 (safeguard_warmup: d d g / d0)
         r <- b3 r + (d / d0) dlr <g, x0 - x>     (over the whole tree)
-        d' = max(d, coef r / ||s||_1)
+        d' = max(d, coef r / ||s||_1)             (d' = d while ||s||_1 = 0)
         u = -wd dlr x - dlr m / (sqrt(v) + d' eps)
 
     ``b3`` defaults to ``sqrt(b2)``. The sums over the tree (``<g, x0 - x>`` before the step
@@ -117,7 +117,9 @@ def prodigy(
     device, the fused kernel). The update reads the new ``d`` in its ``eps`` term, as optax
     and the reference implementation do, so the sums cannot wait for the next step.
     konstmish/prodigy (torch) also has ``growth_rate``, ``d_coef`` and optional bias
-    correction; optax's rule is this one. Every leaf must share one dtype.
+    correction; optax's rule is this one, except where ``||s||_1`` is 0 (the gradients so
+    far all zero, or too small for the dtype): optax's ``d`` becomes NaN (0 / 0) for good,
+    here it stays (the reference implementation skips such a step).
 
     ``state_dtype``: the slots stored as bfloat16 or float16 (see
     :func:`low_precision_state`); 8-bit state is refused (its step sums over the tree).
@@ -159,7 +161,7 @@ class Prodigy(Optimizer):
         x <- x - wd dlr x - dlr m / (sqrt(v) + d' eps)
 
     Args:
-      params: parameters or param groups (each group one dtype: its sums run over it).
+      params: parameters or param groups (the sums run over each group).
       lr: the schedule's multiplier of ``d``, > 0 (default 1.0).
       betas: ``(b1, b2)``, each in [0, 1) (default (0.9, 0.999)).
       beta3: the decay of ``s`` and ``r``, in [0, 1) or None for ``sqrt(b2)``.
