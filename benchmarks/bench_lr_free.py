@@ -44,6 +44,9 @@ PRODIGY_PASSES = (
     bs.Pass(reads=("g",), updates=("p", "m", "v", "s")),
 )
 PRODIGY_BYTES = bs.passes_bytes(PRODIGY_PASSES)  # 52
+# one_pass=True: one kernel (read g, p0; update p, m, v, s), the sums for the next step in it
+ONE_PASS = (bs.Pass(reads=("g", "p0"), updates=("p", "m", "v", "s")),)
+ONE_PASS_BYTES = bs.passes_bytes(ONE_PASS)  # 40
 DADAPT_SLOTS = 3  # m, v, s
 DADAPT_BYTES = bs.FLOAT32 * (1 + 2 * (1 + DADAPT_SLOTS))  # 36
 
@@ -61,10 +64,11 @@ def _packed_parameters(problem: bs.Problem, queue: Any) -> list:
 class OursStateful(bs.Variant):
     queue: Any = None
     optimizer_class: Any = None
+    kwargs: Any = None
 
     def setup(self, problem: bs.Problem) -> None:
         self.parameters = _packed_parameters(problem, self.queue)
-        self.optimizer = self.optimizer_class(self.parameters, lr=LR)
+        self.optimizer = self.optimizer_class(self.parameters, lr=LR, **(self.kwargs or {}))
 
     def run(self) -> None:
         self.optimizer.step()
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     queue = no.default_queue()
     have_theirs = bs.optional("prodigyopt") is not None and bs.optional("torch") is not None
     print(f"device: {queue.device.name}; prodigy {PRODIGY_BYTES} B/param "
-          f"({bs.passes_roles(PRODIGY_PASSES)}), dadapt {DADAPT_BYTES} B/param "
+          f"({bs.passes_roles(PRODIGY_PASSES)}), one_pass {ONE_PASS_BYTES} B/param "
+          f"({bs.passes_roles(ONE_PASS)}), dadapt {DADAPT_BYTES} B/param "
           "(read g; read+write p, m, v, s)")  # fmt: skip
     if not have_theirs:
         print("prodigyopt or torch not installed: its variant skipped")
@@ -135,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         if have_theirs:
             variants.append(Theirs(label="prodigyopt"))
         variants += [
+            bs.PassesLimitVariant(label="limit one-pass", queue=queue, passes=ONE_PASS),
+            OursStateful(label="one-pass stateful", queue=queue, optimizer_class=no.Prodigy,
+                         kwargs={"one_pass": True}),
+        ]  # fmt: skip
+        variants += [
             bs.LimitVariant(label="limit dadapt", queue=queue, slots=DADAPT_SLOTS),
             OursStateful(label="dadapt stateful", queue=queue, optimizer_class=no.DAdaptAdamW),
         ]
@@ -145,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         medians = {v.label: statistics.median(s) for v, s in zip(variants, samples, strict=True)}
         theirs = medians.get("prodigyopt")
         for label, m in medians.items():
-            family = "dadapt" if "dadapt" in label else "prodigy"
-            nbytes = DADAPT_BYTES if family == "dadapt" else PRODIGY_BYTES
+            family = next((f for f in ("dadapt", "one-pass") if f in label), "prodigy")
+            nbytes = {"dadapt": DADAPT_BYTES, "one-pass": ONE_PASS_BYTES}.get(family, PRODIGY_BYTES)
             gbs = nbytes * problem.n / m / 1e9
             vs = "" if theirs is None else f"{theirs / m:8.2f}x"
             limit = medians[f"limit {family}"]

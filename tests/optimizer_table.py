@@ -286,6 +286,11 @@ def _lr(lr: Any) -> tuple[str, Hyper]:
     return ("scale_by_learning_rate", {"learning_rate": lr})
 
 
+def _optax_prodigy(optax: Any, h: Hyper) -> Any:
+    """optax.contrib.prodigy (it has no ``one_pass``: netcl_optim's option)."""
+    return optax.contrib.prodigy(**{k: v for k, v in h.items() if k != "one_pass"})
+
+
 def cosine(count: int) -> float:
     """A learning-rate schedule: 1e-2 cosine-decayed over 10 steps."""
     return 1e-2 * 0.5 * (1.0 + math.cos(math.pi * min(count, 10) / 10))
@@ -1048,13 +1053,17 @@ OPTIMIZERS: list[Optimizer] = [
     # update kernel); each a float64 reference in reference_tree_sums.py
     Optimizer(id="prodigy", factory="prodigy", kwargs={"learning_rate": 1.0},
               reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
-              reduction=True, segmented=3, optax=lambda optax, h: optax.contrib.prodigy(**h),
+              reduction=True, segmented=3, optax=_optax_prodigy,
               bench="prodigy"),
     Optimizer(id="prodigy-wd-safeguard", factory="prodigy",
               kwargs={"learning_rate": 0.5, "betas": (0.8, 0.99), "beta3": 0.9,
                       "weight_decay": 0.01, "estim_lr0": 1e-4, "safeguard_warmup": True},
               reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
-              reduction=True, segmented=3, optax=lambda optax, h: optax.contrib.prodigy(**h)),
+              reduction=True, segmented=3, optax=_optax_prodigy),
+    Optimizer(id="prodigy-one-pass", factory="prodigy",
+              kwargs={"learning_rate": 1.0, "weight_decay": 0.01, "one_pass": True},
+              reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
+              reduction=True, segmented=2, bench="prodigy-one-pass"),
     Optimizer(id="dadapt_adamw", factory="dadapt_adamw", kwargs={"learning_rate": 1.0},
               reference=rts.dadapt_adamw_tx, stateful="DAdaptAdamW", slots=3, needs_params=True,
               reduction=True, segmented=2, optax=lambda optax, h: optax.contrib.dadapt_adamw(**h)),

@@ -63,6 +63,7 @@ def prodigy_with(
     estim_lr_coef: float = 1.0,
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
+    one_pass: bool = False,
 ) -> Transform:
     """optax.contrib.prodigy: the update uses the step's d in the moments and the new d in
     eps; the sums <g, x0 - x> (before the step) and ||s||_1 (after) update d. ``bc_dtype``:
@@ -89,7 +90,8 @@ def prodigy_with(
         l1 = _sum_abs(s)  # (0: d stays, where optax's becomes NaN)
         new_d = d if l1 == 0 else _max(d, _div(estim_lr_coef * r, l1))
         out = tree_map(lambda m, v, p: -weight_decay * dlr * _f64(p)
-                       - dlr * m / (np.sqrt(v) + new_d * eps), m, v, params)  # fmt: skip
+                       - dlr * m / (np.sqrt(v) + (d if one_pass else new_d) * eps),
+                       m, v, params)  # fmt: skip
         return out, {"m": m, "v": v, "s": s, "x0": state["x0"], "d": new_d, "r": r, "count": t}
 
     return Transform(init, update)
@@ -142,10 +144,12 @@ def prodigy_tx(
     estim_lr_coef: float = 1.0,
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
+    one_pass: bool = False,
 ) -> Transform:
-    """``prodigy_with`` the bias correction in float64 (the table's reference)."""
+    """``prodigy_with`` the bias correction in float64 (the table's reference); ``one_pass``:
+    the eps term reads the step's d (netcl_optim's option)."""
     return prodigy_with(None, learning_rate, betas, beta3, eps, estim_lr0, estim_lr_coef,
-                        weight_decay, safeguard_warmup)  # fmt: skip
+                        weight_decay, safeguard_warmup, one_pass)  # fmt: skip
 
 
 def dadapt_adamw_tx(

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from .._base import PARAMS, Fragment, GradientTransformation, ScalarOrSchedule, TreeSums
 from .._validation import BOOL, NON_NEGATIVE, POSITIVE, UNIT, check, optional, require
-from ..stateful._declaration import BETAS, Hyperparameter, torch_lr
+from ..stateful._declaration import BETAS, KEYWORD_ONLY, Hyperparameter, torch_lr
 from ..stateful._optimizer import Optimizer
 from ..stateful._torch_state import STEP, torch_state
 from ..transforms._combining import elementwise
@@ -44,38 +44,53 @@ _SCALARS = ("sched", "bc", "b1", "one_minus_b1", "b2", "one_minus_b2", "beta3", 
             "estim_lr0", "coef", "neg_wd")  # fmt: skip
 
 
-def _fragment(safeguard_warmup: bool) -> Fragment:
-    # d_old: the step's d (the moments' scale), estim_lr: the new d (optax reads it in eps)
-    s_scale = "d_old" if safeguard_warmup else "dlr"
-    s_term = "estim_lr" if safeguard_warmup else "((estim_lr * sched) * bc)"
-    sums = TreeSums(
-        state=("estim_lr", "numerator_weighted"),
-        terms=(
-            "u * (params0 - p)",
-            f"FABS(beta3 * grad_sum + ({s_term} * (estim_lr * u)) / estim_lr0)",
-        ),
-        statements=(
-            ("dlr", "(estim_lr * sched) * bc"),
-            ("d_old", "estim_lr"),
-            (
-                "numerator_weighted",
-                "beta3 * numerator_weighted + ((estim_lr / estim_lr0) * dlr) * s0",
-            ),
-            ("d_hat", "(coef * numerator_weighted) / s1"),
-            ("estim_lr", "s1 == 0 ? estim_lr : estim_lr >= d_hat ? estim_lr : d_hat"),
-        ),
-        outputs=("dlr", "d_old", "estim_lr"),
-        after=False,
-    )
-    source = f"""
-const real dg = d_old * u;
+_D_UPDATE = (
+    ("numerator_weighted", "beta3 * numerator_weighted + ((estim_lr / estim_lr0) * dlr) * s0"),
+    ("d_hat", "(coef * numerator_weighted) / s1"),
+    ("estim_lr", "s1 == 0 ? estim_lr : estim_lr >= d_hat ? estim_lr : d_hat"),
+)
+_STEP = """
 exp_avg = b1 * exp_avg + one_minus_b1 * dg;
 exp_avg_sq = b2 * exp_avg_sq + (one_minus_b2 * dg) * dg;
 grad_sum = beta3 * grad_sum + ({s_scale} * dg) / estim_lr0;
-u = (neg_wd * dlr) * p - (dlr * exp_avg) / (SQRT(exp_avg_sq) + estim_lr * eps);
 """
+
+
+def _fragment(safeguard_warmup: bool, one_pass: bool) -> Fragment:
+    if one_pass:  # the kernel sums for the next step; its eps term reads the step's d
+        sums = TreeSums(
+            state=("estim_lr", "numerator_weighted"),
+            terms=("num_t", "abs_t"),
+            statements=(("dlr", "(estim_lr * sched) * bc"), *_D_UPDATE),
+            after=True,
+        )
+        s_scale = "estim_lr" if safeguard_warmup else "dlr"
+        source = (
+            "const real dlr = (estim_lr * sched) * bc;\nconst real dg = estim_lr * u;\n"
+            "num_t = u * (params0 - p);\n" + _STEP.format(s_scale=s_scale)
+            + "abs_t = FABS(grad_sum);\n"
+            "u = (neg_wd * dlr) * p - (dlr * exp_avg) / (SQRT(exp_avg_sq) + estim_lr * eps);\n"
+        )  # fmt: skip
+    else:  # a pass of sums first: the update's eps term reads the new d (optax's rule)
+        s_term = "estim_lr" if safeguard_warmup else "((estim_lr * sched) * bc)"
+        sums = TreeSums(
+            state=("estim_lr", "numerator_weighted"),
+            terms=(
+                "u * (params0 - p)",
+                f"FABS(beta3 * grad_sum + ({s_term} * (estim_lr * u)) / estim_lr0)",
+            ),
+            statements=(("dlr", "(estim_lr * sched) * bc"), ("d_old", "estim_lr"), *_D_UPDATE),
+            outputs=("dlr", "d_old", "estim_lr"),
+            after=False,
+        )
+        # d_old: the step's d (the moments' scale), estim_lr: the new d
+        s_scale = "d_old" if safeguard_warmup else "dlr"
+        source = (
+            "const real dg = d_old * u;\n" + _STEP.format(s_scale=s_scale)
+            + "u = (neg_wd * dlr) * p - (dlr * exp_avg) / (SQRT(exp_avg_sq) + estim_lr * eps);\n"
+        )  # fmt: skip
     return Fragment(
-        "prodigy",
+        "prodigy_one_pass" if one_pass else "prodigy",
         source,
         slots=("exp_avg", "exp_avg_sq", "grad_sum", "params0"),
         scalars=_SCALARS,
@@ -85,7 +100,7 @@ u = (neg_wd * dlr) * p - (dlr * exp_avg) / (SQRT(exp_avg_sq) + estim_lr * eps);
     )
 
 
-_FRAGMENTS = {flag: _fragment(flag) for flag in (False, True)}
+_FRAGMENTS = {(a, b): _fragment(a, b) for a in (False, True) for b in (False, True)}
 
 
 def prodigy(
@@ -98,6 +113,7 @@ def prodigy(
     weight_decay: float = 0.0,
     safeguard_warmup: bool = False,
     *,
+    one_pass: bool = False,
     state_dtype: Any = None,
     state_bits: int = 32,
 ) -> GradientTransformation:
@@ -116,6 +132,13 @@ def prodigy(
     (3 launches per tree: sums, a one-work-item finish that updates ``d`` and ``r`` on the
     device, the fused kernel). The update reads the new ``d`` in its ``eps`` term, as optax
     and the reference implementation do, so the sums cannot wait for the next step.
+
+    ``one_pass=True`` (not in optax): the ``eps`` term reads the step's ``d`` instead, so the
+    update kernel sums for the next step itself, one pass over the tree (2 launches, 40
+    bytes per float32 parameter instead of 52). Early on, while ``d`` grows by orders of
+    magnitude, this moves the params measurably (6.5e-4 relative after 100 steps of a
+    quadratic in float64); later ``d`` settles and the two agree.
+
     konstmish/prodigy (torch) also has ``growth_rate``, ``d_coef`` and optional bias
     correction; optax's rule is this one, except where ``||s||_1`` is 0 (the gradients so
     far all zero, or too small for the dtype): optax's ``d`` becomes NaN (0 / 0) for good,
@@ -131,7 +154,9 @@ def prodigy(
     b3 = b2**0.5 if beta3 is None else float(beta3)
     check(POSITIVE, eps=eps, estim_lr0=estim_lr0, estim_lr_coef=estim_lr_coef)
     check(NON_NEGATIVE, weight_decay=weight_decay)
-    fragment = _FRAGMENTS[require("safeguard_warmup", safeguard_warmup, BOOL)]
+    fragment = _FRAGMENTS[
+        require("safeguard_warmup", safeguard_warmup, BOOL), require("one_pass", one_pass, BOOL)
+    ]
 
     def host_step(state: ProdigyState, **_: Any):
         t = state.count + 1
@@ -170,6 +195,8 @@ class Prodigy(Optimizer):
       estim_lr_coef: multiplies each estimate of ``d`` (``d_coef``), > 0 (default 1.0).
       weight_decay: decoupled, scaled by ``dlr``, >= 0 (default 0).
       safeguard_warmup: ``s`` accumulates ``d g`` without the learning rate (default False).
+      one_pass: keyword-only; the ``eps`` term reads the step's ``d``, and the update kernel
+        sums for the next step: one pass over the group (default False: optax's rule).
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``s``, ``p0`` (shaped like
     the parameter) and ``d``, ``d_numerator`` (0-d arrays: the group's values, the same for
@@ -186,6 +213,8 @@ class Prodigy(Optimizer):
         Hyperparameter("estim_lr_coef", 1.0, POSITIVE),
         Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
         Hyperparameter("safeguard_warmup", False, BOOL),
+        KEYWORD_ONLY,
+        Hyperparameter("one_pass", False, BOOL),
     )
     torch_state = (PRODIGY_STATE,)
     torch_step = True
@@ -200,6 +229,7 @@ class Prodigy(Optimizer):
         estim_lr_coef: float,
         weight_decay: float,
         safeguard_warmup: bool,
+        one_pass: bool,
     ) -> GradientTransformation:
         return prodigy(lr, betas, beta3, eps, estim_lr0, estim_lr_coef, weight_decay,
-                       safeguard_warmup)  # fmt: skip
+                       safeguard_warmup, one_pass=one_pass)  # fmt: skip
