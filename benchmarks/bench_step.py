@@ -121,7 +121,7 @@ def passes_roles(passes: Sequence[Pass]) -> str:
 
 # A step with a per-leaf reduction of its updates (the trust ratio's ||u|| and ||p||) writes
 # the updates and reads them again in the next pass: the kernel that writes them sums them
-# per chunk too (netcl_optim/fusion/_codegen.py, _sums_body), so it reads p for ||p||.
+# per chunk too (netcl_optim/fusion/_codegen.py, sums_body), so it reads p for ||p||.
 # u: the updates; t: LARS's momentum trace.
 _LAMB_ADAM = Pass(reads=("g",), updates=("m", "v"), writes=("u",))  # Adam alone
 _LAMB_APPLY = Pass(reads=("u",), updates=("p",))  # trust ratio, lr, apply (tiled launches)

@@ -142,7 +142,7 @@ class KernelSpec(NamedTuple):
     # work-items may be in consecutive segments (columns; see _segments)
     tiling: str = ""
     # the next part's segment reduction (a SegmentReduction), summed over this kernel's
-    # output per chunk of its segments: a work-item per chunk (see ``_sums_body``)
+    # output per chunk of its segments: a work-item per chunk (see ``sums_body``)
     sums: Any = None
     # each slot's storage (``storage_of``), parts' slots in order; empty: all the state dtype
     slot_storage: tuple[str, ...] = ()
@@ -166,7 +166,7 @@ INDEX = "index"
 # the index of its launch's first group as the offset (see ``_segments``).
 TILE_ARG = "tile"
 # A kernel that also sums the next part's segment reduction takes the chunk table (the
-# offset: its launch's first chunk) and the partials buffer (see ``_sums_body``).
+# offset: its launch's first chunk) and the partials buffer (see ``sums_body``).
 CHUNKS, PARTIALS = "chunks", "partials"
 
 
@@ -216,7 +216,7 @@ def kernel_name(spec: KernelSpec) -> str:
     return f"netcl_fused_{digest}"
 
 
-def _sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) -> list[str]:
+def sums_body(element: list[str], spec: KernelSpec, storage: str, real: str) -> list[str]:
     """The kernel body that runs ``element`` (one element's code, over ``i``) for every
     element of a chunk (``CHUNKS``: a work-item per chunk, never across segments) and sums
     the next part's segment reduction terms (``spec.sums``) over the stored outputs ``u``
@@ -469,7 +469,7 @@ def fused_source(fragments: Sequence[Fragment], spec: KernelSpec) -> tuple[str, 
     if spec.tiling.startswith("partial"):
         body.append("    }")
     if spec.sums is not None:
-        body = _sums_body(body, spec, storage, real)
+        body = sums_body(body, spec, storage, real)
 
     title = " | ".join([f.name for f in fragments] + (["apply"] if spec.apply else []))
     head = (

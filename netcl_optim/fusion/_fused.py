@@ -55,8 +55,7 @@ from ._codegen import (
     storage_of,
 )
 from ._launch import Launch, launch_all, leaves_disjoint
-from ._per_segment import _copy as copy_array
-from ._per_segment import segment_values
+from ._per_segment import copy_array, segment_values
 from ._programs import fused_kernel
 from ._quantized import copy_params, init_quantized, is_eight_bit, run_quantized, state_arrays
 from ._reductions import acc_ctype, reduce_parts
@@ -628,7 +627,7 @@ def init_slots(
 def can_sum(parts: Sequence[Part], red: SegmentReduction, updates: Any, params: Any) -> bool:
     """Whether ``parts`` (not the step's last: their output is written) can sum the next
     parts' segment reduction ``red`` over their output in their own kernel (see
-    ``_codegen._sums_body``), one pass fewer than a reduce launch: when they start no
+    ``_codegen.sums_body``), one pass fewer than a reduce launch: when they start no
     segment reduction of their own (their kernel is not tiled), every segment of ``red`` is
     contiguous (no columns), the params are given where ``red`` reads them, and the step is
     not on a ZeRO slice (whose sums run over the whole leaves)."""

@@ -53,7 +53,7 @@ def segment_values(
     slices = {dtype: slice_for(u_leaves, idx) for dtype, idx in groups.items()}
     per_leaf = [_state_shape(slices[x.dtype]) for x in u_leaves]
     olds = [
-        _segment_state_leaves(
+        segment_state_leaves(
             tree, treedef, u_leaves, f"state.{name} of {what}", u_role, queue, per_leaf
         )
         for name, tree in zip(red.state, part.segment_state, strict=True)
@@ -92,12 +92,12 @@ def segment_values(
         )
         for packed, group in copy_back:
             for src, dst in zip(packed, group, strict=True):
-                _copy(queue, dst, src)
+                copy_array(queue, dst, src)
     new_trees = tuple(optree.tree_unflatten(treedef, leaves) for leaves in news)
     return out, new_trees
 
 
-def _copy(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
+def copy_array(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
     """Device-to-device copy of one small array (no host round trip)."""
     cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
                     dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
@@ -108,7 +108,7 @@ def _state_shape(s: Slice | None) -> tuple[int, ...]:
     return () if s is None else (len(s.shapes),)
 
 
-def _segment_state_leaves(
+def segment_state_leaves(
     tree: Any,
     treedef: optree.PyTreeSpec,
     u_leaves: list[Any],

@@ -21,7 +21,7 @@ _options: dict[cl.Context, tuple[str, ...]] = {}
 build_count = 0  # programs built in this process (tests check it stops growing)
 
 
-def _arg_dtypes(args: Sequence[Arg], real: np.dtype) -> list:
+def arg_dtypes(args: Sequence[Arg], real: np.dtype) -> list:
     return [None if a.kind == "buffer" else np.int64 if a.kind == "offset" else real for a in args]
 
 
@@ -46,7 +46,7 @@ def program_options(context: cl.Context) -> tuple[str, ...]:
     return options
 
 
-def build(context: cl.Context, source: str, name: str, arg_dtypes: list) -> cl.Kernel:
+def build(context: cl.Context, source: str, name: str, dtypes: list) -> cl.Kernel:
     """The kernel ``name`` of ``source``, built on first use in ``context`` with
     :func:`program_options` (a program with several kernels is built once)."""
     global build_count
@@ -63,7 +63,7 @@ def build(context: cl.Context, source: str, name: str, arg_dtypes: list) -> cl.K
                     _programs[(context, source)] = program
                     build_count += 1
                 kernel = getattr(program, name)
-                kernel.set_scalar_arg_dtypes(arg_dtypes)
+                kernel.set_scalar_arg_dtypes(dtypes)
                 _kernels[key] = kernel
     return kernel
 
@@ -77,7 +77,7 @@ def fused_kernel(
         make = blockwise_source if spec.tiling == "blocks" else fused_source
         source, name, args = make(fragments, spec)
         real = np.dtype(np.float64) if spec.dtype == np.float64 else np.dtype(np.float32)
-        hit = (build(context, source, name, _arg_dtypes(args, real)), args)
+        hit = (build(context, source, name, arg_dtypes(args, real)), args)
         _fused[key] = hit
     return hit
 

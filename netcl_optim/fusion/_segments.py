@@ -26,7 +26,7 @@ Where the updates come from an earlier fused kernel of the same step (LAMB: Adam
 trust ratio), that kernel sums them itself, and the reduce launch is left out: it runs as
 one work-item per chunk (``chunk_launches``), its element code in a loop over the chunk,
 adding the terms in the reduce launch's order, so its partials are the reduce launch's bit
-for bit (``_codegen._sums_body``; ``_fused.can_sum`` says when). A work-group reduction
+for bit (``_codegen.sums_body``; ``_fused.can_sum`` says when). A work-group reduction
 would need a barrier, which on PoCL's CPU device costs more than re-reading the updates;
 a loop over a chunk per work-item does not (``benchmarks/bench_fused_sums.py``).
 """
@@ -567,7 +567,7 @@ def chunk_launches(
     chunk_name: str,
 ) -> list[tuple[cl.Kernel, int, list[Any]]]:
     """The launches of a fused kernel that also sums the next part's reduction per chunk of
-    ``seg`` (``_codegen._sums_body``): one work-item per chunk, one launch where every array
+    ``seg`` (``_codegen.sums_body``): one work-item per chunk, one launch where every array
     role is packed (``columns`` as in :func:`tiled_launches`), else one per leaf."""
     total = seg.leaf_chunks[-1][1] if seg.leaf_chunks else 0
     if all(run is not None for name, _, run in columns if name != chunk_name):

@@ -6,7 +6,7 @@ the tree mixes dtypes, one finish for all):
 
 - ``after=True`` (D-Adaptation: the sums feed the next step): the fused kernel itself, in
   its chunk form (a work-item per chunk of at most ``CHUNK`` elements of one leaf, see
-  ``_codegen._sums_body``), sums the variables the source assigns into one partial per
+  ``_codegen.sums_body``), sums the variables the source assigns into one partial per
   chunk and term; then a **finish** launch (one work-item) adds the partials in chunk order
   and runs the statements, which write the state fields. 2 launches (one fused kernel per
   leaf where the tree is not packed).
@@ -45,6 +45,7 @@ import pyopencl.array as cla
 from .._base import Fragment, TreeSums
 from .._device import state_dtype
 from .._packing import contiguous_run, element_offset, layout, pack
+from ._checks import group_by_dtype
 from ._codegen import (
     CHUNKS,
     P_IN,
@@ -52,7 +53,6 @@ from ._codegen import (
     U_IN,
     Arg,
     KernelSpec,
-    _sums_body,
     kernel_preamble,
     kernel_text,
     load,
@@ -60,11 +60,14 @@ from ._codegen import (
     state_ctype,
     step_arguments,
     storage_of,
+    sums_body,
     tree_outputs_arg,
     tree_state_arg,
 )
 from ._launch import Launch, Single
-from ._programs import _arg_dtypes, build
+from ._per_segment import segment_state_leaves
+from ._programs import arg_dtypes, build
+from ._reductions import acc_ctype
 from ._segments import CHUNK, chunk_launches, segmentation
 from ._slices import slice_of
 
@@ -157,7 +160,7 @@ def prepass_source(
     ]  # fmt: skip
     spec = KernelSpec((), np.dtype(dtype), "pure", False, True, acc, sums=TreeSums(
         tree.state, terms, tree.statements, tree.outputs, tree.after))  # fmt: skip
-    body = _sums_body(element, spec, storage, real)
+    body = sums_body(element, spec, storage, real)
     head = f"//CL// {name}: sums of {frag.name}\n" + _head(real, acc, storage, slot_storage)
     return kernel_text(head, name, params, body), name, args
 
@@ -265,7 +268,7 @@ def tree_kernel(
         else:
             source, name, args = finish_source(fragments, k, real, acc, groups)
         real_dtype = np.dtype(np.float64 if real == "double" else np.float32)
-        hit = _kernels[key] = (build(context, source, name, _arg_dtypes(args, real_dtype)), args)
+        hit = _kernels[key] = (build(context, source, name, arg_dtypes(args, real_dtype)), args)
     return hit
 
 
@@ -284,9 +287,9 @@ class Group(NamedTuple):
 class TreeStep(NamedTuple):
     """One step's tree-sum work for the part ``k``: the launches before the fused kernel
     (``pre``: the pre-pass, ``after=False``), the ``finish`` launch, per dtype its
-    :class:`Group`, the partials, the new state trees, the state leaves (old, for the
-    launch cache's identity) and the copies back into scattered in-place state (``post``:
-    ``(packed, leaves)`` pairs, after the finish)."""
+    :class:`Group`, the partials, the new state trees, the copies back into scattered
+    in-place state (``post``: ``(packed, leaves)`` pairs, after the finish) and the C type
+    of the first group's state."""
 
     k: int
     tree: TreeSums
@@ -295,7 +298,6 @@ class TreeStep(NamedTuple):
     groups: dict[Any, Group]
     partials: cla.Array
     new_state: tuple[Any, ...]
-    state_leaves: list[Any]
     post: list[tuple[Any, Any]]
     ctype: str  # the C type of the first group's state, which every fused kernel reads
 
@@ -329,10 +331,6 @@ def prepare(
 ) -> TreeStep | None:
     """Check part ``k``'s tree state and plan its launches (see the module's docstring);
     ``None`` for a tree without leaves."""
-    from ._checks import group_by_dtype
-    from ._per_segment import _segment_state_leaves
-    from ._reductions import acc_ctype
-
     part = parts[k]
     frag = part.fragment
     tree = frag.tree_sums
@@ -366,7 +364,7 @@ def prepare(
     outputs = _workspace(_outputs, (queue, frag.key, k, acc_dtype), queue, len(tree.outputs),
                          acc_dtype)  # fmt: skip
     all_leaves = [
-        _segment_state_leaves(
+        segment_state_leaves(
             tree_, treedef, u_leaves, f"state.{name} of {what}", u_role, queue, shapes_of
         )
         for name, tree_ in zip(tree.state, part.segment_state, strict=True)
@@ -434,8 +432,7 @@ def prepare(
         tree_ if inplace else optree.tree_unflatten(treedef, leaves)
         for tree_, leaves in zip(part.segment_state, new_leaves, strict=True)
     )
-    state_leaves = [x for leaves in all_leaves for x in leaves]
-    return TreeStep(k, tree, pre, finish, groups, partials, new_state, state_leaves, post,
+    return TreeStep(k, tree, pre, finish, groups, partials, new_state, post,
                     ctypes[0])  # fmt: skip
 
 
