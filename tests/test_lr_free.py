@@ -617,3 +617,22 @@ def test_all_zero_gradients_keep_d(cl_queue, rule):
     params, state = no.step(tx, params, no.to_device({"a": p0["a"].copy()}), state)
     assert np.isfinite(params["a"].get()).all()
     assert np.isfinite(_scalar(_core(state, STATE_TYPES[rule]).estim_lr))
+
+
+@pytest.mark.parametrize("rule", sorted(FUNCTIONAL))
+def test_donated_steps_after_another_part_equal_plain_steps(cl_queue, rule):
+    """``no.step(..., donate=True)`` (its launches cached and moved to the new arrays) with
+    the rule after another fused part: bit for bit the plain steps."""
+    rng = np.random.default_rng(5)
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in ((50,), (4, 5))]
+    grads = [[rng.standard_normal(x.shape).astype(np.float32) for x in p0] for _ in range(4)]
+    tx = no.chain(no.scale(-0.5), FUNCTIONAL[rule]())
+    a = no.pack(no.to_device(p0, cl_queue))
+    b = no.pack(no.to_device(p0, cl_queue))
+    sa, sb = tx.init(a), tx.init(b)
+    for g in grads:
+        g = no.pack(no.to_device(g, cl_queue))
+        a, sa = no.step(tx, a, g, sa)
+        b, sb = no.step(tx, b, g, sb, donate=True)
+    assert [x.get().tobytes() for x in a] == [y.get().tobytes() for y in b]
+    assert _state_bytes(sa) == _state_bytes(sb)

@@ -205,7 +205,7 @@ def run_parts(
             new_key = _cache.key(queue, keys, u_leaves, p_leaves, [*slot_leaves, tree_leaves])
             _cache.move(cache_key, new_key, hit, len(u_leaves), written)
             trees = _slot_trees(treedef, slot_leaves)
-            trees[0] = (*trees[0], *parts[0].segment_state)
+            trees = [(*t, *part.segment_state) for t, part in zip(trees, parts, strict=True)]
             return optree.tree_unflatten(treedef, p_leaves), trees
     if not all_valid(u_leaves, others, queue):
         check_leaves(u_leaves, others, updates, queue, u_role)
@@ -267,7 +267,7 @@ def run_parts(
     if cache_key is not None:
         if donate:  # keyed by the new arrays
             _cache.discard(cache_key)
-            cache_key = _cache.key(queue, keys, u_leaves, p_leaves, slot_leaves)
+            cache_key = _cache.key(queue, keys, u_leaves, p_leaves, [*slot_leaves, tree_leaves])
         leaves = [
             *u_leaves,
             *_written(p_leaves, slot_leaves),
