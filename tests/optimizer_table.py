@@ -1078,7 +1078,7 @@ OPTIMIZERS: list[Optimizer] = [
               kwargs={"learning_rate": 0.5, "init_step": ("learning_rate", 1e-3),
                       "weight_decay": 1e-3},
               reference=rts.dog_tx, stateful="DoG", slots=1, needs_params=True, reduction=True,
-              segmented=4,
+              segmented=3,
               optax=lambda optax, h: optax.contrib.dog(**h)),
     Optimizer(id="dowg", factory="dowg", kwargs={"learning_rate": 1.0}, reference=rts.dowg_tx,
               stateful="DoWG", slots=1, needs_params=True, reduction=True, segmented=3,
@@ -1086,7 +1086,7 @@ OPTIMIZERS: list[Optimizer] = [
     Optimizer(id="dowg-init-wd", factory="dowg",
               kwargs={"learning_rate": 0.5, "init_estim_sq_dist": 1e-2, "weight_decay": 1e-3},
               reference=rts.dowg_tx, stateful="DoWG", slots=1, needs_params=True, reduction=True,
-              segmented=4,
+              segmented=3,
               optax=lambda optax, h: optax.contrib.dowg(**h)),
 ]  # fmt: skip
 

@@ -161,10 +161,21 @@ def _needs_rounding(seg: list[Part]) -> bool:
 
 
 def _segments(parts: list[Part]) -> list[list[Part]]:
-    """Split before every part with a reduction: its input must be materialised first."""
+    """Split before every part with a reduction: its input must be materialised first; but
+    a rule whose tree sums come first (``TreeSums(after=False)``) after element-wise parts
+    only: its pre-pass runs them too (``_tree_sums.prepass_source``)."""
     segments: list[list[Part]] = [[]]
     for part in parts:
-        if part.fragment.reduces and segments[-1]:
+        if part.fragment.reduces and segments[-1] and not _joins(part, segments[-1]):
             segments.append([])
         segments[-1].append(part)
     return segments
+
+
+def _joins(part: Part, before: list[Part]) -> bool:
+    """Whether ``part``, a rule with tree sums first, can fuse with the parts ``before`` it:
+    element-wise ones without element indices (its pre-pass recomputes their output)."""
+    tree = part.fragment.tree_sums
+    if tree is None or tree.after:
+        return False
+    return all(p.fragment.elementwise and not p.fragment.element_index for p in before)

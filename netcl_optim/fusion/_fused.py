@@ -219,7 +219,7 @@ def run_parts(
         if sums is not None or (parts[0].fragment.segment_reduction is not None and tk):
             raise ValueError(f"{parts[tk].fragment.name}: tree sums cannot fuse with a value "
                              "per leaf or row in one kernel")  # fmt: skip
-        tree = prepare_tree(queue, parts, tk, u_leaves, p_leaves, slot_leaves[tk], treedef,
+        tree = prepare_tree(queue, parts, tk, u_leaves, p_leaves, slot_leaves, treedef,
                             inplace, u_role)  # fmt: skip
     launches, binding, out_leaves, new_slot_leaves, packed_bases = _plan_launches(
         queue, fragments, u_leaves, p_leaves, slot_leaves, apply, inplace, needs_params,

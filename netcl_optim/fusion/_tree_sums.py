@@ -56,7 +56,9 @@ from ._codegen import (
     kernel_preamble,
     kernel_text,
     load,
+    part_lines,
     scalar_arg,
+    slot_arg,
     state_ctype,
     step_arguments,
     storage_of,
@@ -114,21 +116,24 @@ def _scalars(frag: Fragment, k: int) -> list[str]:
 
 def prepass_source(
     fragments: Sequence[Fragment],
+    k: int,
     dtype: np.dtype,
     slot_storage: Sequence[str],
     acc: str,
     tree_ctype: str = "",
 ) -> tuple[str, str, list[Arg]]:
-    """The pre-pass of ``fragments[0]``'s ``TreeSums(after=False)``: one partial per chunk
-    and term (the terms over ``u``, ``p``, the slots, the state fields and the scalars),
-    in the chunk form of a fused kernel that sums; it takes the step's per-step arguments
-    (those of every part of the fused kernel), so one list of values binds both."""
-    frag = fragments[0]
+    """The pre-pass of part ``k``'s ``TreeSums(after=False)``: one partial per chunk and
+    term, in the chunk form of a fused kernel that sums. The element-wise parts before it
+    run first (their slots read, not written: the fused kernel writes them), then the terms
+    over ``u``, ``p``, part ``k``'s slots, the state fields and the scalars. It takes the
+    step's per-step arguments (those of every part of the fused kernel), so one list of
+    values binds both. ``slot_storage``: parts ``0..k``'s slots' storage, in order."""
+    frag = fragments[k]
     tree = frag.tree_sums
     assert tree is not None and not tree.after
     storage = storage_of(dtype)
     real = "double" if storage == "double" else "float"
-    text = repr(("prepass", frag.key, [f.key for f in fragments], storage, tuple(slot_storage),
+    text = repr(("prepass", k, [f.key for f in fragments], storage, tuple(slot_storage),
                  tree_ctype))  # fmt: skip
     name = "netcl_treesum_" + hashlib.sha1(text.encode()).hexdigest()[:10]
     params: list[str] = []
@@ -137,24 +142,36 @@ def prepass_source(
 
     buffer(U_IN, _pointer(storage), True)
     buffer(P_IN, _pointer(storage), True)
-    for slot, st in zip(frag.slots, slot_storage, strict=True):
-        buffer(f"{slot}_in", _pointer(st), True)
+    storages = iter(slot_storage)
+    slot_of: dict[tuple[int, str], str] = {}
+    for j, f in enumerate(fragments[: k + 1]):
+        for slot in f.slots:
+            slot_of[j, slot] = next(storages)
+            buffer(slot_arg(slot, j, "in"), _pointer(slot_of[j, slot]), True)
     for f in tree.state:  # (the first dtype group's: ``tree_ctype``)
-        buffer(tree_state_arg(f, 0), tree_ctype or state_ctype(real), True)
+        buffer(tree_state_arg(f, k), tree_ctype or state_ctype(real), True)
     buffer(CHUNKS, "long", True)
     buffer(PARTIALS, acc, False)
     step_arguments(fragments, acc, params, args)
+
+    def load_slot(j: int, slot: str) -> str:
+        src = slot_arg(slot, j, "in")
+        return load(slot_of[j, slot], src, src + "_off + i")
+
     terms = tuple(f"t{j}" for j in range(len(tree.terms)))
     element = [
         f"    real u = {load(storage, U_IN, U_IN + '_off + i')};",
         f"    const real p = {load(storage, P_IN, P_IN + '_off + i')};",
         f"    real {', '.join(terms)};",
+    ]
+    for j, f in enumerate(fragments[:k]):  # (no stores: the fused kernel writes the slots)
+        element += part_lines(f, j, load_slot, lambda j, slot: "")
+    element += [
         "    {",
-        *("    " + line for line in _scalars(frag, 0)),
-        *(f"        const real {f} = (real){tree_state_arg(f, 0)}[{tree_state_arg(f, 0)}_off];"
+        *("    " + line for line in _scalars(frag, k)),
+        *(f"        const real {f} = (real){tree_state_arg(f, k)}[{tree_state_arg(f, k)}_off];"
           for f in tree.state),
-        *(f"        const real {slot} = {load(st, slot + '_in', slot + '_in_off + i')};"
-          for slot, st in zip(frag.slots, slot_storage, strict=True)),
+        *(f"        const real {slot} = {load_slot(k, slot)};" for slot in frag.slots),
         *(f"        {t} = {expr};" for t, expr in zip(terms, tree.terms, strict=True)),
         "    }",
     ]  # fmt: skip
@@ -256,7 +273,7 @@ def tree_kernel(
     context: cl.Context, which: str, fragments: Sequence[Fragment], k: int, dtype: np.dtype,
     slot_storage: Sequence[str], acc: str, groups: tuple[str, ...] = (),
 ) -> tuple[cl.Kernel, list[Arg]]:  # fmt: skip
-    """The pre-pass (``which="prepass"``, of part 0, over ``dtype`` leaves) or the finish of
+    """The pre-pass (``which="prepass"``, of part ``k``, over ``dtype`` leaves) or the finish of
     part ``k`` (in ``dtype``'s compute type, over ``groups``), built once per context."""
     key = (context, which, tuple(f.key for f in fragments), k, np.dtype(dtype),
            tuple(slot_storage), acc, groups)  # fmt: skip
@@ -264,7 +281,7 @@ def tree_kernel(
     if hit is None:
         real = "double" if np.dtype(dtype) == np.float64 else "float"
         if which == "prepass":
-            source, name, args = prepass_source(fragments, dtype, slot_storage, acc, *groups)
+            source, name, args = prepass_source(fragments, k, dtype, slot_storage, acc, *groups)
         else:
             source, name, args = finish_source(fragments, k, real, acc, groups)
         real_dtype = np.dtype(np.float64 if real == "double" else np.float32)
@@ -324,7 +341,7 @@ def prepare(
     k: int,
     u_leaves: list[Any],
     p_leaves: list[Any],
-    slot_leaves: list[list[Any]],
+    slot_leaves: list[list[list[Any]]],
     treedef: Any,
     inplace: bool,
     u_role: str,
@@ -405,9 +422,13 @@ def prepare(
         else:
             fixed[tree_outputs_arg(k)] = (outputs.base_data, 0)
             us = [u_leaves[i] for i in idx]
-            slots = [[leaves[i] for i in idx] for leaves in slot_leaves]
-            slot_storage = [storage_of(leaves[0].dtype) for leaves in slots]
-            prepass, _ = tree_kernel(ctx, "prepass", fragments, 0, dtype, slot_storage, acc,
+            slots = [  # (parts 0..k: the pre-pass runs the parts before the rule too)
+                (slot_arg(slot, j, "in"), [leaves[i] for i in idx])
+                for j in range(k + 1)
+                for slot, leaves in zip(fragments[j].slots, slot_leaves[j], strict=True)
+            ]
+            slot_storage = [storage_of(leaves[0].dtype) for _, leaves in slots]
+            prepass, _ = tree_kernel(ctx, "prepass", fragments, k, dtype, slot_storage, acc,
                                      (ctypes[0],))  # fmt: skip
             lay = layout(tuple(x.shape for x in us), dtype)
             ps = [p_leaves[i] for i in idx]
@@ -415,10 +436,10 @@ def prepare(
                 (U_IN, us, contiguous_run(us, lay)),
                 (P_IN, ps, contiguous_run(ps, lay)),
             ]
-            for slot, leaves in zip(frag.slots, slots, strict=True):
+            for arg, leaves in slots:
                 slot_lay = layout(lay.shapes, leaves[0].dtype)
-                columns.append((f"{slot}_in", leaves, contiguous_run(leaves, slot_lay)))
-            columns += [(tree_state_arg(name, 0), None, old) for name, old in
+                columns.append((arg, leaves, contiguous_run(leaves, slot_lay)))
+            columns += [(tree_state_arg(name, k), None, old) for name, old in
                         zip(tree.state, first_state, strict=True)]  # fmt: skip
             columns += [(CHUNKS, None, (seg.tables(queue)["chunks"].base_data, 0)),
                         (PARTIALS, None, (pbuf, base * width))]  # fmt: skip
