@@ -58,10 +58,12 @@ from .optimizers.nadam import *  # noqa: F403
 from .optimizers.noisy_sgd import *  # noqa: F403
 from .optimizers.novograd import *  # noqa: F403
 from .optimizers.optimistic import *  # noqa: F403
+from .optimizers.polyak import *  # noqa: F403
 from .optimizers.prodigy import *  # noqa: F403
 from .optimizers.radam import *  # noqa: F403
 from .optimizers.rmsprop import *  # noqa: F403
 from .optimizers.rprop import *  # noqa: F403
+from .optimizers.sam import *  # noqa: F403
 from .optimizers.schedule_free import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .optimizers.sign import *  # noqa: F403

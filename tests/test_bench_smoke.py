@@ -202,6 +202,7 @@ def test_lr_free_benchmark_runs(capsys):
     path = BENCH.parent / "bench_lr_free.py"
     spec = importlib.util.spec_from_file_location("bench_lr_free", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
     spec.loader.exec_module(module)
     module.main(["--sizes", "tree5", "--rounds", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]

@@ -661,3 +661,21 @@ def test_parts_before_the_sums_run_in_the_pre_pass(cl_queue):
     got = no.to_host(params)
     for k in p0:
         np.testing.assert_allclose(got[k], x[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule", sorted(FUNCTIONAL))
+def test_donated_steps_equal_plain_steps(cl_queue, rule):
+    """``no.step(..., donate=True)`` over a packed tree, many steps (from the second, its
+    cached launches are moved to the donated arrays): bit for bit the plain steps."""
+    rng = np.random.default_rng(7)
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in ((40,), (3, 5), (9,))]
+    tx = FUNCTIONAL[rule]()
+    a = no.pack(no.to_device(p0, cl_queue))
+    b = no.pack(no.to_device(p0, cl_queue))
+    sa, sb = tx.init(a), tx.init(b)
+    g = no.pack(no.to_device([rng.standard_normal(x.shape).astype(np.float32) for x in p0]))
+    for _ in range(5):
+        a, sa = no.step(tx, a, g, sa)
+        b, sb = no.step(tx, b, g, sb, donate=True)
+    assert [x.get().tobytes() for x in a] == [y.get().tobytes() for y in b]
+    assert _state_bytes(sa) == _state_bytes(sb)

@@ -760,7 +760,8 @@ def test_table_covers_every_class(cl_queue):
     # (the schedule-free classes: schedulefree's rule in torch's order, not an alias's, and a
     # step needs train() first: tests/test_schedule_free.py)
     schedule_free = {no.AdamWScheduleFree, no.SGDScheduleFree, no.RAdamScheduleFree}
-    assert classes - bnb - schedule_free - {no.Optimizer} == {
+    # (PolyakSGD: a step needs the loss, step(closure) or step(value=...): test_polyak.py)
+    assert classes - bnb - schedule_free - {no.Optimizer, no.PolyakSGD} == {
         getattr(no, row.stateful) for row in STATEFUL
     }
     for row in STATEFUL:

@@ -201,7 +201,8 @@ def run_parts(
             if not donate:
                 return params, [(*part.slots, *part.segment_state) for part in parts]
             p_leaves, slot_leaves = _hand_over(p_leaves, slot_leaves, True)
-            written = _written(p_leaves, slot_leaves)
+            # (the tree state is not donated: the same arrays, after the written ones)
+            written = [*_written(p_leaves, slot_leaves), *(x for xs in tree_leaves for x in xs)]
             new_key = _cache.key(queue, keys, u_leaves, p_leaves, [*slot_leaves, tree_leaves])
             _cache.move(cache_key, new_key, hit, len(u_leaves), written)
             trees = _slot_trees(treedef, slot_leaves)

@@ -186,8 +186,10 @@ def _annotation(entry: Hyperparameter | TorchKeyword) -> Any:
         return int
     if entry.default is None:
         return Any
+    if isinstance(entry.default, str):
+        return str
     if isinstance(entry.default, tuple):
-        return tuple[(float,) * len(entry.default)]
+        return tuple[tuple(str if isinstance(x, str) else float for x in entry.default)]
     return float
 
 
