@@ -1050,16 +1050,12 @@ OPTIMIZERS: list[Optimizer] = [
               optax=lambda optax, h: optax.contrib.schedule_free_sgd(**h)),
     # learning-rate-free (optax.contrib's): a step size from sums over the whole tree, kept on
     # the device (TreeSums: a pre-pass, a finish and the fused kernel; D-Adaptation sums in its
-    # update kernel); each a float64 reference in reference_tree_sums.py
+    # update kernel); each a float64 reference in reference_tree_sums.py (their other
+    # hyperparameters: tests/test_lr_free.py)
     Optimizer(id="prodigy", factory="prodigy", kwargs={"learning_rate": 1.0},
               reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
               reduction=True, segmented=3, optax=_optax_prodigy,
               bench="prodigy"),
-    Optimizer(id="prodigy-wd-safeguard", factory="prodigy",
-              kwargs={"learning_rate": 0.5, "betas": (0.8, 0.99), "beta3": 0.9,
-                      "weight_decay": 0.01, "estim_lr0": 1e-4, "safeguard_warmup": True},
-              reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
-              reduction=True, segmented=3, optax=_optax_prodigy),
     Optimizer(id="prodigy-one-pass", factory="prodigy",
               kwargs={"learning_rate": 1.0, "weight_decay": 0.01, "one_pass": True},
               reference=rts.prodigy_tx, stateful="Prodigy", slots=4, needs_params=True,
@@ -1067,26 +1063,13 @@ OPTIMIZERS: list[Optimizer] = [
     Optimizer(id="dadapt_adamw", factory="dadapt_adamw", kwargs={"learning_rate": 1.0},
               reference=rts.dadapt_adamw_tx, stateful="DAdaptAdamW", slots=3, needs_params=True,
               reduction=True, segmented=2, optax=lambda optax, h: optax.contrib.dadapt_adamw(**h)),
-    Optimizer(id="dadapt_adamw-wd", factory="dadapt_adamw",
-              kwargs={"learning_rate": 0.5, "weight_decay": 0.01, "estim_lr0": 1e-3},
-              reference=rts.dadapt_adamw_tx, stateful="DAdaptAdamW", slots=3, needs_params=True,
-              reduction=True, segmented=2, optax=lambda optax, h: optax.contrib.dadapt_adamw(**h)),
     Optimizer(id="dog", factory="dog", kwargs={"learning_rate": 1.0}, reference=rts.dog_tx,
               stateful="DoG", slots=1, needs_params=True, reduction=True, segmented=3,
               optax=lambda optax, h: optax.contrib.dog(**h)),
-    Optimizer(id="dog-lr-wd", factory="dog",
-              kwargs={"learning_rate": 0.5, "init_step": ("learning_rate", 1e-3),
-                      "weight_decay": 1e-3},
-              reference=rts.dog_tx, stateful="DoG", slots=1, needs_params=True, reduction=True,
-              segmented=3,
-              optax=lambda optax, h: optax.contrib.dog(**h)),
-    Optimizer(id="dowg", factory="dowg", kwargs={"learning_rate": 1.0}, reference=rts.dowg_tx,
-              stateful="DoWG", slots=1, needs_params=True, reduction=True, segmented=3,
-              optax=lambda optax, h: optax.contrib.dowg(**h)),
-    Optimizer(id="dowg-init-wd", factory="dowg",
+    Optimizer(id="dowg", factory="dowg",
               kwargs={"learning_rate": 0.5, "init_estim_sq_dist": 1e-2, "weight_decay": 1e-3},
-              reference=rts.dowg_tx, stateful="DoWG", slots=1, needs_params=True, reduction=True,
-              segmented=3,
+              reference=rts.dowg_tx,
+              stateful="DoWG", slots=1, needs_params=True, reduction=True, segmented=3,
               optax=lambda optax, h: optax.contrib.dowg(**h)),
 ]  # fmt: skip
 
