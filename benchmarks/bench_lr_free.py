@@ -10,12 +10,13 @@ next step reads them): one pass, 36 bytes. Variants:
 
 * ``limit prodigy``: two plain kernels back to back, the 16-byte read pass and the 36-byte
   update pass (``bench_step.PassesLimitVariant``), reported as one step;
-* ``prodigy stateful``: ``no.Prodigy(..., lr=1.0).step()`` over packed params and grads;
-* ``prodigy donate``: ``no.step(no.prodigy(1.0), ..., donate=True)`` (optax's rule);
+* ``prodigy stateful``, ``prodigy donate``, ``one-pass stateful``, ``dadapt stateful``:
+  ``bench_step``'s stateful and donated variants of the optimizer table's rows (``prodigy``,
+  ``prodigy-one-pass``, ``dadapt_adamw``) over packed params and grads, at its learning rate
+  (the schedule's multiplier of ``d``: the bytes and the arithmetic do not depend on it);
 * ``prodigyopt``: ``prodigyopt.Prodigy`` (torch, CPU, the same params and grads; skipped when
   the package or torch is absent: ``pip install --no-deps prodigyopt==1.1.2``);
 * ``limit dadapt``: the plain kernel moving 36 bytes (g; p and three slots);
-* ``dadapt stateful``: ``no.DAdaptAdamW(..., lr=1.0).step()`` over packed params and grads.
 
 ``% limit`` compares each row with its own optimizer's limit; ``vs torch`` is prodigyopt's
 time over the row's (both optimizers against the one torch implementation).
@@ -30,14 +31,13 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_step as bs
 
 import netcl_optim as no
 
-LR = 1.0  # the schedule's multiplier of d: the recommended value for both
+LR = 1.0  # prodigyopt's multiplier of d: its recommended value
 # Prodigy: the sums' pass (read g, p, p0, s), then the fused step (read g; update p, m, v, s)
 PRODIGY_PASSES = (
     bs.Pass(reads=("g", "p", "p0", "s")),
@@ -51,48 +51,9 @@ DADAPT_SLOTS = 3  # m, v, s
 DADAPT_BYTES = bs.FLOAT32 * (1 + 2 * (1 + DADAPT_SLOTS))  # 36
 
 
-def _packed_parameters(problem: bs.Problem, queue: Any) -> list:
-    params = no.pack(no.to_device(list(problem.params), queue))
-    grads = no.pack(no.to_device(list(problem.grads), queue))
-    parameters = [no.Parameter(p) for p in params]
-    for p, g in zip(parameters, grads, strict=True):
-        p.grad = g
-    return parameters
-
-
-@dataclass
-class OursStateful(bs.Variant):
-    queue: Any = None
-    optimizer_class: Any = None
-    kwargs: Any = None
-
-    def setup(self, problem: bs.Problem) -> None:
-        self.parameters = _packed_parameters(problem, self.queue)
-        self.optimizer = self.optimizer_class(self.parameters, lr=LR, **(self.kwargs or {}))
-
-    def run(self) -> None:
-        self.optimizer.step()
-
-    def sync(self) -> None:
-        self.queue.finish()
-
-
-@dataclass
-class OursDonated(bs.Variant):
-    queue: Any = None
-
-    def setup(self, problem: bs.Problem) -> None:
-        self.params = no.pack(no.to_device(list(problem.params), self.queue))
-        self.grads = no.pack(no.to_device(list(problem.grads), self.queue))
-        self.tx = no.prodigy(LR)
-        self.state = self.tx.init(self.params)
-
-    def run(self) -> None:
-        self.params, self.state = no.step(self.tx, self.params, self.grads, self.state,
-                                          donate=True)  # fmt: skip
-
-    def sync(self) -> None:
-        self.queue.finish()
+def _spec(row_id: str) -> bs.OptimizerSpec:
+    """The optimizer table's row, as bench_step runs it (our variants: bench_step's)."""
+    return bs.OptimizerSpec(bs.optimizer_table.BY_ID[row_id])
 
 
 @dataclass
@@ -134,19 +95,22 @@ def main(argv: list[str] | None = None) -> None:
         problem = bs.make_problem(size)
         variants: list[bs.Variant] = [
             bs.PassesLimitVariant(label="limit prodigy", queue=queue, passes=PRODIGY_PASSES),
-            OursStateful(label="prodigy stateful", queue=queue, optimizer_class=no.Prodigy),
-            OursDonated(label="prodigy donate", queue=queue),
-        ]
+            bs.StatefulVariant(label="prodigy stateful", queue=queue, spec=_spec("prodigy"),
+                               module=no),
+            bs.DonatedStepVariant(label="prodigy donate", queue=queue, spec=_spec("prodigy")),
+        ]  # fmt: skip
         if have_theirs:
             variants.append(Theirs(label="prodigyopt"))
         variants += [
             bs.PassesLimitVariant(label="limit one-pass", queue=queue, passes=ONE_PASS),
-            OursStateful(label="one-pass stateful", queue=queue, optimizer_class=no.Prodigy,
-                         kwargs={"one_pass": True}),
+            bs.StatefulVariant(label="one-pass stateful", queue=queue,
+                               spec=_spec("prodigy-one-pass"), module=no),
         ]  # fmt: skip
         variants += [
             bs.LimitVariant(label="limit dadapt", queue=queue, slots=DADAPT_SLOTS),
-            OursStateful(label="dadapt stateful", queue=queue, optimizer_class=no.DAdaptAdamW),
+            bs.StatefulVariant(
+                label="dadapt stateful", queue=queue, spec=_spec("dadapt_adamw"), module=no
+            ),
         ]
         for v in variants:
             v.setup(problem)
