@@ -175,8 +175,11 @@ class Vectors:
     """Level-1 BLAS over flat (1-D, C-contiguous) device vectors of one float dtype on one
     queue, with ``registers`` device scalars (``reg``, that dtype, zeros at first).
 
-    Every method enqueues launches and returns at once; only :meth:`read` waits.
+    Every method enqueues launches and returns at once; only :meth:`read` waits (and
+    counts itself in ``Vectors.reads``, the host round trips of this process).
     """
+
+    reads: int = 0
 
     def __init__(self, queue: cl.CommandQueue, dtype: np.dtype, registers: int) -> None:
         dtype = np.dtype(dtype)
@@ -316,4 +319,5 @@ class Vectors:
 
     def read(self) -> np.ndarray:
         """Every register, on the host: one device-to-host transfer (waits for the queue)."""
+        Vectors.reads += 1
         return self.reg.get(self.queue)
