@@ -51,6 +51,8 @@ from .optimizers.dog import *  # noqa: F403
 from .optimizers.fromage import *  # noqa: F403
 from .optimizers.lamb import *  # noqa: F403
 from .optimizers.lars import *  # noqa: F403
+from .optimizers.lbfgs import *  # noqa: F403
+from .optimizers.linesearch import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
 from .optimizers.lookahead import *  # noqa: F403
 from .optimizers.madgrad import *  # noqa: F403
@@ -68,7 +70,9 @@ from .optimizers.schedule_free import *  # noqa: F403
 from .optimizers.sgd import *  # noqa: F403
 from .optimizers.sign import *  # noqa: F403
 from .optimizers.sm3 import *  # noqa: F403
+from .optimizers.torch_lbfgs import *  # noqa: F403
 from .optimizers.yogi import *  # noqa: F403
+from .optimizers.zoom_linesearch import *  # noqa: F403
 from .schedules import Schedule as Schedule
 from .schedules import constant_schedule as constant_schedule
 from .schedules import cosine_decay_schedule as cosine_decay_schedule

@@ -215,6 +215,19 @@ def test_lr_free_benchmark_runs(capsys):
     assert all(ms > 0 for ms in timed.values())
 
 
+def test_lbfgs_benchmark_runs():
+    path = BENCH.parent / "bench_lbfgs.py"
+    spec = importlib.util.spec_from_file_location("bench_lbfgs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = module.main(["--size", "100K", "--rounds", "1", "--warmup", "3"])
+    rows = {r.split("|")[1].strip(): float(r.split("|")[2]) for r in out.splitlines()
+            if r.startswith("| ours") or r.startswith("| torch")}  # fmt: skip
+    assert rows["ours step"] > 0 and rows["ours closure"] > 0
+    assert "host round trips per step (ours, the loss read with them): 2" in out
+
+
 def _is_number(word: str) -> bool:
     try:
         float(word)

@@ -760,8 +760,9 @@ def test_table_covers_every_class(cl_queue):
     # (the schedule-free classes: schedulefree's rule in torch's order, not an alias's, and a
     # step needs train() first: tests/test_schedule_free.py)
     schedule_free = {no.AdamWScheduleFree, no.SGDScheduleFree, no.RAdamScheduleFree}
-    # (PolyakSGD: a step needs the loss, step(closure) or step(value=...): test_polyak.py)
-    assert classes - bnb - schedule_free - {no.Optimizer, no.PolyakSGD} == {
+    # (PolyakSGD: a step needs the loss, step(closure) or step(value=...): test_polyak.py;
+    # LBFGS: a step is a loop of closure calls, test_lbfgs_torch.py)
+    assert classes - bnb - schedule_free - {no.Optimizer, no.PolyakSGD, no.LBFGS} == {
         getattr(no, row.stateful) for row in STATEFUL
     }
     for row in STATEFUL:
