@@ -27,6 +27,9 @@ STATELESS = {"fromage", "noisy_sgd", "sgd", "sign_sgd"}
 PER_LEAF_8BIT = {"lamb", "lars", "novograd"}
 # sums over the whole tree (TreeSums): 8-bit state refused as well
 TREE_SUMS_8BIT = {"prodigy", "dadapt_adamw", "dog", "dowg"}
+# L-BFGS's memory holds differences of params and of gradients in the params' dtype, as
+# optax's (which has no storage option): no state_dtype or state_bits
+NO_STORAGE = {"lbfgs"}
 # the slots optax's mu_dtype casts (ademamix: both first-order EMAs)
 MU_SLOTS = {"scale_by_ademamix": {"m1", "m2"}, "ademamix": {"m1", "m2"}}
 
@@ -49,7 +52,9 @@ EXPORTED = _exported()
 ALIASES = {
     name: fn
     for name, fn in EXPORTED.items()
-    if not name.startswith("scale_by") and "learning_rate" in inspect.signature(fn).parameters
+    if not name.startswith("scale_by")
+    and "learning_rate" in inspect.signature(fn).parameters
+    and name not in NO_STORAGE
 }
 WITH_MU_DTYPE = {
     name: fn for name, fn in EXPORTED.items() if "mu_dtype" in inspect.signature(fn).parameters
