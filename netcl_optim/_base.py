@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 PyTree = Any
 Params = PyTree
@@ -89,8 +89,10 @@ class OpaquePlan:
 
     kind: str
     children: tuple[GradientTransformation, ...]
-    fusible: ClassVar[bool] = False
-    elementwise: ClassVar[bool] = False
+    # class attributes, not fields; unannotated (not ClassVar) so that they satisfy the Plan
+    # protocol's read-only properties
+    fusible = False
+    elementwise = False
 
     @property
     def signature(self) -> Hashable:
@@ -126,9 +128,10 @@ class StagePlan:
     config: Hashable = ()
     state_shapes: tuple[tuple[str, ShapeOf], ...] = ()
     shards: bool = False
-    children: ClassVar[tuple] = ()
-    fusible: ClassVar[bool] = False
-    elementwise: ClassVar[bool] = False
+    # class attributes, not fields (unannotated: see OpaquePlan)
+    children = ()
+    fusible = False
+    elementwise = False
 
     @property
     def signature(self) -> Hashable:
@@ -344,7 +347,7 @@ class Fragment:
                 f"Fragment {self.name!r}: slot_init has {len(self.slot_init)} values for "
                 f"{len(self.slots)} slots"
             )
-        starts = tuple(v if v is PARAMS else float(v) for v in self.slot_init)
+        starts = tuple(v if v is PARAMS else float(cast(float, v)) for v in self.slot_init)
         object.__setattr__(self, "slot_init", starts)
         if self.reduction is not None and self.segment_reduction is not None:
             raise ValueError(f"Fragment {self.name!r}: a whole-tree and a segment reduction")
@@ -369,9 +372,9 @@ class Fragment:
             key = (*key, self.tree_sums)
         object.__setattr__(self, "key", key)
 
-    # as a leaf Plan
-    children: ClassVar[tuple[GradientTransformation, ...]] = ()
-    fusible: ClassVar[bool] = True
+    # as a leaf Plan; class attributes, not fields (unannotated: see OpaquePlan)
+    children = ()
+    fusible = True
 
     @property
     def signature(self) -> Hashable:

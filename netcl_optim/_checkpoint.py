@@ -20,7 +20,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -82,7 +82,7 @@ class _Encoder:
             cls = type(x)
             return {
                 "namedtuple": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": list(x._fields),
+                "fields": list(cast(Any, x)._fields),
                 "values": [self.encode(v) for v in x],
             }
         if isinstance(x, tuple):
@@ -117,8 +117,10 @@ def _namedtuple_class(name: str, fields: list[str]) -> type:
         obj = getattr(obj, part, None)
     if not (isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")):
         raise ValueError(f"load: {name} is not a NamedTuple class")
-    if list(obj._fields) != fields:
-        raise ValueError(f"load: {name} now has fields {obj._fields}, the checkpoint {fields}")
+    if list(cast(Any, obj)._fields) != fields:
+        raise ValueError(
+            f"load: {name} now has fields {cast(Any, obj)._fields}, the checkpoint {fields}"
+        )
     return obj
 
 
@@ -258,7 +260,7 @@ def save(path: str | os.PathLike[str], obj: Any) -> None:
     enc = _Encoder()
     meta = {"format": _FORMAT, "kind": kind, "tree": enc.encode(tree)}
     text = json.dumps(meta, allow_nan=True)
-    arrays = dict(enc.arrays)
+    arrays: dict[str, Any] = dict(enc.arrays)  # (Any: np.savez types **kwds as bool)
     arrays[_TREE] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     write_atomically(os.fspath(path), lambda f: np.savez(f, **arrays))
 

@@ -106,7 +106,7 @@ class Layout:
 
     def views(self, flat: cla.Array) -> list[cla.Array]:
         """Per-leaf views of ``flat`` (a 1-D array of ``total`` elements)."""
-        return self.views_of(flat.queue, flat.base_data, flat.offset)
+        return self.views_of(flat.queue, flat.base_data, flat.offset)  # pyright: ignore[reportArgumentType]
 
     def views_of(self, queue: cl.CommandQueue, base: Any, shift: int = 0) -> list[cla.Array]:
         """Per-leaf views of the buffer ``base`` from byte ``shift`` on."""
@@ -203,9 +203,9 @@ def pack(tree: Any, queue: cl.CommandQueue | None = None) -> Any:
     out = allocate_like(leaves, queue)
     for src, view in zip(leaves, out, strict=True):
         if src.size:
-            cl.enqueue_copy(
+            cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
                 queue,
-                view.base_data,
+                view.base_data,  # pyright: ignore[reportArgumentType]
                 src.base_data,
                 byte_count=src.nbytes,
                 src_offset=src.offset,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import optree
@@ -37,7 +37,7 @@ def _check_grads(leaves: Sequence[Any], where: str) -> cl.CommandQueue:
 def new_flag(queue: cl.CommandQueue) -> cla.Array:
     """A one-element float32 device array holding 0 (a fill command, no kernel, no sync)."""
     flag = cla.empty(queue, (1,), np.float32, allocator=allocator(queue))
-    cl.enqueue_fill_buffer(queue, flag.base_data, np.float32(0), flag.offset, 4)
+    cl.enqueue_fill_buffer(queue, flag.base_data, np.float32(0), flag.offset, 4)  # pyright: ignore[reportArgumentType]
     return flag
 
 
@@ -126,8 +126,8 @@ def inverse_scale(scale: float) -> float:
 
 def _scale_leaf(x: Any, scale: float) -> Any:
     if isinstance(x, cla.Array):
-        check_float_dtype(x.dtype, x.queue, "scale_loss")
-        queue = x.queue
+        check_float_dtype(x.dtype, x.queue, "scale_loss")  # pyright: ignore[reportArgumentType]
+        queue = cast(cl.CommandQueue, x.queue)  # (pyopencl types an array's queue optional)
         y = cla.empty(queue, x.shape, x.dtype, allocator=allocator(queue))
         if x.size:
             if not x.flags.c_contiguous:
@@ -341,7 +341,9 @@ def loss_scale_of(state: Any) -> float:
     if isinstance(state, (int, float)) and not isinstance(state, bool):
         return float(state)
     found = [
-        x for x in optree.tree_leaves(state, is_leaf=_is_state, none_is_leaf=False) if _is_state(x)
+        x
+        for x in optree.tree_leaves(state, is_leaf=_is_state, none_is_leaf=False)  # pyright: ignore[reportArgumentType]
+        if _is_state(x)
     ]
     if not found:
         raise ValueError("loss_scale_of: no DynamicLossScaleState in the given state")

@@ -228,7 +228,7 @@ def broadcast_parameters(params: Any, comm: Any = None, root: int = 0) -> Any:
             leaves = [p.data for p in params]
             text = f"{len(leaves)} parameters"
         else:
-            leaves, treedef = optree.tree_flatten(params)
+            leaves, treedef = optree.tree_flatten(params)  # pyright: ignore[reportArgumentType]
             text = str(treedef)
         queue = queue_of(leaves)
         check_device_leaves(leaves, queue, "broadcast_parameters")

@@ -265,8 +265,12 @@ def download(queue: cl.CommandQueue, xs: Sequence[cla.Array], lay: Layout) -> np
     last = None
     for x, o, n in zip(xs, lay.offsets, lay.sizes, strict=True):
         if n:
-            last = cl.enqueue_copy(
-                queue, host[o : o + n], x.base_data, src_offset=x.offset, is_blocking=False
+            last = cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
+                queue,
+                host[o : o + n],
+                x.base_data,  # pyright: ignore[reportArgumentType]
+                src_offset=x.offset,
+                is_blocking=False,
             )
     if last is not None:
         last.wait()
@@ -285,8 +289,12 @@ def upload(queue: cl.CommandQueue, xs: Sequence[cla.Array], lay: Layout, host: n
     last = None
     for x, o, n in zip(xs, lay.offsets, lay.sizes, strict=True):
         if n:
-            last = cl.enqueue_copy(
-                queue, x.base_data, host[o : o + n], dst_offset=x.offset, is_blocking=False
+            last = cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
+                queue,
+                x.base_data,  # pyright: ignore[reportArgumentType]
+                host[o : o + n],
+                dst_offset=x.offset,
+                is_blocking=False,
             )
     if last is not None:
         last.wait()

@@ -122,10 +122,10 @@ def flat_slice(
     for x, o, n in zip(xs, sh.lay.offsets, sh.lay.sizes, strict=True):
         a, b = max(o, sh.lo), min(o + n, sh.hi)
         if x is not None and a < b:
-            cl.enqueue_copy(
+            cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
                 queue,
-                view.base_data,
-                x.base_data,
+                view.base_data,  # pyright: ignore[reportArgumentType]
+                x.base_data,  # pyright: ignore[reportArgumentType]
                 byte_count=(b - a) * item,
                 src_offset=x.offset + (a - o) * item,
                 dst_offset=view.offset + (a - sh.lo) * item,

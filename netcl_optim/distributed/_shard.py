@@ -12,14 +12,21 @@ every rank. Element-wise maths makes the result bit-identical to the unsharded o
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import optree
 import pyopencl as cl
 import pyopencl.array as cla
 
-from .._base import GradientTransformation, OpaquePlan, StagePlan, is_elementwise, is_fusible
+from .._base import (
+    Fragment,
+    GradientTransformation,
+    OpaquePlan,
+    StagePlan,
+    is_elementwise,
+    is_fusible,
+)
 from .._device import queue_of
 from .._state_check import register, wrapper
 from ..fusion import Slice, combine_partials, element_origin, flatten_like, sliced, walk
@@ -72,7 +79,7 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
         return
     reduction = getattr(culprit.plan, "reduction", None)  # a fragment's
     if is_fusible(culprit) and reduction is not None:
-        name = culprit.plan.name
+        name = cast(Fragment, culprit.plan).name  # (only a fragment has a reduction)
         raise ValueError(
             f"{what}: {name} reduces over the whole tree ({reduction.op}), but a "
             "shard sees only its slice of the parameters. Apply it before the sharded "
@@ -94,6 +101,7 @@ def _per_leaf(tx: GradientTransformation) -> bool:
         return tx.plan.shards
     chain = tx.plan is not None and not isinstance(tx.plan, OpaquePlan) and tx.plan.children
     if chain and not is_fusible(tx):  # a chain with a stage
+        assert tx.plan is not None  # (chain is truthy)
         return all(is_elementwise(c) or _per_leaf(c) for c in tx.plan.children)
     if not is_fusible(tx):
         return False
@@ -109,8 +117,12 @@ def _gather_host(comm: Any, queue: cl.CommandQueue, sh: DtypeShard, part: cla.Ar
     """Every rank's slice in one host buffer of the full flat size (``part``: this rank's)."""
     host = np.empty(sh.lay.total, sh.lay.dtype)
     if sh.n:
-        cl.enqueue_copy(
-            queue, host[sh.lo : sh.hi], part.base_data, src_offset=part.offset, is_blocking=True
+        cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
+            queue,
+            host[sh.lo : sh.hi],
+            part.base_data,  # pyright: ignore[reportArgumentType]
+            src_offset=part.offset,
+            is_blocking=True,
         )
     if comm.Get_size() > 1 and sh.lay.total:
         allgatherv(comm, host, sh.counts, sh.displs)

@@ -281,7 +281,7 @@ class ZeroRedundancyOptimizer:
         def gather(part: cla.Array) -> list[cla.Array]:
             host = np.empty(lay.total, lay.dtype)
             if hi > lo:
-                cl.enqueue_copy(self._queue, host[lo:hi], part.base_data,
+                cl.enqueue_copy(self._queue, host[lo:hi], part.base_data,  # pyright: ignore[reportCallIssue, reportArgumentType]
                                 src_offset=part.offset, is_blocking=True)  # fmt: skip
             if size > 1 and lay.total:
                 allgatherv(self.comm, host, counts, displs)

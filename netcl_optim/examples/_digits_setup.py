@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -47,11 +47,12 @@ def load_digits_split(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    digits: Any = load_digits()  # (a Bunch)
     x = digits.data.astype(np.float64)
     y = digits.target.astype(np.int32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    x_tr, x_te, y_tr, y_te = cast(
+        list[np.ndarray],
+        train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y),
     )
     mean, std = x_tr.mean(0), x_tr.std(0)
     std[std == 0] = 1.0

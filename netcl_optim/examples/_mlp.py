@@ -18,7 +18,7 @@ element offset, so packed views (an optimizer's ``.data``, ``netcl_optim.pack``)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -354,14 +354,15 @@ class MLP:
                 self._own_grads = pack(
                     [cla.empty(self.queue, p.shape, np.float32, allocator=pool) for p in params]
                 )
+            assert self._own_grads is not None  # (pack returns a tree: Any)
             for p, g in zip(params, self._own_grads, strict=True):
                 if p.grad is None:
                     p.grad = g
         for name, p in zip(NAMES, params, strict=True):
-            g = p.grad
+            g = cast(cla.Array, p.grad)  # (each set above)
             if g.shape != p.shape or g.dtype != np.float32 or not g.flags.c_contiguous:
                 raise ValueError(f"{name}.grad must be a C-contiguous float32 {p.shape} array")
-        return {k: p.grad for k, p in zip(NAMES, params, strict=True)}
+        return {k: cast(cla.Array, p.grad) for k, p in zip(NAMES, params, strict=True)}
 
     def predict(self, x: cla.Array, params: dict[str, cla.Array] | None = None) -> np.ndarray:
         """Predicted classes of every row of ``x`` (one host read)."""

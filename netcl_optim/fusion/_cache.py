@@ -9,7 +9,7 @@ argument is kept as the index of a leaf that uses it).
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pyopencl as cl
 import pyopencl.array as cla
@@ -61,7 +61,7 @@ def lookup(entry_key: tuple, donate: bool) -> tuple[Entry, list[cla.Array]] | No
     types = set(map(type, objs))
     if _NONE_TYPE in types or DonatedArray in types:  # (`None in` calls __eq__)
         return None
-    return hit, objs
+    return hit, cast("list[cla.Array]", objs)  # (all alive: none is None)
 
 
 def bind(hit: Entry, objs: list[cla.Array], step_values: list[Any]) -> list[Launch]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import optree
@@ -43,7 +43,7 @@ def path_names(tree: Any) -> list[str]:
 
 @lru_cache(maxsize=1024)
 def _list_spec(n: int) -> optree.PyTreeSpec:
-    return optree.tree_structure(list(range(n)))
+    return optree.tree_structure(list(range(n)))  # pyright: ignore[reportArgumentType]
 
 
 def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
@@ -51,7 +51,7 @@ def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
     stateful layer passes every step)."""
     if type(tree) is list and set(map(type, tree)) == _ARRAY_ONLY:
         return tree, _list_spec(len(tree))
-    return optree.tree_flatten(tree)
+    return optree.tree_flatten(tree)  # pyright: ignore[reportArgumentType]
 
 
 _ARRAY_ONLY = {cla.Array}
@@ -147,9 +147,10 @@ def _home_context(
     for role, leaves in roles:
         for x in leaves:
             if isinstance(x, cla.Array) and type(x) is not DonatedArray:
-                count[x.context] = count.get(x.context, 0) + 1
-                if role not in by_ctx.setdefault(x.context, []):
-                    by_ctx[x.context].append(role)
+                ctx = cast(cl.Context, x.context)  # (pyopencl types it optional)
+                count[ctx] = count.get(ctx, 0) + 1
+                if role not in by_ctx.setdefault(ctx, []):
+                    by_ctx[ctx].append(role)
     if not count:
         return queue.context, ["the queue"]
     default = getattr(_device, "_default_queue", None)  # (none is created here)

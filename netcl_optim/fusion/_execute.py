@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import optree
 
@@ -114,7 +114,7 @@ def execute(
             sums = nxt if nxt is not None and can_sum(seg, nxt, u, params) else None
             extra = rounding is not None and _needs_rounding(seg)
             u, seg_slots = run_parts(
-                [*seg, rounding] if extra else seg,
+                [*seg, cast(Part, rounding)] if extra else seg,  # (extra: not None)
                 u,
                 params,
                 apply=apply and final,

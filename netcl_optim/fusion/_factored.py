@@ -628,6 +628,7 @@ def _row_and_column_sums(
 ) -> None:
     """Both segmentations' partials in one launch (see :func:`_both_table`); per leaf where
     the grads are not packed."""
+    assert plan.both is not None  # (the caller's check)
     dtype = grads[0].dtype
     acc_dtype = np.dtype(np.float64 if acc == "double" else np.float32)
     row_seg = segmentation(plan.shapes, "leaf", plan.row_views)
@@ -640,7 +641,7 @@ def _row_and_column_sums(
     run = contiguous_run(grads, lay)
     tail = [row_partials.base_data, col_partials.base_data]
     if run is not None:
-        kernel(queue, (len(plan.both),), (1,), *run, table, 0, *tail)
+        kernel(queue, (len(plan.both),), (1,), *run, table, 0, *tail)  # pyright: ignore[reportArgumentType]
         note_launches(kernel.function_name)
         return
     ranges = col_seg.leaf_strided
@@ -707,7 +708,7 @@ def factored_step(
     queue: cl.CommandQueue,
     rule: FactoredRule,
     grads: list[cla.Array],
-    state: tuple[list[cla.Array], list[cla.Array], list[cla.Array]],
+    state: tuple[list[cla.Array], ...],  # (its three fields)
     keep: float,
     add: float,
     eps1: float,
@@ -760,7 +761,7 @@ def factored_step(
     if not sums:
         _row_and_column_sums(queue, plan, ema, grads, acc)
     factor_t = storage_of(lays[0].dtype)
-    ema_runs = [(olds[0], news[0]), (olds[1], news[1])]
+    ema_runs: list[tuple[Any, ...]] = [(olds[0], news[0]), (olds[1], news[1])]
     rows_at = (lays[0], *news[0])
     wide = None
     if {row_t, col_t} - {"float", "double"}:  # low precision: the EMAs in a float copy

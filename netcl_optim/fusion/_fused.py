@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import optree
@@ -460,16 +460,18 @@ def _plan_launches(
                 packed_bases = None
             continue
         if INDEX in binding.arrays:  # the updates' buffer (not read), the first index
-            runs[INDEX] = None if runs[U_IN] is None else (runs[U_IN][0], origin)
+            u_run = cast("tuple[Any, int]", runs[U_IN])  # (when not None)
+            runs[INDEX] = None if runs[U_IN] is None else (u_run[0], origin)
             arrays[INDEX] = arrays[U_IN]
         runs.update(tree_fixed)
         bound = [runs[name] for name in binding.arrays]
         if None not in bound:
             if packed_bases is not None:
                 written = [run for n, run in zip(binding.arrays, bound, strict=True) if n != INDEX]
-                packed_bases.extend(id(base) for base, _ in written)
+                packed_bases.extend(id(base) for base, _ in cast("list[tuple[Any, int]]", written))
             if lay.total:
-                launches.append((kernel, lay.total, [v for run in bound for v in run]))
+                runs_bound = cast("list[tuple[Any, int]]", bound)  # (no None)
+                launches.append((kernel, lay.total, [v for run in runs_bound for v in run]))
         else:
             packed_bases = None
             columns = [arrays.get(name, []) for name in binding.arrays]

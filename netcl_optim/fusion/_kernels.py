@@ -4,7 +4,7 @@ flag, loss scaling, and scaling by a clip coefficient left on the device by a re
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -166,7 +166,7 @@ def unscale(
 def scale_into(x: cla.Array, y: cla.Array, s: float) -> None:
     """``y = x * s`` for C-contiguous arrays alike (half and bfloat16 computed in float,
     rounded once to nearest even). One launch."""
-    queue = x.queue
+    queue = cast(cl.CommandQueue, x.queue)  # (pyopencl types it optional)
     kernel = _kernel(queue, "scale", x.dtype)
     launch(
         kernel, queue, x.size, [x.base_data, element_offset(x), y.base_data, element_offset(y), s]
@@ -274,7 +274,7 @@ def clip_coefficient(norm: cla.Array, max_norm: float, out: cla.Array) -> None:
     """``out[:2] = [norm, min(1, max_norm / (norm + 1e-6))]`` from the one-element device
     array ``norm`` (``out``: the reduction type of its queue, see ``acc_ctype``), as a
     ``"clip"`` reduction leaves them for :func:`clip_scale`. One single-work-item launch."""
-    queue = norm.queue
+    queue = cast(cl.CommandQueue, norm.queue)  # (pyopencl types it optional)
     acc = acc_ctype(queue)
     src, name = _clip_coef_source(storage_of(norm.dtype), acc)
     acc_dtype = np.float64 if acc == "double" else np.float32

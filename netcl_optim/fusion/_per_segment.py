@@ -99,7 +99,7 @@ def segment_values(
 
 def copy_array(queue: cl.CommandQueue, dst: cla.Array, src: cla.Array) -> None:
     """Device-to-device copy of one small array (no host round trip)."""
-    cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
+    cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                     dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
@@ -190,7 +190,7 @@ def leaf_values(red: Any, tree: Any, params: Any = None) -> Any:
         values = reduce_segments(queue, red, us, ps, acc)  # a workspace: copied out
         block = layout(((),) * len(idx), acc_dtype).allocate(queue)
         nbytes = len(idx) * acc_dtype.itemsize
-        cl.enqueue_copy(queue, block.buffer, values.base_data, byte_count=nbytes,
+        cl.enqueue_copy(queue, block.buffer, values.base_data, byte_count=nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                         dst_offset=block.offset)  # fmt: skip
         for i, view in zip(idx, block.views, strict=True):
             out[i] = view

@@ -7,6 +7,8 @@ reads the same codes (tests/test_reference_8bit.py checks them against bitsandby
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 
 # fmt: off
@@ -171,6 +173,8 @@ def _check(words: np.ndarray, signed: bool) -> None:
                             starts.view(np.float32), (starts - 1).view(np.float32)])  # fmt: skip
     probe = np.concatenate([probe, -probe]).astype(np.float32)
     near = [np.nextafter(probe, np.float32(np.inf)), np.nextafter(probe, np.float32(-np.inf))]
-    probe = np.concatenate([probe, *near, np.float32([np.nan, np.inf, -np.inf, 2.5, -2.5, 0])])
+    probe = np.concatenate(
+        [probe, *near, np.float32(cast(Any, [np.nan, np.inf, -np.inf, 2.5, -2.5, 0]))]
+    )
     if not np.array_equal(bucketed_codes(probe, words), nearest_codes(probe, signed)):
         raise AssertionError("a quantization bucket holds two midpoints")

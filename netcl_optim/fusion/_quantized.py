@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 import optree
@@ -65,7 +65,7 @@ class QuantizedSlice(NamedTuple):
     pieces: tuple[Any, ...]
 
 
-def is_quantized(x: Any) -> bool:
+def is_quantized(x: Any) -> TypeGuard[QuantizedState]:
     return type(x) is QuantizedState
 
 
@@ -280,7 +280,7 @@ def copy_params(states: list[Any], leaves: list[cla.Array], queue: cl.CommandQue
         if not x.size:
             continue
         if isinstance(y, cla.Array) and y.dtype == x.dtype:
-            cl.enqueue_copy(queue, y.base_data, x.base_data, byte_count=x.nbytes,
+            cl.enqueue_copy(queue, y.base_data, x.base_data, byte_count=x.nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                             src_offset=x.offset, dst_offset=y.offset)  # fmt: skip
         else:
             set_value(y, x.get())
@@ -551,7 +551,7 @@ def _check_slots(
     mask: list[bool] | None = None
     kinds: list[str] = []
     for leaves, name in zip(slots, names, strict=True):
-        q = [is_quantized(y) for y in leaves]
+        q: list[bool] = [is_quantized(y) for y in leaves]
         if not any(q):
             kinds.append("")
             continue

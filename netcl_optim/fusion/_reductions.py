@@ -63,11 +63,11 @@ def reduce_leaves(
     for (dtype, base, off, n), count in zip(runs, counts, strict=True):
         kernel = reduce_kernel(ctx, op, dtype, acc)
         note_launches(kernel.function_name)
-        kernel(queue, (count,), (1,), base, off, n, chunk, partials.base_data, p_off, pw)
+        kernel(queue, (count,), (1,), base, off, n, chunk, partials.base_data, p_off, pw)  # pyright: ignore[reportArgumentType]
         p_off += count
     finisher = finish_kernel(ctx, op, finish, acc)
     note_launches(finisher.function_name)
-    finisher(queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw)
+    finisher(queue, (1,), (1,), partials.base_data, p_off, out.base_data, s0, pw)  # pyright: ignore[reportArgumentType]
     return out
 
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -47,6 +48,9 @@ from .._packing import contiguous_run, element_offset, layout
 from ._codegen import POINTER, preamble, storage_of
 from ._launch import TILE, Single, Tiled, launch, note_launches
 from ._programs import build
+
+if TYPE_CHECKING:
+    from ._slices import Window
 
 CHUNK = 8192  # elements per partial sum of the reduce launch
 
@@ -92,7 +96,7 @@ def axis_view(shape: tuple[int, ...], axis: int | None) -> View:
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]), True
 
 
-def leaf_view(shape: tuple[int, ...], kind: str | tuple[View, ...]) -> View:
+def leaf_view(shape: tuple[int, ...], kind: str) -> View:
     """A leaf as ``[outer, mid, inner]`` whose segments are its ``(outer, inner)`` pairs,
     each a sum over ``mid``, and whether they are reduced (see ``SegmentReduction``)."""
     size = math.prod(shape)
@@ -531,7 +535,7 @@ def reduce_segments(
             kernel = _strided_reducer(ctx, red, storage_of(dtype), acc)
         rows = tables[table].base_data
         if None not in runs:
-            args = [v for run in runs for v in run]
+            args = [v for run in cast("list[tuple[Any, int]]", runs) for v in run]
             _one_per_group(kernel, queue, total, [*args, rows, 0, partials.base_data])
             continue
         for j, (r0, r1) in enumerate(ranges):
@@ -562,7 +566,7 @@ def _one_per_group(kernel: cl.Kernel, queue: cl.CommandQueue, n: int, args: list
 def chunk_launches(
     seg: Segmentation,
     kernel: cl.Kernel,
-    columns: list[tuple[str, list[Any], Any]],
+    columns: Sequence[tuple[str, list[Any] | None, Any]],
     offsets: tuple[int, ...],
     chunk_name: str,
 ) -> list[tuple[cl.Kernel, int, list[Any]]]:
@@ -592,10 +596,10 @@ def chunk_launches(
 
 
 def tiled_launches(
-    seg: Segmentation,
+    seg: Segmentation | Window,
     kernels: tuple[cl.Kernel, cl.Kernel],
     groups: Any,
-    columns: list[tuple[str, list[Any], Any]],
+    columns: Sequence[tuple[str, list[Any] | None, Any]],
     offsets: tuple[int, ...],
     tile_name: str,
 ) -> list[tuple[cl.Kernel, int, list[Any]]]:

@@ -83,7 +83,7 @@ def whole_view(part: cla.Array, start: int, n: int) -> cla.Array:
     """The 1-D view of ``n`` elements of ``part``'s buffer from ``part``'s element
     ``start`` on."""
     item = part.dtype.itemsize
-    return layout(((n,),), part.dtype).views_of(part.queue, part.base_data,
+    return layout(((n,),), part.dtype).views_of(part.queue, part.base_data,  # pyright: ignore[reportArgumentType]
                                                 part.offset + start * item)[0]  # fmt: skip
 
 

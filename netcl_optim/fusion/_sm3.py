@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyopencl as cl
@@ -417,7 +417,8 @@ def _workspace(
     ws = _workspaces.get(key)
     if ws is None:
         sizes = (plan.rows, plan.chunks, plan.colparts)
-        ws = _workspaces[key] = tuple(cla.empty(queue, (max(n, 1),), st) for n in sizes)
+        arrays = tuple(cla.empty(queue, (max(n, 1),), st) for n in sizes)
+        ws = _workspaces[key] = cast("tuple[cla.Array, cla.Array, cla.Array]", arrays)  # (3 sizes)
     return ws
 
 
@@ -433,8 +434,8 @@ def _packed(
     block = lay.allocate(queue)
     for src, view in zip(leaves, block.views, strict=True):
         if src.nbytes:
-            cl.enqueue_copy(
-                queue, view.base_data, src.base_data, byte_count=src.nbytes,
+            cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
+                queue, view.base_data, src.base_data, byte_count=src.nbytes,  # pyright: ignore[reportArgumentType]
                 src_offset=src.offset, dst_offset=view.offset,
             )  # fmt: skip
     return block.buffer, block.offset // lay.dtype.itemsize, True
@@ -446,8 +447,8 @@ def _copy_back(
     item = lay.dtype.itemsize
     for dst, off in zip(leaves, lay.offsets, strict=True):
         if dst.nbytes:
-            cl.enqueue_copy(
-                queue, dst.base_data, buffer, byte_count=dst.nbytes,
+            cl.enqueue_copy(  # pyright: ignore[reportCallIssue]
+                queue, dst.base_data, buffer, byte_count=dst.nbytes,  # pyright: ignore[reportArgumentType]
                 src_offset=(offset + off) * item, dst_offset=dst.offset,
             )  # fmt: skip
 
@@ -499,21 +500,21 @@ def sm3_group(
     w1, w2, w3 = plan.work
     if w1:
         rows_k(
-            queue, (_round(w1),), None, tables["leaves"].data, n_leaves, tables["axes"].data, w1,
+            queue, (_round(w1),), None, tables["leaves"].data, n_leaves, tables["axes"].data, w1,  # pyright: ignore[reportArgumentType]
             g_buf, g_off, mu_buf, mu_off, mu_out_buf, mu_out_off, nu_buf, nu_off, nu_out_buf,
             nu_out_off,
-            out.buffer, out.offset // dtype.itemsize, rowmin.data, chunkmax.data,
+            out.buffer, out.offset // dtype.itemsize, rowmin.data, chunkmax.data,  # pyright: ignore[reportArgumentType]
             c, b2, eps, b1, 1.0 - b1,
         )  # fmt: skip
     if w2:
         cols_k(
-            queue, (_round(w2),), None, tables["leaves"].data, n_leaves, w2, g_buf, g_off,
-            mu_buf, mu_off, rowmin.data, colpart.data, c, b2,
+            queue, (_round(w2),), None, tables["leaves"].data, n_leaves, w2, g_buf, g_off,  # pyright: ignore[reportArgumentType]
+            mu_buf, mu_off, rowmin.data, colpart.data, c, b2,  # pyright: ignore[reportArgumentType]
         )  # fmt: skip
     if w3:
         finish_k(
-            queue, (_round(w3),), None, tables["segs"].data, len(plan.segs), w3,
-            chunkmax.data, colpart.data, mu_out_buf, mu_out_off,
+            queue, (_round(w3),), None, tables["segs"].data, len(plan.segs), w3,  # pyright: ignore[reportArgumentType]
+            chunkmax.data, colpart.data, mu_out_buf, mu_out_off,  # pyright: ignore[reportArgumentType]
         )  # fmt: skip
     for name, n in (("sm3_rows", w1), ("sm3_cols", w2), ("sm3_finish", w3)):
         note_launches(name, int(n > 0))
@@ -523,7 +524,8 @@ def sm3_group(
         if mu_copied:
             _copy_back(queue, mu_buf, mu_off, mu, mu_lay)
         new_nu, new_mu = nu, mu
-    return out.views, new_mu, new_nu
+    # (set in both cases: in place, just above)
+    return out.views, cast("list[cla.Array]", new_mu), cast("list[cla.Array]", new_nu)
 
 
 __all__ = ["CHUNK", "ROWS", "kernels", "sm3_group", "sm3_mu_shapes", "sm3_plan", "source"]

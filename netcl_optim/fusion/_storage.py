@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def storage_dtype(value: object, what: str = "state_dtype") -> np.dtype | None:
     if value is None:
         return None
     try:
-        dtype = _NAMES[value] if isinstance(value, str) else np.dtype(value)
+        dtype = _NAMES[value] if isinstance(value, str) else np.dtype(cast(Any, value))
     except (KeyError, TypeError):
         dtype = None
     if dtype not in STATE_STORAGE:

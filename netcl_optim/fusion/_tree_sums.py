@@ -446,7 +446,7 @@ def prepare(
             pre += tree_chunk_launches(seg, prepass, columns, lay.offsets, dtype)
         groups[dtype] = Group(seg, base, c0, c1, fixed)
     f_args += [outputs.base_data, 0]
-    finish_dtype = np.float64 if all(d == np.float64 for d in plans) else np.float32
+    finish_dtype: Any = np.float64 if all(d == np.float64 for d in plans) else np.float32
     finisher, _ = tree_kernel(ctx, "finish", fragments, k, finish_dtype, (), acc, tuple(ctypes))
     finish: Launch = (finisher, Single(1), f_args)
     new_state = tuple(

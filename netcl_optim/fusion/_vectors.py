@@ -256,7 +256,7 @@ class Vectors:
         n = self._check(out, a)
         if n:
             nbytes = n * self.dtype.itemsize
-            cl.enqueue_copy(self.queue, out.base_data, a.base_data, byte_count=nbytes,
+            cl.enqueue_copy(self.queue, out.base_data, a.base_data, byte_count=nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                             src_offset=a.offset, dst_offset=out.offset)  # fmt: skip
 
     # ------------------------------------------------------------------ reductions
@@ -283,12 +283,12 @@ class Vectors:
         partials = self._partials
         xv = x if x is not None else y
         if count:
-            partial(self.queue, (count,), None, y.base_data,
-                    np.int64(element_offset(y)), xv.base_data, np.int64(element_offset(xv)),
-                    w.base_data, np.int64(element_offset(w)), *self._scalars(c),
-                    self.reg.base_data, np.int64(n), np.int64(chunk),
-                    partials.base_data)  # fmt: skip
-        finish(self.queue, (1,), (1,), partials.base_data, np.int64(count), self.reg.base_data,
+            partial(self.queue, (count,), None, y.base_data,  # pyright: ignore[reportArgumentType]
+                    np.int64(element_offset(y)), xv.base_data, np.int64(element_offset(xv)),  # pyright: ignore[reportArgumentType]
+                    w.base_data, np.int64(element_offset(w)), *self._scalars(c),  # pyright: ignore[reportArgumentType]
+                    self.reg.base_data, np.int64(n), np.int64(chunk),  # pyright: ignore[reportArgumentType]
+                    partials.base_data)  # fmt: skip  # pyright: ignore[reportArgumentType]
+        finish(self.queue, (1,), (1,), partials.base_data, np.int64(count), self.reg.base_data,  # pyright: ignore[reportArgumentType]
                np.int64(out), *self._scalars(times))  # fmt: skip
         note_launches(name, 2 if count else 1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["PolyakSGD", "ScaleByPolyakState", "polyak_sgd", "scale_by_polyak"]
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pyopencl.array as cla
@@ -80,7 +80,7 @@ def host_loss(value: Any, who: str = "scale_by_polyak") -> np.floating:
     if array.size != 1:
         raise invalid("value", value, must, who)
     array = array.reshape(())
-    return (array if array.dtype.kind == "f" else array.astype(np.float64))[()]
+    return cast(np.floating, (array if array.dtype.kind == "f" else array.astype(np.float64))[()])
 
 
 def polyak_gap(value: Any, f_min: float, variant: str, who: str = "scale_by_polyak") -> float:

@@ -9,7 +9,7 @@ __all__ = ["SM3", "ScaleBySM3State", "scale_by_sm3", "sm3"]
 
 import math
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import optree
@@ -21,7 +21,7 @@ from .._device import check_float_dtype, state_dtype
 from .._packing import DonatedArray, c_strides, layout
 from .._state_check import NamedTupleSpec, register
 from .._validation import CLOSED_UNIT, NON_NEGATIVE, check
-from ..fusion import EightBit, slice_for, slot_dtype_of, whole_updates, whole_view
+from ..fusion import EightBit, Slice, slice_for, slot_dtype_of, whole_updates, whole_view
 from ..fusion._checks import flatten, group_by_dtype, path_names, queue_of_leaves, slot_storages
 from ..fusion._fused import init_slots
 from ..fusion._sm3 import sm3_group, sm3_mu_shapes
@@ -125,7 +125,7 @@ def _run_sliced(
     queue = queue_of_leaves(leaves)
     out, new_mu, new_nu = [], [], []
     for x, mu, nu in zip(leaves, mus, nus, strict=True):
-        s = slice_for([x], [0])
+        s = cast(Slice, slice_for([x], [0]))  # (the caller's check: not None)
         n_mu, n_nu = _whole_totals(s)
         if isinstance(mu, cla.Array):  # the stateful layer's accumulator buffer
             mu = [mu]
@@ -161,7 +161,7 @@ def _storage(dtype: np.dtype, stored: Any) -> np.dtype:
     ``stored`` (an array, or None): its own where that is a storage for ``dtype`` (the state
     dtype, or float16 or bfloat16 for float32 and half updates), else the state dtype."""
     got = getattr(stored, "dtype", None)
-    return got if got in slot_storages(np.dtype(dtype)) else state_dtype(dtype)
+    return cast(np.dtype, got) if got in slot_storages(np.dtype(dtype)) else state_dtype(dtype)
 
 
 def _group_storages(u: list[Any], mu: list[Any], nu: list[Any]) -> tuple[list, list]:
@@ -186,7 +186,7 @@ def _group_storages(u: list[Any], mu: list[Any], nu: list[Any]) -> tuple[list, l
 def _copy(queue: Any, dst: cla.Array, src: cla.Array) -> None:
     """Device-to-device copy between 1-D arrays of one size."""
     if src.nbytes:
-        cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,
+        cl.enqueue_copy(queue, dst.base_data, src.base_data, byte_count=src.nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                         dst_offset=dst.offset, src_offset=src.offset)  # fmt: skip
 
 
@@ -264,7 +264,7 @@ def _check(
             f"  state.nu: {nu_def}\n  updates: {treedef}"
         )
     try:
-        mu = treedef.flatten_up_to(state.mu)
+        mu: list[Any] = treedef.flatten_up_to(state.mu)
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"scale_by_sm3: state.mu does not have the updates' tree structure ({e})"
@@ -338,7 +338,7 @@ def _split(m: cla.Array, shape: tuple[int, ...]) -> Any:
         return m
     if len(shape) < 2:
         return [m]
-    return layout(tuple(sm3_mu_shapes(shape)), m.dtype).views_of(m.queue, m.base_data, m.offset)
+    return layout(tuple(sm3_mu_shapes(shape)), m.dtype).views_of(m.queue, m.base_data, m.offset)  # pyright: ignore[reportArgumentType]
 
 
 def _what(x: Any) -> str:

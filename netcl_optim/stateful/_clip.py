@@ -254,7 +254,7 @@ def _zeros(queue: cl.CommandQueue, shape: tuple[int, ...]) -> cla.Array:
     """A zero norm in the reduction type of ``queue`` (one fill, no launch)."""
     acc_dtype = _acc_dtype(queue)
     zero = cla.empty(queue, shape, acc_dtype, allocator=allocator(queue))
-    cl.enqueue_fill_buffer(queue, zero.base_data, acc_dtype(0), zero.offset, zero.nbytes)
+    cl.enqueue_fill_buffer(queue, zero.base_data, acc_dtype(0), zero.offset, zero.nbytes)  # pyright: ignore[reportArgumentType]
     return zero
 
 
@@ -405,7 +405,7 @@ def _total_norm_arg(total_norm: Any) -> cla.Array | float:
                 f"Invalid total_norm: an array of shape {total_norm.shape} "
                 "(must be a one-element device array or a number)"
             )
-        check_float_dtype(total_norm.dtype, total_norm.queue, "clip_grads_with_norm_")
+        check_float_dtype(total_norm.dtype, total_norm.queue, "clip_grads_with_norm_")  # pyright: ignore[reportArgumentType]
         return total_norm
     return require("total_norm", total_norm, _TOTAL_NORM)
 

@@ -150,7 +150,7 @@ class AMPGradScaler:
             raise RuntimeError("unscale_() is being called after step().")
         grads = _grads_of(optimizer)
         if grads:
-            found = new_flag(grads[0].queue)
+            found = new_flag(grads[0].queue)  # pyright: ignore[reportArgumentType]
             unscale_grads_(grads, inverse_scale(self._scale), found)
             state.found, state.found_host = found, None
         state.stage = _Stage.UNSCALED

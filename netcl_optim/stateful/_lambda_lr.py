@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .._validation import BOOL, NON_NEGATIVE, Rule, invalid, require
 from ._lr_scheduler import LRScheduler, SupportsParamGroups, lr_groups
@@ -57,7 +57,7 @@ class LambdaLR(LRScheduler):
                 raise invalid("lr_lambda", lr_lambda, f"a function or a list of {n} functions")
             fns = list(lr_lambda)
         else:
-            fns = [lr_lambda] * n
+            fns = [cast("Callable[[int], float]", lr_lambda)] * n
         for fn in fns:
             if not callable(fn):
                 raise invalid("lr_lambda", fn, "callable", error=TypeError)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .._validation import Rule, at_least, invalid, require
 
@@ -159,4 +159,4 @@ class LRScheduler(abc.ABC):
         Closed-form schedulers write the restored schedule at the next :meth:`step`; restore
         the optimizer's own state for the current ``lr``.
         """
-        self.__dict__.update(copy.deepcopy(state_dict))
+        cast("dict[str, Any]", self.__dict__).update(copy.deepcopy(state_dict))

@@ -17,7 +17,7 @@ import contextlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, overload
 
 from .._base import GradientTransformation
 from ..fusion import EightBit, element_origin, storage_dtype
@@ -163,6 +163,13 @@ class Optimizer(abc.ABC):
         if "__init__" not in cls.__dict__:
             cls.__init__ = _constructor(cls)  # type: ignore[method-assign]
 
+    # (for type checkers) the base's constructor, called by the generated ones and by the
+    # subclasses' own; and a concrete optimizer's, generated from its declaration by
+    # _constructor: (params, *hyperparameters, **hyperparameters and storage keywords)
+    @overload
+    def __init__(self, params: Any, defaults: Mapping[str, Any]) -> None: ...
+    @overload
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
     def __init__(self, params: Any, defaults: Mapping[str, Any]) -> None:
         self.defaults: dict[str, Any] = dict(defaults)
         self.param_groups: list[dict[str, Any]] = []

@@ -267,7 +267,7 @@ def _assign(avg: cla.Array, value: Any) -> None:
                 f"{avg.dtype}{list(avg.shape)}"
             )
         if value.nbytes:
-            cl.enqueue_copy(avg.queue, avg.base_data, value.base_data, byte_count=value.nbytes,
+            cl.enqueue_copy(avg.queue, avg.base_data, value.base_data, byte_count=value.nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                             src_offset=value.offset, dst_offset=avg.offset)  # fmt: skip
         return
     set_value(avg, np.broadcast_to(np.asarray(value), avg.shape))

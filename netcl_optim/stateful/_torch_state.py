@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .._base import Fragment, GradientTransformation, ShapeOf, StagePlan
 from .._state_check import NamedTupleSpec, spec_of
@@ -64,7 +64,7 @@ def torch_state(state_type: type, *, count: str | None = None, **slots: str) -> 
 def _states(node: Any) -> Iterator[Any]:
     """The NamedTuple states with fields in a state tree, in order."""
     if isinstance(node, tuple) and hasattr(node, "_fields"):
-        if node._fields:
+        if cast(Any, node)._fields:
             yield node
     elif isinstance(node, tuple):
         for child in node:
@@ -98,10 +98,10 @@ def assemble(
     """The chain's state: ``template`` with each declared state's slots replaced by the
     group's ``buffers`` and its count by ``counts`` (per torch key, and :data:`STEP`)."""
     if isinstance(node, tuple) and hasattr(node, "_fields"):
-        if not node._fields:
+        if not cast(Any, node)._fields:
             return node
         spec = declared[type(node)]
-        values = {field: buffers[key] for field, key in spec.slots}
+        values: dict[str, Any] = {field: buffers[key] for field, key in spec.slots}
         if spec.count is not None:
             values["count"] = counts[spec.count]
         return type(node)(**values)

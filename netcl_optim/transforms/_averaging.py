@@ -167,7 +167,7 @@ def copy_(dst: list[cla.Array], src: list[cla.Array]) -> None:
 
 def _copy(dst: cla.Array, src: cla.Array, nbytes: int) -> None:
     if nbytes:
-        cl.enqueue_copy(queue_of(src), dst.base_data, src.base_data, byte_count=nbytes,
+        cl.enqueue_copy(queue_of(src), dst.base_data, src.base_data, byte_count=nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
                         src_offset=src.offset, dst_offset=dst.offset)  # fmt: skip
 
 

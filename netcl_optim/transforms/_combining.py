@@ -13,6 +13,7 @@ from .._base import (
     OptState,
     Part,
     Rebuild,
+    TransformInitFn,
     as_transform,
     is_elementwise,
     is_fusible,
@@ -63,6 +64,7 @@ class ChainPlan:
         parts: list[Part] = []
         spans = []
         for child, child_state in zip(self.children, child_states, strict=True):
+            assert child.plan is not None  # (fusible)
             ps, rb = child.plan.parts(child_state, extra_args)
             spans.append((len(parts), len(ps), rb))
             parts.extend(ps)
@@ -83,7 +85,7 @@ def _chain_spec(
     return DictSpec(dict(zip(names, specs, strict=True)))
 
 
-def _make(plan: ChainPlan, init: Callable[[Any], OptState]) -> GradientTransformation:
+def _make(plan: ChainPlan, init: TransformInitFn) -> GradientTransformation:
     tx: GradientTransformation
 
     def update(updates: Any, state: OptState, params: Any = None, **extra_args: Any):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import optree
@@ -155,7 +155,7 @@ def scale_by_factored_rms(
             decay = float(decay_rate_fn(i, decay_rate))
             keep, add = decay, float(np.float32(1) - np.float32(decay))
         out: list[Any] = [None] * len(leaves)
-        new = [[None] * len(leaves) for _ in fields]
+        new: list[list[Any]] = [[None] * len(leaves) for _ in fields]
         for dtype, idx in group_by_dtype(leaves).items():
             group_rule, floor = rule_for(dtype)
             s = slice_for(leaves, idx)
@@ -241,7 +241,7 @@ def _storages(leaves: list[Any], column: list[Any]) -> list[np.dtype]:
         d = x.dtype
         if d not in first:
             stored = getattr(y, "dtype", None)
-            first[d] = stored if stored in slot_storages(d) else state_dtype(d)
+            first[d] = cast(np.dtype, stored) if stored in slot_storages(d) else state_dtype(d)
         out.append(first[d])
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .._base import (
     GradientTransformation,
@@ -94,6 +94,7 @@ class _InjectPlan:
     ) -> tuple[list[Part], Rebuild]:
         hps = self.values(state)
         inner = self.make(hps)
+        assert inner.plan is not None  # (parts: only when fusible)
         parts, rebuild_inner = inner.plan.parts(state.inner_state, extra_args)
 
         def rebuild(new_slots: list[tuple[Any, ...]]) -> InjectHyperparamsState:
@@ -136,7 +137,9 @@ def inject_hyperparams(
             if k in STRUCTURAL or not (_is_numeric(v) or callable(v))
         }  # fmt: skip
         numeric = {k: float(v) for k, v in kwargs.items() if _is_numeric(v) and k not in static}
-        schedules = {k: v for k, v in kwargs.items() if callable(v)}
+        schedules = cast(
+            "dict[str, Callable[[int], float]]", {k: v for k, v in kwargs.items() if callable(v)}
+        )
         initial = {**numeric, **{k: float(fn(0)) for k, fn in schedules.items()}}
         # validates the arguments once, up front; scheduled values may be 0 (a warmup's start)
         probe = as_transform(

@@ -20,7 +20,7 @@ class MaskedState(NamedTuple):
 def _mask_leaves(mask: Any, tree: Any, treedef: optree.PyTreeSpec) -> list[bool]:
     m = mask(tree) if callable(mask) else mask
     try:
-        leaves = treedef.flatten_up_to(m)
+        leaves = treedef.flatten_up_to(m)  # pyright: ignore[reportArgumentType]
     except (ValueError, TypeError) as err:
         raise ValueError(f"masked: the mask's structure does not match the params: {err}") from None
     return [bool(x) for x in leaves]

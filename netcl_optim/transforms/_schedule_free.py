@@ -156,6 +156,7 @@ class _ScheduleFreePlan:
     def parts(
         self, state: ScheduleFreeState, extra_args: dict[str, Any]
     ) -> tuple[list[Part], Rebuild]:
+        assert self.base.plan is not None  # (parts: only when fusible)
         base_parts, base_rebuild = self.base.plan.parts(state.base_optimizer_state, extra_args)
         part, host = self.part(state)
         n = len(base_parts)

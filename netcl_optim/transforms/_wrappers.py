@@ -275,6 +275,7 @@ class _MultiStepsPlan:
                 return state._replace(mini_step=state.mini_step + 1, acc_grads=new_slots[0][0])
 
             return [part], rebuild_mini
+        assert owner.inner_opt.plan is not None  # (parts: only when fusible)
         inner_parts, inner_rebuild = owner.inner_opt.plan.parts(state.inner_opt_state, extra_args)
 
         def rebuild_emit(new_slots: list[tuple[Any, ...]]) -> MultiStepsState:
