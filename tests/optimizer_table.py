@@ -731,9 +731,12 @@ OPTIMIZERS: list[Optimizer] = [
               optax=lambda optax, h: optax.optimistic_adam_v2(
                   h["learning_rate"], alpha=h["alpha"], beta=h["beta"], b1=h["b1"], b2=h["b2"],
                   eps=h["eps"], eps_root=h["eps_root"], nesterov=h["nesterov"]),
+              # (alpha + beta) u - beta u_prev cancels where alpha << beta and u ~ u_prev
+              # (u_prev = u at the first step): float32 keeps an error ~eps (alpha + 2 beta) |u|
+              # against a result ~alpha |u|, which the tolerance covers for alpha >= beta / 40
               hyper=lambda st: st.fixed_dictionaries({
                   "learning_rate": _learning_rate(st, 0.01),
-                  "alpha": st.floats(0.0, 2.0), "beta": st.floats(0.0, 2.0),
+                  "alpha": st.floats(0.05, 2.0), "beta": st.floats(0.0, 2.0),
                   "b1": st.sampled_from([0.0, 0.9]) | st.floats(0.05, 0.99),
                   "b2": st.floats(0.0, 0.9999), "eps": _eps(st),
                   "eps_root": st.sampled_from([0.0, 1e-16]) | _eps(st),
