@@ -183,4 +183,4 @@ __all__ = sorted(
     and (not isinstance(value, _types.ModuleType) or name in ("schedules", "stateful"))
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
