@@ -110,4 +110,5 @@ def test_a_missing_page_is_a_404(site):
     base, _ = site
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{base}/no/such/page/", timeout=30)
+    err.value.close()  # (the error holds the response's socket)
     assert err.value.code == 404

@@ -67,10 +67,11 @@ def check_shardable(tx: GradientTransformation, what: str = "shard_optimizer") -
     NovoGrad, Fromage, adaptive_grad_clip, ...: their sums run over the whole leaves, see
     ``fusion/_slices.py``); rules whose step size sums over the whole tree (Prodigy,
     D-Adaptation, DoG, DoWG: each rank sums its chunks, one Allreduce adds them, see
-    ``fusion/_tree_sums.py``). Rejected (ValueError): whole-tree reductions
-    (``clip_by_global_norm``, finiteness checks): a shard sees only its slice, so the norm
-    would be a partial one; rules with kernels of their own (Adafactor, SM3), for now.
-    Rejected (TypeError): opaque transforms (not fused, e.g.
+    ``fusion/_tree_sums.py``); rules with kernels of their own that step slices (Adafactor,
+    SM3: the whole leaves are stepped, the slice handed on, see ``fusion/_slices.py``).
+    Rejected (ValueError): whole-tree reductions (``clip_by_global_norm``, finiteness
+    checks): a shard sees only its slice, so the norm would be a partial one. Rejected
+    (TypeError): opaque transforms (not fused, e.g.
     ``masked``, a ``mask=`` argument, ``partition``), which may depend on the tree.
     """
     check_per_leaf(tx, what)

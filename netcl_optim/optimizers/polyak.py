@@ -231,7 +231,9 @@ class PolyakSGD(Optimizer):
         """Only :meth:`step` passes the loss: a step from elsewhere (ZeRO's) is refused."""
         if self._loss is None:
             raise TypeError(f"{type(self).__name__} needs the loss at every step: call its "
-                            "step(closure) or step(value=loss)")  # fmt: skip
+                            "own step(closure) or step(value=loss); a wrapper that calls "
+                            "step() without it (ZeroRedundancyOptimizer) cannot run "
+                            "it")  # fmt: skip
 
     def _step_args(self, rec: Any) -> dict[str, Any]:
         return {"value": self._loss}
