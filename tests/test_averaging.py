@@ -4,11 +4,11 @@ numpy references, parity with optax and torch 2.13, launches, resume, bad input.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import numpy as np
 import pytest
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.stateful._swa import (
@@ -36,15 +36,6 @@ def _trajectory(dtype=np.float32, steps=STEPS, seed=0):
     return out
 
 
-def _x64():
-    import jax
-
-    enable = getattr(jax, "enable_x64", None)
-    if enable is None:
-        enable = getattr(jax.experimental, "enable_x64", None)
-    return enable(True) if enable is not None else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------- incremental_update
 
 
@@ -67,7 +58,7 @@ def test_incremental_update_matches_optax(cl_queue, dtype):
     jnp = pytest.importorskip("jax.numpy")
     traj = _trajectory(dtype)
     avg = no.pack(no.to_device(traj[0], cl_queue))
-    with _x64() if dtype == np.float64 else contextlib.nullcontext():
+    with jax_x64(dtype == np.float64):
         oavg = {k: jnp.asarray(v) for k, v in traj[0].items()}
         for p in traj[1:]:
             avg = incremental_update(no.pack(no.to_device(p, cl_queue)), avg, 0.01)

@@ -13,6 +13,7 @@ import optree
 import pyopencl.array as cla
 import pytest
 import reference_lbfgs_optax as ref
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.fusion._vectors import Vectors
@@ -189,10 +190,8 @@ def _splitter(like):
 
 
 def _x64(dtype):
-    """jax's float64 switch as a context manager (``jax.enable_x64``; jax 0.10 has no
-    ``jax.experimental.enable_x64``): on for float64, off for float32."""
-    jax = pytest.importorskip("jax")
-    return jax.enable_x64(np.dtype(dtype) == np.float64)
+    """jax's float64 switch: on for float64, off for float32."""
+    return jax_x64(np.dtype(dtype) == np.float64)
 
 
 def _jax_fns(f, jnp, jax):

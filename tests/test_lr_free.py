@@ -12,6 +12,7 @@ import pytest
 import reference_lr_free as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.optimizers.dadapt import DAdaptAdamWState
@@ -223,13 +224,10 @@ def _optax_tx(optax, rule, h):
 
 def _optax_run(rule, h, p0, grads, x64):
     """optax.contrib's rule over the same gradients: (params, the rule's scalars)."""
-    jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
-    import jax.numpy as jnp
+    jnp = pytest.importorskip("jax.numpy")
 
-    old = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", x64)
-    try:
+    with jax_x64(x64):
         dtype = jnp.float64 if x64 else jnp.float32
         if h.get("learning_rate") is _sched:  # jax: int32 / int is float32 even under x64
             h = {**h, "learning_rate": lambda c: 1.0 - jnp.asarray(c, dtype) / 200}
@@ -246,8 +244,6 @@ def _optax_run(rule, h, p0, grads, x64):
         got = {k: np.asarray(v, np.float64) for k, v in params.items()}
         assert all(np.asarray(v).dtype == (np.float64 if x64 else np.float32)
                    for v in params.values())  # fmt: skip
-    finally:
-        jax.config.update("jax_enable_x64", old)
     return got, scalars
 
 

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import pytest
+from jax_x64 import jax_x64
 from reference_muon import (
     bf16_round,
     from_matrices,
@@ -321,19 +321,6 @@ OPTAX_SHAPES = {"bias": (7,), "conv": (3, 3, 4, 8), "sq": (12, 12), "stack": (3,
                 "tall": (20, 8), "wide": (8, 20)}  # fmt: skip
 
 
-def _x64(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    import jax
-
-    enable = getattr(jax, "enable_x64", None)
-    if enable is None:
-        enable = getattr(jax.experimental, "enable_x64", None)
-    if enable is None:
-        pytest.skip("jax has no enable_x64 context manager")
-    return enable(True)
-
-
 OPTAX_CASES = [
     # dtype, atol, kwargs
     (np.float64, 1e-12, {}),
@@ -361,7 +348,7 @@ def test_optax_muon_parity(dtype, atol, kwargs):
     table = kwargs.get("ns_coeffs") == "dion"
     schedule = ns_schedule(contrib._muon._DION_NS_COEFFS if table else NS, 5, allow_table=True)
     rng = np.random.default_rng(21)
-    with _x64(dtype == np.float64):
+    with jax_x64(dtype == np.float64):
         opt = contrib.muon(lr, muon_weight_dimension_numbers=theirs, **kwargs)
         params = {k: rng.standard_normal(s).astype(dtype) for k, s in OPTAX_SHAPES.items()}
         jparams = {k: jnp.asarray(v) for k, v in params.items()}

@@ -11,6 +11,7 @@ import optree
 import pyopencl.array as cla
 import pytest
 import reference_polyak as ref
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.optimizers.polyak import (
@@ -172,13 +173,10 @@ def test_a_loss_that_is_not_finite_propagates_as_in_jnp(cl_queue, value):
 
 def _optax_run(h, p0, grads, values, x64):
     """optax's polyak_sgd over the same gradients and losses (Python floats)."""
-    jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
-    import jax.numpy as jnp
+    jnp = pytest.importorskip("jax.numpy")
 
-    old = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", x64)
-    try:
+    with jax_x64(x64):
         dtype = jnp.float64 if x64 else jnp.float32
         if h.get("scaling") is _sched:  # jax: int32 / int is float32 even under x64
             h = {**h, "scaling": lambda c: 1.0 - jnp.asarray(c, dtype) / 200}
@@ -191,8 +189,6 @@ def _optax_run(h, p0, grads, values, x64):
             params = optax.apply_updates(params, u)
         got = {k: np.asarray(v, np.float64) for k, v in params.items()}
         assert all(np.asarray(v).dtype == dtype for v in params.values())
-    finally:
-        jax.config.update("jax_enable_x64", old)
     return got
 
 

@@ -5,10 +5,9 @@ dicts, launch counts and bad input (nothing changed)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.optimizers.sam import SAM, SAMState, normalize, sam
@@ -42,15 +41,6 @@ def _grads(params, mats, dtype):
         xf = np.asarray(x, np.float64).ravel()
         out[k] = (a.T @ (a @ xf - y)).reshape(x.shape).astype(dtype)
     return out
-
-
-def _x64():
-    import jax
-
-    enable = getattr(jax, "enable_x64", None)
-    if enable is None:
-        enable = getattr(jax.experimental, "enable_x64", None)
-    return enable(True) if enable is not None else contextlib.nullcontext()
 
 
 def _close(a, b, dtype):
@@ -159,7 +149,7 @@ def _optax_functional(p0, mats, dtype, period, reset, adv_momentum, steps=STEPS)
     optax = pytest.importorskip("optax")
     contrib = pytest.importorskip("optax.contrib")
     jnp = pytest.importorskip("jax.numpy")
-    with _x64() if dtype == np.float64 else contextlib.nullcontext():
+    with jax_x64(dtype == np.float64):
         adv = optax.chain(contrib.normalize(), optax.sgd(RHO, momentum=adv_momentum or None))
         tx = contrib.sam(
             optax.sgd(LR, momentum=MOMENTUM), adv, sync_period=period, reset_state=reset

@@ -17,6 +17,7 @@ import numpy as np
 import optree
 import pyopencl.array as cla
 import pytest
+from jax_x64 import jax_x64
 
 import netcl_optim as no
 from netcl_optim.fusion._vectors import Vectors
@@ -147,9 +148,7 @@ def _optax_lbfgs(name: str):
 
 
 def _x64(dtype):
-    import jax
-
-    return jax.enable_x64(True) if dtype == np.float64 else contextlib.nullcontext()
+    return jax_x64(np.dtype(dtype) == np.float64)
 
 
 def _device_value_fn(value_and_grad, queue):
