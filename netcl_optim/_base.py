@@ -120,7 +120,8 @@ class StagePlan:
     ``state_shapes``: per state field that is not shaped like the params, the shape of its
     array for a param of a given shape (``None``: a ``(1,)`` placeholder, which torch's
     state dicts leave out), for the stateful layer's buffers. ``shards``: ``run`` handles a
-    ZeRO slice (see ``fusion/_slices.py``): the functional ZeRO accepts it.
+    ZeRO slice (see ``fusion/_slices.py``): the functional ZeRO accepts it. ``whole_leaves``:
+    ZeRO must cut its shards at leaf boundaries only (Muon: a matrix is never split).
     """
 
     kind: str
@@ -128,6 +129,7 @@ class StagePlan:
     config: Hashable = ()
     state_shapes: tuple[tuple[str, ShapeOf], ...] = ()
     shards: bool = False
+    whole_leaves: bool = False
     # class attributes, not fields (unannotated: see OpaquePlan)
     children = ()
     fusible = False

@@ -69,12 +69,18 @@ class DtypeShard:
         return layout(((self.n,),), self.lay.dtype)
 
 
+WHOLE_LEAVES = 1 << 62  # a block no leaf reaches: shards are cut at leaf starts only
+
+
 def shard_block(tx: Any) -> int:
-    """The block :func:`shard_bounds` cuts ``tx``'s shards at: the chunks of the partial sums
-    where a fragment sums over the whole tree (``TreeSums``: Prodigy, D-Adaptation, DoG,
+    """The block :func:`shard_bounds` cuts ``tx``'s shards at: :data:`WHOLE_LEAVES` where a
+    stage needs whole leaves (Muon orthogonalises whole matrices), the chunks of the partial
+    sums where a fragment sums over the whole tree (``TreeSums``: Prodigy, D-Adaptation, DoG,
     DoWG; 8192, a multiple of 256), else 8-bit state's 256-element blocks."""
     if tx is None:
         return BLOCK_8BIT
+    if any(getattr(t.plan, "whole_leaves", False) for t in walk(tx)):
+        return WHOLE_LEAVES
     sums = any(getattr(t.plan, "tree_sums", None) is not None for t in walk(tx))
     return TREE_SUMS_BLOCK if sums else BLOCK_8BIT
 

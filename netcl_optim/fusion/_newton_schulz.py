@@ -1,0 +1,397 @@
+"""Newton–Schulz orthogonalisation of many matrices at once (Muon's step), on the device.
+
+Each leaf is seen as a batch of ``R x C`` matrices through a *view* (any object with
+``shape``, ``permutation``, ``batch_shape``, ``rows`` and ``cols``: see
+``optimizers/_muon_layout.MatrixView``): transpose the leaf by ``permutation``, reshape it to
+``batch_shape + (R, C)``. Matrices of the same ``(R, C)``, storage dtype and gather pattern
+form a *group*, orthogonalised together whatever the number of leaves they come from, in a
+constant number of launches:
+
+1. **prepare** (one work-group per matrix): the Frobenius norm (squares summed in the
+   reduction type, double where the device has fp64, in a fixed order, then one tree
+   reduction), the denominator ``max(norm, eps)`` (``"clamp"``, torch) or ``norm + eps``
+   (``"add"``, optax, Keller Jordan), and ``X = M / denom`` written to a scratch stack
+   ``[B, m, n]`` with ``m <= n`` (``X = M^T`` where ``R > C``, as every variant does). The
+   input is only read: the momentum is never normalised in place (pytorch#190597).
+2. **iterations**, per ``(a, b, c)``: ``A = X X^T``; ``B = c A A + b A``;
+   ``X = B X + a X`` (three products of :mod:`._gemm`, the sums in their epilogues: no
+   extra pass), each batched over the whole group.
+3. **finish** (one launch): ``out = scale * X`` (``scale * <M, X> X`` with ``adaptive``, two
+   small launches more for the dots) written through the inverse view into a fresh packed
+   buffer of the leaves.
+
+Products accumulate in the compute dtype (float32 for float16, bfloat16 and float32 leaves,
+float64 for float64), not in bfloat16 as torch and Keller Jordan's reference do. Nothing is
+read back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import cache, lru_cache
+from typing import Any
+
+import numpy as np
+import pyopencl as cl
+import pyopencl.array as cla
+
+from .._device import allocator, has_fp64
+from .._packing import element_offset, layout
+from ._codegen import POINTER, preamble, storage_of
+from ._codegen import load as load_expr
+from ._codegen import store as store_stmt
+from ._gemm import gemm
+from ._launch import note_launches
+from ._programs import build
+
+NORMALIZE = ("clamp", "add")
+_GROUP = 64  # work-items per matrix in the prepare and dot launches
+_PAD = 64
+
+Schedule = Sequence[tuple[float, float, float]]
+
+
+def _index_lines(ndim: int, identity: bool, pos: str, z: str, out: str) -> str:
+    """C lines setting ``out`` to the element offset, within its leaf, of the matrix
+    element at C-order position ``pos`` of matrix ``z`` of the leaf's permuted view: the
+    position itself for a plain reshape, else its mixed-radix digits over the permuted
+    shape times the leaf's strides (``dims`` / ``strides``, ``ndim`` each)."""
+    if identity:
+        return f"        const long {out} = {z} * RC + {pos};\n"
+    return (
+        f"        long {out} = 0;\n"
+        f"        {{ long f = {z} * RC + {pos};\n"
+        f"          for (int k = {ndim - 1}; k >= 0; k--) {{\n"
+        f"              const long d = dims[k]; {out} += (f % d) * strides[k]; f /= d; }} }}\n"
+    )
+
+
+@cache
+def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
+                   transposed: bool, normalize: str) -> tuple[str, str]:  # fmt: skip
+    """``X[b] = M_b / denom_b`` (transposed where ``R > C``), one work-group per matrix."""
+    name = f"netcl_ns_prepare_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
+        f"{'t' if transposed else 'n'}_{normalize}"
+    )
+    ptr = POINTER[storage]
+    index = _index_lines(ndim, identity, "e", "z", "at")
+    load = load_expr(storage, "src", "base + at")
+    denom = "(norm >= eps ? norm : eps)" if normalize == "clamp" else "(norm + eps)"
+    dest = "(e % C) * R + e / C" if transposed else "e"
+    src = f"""//CL// {name}: X = M / {denom} per matrix ({"transposed" if transposed else "as is"})
+{preamble(real, real == "double" or acc == "double", storage == "bf16")}
+typedef {acc} acc_t;
+__kernel void {name}(__global const {ptr} *src, __global const long *table,
+                     __global const long *dims, __global const long *strides,
+                     const long R, const long C, const real eps, __global real *x)
+{{
+    const long b = get_group_id(0);
+    const int lid = get_local_id(0);
+    const long base = table[2 * b], z = table[2 * b + 1], RC = R * C;
+    __local acc_t part[{_GROUP}];
+    __local real shared_denom;
+    acc_t sum = 0;
+    for (long e = lid; e < RC; e += {_GROUP}) {{
+{index}        const acc_t v = (acc_t)({load});
+        sum = sum + v * v;
+    }}
+    part[lid] = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
+        if (lid < span) part[lid] = part[lid] + part[lid + span];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }}
+    if (lid == 0) {{
+        const real norm = (real)SQRT(part[0]);
+        shared_denom = {denom};
+    }}
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const real denom = shared_denom;
+    __global real *xb = x + b * RC;
+    for (long e = lid; e < RC; e += {_GROUP}) {{
+{index}        xb[{dest}] = (real)({load}) / denom;
+    }}
+}}
+"""
+    return src, name
+
+
+@cache
+def dots_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
+                transposed: bool) -> tuple[str, str]:  # fmt: skip
+    """``dots[b] = sum M_b * X_b`` (the input and the result, in the input's orientation),
+    one work-group per matrix; then ``leaf_dot[b]`` = the sum of its leaf's matrices' dots in
+    order (the same value for every matrix of a leaf)."""
+    name = f"netcl_ns_dots_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
+        "t" if transposed else "n"
+    )
+    ptr = POINTER[storage]
+    index = _index_lines(ndim, identity, "e", "z", "at")
+    load = load_expr(storage, "src", "base + at")
+    dest = "(e % C) * R + e / C" if transposed else "e"
+    src = f"""//CL// {name}: per-matrix <M, X>, then per-leaf sums
+{preamble(real, real == "double" or acc == "double", storage == "bf16")}
+typedef {acc} acc_t;
+__kernel void {name}(__global const {ptr} *src, __global const long *table,
+                     __global const long *dims, __global const long *strides,
+                     const long R, const long C, __global const real *x, __global acc_t *dots)
+{{
+    const long b = get_group_id(0);
+    const int lid = get_local_id(0);
+    const long base = table[2 * b], z = table[2 * b + 1], RC = R * C;
+    __local acc_t part[{_GROUP}];
+    __global const real *xb = x + b * RC;
+    acc_t sum = 0;
+    for (long e = lid; e < RC; e += {_GROUP}) {{
+{index}        sum = sum + (acc_t)({load}) * (acc_t)xb[{dest}];
+    }}
+    part[lid] = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
+        if (lid < span) part[lid] = part[lid] + part[lid + span];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }}
+    if (lid == 0) dots[b] = part[0];
+}}
+
+__kernel void {name}_leaf(__global const acc_t *dots, __global const long *first,
+                          __global real *leaf_dot, const long B)
+{{
+    const long b = get_global_id(0);
+    if (b >= B) return;
+    acc_t sum = 0;
+    for (long k = first[2 * b]; k < first[2 * b + 1]; k++) sum = sum + dots[k];
+    leaf_dot[b] = (real)sum;
+}}
+"""
+    return src, name
+
+
+@cache
+def finish_source(storage: str, real: str, ndim: int, identity: bool, transposed: bool,
+                  adaptive: bool) -> tuple[str, str]:  # fmt: skip
+    """``out = scale_b * X_b`` (``scale_b * (leaf_dot_b * X_b)`` with ``adaptive``) through
+    the inverse view, one work-item per element."""
+    name = f"netcl_ns_finish_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
+        f"{'t' if transposed else 'n'}{'a' if adaptive else ''}"
+    )
+    ptr = POINTER[storage]
+    index = _index_lines(ndim, identity, "e", "z", "at")
+    dest = "(e % C) * R + e / C" if transposed else "e"
+    value = "leaf_dot[b] * x[b * RC + src_e]" if adaptive else "x[b * RC + src_e]"
+    store = store_stmt(storage, "out", "base + at", "y")
+    src = f"""//CL// {name}: out = scale * X through the inverse view
+{preamble(real, real == "double", storage == "bf16")}
+__kernel void {name}(__global const real *x, __global const long *table,
+                     __global const long *dims, __global const long *strides,
+                     const long R, const long C, __global const real *scale,
+                     __global const real *leaf_dot, __global {ptr} *out)
+{{
+    const long e = get_global_id(0), b = get_global_id(1), RC = R * C;
+    if (e >= RC) return;
+    const long base = table[2 * b], z = table[2 * b + 1];
+    const long src_e = {dest};
+{index}    const real y = scale[b] * ({value});
+    {store}
+}}
+"""
+    return src, name
+
+
+class Group:
+    """Matrices of one ``(R, C)``, storage dtype and gather pattern: per matrix, the element
+    offset of its leaf in the group's buffer and its index in the leaf; the leaf's permuted
+    shape and strides (a non-plain view); the shape scale per matrix; each matrix's leaf's
+    first and end matrix (for the adaptive dots)."""
+
+    def __init__(self, rows: int, cols: int, shape: tuple | None, perm: tuple | None) -> None:
+        self.rows, self.cols = rows, cols
+        self.shape, self.perm = shape, perm  # None: a plain reshape (any leaf shape)
+        self.entries: list[tuple[int, int, int, float]] = []  # (leaf, offset, count, scale)
+
+    @property
+    def count(self) -> int:
+        return sum(e[2] for e in self.entries)
+
+
+def group_key(view: Any) -> tuple:
+    """Leaves whose views share this key are orthogonalised in one group."""
+    plain = tuple(view.permutation) == tuple(range(len(view.shape)))
+    pattern = None if plain else (tuple(view.shape), tuple(view.permutation))
+    return (view.rows, view.cols, pattern)
+
+
+@lru_cache(maxsize=256)
+def _tables(queue: cl.CommandQueue, rows: int, cols: int, pattern: tuple | None,
+            src_entries: tuple, out_entries: tuple, scales: tuple,
+            real: np.dtype) -> dict[str, Any]:  # fmt: skip
+    """Host-built device tables of a group (cached: the same model builds them once)."""
+
+    def table(entries: tuple) -> np.ndarray:
+        rows_ = [(off, z) for off, count in entries for z in range(count)]
+        return np.asarray(rows_, np.int64).reshape(-1)
+
+    if pattern is None:
+        dims = strides = np.zeros(1, np.int64)
+        ndim = 1
+    else:
+        shape, perm = pattern
+        item_strides = np.cumprod((1, *shape[::-1]))[:-1][::-1]  # C strides in elements
+        dims = np.asarray([shape[p] for p in perm], np.int64)
+        strides = np.asarray([item_strides[p] for p in perm], np.int64)
+        ndim = len(shape)
+    counts = [count for _, count in src_entries]
+    ends = np.cumsum(counts)
+    first = np.concatenate([[0], ends[:-1]])
+    spans = np.asarray(
+        [(f, e) for f, e, n in zip(first, ends, counts, strict=True) for _ in range(n)], np.int64
+    ).reshape(-1)
+    per_matrix = np.asarray([s for s, n in zip(scales, counts, strict=True) for _ in range(n)])
+    out = {
+        "src": table(src_entries),
+        "out": table(out_entries),
+        "dims": dims,
+        "strides": strides,
+        "spans": spans,
+        "scale": per_matrix.astype(real),
+    }
+    tables: dict[str, Any] = {k: cla.to_device(queue, v) for k, v in out.items()}
+    queue.finish()
+    tables["ndim"] = ndim
+    return tables
+
+
+def _compute_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def orthogonalize(
+    queue: cl.CommandQueue,
+    leaves: Sequence[cla.Array],
+    views: Sequence[Any],
+    schedule: Schedule,
+    eps: float,
+    normalize: str,
+    scales: Sequence[float],
+    adaptive: bool = False,
+) -> list[cla.Array]:
+    """``scales[i] * NS(leaves[i])`` per leaf (see the module doc), as views of one fresh
+    packed buffer per dtype; ``adaptive``: ``scales[i] * <M, O> O`` with the dot over the
+    whole leaf (optax). The leaves must be C-contiguous arrays of one context (float16,
+    bfloat16, float32 or float64); each dtype's leaves are read from one buffer (copied into
+    a packed scratch first when they lie in several). Launches per group of same-shaped
+    matrices: ``2 + 9 * len(schedule)`` (``+2`` adaptive), whatever their number."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    out: list[Any] = [None] * len(leaves)
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        by_dtype.setdefault(np.dtype(x.dtype), []).append(i)
+    for idx in by_dtype.values():
+        results = _orthogonalize_dtype(
+            queue, [leaves[i] for i in idx], [views[i] for i in idx], schedule, eps,
+            normalize, [float(scales[i]) for i in idx], adaptive,
+        )  # fmt: skip
+        for i, r in zip(idx, results, strict=True):
+            out[i] = r
+    return out
+
+
+def _one_buffer(queue: cl.CommandQueue, leaves: list[cla.Array]) -> tuple[Any, list[int]]:
+    """A buffer holding every leaf and each leaf's element offset in it: their own buffer
+    when they share one, else a packed scratch copy."""
+    base = leaves[0].base_data
+    if all(x.base_data is base or x.base_data == base for x in leaves):
+        return base, [element_offset(x) for x in leaves]
+    lay = layout(tuple(x.shape for x in leaves), leaves[0].dtype)
+    block = lay.allocate(queue)
+    for view, x in zip(block.views, leaves, strict=True):
+        if x.size:
+            cl.enqueue_copy(queue, view.base_data, x.base_data, byte_count=x.nbytes,  # pyright: ignore[reportCallIssue, reportArgumentType]
+                            dst_offset=view.offset, src_offset=x.offset)  # fmt: skip
+    return block.views[0].base_data, [element_offset(v) for v in block.views]
+
+
+def _orthogonalize_dtype(queue, leaves, views, schedule, eps, normalize, scales, adaptive):
+    dtype = np.dtype(leaves[0].dtype)
+    real_dtype = _compute_dtype(dtype)
+    real = "double" if real_dtype == np.float64 else "float"
+    acc = "double" if has_fp64(queue.device) else "float"
+    storage = storage_of(dtype)
+    lay = layout(tuple(x.shape for x in leaves), dtype)
+    result = lay.allocate(queue)
+    out_base = result.views[0].base_data if result.views else None
+    out_offsets = [element_offset(v) for v in result.views]
+    src_base, src_offsets = _one_buffer(queue, list(leaves))
+    groups: dict[tuple, Group] = {}
+    for i, view in enumerate(views):
+        key = group_key(view)
+        group = groups.get(key)
+        if group is None:
+            pattern = key[2]
+            group = groups[key] = Group(view.rows, view.cols, *(pattern or (None, None)))
+        group.entries.append((i, src_offsets[i], math.prod(view.batch_shape), scales[i]))
+    for key, group in groups.items():
+        if group.count == 0 or group.rows * group.cols == 0:
+            continue
+        _run_group(
+            queue, group, key[2], src_base, out_base,
+            tuple((src_offsets[i], n) for i, _, n, _ in group.entries),
+            tuple((out_offsets[i], n) for i, _, n, _ in group.entries),
+            tuple(s for _, _, _, s in group.entries),
+            storage, real, acc, real_dtype, schedule, eps, normalize, adaptive,
+        )  # fmt: skip
+    return result.views
+
+
+def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entries, scales,
+               storage, real, acc, real_dtype, schedule, eps, normalize, adaptive):  # fmt: skip
+    rows, cols = group.rows, group.cols
+    t = _tables(queue, rows, cols, pattern, src_entries, out_entries, scales, real_dtype)
+    ndim, identity = t["ndim"], pattern is None
+    transposed = rows > cols
+    m, n = (cols, rows) if transposed else (rows, cols)
+    count = group.count
+    pool = allocator(queue)
+    x = cla.empty(queue, (count, m, n), real_dtype, allocator=pool)
+    real_t = real_dtype.type
+    long_t = np.int64
+
+    src, name = prepare_source(storage, real, acc, ndim, identity, transposed, normalize)
+    kernel: Any = build(queue.context, src, name,
+                   [None, None, None, None, long_t, long_t, real_t, None])  # fmt: skip
+    kernel(queue, (count * _GROUP,), (_GROUP,), src_base, t["src"].data, t["dims"].data,
+           t["strides"].data, rows, cols, real_t(eps), x.data)  # fmt: skip
+    note_launches(name)
+
+    gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
+    poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
+    for a, b, c in schedule:
+        gemm(queue, x, x, gram_a, trans_b=True)
+        gemm(queue, gram_a, gram_a, poly_b, trans_b=True, alpha=c, beta=b, c=gram_a)
+        gemm(queue, poly_b, x, x, alpha=1.0, beta=a, c=x)
+        note_launches("netcl_gemm", 9)
+
+    leaf_dot = t["scale"]  # (unread unless adaptive)
+    if adaptive:
+        acc_dtype = np.dtype(np.float64) if acc == "double" else np.dtype(np.float32)
+        dots = cla.empty(queue, (count,), acc_dtype, allocator=pool)
+        leaf_dot = cla.empty(queue, (count,), real_dtype, allocator=pool)
+        src, name = dots_source(storage, real, acc, ndim, identity, transposed)
+        kernel: Any = build(queue.context, src, name,
+                       [None, None, None, None, long_t, long_t, None, None])  # fmt: skip
+        kernel(queue, (count * _GROUP,), (_GROUP,), src_base, t["src"].data, t["dims"].data,
+               t["strides"].data, rows, cols, x.data, dots.data)  # fmt: skip
+        leaf: Any = build(queue.context, src, name + "_leaf", [None, None, None, long_t])
+        leaf(queue, (-(-count // _PAD) * _PAD,), None, dots.data, t["spans"].data,
+             leaf_dot.data, count)  # fmt: skip
+        note_launches(name, 2)
+
+    src, name = finish_source(storage, real, ndim, identity, transposed, adaptive)
+    kernel: Any = build(queue.context, src, name,
+                   [None, None, None, None, long_t, long_t, None, None, None])  # fmt: skip
+    size = (-(-(rows * cols) // _PAD) * _PAD, count)
+    kernel(queue, size, None, x.data, t["out"].data, t["dims"].data, t["strides"].data,
+           rows, cols, t["scale"].data, leaf_dot.data, out_base)  # fmt: skip
+    note_launches(name)
