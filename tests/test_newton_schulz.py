@@ -238,3 +238,26 @@ def test_sharded_equals_unsharded_on_one_rank(queue):
     ref, got = no.to_host(p_ref), no.to_host(p_shard)
     for k in host:
         assert got[k].tobytes() == ref[k].tobytes()
+
+
+@pytest.mark.parametrize("preconditioning", ["frobenius", "aol", "schatten"])
+def test_optax_preconditionings_match_optax(queue, preconditioning):
+    pytest.importorskip("optax")
+    import jax.numpy as jnp
+    from jax_x64 import jax_x64
+    from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal(s) for s in [(6, 9), (14, 5), (8, 8)]]
+    tx = orthogonalize_by_newton_schulz(
+        preconditioning=preconditioning, shape_scale=False, ns_coefficients=DION
+    )
+    out, _ = tx.update([cla.to_device(queue, x) for x in xs], None)
+    with jax_x64():
+        for x, o in zip(xs, out, strict=True):
+            want = orthogonalize_via_newton_schulz(
+                jnp.asarray(x), jnp.asarray(DION), 5, preconditioning, 1e-8
+            )
+            np.testing.assert_allclose(o.get(), np.asarray(want), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="spectral"):
+        orthogonalize_by_newton_schulz(preconditioning="spectral")

@@ -13,6 +13,8 @@ constant number of launches:
    (``"add"``, optax, Keller Jordan), and ``X = M / denom`` written to a scratch stack
    ``[B, m, n]`` with ``m <= n`` (``X = M^T`` where ``R > C``, as every variant does). The
    input is only read: the momentum is never normalised in place (pytorch#190597).
+   optax's ``"aol"`` and ``"schatten"`` preconditionings skip the norm and rescale ``X`` and
+   ``A`` after the first ``A = X X^T`` instead (one launch).
 2. **iterations**, per ``(a, b, c)``: ``A = X X^T``; ``B = c A A + b A``;
    ``X = B X + a X`` (three products of :mod:`._gemm`, the sums in their epilogues: no
    extra pass), each batched over the whole group.
@@ -45,7 +47,7 @@ from ._gemm import gemm
 from ._launch import note_launches
 from ._programs import build
 
-NORMALIZE = ("clamp", "add")
+NORMALIZE = ("clamp", "add", "aol", "schatten")
 _GROUP = 64  # work-items per matrix in the prepare and dot launches
 _PAD = 64
 
@@ -77,7 +79,7 @@ def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
     ptr = POINTER[storage]
     index = _index_lines(ndim, identity, "e", "z", "at")
     load = load_expr(storage, "src", "base + at")
-    denom = "(norm >= eps ? norm : eps)" if normalize == "clamp" else "(norm + eps)"
+    denom = {"clamp": "(norm >= eps ? norm : eps)", "add": "(norm + eps)"}.get(normalize, "1")
     dest = "(e % C) * R + e / C" if transposed else "e"
     src = f"""//CL// {name}: X = M / {denom} per matrix ({"transposed" if transposed else "as is"})
 {preamble(real, real == "double" or acc == "double", storage == "bf16")}
@@ -112,6 +114,61 @@ __kernel void {name}(__global const {ptr} *src, __global const long *table,
     for (long e = lid; e < RC; e += {_GROUP}) {{
 {index}        xb[{dest}] = (real)({load}) / denom;
     }}
+}}
+"""
+    return src, name
+
+
+@cache
+def rescale_source(real: str, acc: str, mode: str) -> tuple[str, str]:
+    """optax's first-iteration preconditionings on ``A = X X^T`` (``m x m``) and ``X``
+    (``m x n``), one work-group per matrix. ``"schatten"``: ``s = rsqrt(max(||A||_F, eps))``,
+    ``X <- X s``, ``A <- A s^2``. ``"aol"``: ``s_i = rsqrt(max(sum_j |A_ij|, eps))``,
+    ``X_i <- X_i s_i``, ``A_ij <- A_ij s_i s_j`` (rows of ``A`` summed in order)."""
+    name = f"netcl_ns_rescale_{mode}_{real}"
+    if mode == "schatten":
+        body = f"""    acc_t sum = 0;
+    for (long e = lid; e < m * m; e += {_GROUP}) {{
+        const acc_t v = (acc_t)ab[e];
+        sum = sum + v * v;
+    }}
+    part[lid] = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
+        if (lid < span) part[lid] = part[lid] + part[lid + span];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }}
+    if (lid == 0) {{
+        const real norm = (real)SQRT(part[0]);
+        const real clipped = norm >= eps ? norm : eps;
+        shared[0] = (real)1 / SQRT(clipped);
+    }}
+    barrier(CLK_LOCAL_MEM_FENCE);
+    const real s = shared[0], s2 = s * s;
+    for (long e = lid; e < m * n; e += {_GROUP}) xb[e] = xb[e] * s;
+    for (long e = lid; e < m * m; e += {_GROUP}) ab[e] = ab[e] * s2;"""
+    else:
+        body = f"""    for (long i = lid; i < m; i += {_GROUP}) {{
+        acc_t sum = 0;
+        for (long j = 0; j < m; j++) sum = sum + (acc_t)fabs(ab[i * m + j]);
+        const real r = (real)sum;
+        sb[i] = (real)1 / SQRT(r >= eps ? r : eps);
+    }}
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    for (long e = lid; e < m * n; e += {_GROUP}) xb[e] = xb[e] * sb[e / n];
+    for (long e = lid; e < m * m; e += {_GROUP}) ab[e] = ab[e] * sb[e / m] * sb[e % m];"""
+    src = f"""//CL// {name}: optax's {mode} rescaling of the first iteration
+{preamble(real, real == "double" or acc == "double")}
+typedef {acc} acc_t;
+__kernel void {name}(__global real *x, __global real *a, __global real *scratch,
+                     const long m, const long n, const real eps)
+{{
+    const long b = get_group_id(0);
+    const int lid = get_local_id(0);
+    __global real *xb = x + b * m * n, *ab = a + b * m * m, *sb = scratch + b * m;
+    __local acc_t part[{_GROUP}];
+    __local real shared[1];
+{body}
 }}
 """
     return src, name
@@ -281,7 +338,8 @@ def orthogonalize(
     whole leaf (optax). The leaves must be C-contiguous arrays of one context (float16,
     bfloat16, float32 or float64); each dtype's leaves are read from one buffer (copied into
     a packed scratch first when they lie in several). Launches per group of same-shaped
-    matrices: ``2 + 9 * len(schedule)`` (``+2`` adaptive), whatever their number."""
+    matrices: ``2 + 9 * len(schedule)`` (``+1`` aol or schatten, ``+2`` adaptive), whatever
+    their number."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     out: list[Any] = [None] * len(leaves)
@@ -367,8 +425,10 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
 
     gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
-    for a, b, c in schedule:
+    for k, (a, b, c) in enumerate(schedule):
         gemm(queue, x, x, gram_a, trans_b=True)
+        if k == 0 and normalize in ("aol", "schatten"):
+            _rescale(queue, normalize, x, gram_a, poly_b, count, m, n, real, acc)
         gemm(queue, gram_a, gram_a, poly_b, trans_b=True, alpha=c, beta=b, c=gram_a)
         gemm(queue, poly_b, x, x, alpha=1.0, beta=a, c=x)
         note_launches("netcl_gemm", 9)
@@ -394,4 +454,15 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
     size = (-(-(rows * cols) // _PAD) * _PAD, count)
     kernel(queue, size, None, x.data, t["out"].data, t["dims"].data, t["strides"].data,
            rows, cols, t["scale"].data, leaf_dot.data, out_base)  # fmt: skip
+    note_launches(name)
+
+
+def _rescale(queue, mode, x, gram_a, scratch, count, m, n, real, acc):
+    """optax's ``aol`` / ``schatten`` rescaling of ``X`` and ``A`` (``scratch``: ``m`` reals
+    per matrix, the row scales of ``aol``); its ``eps`` is its function's default, 1e-8."""
+    src, name = rescale_source(real, acc, mode)
+    kernel: Any = build(queue.context, src, name, [None, None, None, np.int64, np.int64,
+                                                   x.dtype.type])  # fmt: skip
+    kernel(queue, (count * _GROUP,), (_GROUP,), x.data, gram_a.data, scratch.data, m, n,
+           x.dtype.type(1e-8))  # fmt: skip
     note_launches(name)

@@ -33,7 +33,7 @@ from ._muon_layout import (
     shape_scale as variant_scale,
 )
 
-PRECONDITIONINGS = ("frobenius",)
+PRECONDITIONINGS = ("frobenius", "aol", "schatten")
 _DEFAULT_LAYOUT = {"torch": "out_in", "reference": "out_in", "optax": MuonDimensionNumbers()}
 
 
@@ -134,18 +134,23 @@ def orthogonalize_by_newton_schulz(
     ``layout``: ``"out_in"``, ``"in_out"``, a ``MuonDimensionNumbers``, a tree of those
     (``None`` entries: the default) or a callable of the updates returning one; ``None``:
     ``"out_in"`` for torch and the reference, 2-D leaves only for optax.
+    ``preconditioning``: optax's ``"frobenius"`` (the normalisation above), ``"aol"`` or
+    ``"schatten"`` (no normalisation; the first iteration rescales ``X`` and ``A`` by
+    ``rsqrt`` of ``A``'s absolute row sums or of its Frobenius norm, clipped at 1e-8, as
+    optax); optax's ``"spectral"`` (an SVD) is not available.
 
     Device: per group of same-shaped matrices (any number of leaves and batch entries),
-    ``2 + 9 * iterations`` launches (``+2`` adaptive), no host read; the input is never
-    written. Float16 and bfloat16 leaves iterate in float32. Under ZeRO, shards hold whole
-    leaves (a matrix is never split across ranks).
+    ``2 + 9 * iterations`` launches (``+1`` aol or schatten, ``+2`` adaptive), no host
+    read; the input is never written. Float16 and bfloat16 leaves iterate in float32.
+    Under ZeRO, shards hold whole leaves (a matrix is never split across ranks).
     """
     if variant not in VARIANTS:
         raise ValueError(f"Muon variant must be one of {VARIANTS}, got {variant!r}")
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(
             f"preconditioning {preconditioning!r} is not supported (supported: "
-            f"{PRECONDITIONINGS}; optax's 'spectral', 'aol' and 'schatten' are not built yet)"
+            f"{PRECONDITIONINGS}; optax's 'spectral' divides by the largest singular value, "
+            "an SVD this library does not compute)"
         )
     check_adjust_lr_fn(adjust_lr_fn)
     check(NON_NEGATIVE, eps=eps)
@@ -155,6 +160,8 @@ def orthogonalize_by_newton_schulz(
         check_layout(layout)
     schedule = ns_schedule(ns_coefficients, ns_steps, allow_table=variant == "optax")
     normalize = "clamp" if variant == "torch" else "add"
+    if preconditioning != "frobenius":
+        normalize = preconditioning  # (no normalisation: the first iteration rescales)
     eps = float(eps)
 
     def scale_of(view: MatrixView) -> float:
