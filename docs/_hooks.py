@@ -110,6 +110,8 @@ _STATEFUL_SECTIONS = {
     "_grad_scaler": "AMPGradScaler",
     "_swa": "SWA and EMA averaging",
 }
+# private modules of netcl_optim.optimizers whose public names a family re-exports
+_PRIVATE_FAMILIES = {"_muon_layout": "muon"}
 _DEVICE_SECTIONS = {
     "netcl_optim._device": "Queues and copies",
     "netcl_optim._packing": "Packed buffers",
@@ -161,7 +163,7 @@ def place(name: str, module: str) -> tuple[str, str]:
     if module.startswith("netcl_optim.stateful."):
         return "stateful.md", _STATEFUL_SECTIONS.get(last, "Other")
     if module.startswith("netcl_optim.optimizers."):
-        return f"optimizers/{parts[2]}.md", ""
+        return f"optimizers/{_PRIVATE_FAMILIES.get(parts[2], parts[2])}.md", ""
     if module.startswith("netcl_optim.distributed"):
         return "distributed.md", "Data parallel and ZeRO-1"
     if module == "netcl_optim._checkpoint":

@@ -56,6 +56,7 @@ from .optimizers.linesearch import *  # noqa: F403
 from .optimizers.lion import *  # noqa: F403
 from .optimizers.lookahead import *  # noqa: F403
 from .optimizers.madgrad import *  # noqa: F403
+from .optimizers.muon import *  # noqa: F403
 from .optimizers.nadam import *  # noqa: F403
 from .optimizers.noisy_sgd import *  # noqa: F403
 from .optimizers.novograd import *  # noqa: F403

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import reference as ref
+import reference_muon as rm
 import reference_reductions as rr
 import reference_tree_sums as rts
 
@@ -885,6 +886,10 @@ OPTIMIZERS: list[Optimizer] = [
                                                     h["eps"], h["eps_root"], h["weight_decay"]),
               parts=(("scale_by_novograd", {"b1": 0.8, "b2": 0.5, "eps": 1e-8, "eps_root": 1e-8,
                                             "weight_decay": 0.1}), _lr(1e-2))),
+    # Muon for 2-D leaves (Newton-Schulz per matrix), optax's adamw for the rest
+    Optimizer(id="muon", factory="muon", kwargs={"learning_rate": 0.02, "weight_decay": 0.1},
+              segmented=64, reference=rm.muon_tx, slots=1, needs_params=True,
+              optax=lambda optax, h: optax.contrib.muon(**h)),
     # a max per axis of each leaf (state of O(sum of dims)); torch.optim has none
     Optimizer(id="sm3", factory="sm3", kwargs={"learning_rate": 0.1}, segmented=4,
               reference=rr.sm3_tx, stateful="SM3", slots=1,

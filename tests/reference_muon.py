@@ -194,3 +194,76 @@ def optax_adamw_step(
     v_hat = v / (1.0 - b2**t)
     update = m_hat / (np.sqrt(v_hat + eps_root) + eps) + weight_decay * param
     return param - learning_rate * update, m, v
+
+
+def muon_tx(
+    learning_rate: float,
+    ns_coeffs=(3.4445, -4.775, 2.0315),
+    ns_steps: int = 5,
+    beta: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps_root: float = 0.0,
+    adam_weight_decay: float = 0.0,
+    adam_learning_rate: float | None = None,
+    consistent_rms: float | None = None,
+):
+    """optax contrib's ``muon`` as a reference transform (tests/reference.py's Transform):
+    2-D leaves by :func:`optax_muon_step`'s rule, the rest by optax's adamw(nesterov)."""
+    import optree
+    from reference import Transform, tree_map
+
+    from netcl_optim.optimizers._muon_layout import MuonDimensionNumbers, matrix_view, ns_schedule
+
+    schedule = ns_schedule(ns_coeffs, ns_steps, allow_table=True)
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+
+    def init(params):
+        zeros = tree_map(lambda x: np.zeros(np.shape(x), np.float64), params)
+        return {"count": 0, "mu": zeros, "nu": tree_map(np.copy, zeros)}
+
+    def leaf(g, mu, nu, p, t):
+        g = np.asarray(g, np.float64)
+        p = np.zeros_like(g) if p is None else np.asarray(p, np.float64)
+        if g.ndim == 2:
+            view = matrix_view(g.shape, MuonDimensionNumbers())
+            mu = (1.0 - beta) * g + beta * mu
+            if nesterov:
+                m_hat = beta * (mu / (1.0 - beta ** (t + 1))) + (1.0 - beta) * (g / (1.0 - beta**t))
+            else:
+                m_hat = mu / (1.0 - beta**t)
+            o = from_matrices(newton_schulz(to_matrices(m_hat, view), schedule, eps, "add"), view)
+            if adaptive:
+                o = np.sum(m_hat * o) * o
+            u = o * optax_shape_scale(view, consistent_rms)
+            if weight_decay:
+                u = u + weight_decay * p
+            return -learning_rate * u, mu, nu
+        mu = (1.0 - adam_b1) * g + adam_b1 * mu
+        nu = (1.0 - adam_b2) * (g * g) + adam_b2 * nu
+        if nesterov:
+            m_hat = adam_b1 * (mu / (1.0 - adam_b1 ** (t + 1))) + (1.0 - adam_b1) * (
+                g / (1.0 - adam_b1**t)
+            )
+        else:
+            m_hat = mu / (1.0 - adam_b1**t)
+        u = m_hat / (np.sqrt(nu / (1.0 - adam_b2**t) + adam_eps_root) + eps)
+        if adam_weight_decay:
+            u = u + adam_weight_decay * p
+        return -adam_lr * u, mu, nu
+
+    def update(u, state, params=None):
+        t = state["count"] + 1
+        leaves, treedef = optree.tree_flatten(u, none_is_leaf=False)
+        mus = treedef.flatten_up_to(state["mu"])
+        nus = treedef.flatten_up_to(state["nu"])
+        ps = [None] * len(leaves) if params is None else treedef.flatten_up_to(params)
+        out = [leaf(g, m, n, p, t) for g, m, n, p in zip(leaves, mus, nus, ps, strict=True)]
+        unflat = lambda i: optree.tree_unflatten(treedef, [o[i] for o in out])  # noqa: E731
+        return unflat(0), {"count": t, "mu": unflat(1), "nu": unflat(2)}
+
+    return Transform(init, update)

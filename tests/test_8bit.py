@@ -31,7 +31,7 @@ MIN_SIZE = 4096
 SHAPES = {"w": (70, 100), "b": (100,), "v": (5003,)}  # two quantized leaves, one float32
 
 STAGES = {"adafactor", "adafactor-factored-momentum", "adafactor-torch",
-          "adafactor-torch-custom", "sm3", "sm3-momentum"}  # fmt: skip
+          "adafactor-torch-custom", "sm3", "sm3-momentum", "muon"}  # fmt: skip
 # rows that must run >= 50 steps; the others run fewer to keep the file's runtime modest
 LONG = {"adam", "adamw", "lion", "rmsprop", "adagrad", "sgd-momentum"}
 STEPS_LONG, STEPS_SHORT = 50, 10

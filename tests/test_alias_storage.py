@@ -20,7 +20,7 @@ import netcl_optim.optimizers as optimizers
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # rules with kernels of their own: float32 state only
-STAGES = {"adafactor", "sm3"}
+STAGES = {"adafactor", "sm3", "muon"}
 # no slots at all (per-leaf values or nothing): nothing to store in bfloat16
 STATELESS = {"fromage", "noisy_sgd", "sgd", "sign_sgd"}
 # values per leaf: 8-bit state refused at the first step
@@ -32,6 +32,8 @@ TREE_SUMS_8BIT = {"prodigy", "dadapt_adamw", "dog", "dowg"}
 NO_STORAGE = {"lbfgs"}
 # the slots optax's mu_dtype casts (ademamix: both first-order EMAs)
 MU_SLOTS = {"scale_by_ademamix": {"m1", "m2"}, "ademamix": {"m1", "m2"}}
+# optax's scale_by_muon takes matrices only (muon routes the other leaves to AdamW)
+MATRICES_ONLY = {"scale_by_muon"}
 
 
 def _exported() -> dict[str, Any]:
@@ -68,7 +70,9 @@ def _build(name: str, **kwargs: Any) -> Any:
     return fn(**kwargs)
 
 
-def _host_params(n: int = 0) -> dict[str, np.ndarray]:
+def _host_params(n: int = 0, name: str = "") -> dict[str, np.ndarray]:
+    if name in MATRICES_ONLY:
+        return {"w": np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)}
     if n:
         return {"w": np.linspace(-1.0, 1.0, n, dtype=np.float32)}
     return {
@@ -163,7 +167,7 @@ def test_8bit_state(name, cl_queue):
 def test_mu_dtype_stores_exactly_mu(name, dtype, cl_queue):
     want = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
     expected = MU_SLOTS.get(name, {"mu"})
-    for state in _run(_build(name, mu_dtype=dtype), cl_queue, _host_params(), steps=2):
+    for state in _run(_build(name, mu_dtype=dtype), cl_queue, _host_params(name=name), steps=2):
         slots = _slot_arrays(state)
         assert {f for f, _ in slots} >= expected
         for field, x in slots:
@@ -172,8 +176,8 @@ def test_mu_dtype_stores_exactly_mu(name, dtype, cl_queue):
 
 @pytest.mark.parametrize("name", sorted(WITH_MU_DTYPE))
 def test_mu_dtype_float32_is_the_default(name, cl_queue):
-    a = _run(_build(name, mu_dtype="float32"), cl_queue, _host_params(), steps=2)[1]
-    b = _run(_build(name), cl_queue, _host_params(), steps=2)[1]
+    a = _run(_build(name, mu_dtype="float32"), cl_queue, _host_params(name=name), steps=2)[1]
+    b = _run(_build(name), cl_queue, _host_params(name=name), steps=2)[1]
     for (fa, xa), (fb, xb) in zip(_slot_arrays(a), _slot_arrays(b), strict=True):
         assert fa == fb and xa.dtype == xb.dtype == np.float32
         np.testing.assert_array_equal(xa, xb)

@@ -30,7 +30,9 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 STORAGE = {"bfloat16": BF16, "float16": np.dtype(np.float16)}
 STAGES = {"adafactor", "adafactor-factored-momentum", "adafactor-torch",
           "adafactor-torch-custom", "sm3", "sm3-momentum"}  # fmt: skip
-ELEMENTWISE = [c for c in CASES if c.id not in STAGES]
+# Newton-Schulz between two kernels: its updates are rounded to the params' dtype there
+NS_STAGES = {"muon"}
+ELEMENTWISE = [c for c in CASES if c.id not in STAGES | NS_STAGES]
 FEW = settings(max_examples=max(4, settings.default.max_examples // 4), deadline=None)
 
 

@@ -49,6 +49,8 @@ def masked(
         check_state(tx, state)
         leaves, treedef = optree.tree_flatten(updates)
         keep = _mask_leaves(mask, params if params is not None else updates, treedef)
+        if not any(keep):  # nothing for inner (a bare leaf's selection would be None)
+            return updates, state
         sub_params = None if params is None else _select(params, keep)
         new_sub, new_inner = inner.update(
             _select(updates, keep), state.inner_state, sub_params, **extra_args
