@@ -352,8 +352,9 @@ def _torch_named_classes() -> list[str]:
             and getattr(no, n) is not no.Optimizer and hasattr(torch.optim, n)]  # fmt: skip
 
 
-# keywords torch.optim gains after 2.13 (2.14's LBFGS maximize)
-NEWER_THAN_TORCH = {("LBFGS", "maximize")}
+# keywords torch.optim gains after 2.13 (2.14's LBFGS maximize), and our keyword-only
+# extensions (Muon's Keller Jordan variant and the weight layout of its shape scale)
+NEWER_THAN_TORCH = {("LBFGS", "maximize"), ("Muon", "variant"), ("Muon", "layout")}
 
 
 @pytest.mark.parametrize("cls", _torch_named_classes())

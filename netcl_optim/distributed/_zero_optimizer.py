@@ -21,7 +21,7 @@ from .._device import queue_of
 from .._packing import Block, contiguous_run, layout, pack
 from ..fusion import Slice, combine_partials
 from ..stateful import Parameter
-from ..stateful._optimizer import Optimizer
+from ..stateful._optimizer import Optimizer, building_shards
 from ._comm import agree, check_device_leaves, committed, get_comm, packed_run, signature
 from ._flat_shards import (
     DtypeShard,
@@ -246,7 +246,11 @@ class ZeroRedundancyOptimizer:
             ig = {k: v for k, v in g.items() if k != "params"}
             ig["params"] = shard_params[gi]
             inner_groups.append(ig)
-        optimizer = opt_class(inner_groups, **kwargs)
+        check_params = getattr(opt_class, "check_params", None)
+        if check_params is not None:  # (the inner optimizer sees 1-D slices only)
+            check_params(groups, **kwargs)
+        with building_shards():
+            optimizer = opt_class(inner_groups, **kwargs)
         for gi in range(len(inner_groups)):  # before any parameter takes its new data
             check_per_leaf(optimizer._chain(gi).tx, "ZeroRedundancyOptimizer")
         for rec, group_origins, whole, made in zip(

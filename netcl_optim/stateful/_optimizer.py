@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -48,6 +49,23 @@ from ._torch_state import (
 )
 
 _CHAIN_CACHE_SIZE = 32
+_BUILDING_SHARDS: contextvars.ContextVar[bool] = contextvars.ContextVar("shards", default=False)
+
+
+@contextlib.contextmanager
+def building_shards() -> Any:
+    """Optimizers built inside are ZeRO's inner ones: their parameters are 1-D slices of the
+    real ones, whose shapes :meth:`Optimizer.check_params` checked before."""
+    token = _BUILDING_SHARDS.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING_SHARDS.reset(token)
+
+
+def shards_building() -> bool:
+    """Whether an optimizer is being built inside :func:`building_shards`."""
+    return _BUILDING_SHARDS.get()
 # stochastic_rounding=True: its generator counts the parameter's steps
 ROUNDING_COUNT = torch_state(StochasticRoundingState, count=STEP)
 
@@ -181,6 +199,12 @@ class Optimizer(abc.ABC):
             self.add_param_group(group)
 
     # ------------------------------------------------------------------ groups
+
+    @classmethod
+    def check_params(cls, param_groups: list[Mapping[str, Any]], **defaults: Any) -> None:
+        """Raise if this class cannot take a parameter of its shape (Muon: matrices only);
+        nothing here. ``ZeroRedundancyOptimizer`` calls it on the real parameters before it
+        builds the optimizer over their 1-D slices."""
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group: ``{"params": [...], <hyperparameter>: value, ...}``; keys it does not

@@ -264,6 +264,54 @@ def _field(state: Any, name: str) -> Any:
     return None
 
 
+SHAPES_MUON = {  # matrices (Muon's), float32 and float64; shards hold whole leaves
+    "a": ((12, 20), np.float32),
+    "b": ((2, 6, 9), np.float32),
+    "c": ((30, 8), np.float32),
+    "d": ((16, 16), np.float32),
+    "e": ((7, 5), np.float64),
+}
+
+
+def muon() -> None:
+    """Muon orthogonalises whole matrices: ZeRO cuts its shards at leaf starts only, each
+    rank steps the matrices of its shard, the gather gives every rank the unsharded bits."""
+    rng = np.random.default_rng(7)
+
+    def tree(scale: float = 1.0) -> dict[str, Any]:
+        return {k: (scale * rng.standard_normal(s)).astype(t) for k, (s, t) in SHAPES_MUON.items()}
+
+    tx = no.Muon.functional(0.02, 0.1, 0.95, True, (3.4445, -4.775, 2.0315), 1e-7, 5, None,
+                            "reference", "out_in")  # fmt: skip
+    stx = dist.shard_optimizer(tx, COMM)
+    p_ref = p_step = no.pack(no.to_device(tree()))
+    s_ref, s_step = tx.init(p_ref), stx.init(p_step)
+    for step in range(4):
+        g = dist.allreduce(no.pack(no.to_device(tree())), COMM)
+        p_ref, s_ref = no.step(tx, p_ref, g, s_ref)
+        p_step, s_step = dist.sharded_step(stx, p_step, g, s_step)
+        check(equal(p_step, p_ref), f"muon step {step}: sharded_step != step")
+    keys = list(SHAPES_MUON)
+    init = tree()
+    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    groups = [{"params": zero_ps[:2], "variant": "reference"}, {"params": zero_ps[2:]}]
+    ref = no.Muon([{"params": ref_ps[:2], "variant": "reference"}, {"params": ref_ps[2:]}],
+                  lr=0.02)  # fmt: skip
+    zero = dist.ZeroRedundancyOptimizer(no.Muon, groups, comm=COMM, lr=0.02)
+    for step in range(4):
+        g = tree(0.1)
+        for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):
+            p.grad, q.grad = no.to_device(g[k]), no.to_device(g[k])
+        ref.step()
+        zero.step()
+        for k, p, q in zip(keys, ref_ps, zero_ps, strict=True):
+            check(bits_equal(p.data.get(), q.data.get()), f"Muon step {step}: {k}")
+    every = COMM.allgather(zero.state_nbytes())
+    check(sum(every) == dist.state_nbytes(ref), f"Muon: shard states {every} do not add up")
+    log(f"Muon state: {zero.state_nbytes()} bytes on this rank, {dist.state_nbytes(ref)} unsharded")
+
+
 def main() -> None:
     sched = lambda t: 1e-2 / (1 + t)  # noqa: E731
     cases = {
@@ -320,6 +368,7 @@ def main() -> None:
     stateful(Prodigy, {"lr": 1.0}, [{}, {"weight_decay": 0.01}], balanced=False)
     stateful(DAdaptAdamW, {"lr": 1.0}, [{}, {"lr": 0.5}], balanced=False)
     stateful(DoG, {"lr": 1.0}, [{}, {"weight_decay": 1e-3}], balanced=False)
+    muon()
     log("sharded == unsharded, bit for bit")
 
 
