@@ -66,6 +66,8 @@ def building_shards() -> Any:
 def shards_building() -> bool:
     """Whether an optimizer is being built inside :func:`building_shards`."""
     return _BUILDING_SHARDS.get()
+
+
 # stochastic_rounding=True: its generator counts the parameter's steps
 ROUNDING_COUNT = torch_state(StochasticRoundingState, count=STEP)
 
@@ -205,6 +207,7 @@ class Optimizer(abc.ABC):
         """Raise if this class cannot take a parameter of its shape (Muon: matrices only);
         nothing here. ``ZeroRedundancyOptimizer`` calls it on the real parameters before it
         builds the optimizer over their 1-D slices."""
+        return None
 
     def add_param_group(self, param_group: Mapping[str, Any]) -> None:
         """Add a group: ``{"params": [...], <hyperparameter>: value, ...}``; keys it does not
