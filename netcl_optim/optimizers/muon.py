@@ -26,7 +26,7 @@ __all__ = [
     "scale_by_muon",
 ]
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -493,7 +493,7 @@ class Muon(Optimizer):
         )  # fmt: skip
 
     @classmethod
-    def check_params(cls, param_groups: list[Mapping[str, Any]], **defaults: Any) -> None:
+    def check_params(cls, param_groups: Sequence[Mapping[str, Any]], **defaults: Any) -> None:
         """``ValueError`` naming the first parameter that is not a matrix of its group's
         variant (2-D for ``"torch"``, ``ndim >= 2`` for ``"reference"``)."""
         for gi, group in enumerate(param_groups):

@@ -16,7 +16,7 @@ import abc
 import contextlib
 import contextvars
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, overload
 
@@ -203,7 +203,7 @@ class Optimizer(abc.ABC):
     # ------------------------------------------------------------------ groups
 
     @classmethod
-    def check_params(cls, param_groups: list[Mapping[str, Any]], **defaults: Any) -> None:
+    def check_params(cls, param_groups: Sequence[Mapping[str, Any]], **defaults: Any) -> None:
         """Raise if this class cannot take a parameter of its shape (Muon: matrices only);
         nothing here. ``ZeroRedundancyOptimizer`` calls it on the real parameters before it
         builds the optimizer over their 1-D slices."""
