@@ -134,7 +134,7 @@ def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue):
         with count_launches() as c:
             tx.update(leaves, None)
         counts.append(c.launches)
-    assert counts == [2 + 9 * 3] * 2
+    assert counts == [2 + 6 * 3] * 2
 
 
 def test_the_input_is_never_written(queue):

@@ -16,8 +16,10 @@ constant number of launches:
    optax's ``"aol"`` and ``"schatten"`` preconditionings skip the norm and rescale ``X`` and
    ``A`` after the first ``A = X X^T`` instead (one launch).
 2. **iterations**, per ``(a, b, c)``: ``A = X X^T``; ``B = c A A + b A``;
-   ``X = B X + a X`` (three products of :mod:`._gemm`, the sums in their epilogues: no
-   extra pass), each batched over the whole group.
+   ``X = B X + a X``: two symmetric products (:func:`._gemm.gram`: the blocks on and above
+   the diagonal, mirrored; ``A A = A A^T`` as ``A`` is exactly symmetric) and one
+   :func:`._gemm.gemm`, the sums in their epilogues (no extra pass), each batched over the
+   whole group: 6 launches.
 3. **finish** (one launch): ``out = scale * X`` (``scale * <M, X> X`` with ``adaptive``, two
    small launches more for the dots) written through the inverse view into a fresh packed
    buffer of the leaves.
@@ -43,7 +45,7 @@ from .._packing import element_offset, layout
 from ._codegen import POINTER, preamble, storage_of
 from ._codegen import load as load_expr
 from ._codegen import store as store_stmt
-from ._gemm import gemm
+from ._gemm import gemm, gram
 from ._launch import note_launches
 from ._programs import build
 
@@ -338,7 +340,7 @@ def orthogonalize(
     whole leaf (optax). The leaves must be C-contiguous arrays of one context (float16,
     bfloat16, float32 or float64); each dtype's leaves are read from one buffer (copied into
     a packed scratch first when they lie in several). Launches per group of same-shaped
-    matrices: ``2 + 9 * len(schedule)`` (``+1`` aol or schatten, ``+2`` adaptive), whatever
+    matrices: ``2 + 6 * len(schedule)`` (``+1`` aol or schatten, ``+2`` adaptive), whatever
     their number."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -426,12 +428,11 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
     gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     for k, (a, b, c) in enumerate(schedule):
-        gemm(queue, x, x, gram_a, trans_b=True)
+        gram(queue, x, gram_a)
         if k == 0 and normalize in ("aol", "schatten"):
             _rescale(queue, normalize, x, gram_a, poly_b, count, m, n, real, acc)
-        gemm(queue, gram_a, gram_a, poly_b, trans_b=True, alpha=c, beta=b, c=gram_a)
+        gram(queue, gram_a, poly_b, alpha=c, beta=b, c=gram_a)  # A symmetric: A A = A A^T
         gemm(queue, poly_b, x, x, alpha=1.0, beta=a, c=x)
-        note_launches("netcl_gemm", 9)
 
     leaf_dot = t["scale"]  # (unread unless adaptive)
     if adaptive:

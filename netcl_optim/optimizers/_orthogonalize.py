@@ -140,7 +140,7 @@ def orthogonalize_by_newton_schulz(
     optax); optax's ``"spectral"`` (an SVD) is not available.
 
     Device: per group of same-shaped matrices (any number of leaves and batch entries),
-    ``2 + 9 * iterations`` launches (``+1`` aol or schatten, ``+2`` adaptive), no host
+    ``2 + 6 * iterations`` launches (``+1`` aol or schatten, ``+2`` adaptive), no host
     read; the input is never written. Float16 and bfloat16 leaves iterate in float32.
     Under ZeRO, shards hold whole leaves (a matrix is never split across ranks).
     """
