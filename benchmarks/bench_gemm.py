@@ -2,7 +2,8 @@
 
 GFLOPS (``2 M N K / time``) per shape, ours and numpy's interleaved in one run, median and
 best of ``--rounds``; ours is timed from the enqueue to ``queue.finish()`` (packing included),
-numpy's call alone, each call right after an untimed one of the same (:func:`_timed`). The
+numpy's call alone, per call over blocks of back-to-back calls, blocks of the two libraries
+interleaved with pauses between them (:func:`timed_block`). The
 ``gram`` rows time :func:`gram` (``X X^T``, the upper triangle computed and mirrored) in
 GFLOPS-equivalent (the full product's ``2 M^2 K`` flops), against numpy's ``x @ x.T`` (which
 OpenBLAS also runs as a symmetric product); the ``X X^T`` rows above them are our ``gemm`` of
@@ -49,7 +50,7 @@ SHAPES = [
     ("gram X X^T, 512^2", 512, 512, 512, "gram"),
 ]
 NS = (3.4445, -4.775, 2.0315)
-PAUSE = 0.1  # seconds between timed calls
+PAUSE = 0.3  # seconds between timed blocks (longer than OpenBLAS's and PoCL's spinning)
 
 
 def _cpu_idle() -> tuple[int, int] | None:
@@ -76,13 +77,14 @@ def wait_for_quiet(max_wait: float, idle: float = 0.9, probe: float = 0.25) -> N
             return
 
 
-def _timed(fn, finish=None) -> float:
-    """Seconds of one call right after an untimed call of the same (steady state, as in a
-    Newton-Schulz loop), then a pause (untimed): OpenBLAS's threads spin for a while after a
-    call, which took the cores from the next measurement when calls were back to back. The
-    warm-up call counts: after the 0.1 s pause, a first PoCL launch at 512 ran at a median
-    of 76 GFLOPS against 153 with 1 ms pauses (idle vCPUs and PoCL's sleeping worker threads
-    wake up); numpy gets the same treatment."""
+def timed_block(fn, finish=None, target: float = 0.25) -> float:
+    """Seconds per call over a block of back-to-back calls (at least 3, about ``target``
+    seconds; ours enqueued back to back and finished once, as in a Newton-Schulz loop), after
+    an untimed call of the same; then a pause. The pause matters: OpenBLAS's threads spin for
+    ~0.1 s after a call and PoCL's after a launch, and either took a core from the other
+    library's next measurement when they followed each other at once (our 1024 product ran at
+    90-125 GFLOPS right after numpy calls, 178 alone); a block amortises PoCL's worker threads
+    waking up (a first launch after an idle pause ran at half speed)."""
     fn()
     if finish is not None:
         finish()
@@ -90,7 +92,14 @@ def _timed(fn, finish=None) -> float:
     fn()
     if finish is not None:
         finish()
-    elapsed = time.perf_counter() - start
+    one = time.perf_counter() - start
+    calls = max(3, int(target / max(one, 1e-6)))
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if finish is not None:
+        finish()
+    elapsed = (time.perf_counter() - start) / calls
     time.sleep(PAUSE)
     return elapsed
 
@@ -125,8 +134,8 @@ def bench_shapes(queue, rounds: int, tune: bool, quiet: float) -> None:
     for _ in range(rounds):
         for _label, _flops, ours, host, t_ours, t_host, _err in cases:
             wait_for_quiet(quiet)
-            t_ours.append(_timed(ours, queue.finish))
-            t_host.append(_timed(host))
+            t_ours.append(timed_block(ours, queue.finish))
+            t_host.append(timed_block(host))
     print(
         f"{'shape':<22} {'ours GFLOPS':>12} {'numpy GFLOPS':>13} {'ratio':>7}"
         f" {'best ours':>10} {'best numpy':>11} {'ratio':>7} {'rel err':>9}"
@@ -188,7 +197,7 @@ def bench_newton_schulz(queue, rounds: int, tune: bool, quiet: float) -> None:
         for _ in range(rounds):
             wait_for_quiet(quiet)
             for run, t in zip(runs, times, strict=True):
-                t.append(_timed(run, None if run.func is newton_schulz_host else queue.finish))
+                t.append(timed_block(run, None if run.func is newton_schulz_host else queue.finish))
         ms = [1e3 * statistics.median(t) for t in times]
         err = max(errs)
         print(f"{f'{m}x{n}':<24} {ms[0]:>10.1f} {ms[1]:>9.1f} {ms[2]:>9.1f} {err:>9.1e}")

@@ -24,6 +24,7 @@ import numpy as np
 import pyopencl as cl
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_gemm
 import bench_step as bs
 
 import netcl_optim as no
@@ -145,6 +146,19 @@ class NumpyNS(bs.Variant):
         return None
 
 
+def _interleaved(variants: list[Any], rounds: int) -> list[list[float]]:
+    """Seconds per call of each variant, ``rounds`` blocks each, the variants interleaved
+    (:func:`bench_gemm.timed_block`: a warm call, a timed block, a pause that outlasts the
+    other libraries' spinning threads)."""
+    samples: list[list[float]] = [[] for _ in variants]
+    for r in range(rounds):
+        shift = r % len(variants)
+        for k in [*range(shift, len(variants)), *range(shift)]:
+            v = variants[k]
+            samples[k].append(bench_gemm.timed_block(v.run, v.sync, target=0.0))
+    return samples
+
+
 def _row(label: str, samples: list[float], ours: float) -> str:
     """A table row: median and best ms, and the other's median over ours."""
     med = statistics.median(samples)
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> str:
     for v in variants:  # warm up: build the kernels, fill torch's and numpy's caches
         v.run()
         v.sync()
-    samples = bs.time_round_robin(variants, args.rounds, 0.0, calls=1)
+    samples = _interleaved(variants, args.rounds)
     flops = sum(ns_flops(s) for s in SHAPES) * args.layers
     lines = [
         f"One Muon step, GPT-2-small matrices x {args.layers} layers "
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> str:
         for v in pair:
             v.run()
             v.sync()
-        best = [min(s) for s in bs.time_round_robin(pair, args.rounds, 0.0, calls=1)]
+        best = [min(s) for s in _interleaved(pair, args.rounds)]
         rate = [ns_flops(shape) * len(stack) / t / 1e9 for t in best]
         lines.append(
             f"| {shape[0]}x{shape[1]} | {rate[0]:.0f} | {rate[1]:.0f} | {rate[0] / rate[1]:.2f}x |"

@@ -421,3 +421,17 @@ def test_reading_a_in_place_gives_the_packed_paths_bits(cl_queue, monkeypatch, t
     gemm(cl_queue, dsq, dsq, dsq, tile=tile)
     assert calls == [tile[1], tile[0]]
     _check_close(dsq.get(), *_reference(sq, sq, False, False))
+
+
+def test_the_environment_turns_tuning_on(tmp_path, monkeypatch, cl_queue):
+    monkeypatch.setenv("NETCL_OPTIM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_gemm, "tuned", {})
+    monkeypatch.setattr(_gemm, "_loaded_dirs", set())
+    a = cla.to_device(cl_queue, np.ones((9, 5), np.float32))
+    b = cla.to_device(cl_queue, np.ones((5, 7), np.float32))
+    gemm(cl_queue, a, b)
+    assert _gemm.tuned == {}
+    monkeypatch.setenv(_gemm.TUNE_ENV, "1")
+    out = gemm(cl_queue, a, b)
+    assert len(_gemm.tuned) == 1 and (tmp_path / "cache" / _gemm.CACHE_FILE).is_file()
+    np.testing.assert_array_equal(out.get(), np.full((9, 7), 5.0, np.float32))

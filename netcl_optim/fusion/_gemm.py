@@ -59,7 +59,8 @@ few configurations timed once per ``(device, dtype, kind, transposes, shape clas
 ``~/.cache/netcl_optim``), keyed by platform, device and driver version, read once per process
 (a corrupt file is ignored with a warning). On a GPU with ``pyclblast`` installed the tuner
 also times CLBlast's GEMM (:data:`CLBLAST`) and keeps it where it is faster; ``tile="clblast"``
-forces it on any device.
+forces it on any device. ``NETCL_OPTIM_TUNE_GEMM=1`` in the environment tunes every call that
+did not ask (Muon's products), once per shape class; the choice then comes from the disk cache.
 """
 
 from __future__ import annotations
@@ -434,14 +435,18 @@ def _time_best(run, tiles):
     return best[1]
 
 
+TUNE_ENV = "NETCL_OPTIM_TUNE_GEMM"  # "1": tune every product's tile once (then cached on disk)
+
+
 def tile_for(
     queue, dtype, trans_a, batch, m, n, k, tune: bool = False, *, trans_b: bool = False,
     kind: str = "gemm",
 ) -> tuple[int, int] | str:  # fmt: skip
     """The tile for this product: the tuned one if known (in this process or in the disk
     cache, :func:`cache_dir`), else (``tune``) the fastest candidate timed once on operands
-    of this shape (then saved to the disk cache), else the default. ``kind`` is ``"gemm"``
-    or ``"gram"`` (:func:`gram`: ``m == n``, ``trans_a`` its ``trans``). On a GPU with
+    of this shape (then saved to the disk cache), else the default. ``tune`` is on for
+    every call (Muon's too) where the environment sets ``NETCL_OPTIM_TUNE_GEMM=1``. ``kind``
+    is ``"gemm"`` or ``"gram"`` (:func:`gram`: ``m == n``, ``trans_a`` its ``trans``). On a GPU with
     ``pyclblast`` importable, a ``gemm``'s candidates include CLBlast (:data:`CLBLAST`)."""
     dtype = np.dtype(dtype)
     _load_disk_cache()
@@ -449,7 +454,7 @@ def tile_for(
     tile = tuned.get(key)
     if tile is not None and (tile != CLBLAST or _pyclblast() is not None):
         return tile
-    if not tune:
+    if not (tune or os.environ.get(TUNE_ENV) == "1"):
         return TILES[dtype][0]
     nb = int(np.prod(batch, dtype=np.int64))
     a = cla.zeros(queue, (*batch, k, m) if trans_a else (*batch, m, k), dtype)
