@@ -202,6 +202,9 @@ GALLERY: tuple[GalleryOptimizer, ...] = (
     _entry("lars", "Layer-wise", _lrs(1.0, 1.0, 1.0, 1.0)),
     _entry("fromage", "Layer-wise", _lrs(1.0, 1.0, 0.3, 0.03)),
     _entry("novograd", "Layer-wise", _lrs(0.03, 0.03, 0.3, 0.03)),
+    # orthogonalised momentum for the matrices (the digits MLP's weights; on a 2-D problem,
+    # one vector, muon's AdamW branch)
+    _entry("muon", "Matrix", _lrs(0.3, 1.0, 1.0, 0.03)),
     # learning-rate-free: lr is a multiplier of the estimated step size
     _entry("prodigy", "Learning-rate-free", _lrs(1.0, 1.0, 1.0, 1.0), lr_meaning="multiplier"),
     _entry("dadapt_adamw", "Learning-rate-free", _lrs(1.0, 1.0, 1.0, 1.0),
