@@ -761,8 +761,9 @@ def test_table_covers_every_class(cl_queue):
     # step needs train() first: tests/test_schedule_free.py)
     schedule_free = {no.AdamWScheduleFree, no.SGDScheduleFree, no.RAdamScheduleFree}
     # (PolyakSGD: a step needs the loss, step(closure) or step(value=...): test_polyak.py;
-    # LBFGS: a step is a loop of closure calls, test_lbfgs_torch.py)
-    assert classes - bnb - schedule_free - {no.Optimizer, no.PolyakSGD, no.LBFGS} == {
+    # LBFGS: a step is a loop of closure calls, test_lbfgs_torch.py; Muon: matrices only,
+    # where the table's trees hold vectors, test_muon.py)
+    assert classes - bnb - schedule_free - {no.Optimizer, no.PolyakSGD, no.LBFGS, no.Muon} == {
         getattr(no, row.stateful) for row in STATEFUL
     }
     for row in STATEFUL:

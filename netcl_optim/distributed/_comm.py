@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -181,6 +182,9 @@ def agree(
     raise mismatch from err
 
 
+ABORT_GRACE_S = 1.0  # seconds between the failure message and MPI_Abort
+
+
 @contextmanager
 def committed(comm: Any, what: str) -> Iterator[None]:
     """The part of a collective call past the point of no return: after the agreement, once
@@ -203,8 +207,11 @@ def committed(comm: Any, what: str) -> Iterator[None]:
             file=sys.stderr,
             flush=True,
         )
+        real = isinstance(comm, mpi().Comm)
+        if real:  # the process manager relays output asynchronously and drops what is in
+            time.sleep(ABORT_GRACE_S)  # flight at the abort: give it time to pass the message
         comm.Abort(1)
-        if isinstance(comm, mpi().Comm):
+        if real:
             # MPICH's Abort returns while its process manager ends the job: this rank must
             # not go on (its caller could catch the error and save out-of-step state)
             os._exit(1)
