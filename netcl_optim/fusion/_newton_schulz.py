@@ -55,6 +55,16 @@ _PAD = 64
 
 Schedule = Sequence[tuple[float, float, float]]
 
+# C lines adding the work-items' ``sum``s of a work-group into ``part[0]``: a tree in a fixed
+# order (the same bits whatever the launch)
+_GROUP_SUM = f"""    part[lid] = sum;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
+        if (lid < span) part[lid] = part[lid] + part[lid + span];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }}
+"""
+
 
 def _index_lines(ndim: int, identity: bool, pos: str, z: str, out: str) -> str:
     """C lines setting ``out`` to the element offset, within its leaf, of the matrix
@@ -100,13 +110,7 @@ __kernel void {name}(__global const {ptr} *src, __global const long *table,
 {index}        const acc_t v = (acc_t)({load});
         sum = sum + v * v;
     }}
-    part[lid] = sum;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
-        if (lid < span) part[lid] = part[lid] + part[lid + span];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }}
-    if (lid == 0) {{
+{_GROUP_SUM}    if (lid == 0) {{
         const real norm = (real)SQRT(part[0]);
         shared_denom = {denom};
     }}
@@ -134,13 +138,7 @@ def rescale_source(real: str, acc: str, mode: str) -> tuple[str, str]:
         const acc_t v = (acc_t)ab[e];
         sum = sum + v * v;
     }}
-    part[lid] = sum;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
-        if (lid < span) part[lid] = part[lid] + part[lid + span];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }}
-    if (lid == 0) {{
+{_GROUP_SUM}    if (lid == 0) {{
         const real norm = (real)SQRT(part[0]);
         const real clipped = norm >= eps ? norm : eps;
         shared[0] = (real)1 / SQRT(clipped);
@@ -205,13 +203,7 @@ __kernel void {name}(__global const {ptr} *src, __global const long *table,
     for (long e = lid; e < RC; e += {_GROUP}) {{
 {index}        sum = sum + (acc_t)({load}) * (acc_t)xb[{dest}];
     }}
-    part[lid] = sum;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int span = {_GROUP // 2}; span > 0; span >>= 1) {{
-        if (lid < span) part[lid] = part[lid] + part[lid + span];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }}
-    if (lid == 0) dots[b] = part[0];
+{_GROUP_SUM}    if (lid == 0) dots[b] = part[0];
 }}
 
 __kernel void {name}_leaf(__global const acc_t *dots, __global const long *first,

@@ -140,6 +140,42 @@ SHAPES_8BIT = {  # no float64 (8-bit state takes float32 and float16 params)
 }
 
 
+def sharded_equals_step(name: str, tx: Any, tree: Any, steps: int) -> tuple[Any, Any]:
+    """``steps`` of ``sharded_step`` and of the unsharded ``step`` on packed ``tree()``s,
+    checked bit for bit after each; returns their final states."""
+    stx = dist.shard_optimizer(tx, COMM)
+    p_ref = p_step = no.pack(no.to_device(tree()))
+    s_ref, s_step = tx.init(p_ref), stx.init(p_step)
+    for step in range(steps):
+        g = dist.allreduce(no.pack(no.to_device(tree())), COMM)
+        p_ref, s_ref = no.step(tx, p_ref, g, s_ref)
+        p_step, s_step = dist.sharded_step(stx, p_step, g, s_step)
+        check(equal(p_step, p_ref), f"{name} step {step}: sharded_step != step")
+    return s_ref, s_step
+
+
+def zero_equals_optimizer(
+    cls: Any, groups: Any, kwargs: dict, init: dict, grads: Any, steps: int
+) -> tuple[Any, Any]:
+    """``steps`` of ``ZeroRedundancyOptimizer(cls)`` and of ``cls`` over the params ``init``
+    (``groups(params)`` their param groups), the same ``grads()`` on both, checked bit for
+    bit after each; returns both optimizers."""
+    keys = list(init)
+    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
+    ref = cls(groups(ref_ps), **kwargs)
+    zero = dist.ZeroRedundancyOptimizer(cls, groups(zero_ps), comm=COMM, **kwargs)
+    for step in range(steps):
+        g = grads()
+        for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):
+            p.grad, q.grad = no.to_device(g[k]), no.to_device(g[k])
+        ref.step()
+        zero.step()
+        for k, p, q in zip(keys, ref_ps, zero_ps, strict=True):
+            check(bits_equal(p.data.get(), q.data.get()), f"{cls.__name__} step {step}: {k}")
+    return ref, zero
+
+
 def eight_bit() -> None:
     """8-bit state (params of >= 256 elements; the others float32): shards cut at the
     leaves' blocks, so every rank's blocks are the unsharded ones."""
@@ -149,32 +185,14 @@ def eight_bit() -> None:
         return {k: (scale * rng.standard_normal(s)).astype(t) for k, (s, t) in SHAPES_8BIT.items()}
 
     tx = no.low_precision_state(no.adamw(1e-2, weight_decay=0.1), state_bits=8, min_8bit_size=256)
-    stx = dist.shard_optimizer(tx, COMM)
-    p_ref = p_step = no.pack(no.to_device(tree()))
-    s_ref, s_step = tx.init(p_ref), stx.init(p_step)
-    for step in range(5):
-        g = dist.allreduce(no.pack(no.to_device(tree())), COMM)
-        p_ref, s_ref = no.step(tx, p_ref, g, s_ref)
-        p_step, s_step = dist.sharded_step(stx, p_step, g, s_step)
-        check(equal(p_step, p_ref), f"8-bit adamw step {step}: sharded_step != step")
+    s_ref, s_step = sharded_equals_step("8-bit adamw", tx, tree, 5)
     full, every = dist.state_nbytes(s_ref), COMM.allgather(dist.state_nbytes(s_step))
     check(sum(every) == full, f"8-bit adamw: shard states {every} do not add up to {full}")
-    keys = list(SHAPES_8BIT)
-    init = tree()
-    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
-    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
     kwargs = {"lr": 1e-2, "state_bits": 8, "min_8bit_size": 256}
-    ref = AdamW([{"params": ref_ps[:2]}, {"params": ref_ps[2:]}], **kwargs)
-    groups = [{"params": zero_ps[:2]}, {"params": zero_ps[2:]}]
-    zero = dist.ZeroRedundancyOptimizer(AdamW, groups, comm=COMM, **kwargs)
-    for step in range(5):
-        g = tree(0.1)
-        for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):
-            p.grad, q.grad = no.to_device(g[k]), no.to_device(g[k])
-        ref.step()
-        zero.step()
-        for k, p, q in zip(keys, ref_ps, zero_ps, strict=True):
-            check(bits_equal(p.data.get(), q.data.get()), f"8-bit AdamW step {step}: {k}")
+    ref, zero = zero_equals_optimizer(
+        AdamW, lambda ps: [{"params": ps[:2]}, {"params": ps[2:]}], kwargs, tree(),
+        lambda: tree(0.1), 5,
+    )  # fmt: skip
     log(f"8-bit AdamW state: {zero.state_nbytes()} bytes on this rank, "
         f"{dist.state_nbytes(ref)} unsharded")  # fmt: skip
 
@@ -283,30 +301,12 @@ def muon() -> None:
 
     tx = no.Muon.functional(0.02, 0.1, 0.95, True, (3.4445, -4.775, 2.0315), 1e-7, 5, None,
                             "reference", "out_in")  # fmt: skip
-    stx = dist.shard_optimizer(tx, COMM)
-    p_ref = p_step = no.pack(no.to_device(tree()))
-    s_ref, s_step = tx.init(p_ref), stx.init(p_step)
-    for step in range(4):
-        g = dist.allreduce(no.pack(no.to_device(tree())), COMM)
-        p_ref, s_ref = no.step(tx, p_ref, g, s_ref)
-        p_step, s_step = dist.sharded_step(stx, p_step, g, s_step)
-        check(equal(p_step, p_ref), f"muon step {step}: sharded_step != step")
-    keys = list(SHAPES_MUON)
-    init = tree()
-    ref_ps = [Parameter(no.to_device(init[k])) for k in keys]
-    zero_ps = [Parameter(no.to_device(init[k])) for k in keys]
-    groups = [{"params": zero_ps[:2], "variant": "reference"}, {"params": zero_ps[2:]}]
-    ref = no.Muon([{"params": ref_ps[:2], "variant": "reference"}, {"params": ref_ps[2:]}],
-                  lr=0.02)  # fmt: skip
-    zero = dist.ZeroRedundancyOptimizer(no.Muon, groups, comm=COMM, lr=0.02)
-    for step in range(4):
-        g = tree(0.1)
-        for p, q, k in zip(ref_ps, zero_ps, keys, strict=True):
-            p.grad, q.grad = no.to_device(g[k]), no.to_device(g[k])
-        ref.step()
-        zero.step()
-        for k, p, q in zip(keys, ref_ps, zero_ps, strict=True):
-            check(bits_equal(p.data.get(), q.data.get()), f"Muon step {step}: {k}")
+    sharded_equals_step("muon", tx, tree, 4)
+
+    def groups(ps: list) -> list[dict]:
+        return [{"params": ps[:2], "variant": "reference"}, {"params": ps[2:]}]
+
+    ref, zero = zero_equals_optimizer(no.Muon, groups, {"lr": 0.02}, tree(), lambda: tree(0.1), 4)
     every = COMM.allgather(zero.state_nbytes())
     check(sum(every) == dist.state_nbytes(ref), f"Muon: shard states {every} do not add up")
     log(f"Muon state: {zero.state_nbytes()} bytes on this rank, {dist.state_nbytes(ref)} unsharded")
