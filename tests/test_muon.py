@@ -571,3 +571,23 @@ def test_muon_with_aux_adam_takes_keller_jordan_groups(cl_queue):
     opt.zero_grad(set_to_none=False)
     opt.step()  # zero grads: AdamW's and Muon's updates of zeros are finite
     assert all(np.isfinite(p.data.get()).all() for p in mats + vecs)
+
+
+def test_bfloat16_params_keep_their_momentum_unnormalised():
+    """pytorch#190597: torch 2.13's Muon with bfloat16 params and ``nesterov=False``
+    normalises the momentum buffer itself in place (its norm ends near 1). Here the buffer is
+    the EMA of the gradients, whatever the params' dtype."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(190597)
+    p = no.Parameter(no.to_device(rng.standard_normal((16, 8)).astype(ml_dtypes.bfloat16)))
+    opt = no.Muon([p], lr=0.02, nesterov=False)
+    want = np.zeros((16, 8), np.float64)
+    for _ in range(3):
+        g = (10 * rng.standard_normal((16, 8))).astype(ml_dtypes.bfloat16)
+        p.grad = no.to_device(g)
+        opt.step()
+        want = want + 0.05 * (g.astype(np.float64) - want)
+    buf = opt.state[p]["momentum_buffer"].get().astype(np.float64)
+    np.testing.assert_allclose(buf, want, rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(want) > 5  # (far from the 1 of a normalised buffer)
