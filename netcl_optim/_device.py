@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Any
 
 import ml_dtypes
@@ -30,6 +31,32 @@ _INSTALL = (
     "pip install \"netcl_optim[cpu]\" for PoCL's CPU device, or install a GPU vendor's OpenCL "
     "driver"
 )
+
+
+# A kernel every OpenCL C compiler builds: a device whose compiler fails on it is unusable
+_PROBE_SOURCE = "__kernel void netcl_probe(__global float *x) { x[get_global_id(0)] += 1.0f; }"
+
+_NEWER_POCL = (
+    "PoCL's compiler does not know this CPU: the PoCL inside pyopencl's wheels (3.0, LLVM 14) "
+    "predates it (AMD Zen 5, for one). Install a newer PoCL (Debian and Ubuntu: apt install "
+    "pocl-opencl-icd; conda: conda install -c conda-forge pocl), which the default device "
+    "then picks, or choose another device with PYOPENCL_CTX"
+)
+
+
+def _build_failure(context: cl.Context) -> str | None:
+    """``None`` when ``context``'s device builds a trivial kernel, else the compiler's error."""
+    try:
+        cl.Program(context, _PROBE_SOURCE).build()
+    except cl.Error as e:
+        return str(e).strip()
+    return None
+
+
+def _fix_for(reason: str) -> str:
+    if "unknown target CPU" in reason:
+        return _NEWER_POCL
+    return f"choose another device with PYOPENCL_CTX, or {_INSTALL}"
 
 
 def _platforms() -> list[cl.Platform]:
@@ -75,7 +102,7 @@ def _default_context() -> cl.Context:
     spec = os.environ.get("PYOPENCL_CTX")
     if spec:
         try:
-            return cl.create_some_context(interactive=False)
+            context = cl.create_some_context(interactive=False)
         except (cl.Error, RuntimeError) as e:
             first = next(
                 (f"{i}:0" for i, p in enumerate(platforms) if _devices(p)), "<platform>:<device>"
@@ -86,23 +113,53 @@ def _default_context() -> cl.Context:
                 f"Found:\n{_inventory(platforms)}\nSet e.g. PYOPENCL_CTX={first}, unset it to "
                 f"use the first device, or, for a device not listed, {_INSTALL}"
             ) from e
+        reason = _build_failure(context)
+        if reason is not None:
+            raise RuntimeError(
+                f"PYOPENCL_CTX={spec!r} selects {_name(context.devices[0])}, whose OpenCL C "
+                f"compiler fails on a trivial kernel:\n{reason}\n{_fix_for(reason)}. "
+                f"Found:\n{_inventory(platforms)}"
+            )
+        return context
     devices = [d for p in platforms for d in _devices(p)]
     if not devices:
         raise RuntimeError(
             f"no OpenCL device found; platforms:\n{_inventory(platforms)}\nTo get one: {_INSTALL}"
         )
-    return cl.Context([devices[0]])
+    failures = []
+    for device in devices:
+        context = cl.Context([device])
+        reason = _build_failure(context)
+        if reason is None:
+            if failures:
+                skipped = (f"{_name(d)} cannot build kernels ({_fix_for(r)})" for d, r in failures)
+                message = f"netcl_optim uses {_name(device)}: " + "; ".join(skipped)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return context
+        failures.append((device, reason))
+    raise RuntimeError(
+        "no OpenCL device can build kernels: "
+        + "\n".join(f"{_name(d)}: {r}" for d, r in failures)
+        + f"\n{_fix_for(failures[0][1])}. Found:\n{_inventory(platforms)}"
+    )
+
+
+def _name(device: cl.Device) -> str:
+    return f"{device.name.strip()} ({device.platform.name.strip()} {device.version.strip()})"
 
 
 def default_queue() -> cl.CommandQueue:
     """The library's default in-order queue, created on first use.
 
-    ``PYOPENCL_CTX`` chooses the device as in pyopencl; without it the first device of the
-    first platform is used, with no prompt.
+    ``PYOPENCL_CTX`` chooses the device as in pyopencl; without it the first device, in
+    platform order, whose compiler builds a trivial kernel is used, with no prompt (a
+    ``RuntimeWarning`` names any device skipped, e.g. PoCL 3.0 on a CPU its LLVM 14 does not
+    know).
 
     Raises:
-      RuntimeError: no OpenCL platform or device, or a ``PYOPENCL_CTX`` that selects none;
-        the message lists the platforms and devices found and how to fix it. Nothing is
+      RuntimeError: no OpenCL platform or device, no device that can build a kernel, or a
+        ``PYOPENCL_CTX`` that selects none or one that cannot; the message lists the
+        platforms and devices found and how to fix it. Nothing is
         cached, so a later call tries again.
     """
     global _default_queue

@@ -131,6 +131,53 @@ def test_pyopencl_ctx_still_selects_by_index_and_name(fresh_default):
     assert q.device == cl.get_platforms()[0].get_devices()[-1]
 
 
+# ------------------------------------------------------------ a device that cannot compile
+
+_NO_CPU = "Build on <pyopencl.Device 'pthread-AMD EPYC'>:\nerror: unknown target CPU 'generic'"
+
+
+def _failing(times: int):
+    """A ``_build_failure`` whose first ``times`` calls fail as PoCL 3.0 on an AMD Zen 5."""
+    calls = []
+
+    def build_failure(context):
+        calls.append(context)
+        return _NO_CPU if len(calls) <= times else None
+
+    return build_failure
+
+
+def test_the_default_device_builds_a_kernel(cl_queue):
+    assert _device._build_failure(cl_queue.context) is None
+
+
+def test_a_device_that_cannot_build_is_skipped_with_a_warning(fresh_default):
+    platform = cl.get_platforms()[0]
+    fresh_default.setattr(cl, "get_platforms", lambda: [platform, platform])
+    fresh_default.setattr(_device, "_build_failure", _failing(1))
+    with pytest.warns(RuntimeWarning, match="cannot build kernels") as record:
+        q = no.default_queue()
+    assert isinstance(q, cl.CommandQueue)
+    assert "apt install pocl-opencl-icd" in str(record[0].message)
+
+
+def test_no_device_that_can_build_says_how_to_get_one(fresh_default):
+    fresh_default.setattr(_device, "_build_failure", _failing(10**6))
+    with pytest.raises(RuntimeError, match=r"^no OpenCL device can build kernels") as info:
+        no.default_queue()
+    msg = str(info.value)
+    assert "unknown target CPU 'generic'" in msg and "pocl-opencl-icd" in msg and "[0:0]" in msg
+    assert _device._default_queue is None
+
+
+def test_pyopencl_ctx_on_a_device_that_cannot_build_raises(fresh_default):
+    fresh_default.setenv("PYOPENCL_CTX", "0")
+    fresh_default.setattr(_device, "_build_failure", _failing(1))
+    with pytest.raises(RuntimeError, match=r"^PYOPENCL_CTX='0' selects .* compiler fails") as info:
+        no.default_queue()
+    assert "pocl-opencl-icd" in str(info.value) and _device._default_queue is None
+
+
 # ------------------------------------------------------------------------- set_default_queue
 
 
