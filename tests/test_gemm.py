@@ -265,6 +265,49 @@ def test_gram_every_tile_matches_gemm_with_alpha_beta(cl_queue, trans):
             np.testing.assert_array_equal(one, got[i, 1])
 
 
+@pytest.mark.parametrize("m", [1, 7, 40, 70])
+def test_a_symmetric_product_is_the_full_ones_upper_triangle_mirrored(cl_queue, m):
+    """``symmetric=True`` for two polynomials of one symmetric matrix (they commute): every
+    tile, the product's upper triangle bit for bit, mirrored; with ``beta * c`` in place."""
+    for dtype in _dtypes(cl_queue):
+        x = RNG.standard_normal((2, m, m + 3)).astype(dtype)
+        r = x @ np.swapaxes(x, -1, -2) / m
+        p = 0.5 * r + r @ r  # symmetric up to rounding: make it exactly so
+        p = np.triu(p) + np.swapaxes(np.triu(p, 1), -1, -2)
+        dr, dp = cla.to_device(cl_queue, r.astype(dtype)), cla.to_device(cl_queue, p)
+        full = gemm(cl_queue, dp, dr, alpha=2.0, beta=-1.0, c=dr).get()
+        for tile in TILES[np.dtype(dtype)]:
+            got = gemm(cl_queue, dp, dr, alpha=2.0, beta=-1.0, c=dr, tile=tile, symmetric=True)
+            _assert_gram_is_gemms_upper_mirrored(got.get(), full)
+        inplace = cla.to_device(cl_queue, r.astype(dtype))  # Q <- P Q + a Q, out = b = c
+        gemm(cl_queue, dp, inplace, inplace, beta=3.0, c=inplace, symmetric=True)
+        like = gemm(cl_queue, dp, dr, beta=3.0, c=dr).get()
+        _assert_gram_is_gemms_upper_mirrored(inplace.get(), like)
+    with pytest.raises(ValueError, match="symmetric=True needs a square product"):
+        gemm(cl_queue, cla.zeros(cl_queue, (3, 4), np.float32),
+             cla.zeros(cl_queue, (4, 5), np.float32), symmetric=True)  # fmt: skip
+
+
+class _Device:
+    def __init__(self, floats: int, doubles: int) -> None:
+        self.native_vector_width_float = floats
+        self.native_vector_width_double = doubles
+
+
+def test_tiles_use_512_bit_vectors_where_the_device_has_them():
+    f4, f8 = np.dtype(np.float32), np.dtype(np.float64)
+    avx512, avx2, gpu = _Device(16, 8), _Device(8, 4), _Device(1, 1)
+    assert _gemm.default_tile(avx512, f4) == (6, 64) and _gemm.default_tile(avx512, f8) == (6, 32)
+    assert _gemm.default_tile(avx2, f4) == (6, 16) and _gemm.default_tile(gpu, f8) == (4, 8)
+    assert [_gemm.vector_width(avx512, f4, tn) for tn in (8, 16, 32, 64)] == [8, 16, 16, 16]
+    assert [_gemm.vector_width(d, f4, 64) for d in (avx2, gpu)] == [8, 8]
+    assert [_gemm.vector_width(avx512, f8, tn) for tn in (4, 8, 16)] == [4, 8, 8]
+    for dtype, tn, w in ((f4, 64, 16), (f4, 64, 8), (f8, 32, 8), (f8, 32, 4)):
+        src, name = _gemm.gemm_source(dtype, 6, tn, width=w)
+        real = "double" if dtype == f8 else "float"
+        assert f"typedef {real}{w} realw;" in src and name.endswith(f"w{w}")
+
+
 def test_gram_views_at_offsets_and_in_place(cl_queue):
     """Newton-Schulz's ``B = c A A + b A`` with ``A`` symmetric: ``out`` and ``c`` the same
     view at an offset, ``x`` another view of the same buffer."""

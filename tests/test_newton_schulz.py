@@ -5,6 +5,7 @@ whole leaves."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_dtypes
@@ -16,6 +17,7 @@ import reference_muon as rm
 import netcl_optim as no
 from netcl_optim._device import default_queue
 from netcl_optim.distributed._flat_shards import WHOLE_LEAVES, shard_block, shard_bounds
+from netcl_optim.fusion import _newton_schulz as _ns
 from netcl_optim.fusion import count_launches
 from netcl_optim.optimizers._muon_layout import MuonDimensionNumbers, matrix_view, shape_scale
 from netcl_optim.optimizers._orthogonalize import _whole_leaves, orthogonalize_by_newton_schulz
@@ -84,6 +86,39 @@ def test_float32_within_float32_rounding_of_the_reference(queue, variant, spec, 
         np.testing.assert_allclose(o.get(), want, rtol=0, atol=5e-6)
 
 
+@pytest.mark.parametrize("normalize", ["clamp", "add", "aol", "schatten"])
+def test_the_gram_iteration_matches_the_plain_one(queue, normalize, monkeypatch):
+    """Matrices at least twice as wide as tall iterate on ``R = X X^T`` (``Q X`` at the end,
+    every ``m x m`` product symmetric, ``X`` and ``R`` recomputed every 3 iterations): the
+    plain iteration's result to float64 rounding, and in float32 as accurate as the plain
+    float32 iteration, on well- and ill-conditioned (singular values from 1 to 1e-6)
+    matrices, in both orientations, with a fixed and a per-step schedule."""
+    rng = np.random.default_rng(11)
+    u, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    v, _ = np.linalg.qr(rng.standard_normal((40, 12)))
+    xs = [rng.standard_normal((3, 12, 40)), (u * np.logspace(0, -6, 12)) @ v.T,
+          rng.standard_normal((2, 36, 9))]  # fmt: skip
+    views = [matrix_view(x.shape, "in_out") for x in xs]
+    assert _ns.uses_gram_iteration(12, 40, 5) and _ns.uses_gram_iteration(9, 36, 5)
+    assert not _ns.uses_gram_iteration(12, 23, 5) and not _ns.uses_gram_iteration(9, 36, 1)
+
+    def run(dtype, schedule, aspect):
+        monkeypatch.setattr(_ns, "GRAM_ASPECT", aspect)
+        leaves = [cla.to_device(queue, x.astype(dtype)) for x in xs]
+        out = _ns.orthogonalize(queue, leaves, views, schedule, 1e-7, normalize, [1.0] * 3)
+        return [o.get().astype(np.float64) for o in out]
+
+    for schedule in ([COEFFS] * 5, DION):
+        exact = run(np.float64, schedule, math.inf)
+        for got, want in zip(run(np.float64, schedule, _ns.GRAM_ASPECT), exact, strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        plain32 = run(np.float32, schedule, math.inf)
+        gram32 = run(np.float32, schedule, _ns.GRAM_ASPECT)
+        for g, p, want in zip(gram32, plain32, exact, strict=True):
+            # (without the restart, 1.3e-4 to 3.1e-4 on the ill-conditioned one: 25-50x)
+            assert np.abs(g - want).max() <= 2 * np.abs(p - want).max() + 1e-6
+
+
 def test_shape_scales_tables_adaptive_and_no_iterations(queue):
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal(s) for s in [(6, 9), (2, 6, 9), (12, 5)]]
@@ -123,18 +158,21 @@ def test_packed_separate_and_batch_position_give_the_same_bits(queue):
     assert alone[0].get().tobytes() == separate[1].get()[2].tobytes()
 
 
-def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue):
+@pytest.mark.parametrize("shape, launches", [((8, 12), 2 + 6 * 3), ((8, 24), 1 + 8 * 3)])
+def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue, shape, launches):
+    """``8 x 12``: the plain iteration, 2 + 6 per step; ``8 x 24`` (at least twice as wide as
+    tall): the Gram iteration, 1 + 8 per step."""
     rng = np.random.default_rng(5)
     tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=3)
     counts = []
     for n in (1, 12):
-        leaves = [cla.to_device(queue, rng.standard_normal((8, 24)).astype(np.float32))
+        leaves = [cla.to_device(queue, rng.standard_normal(shape).astype(np.float32))
                   for _ in range(n)]  # fmt: skip
-        leaves.append(cla.to_device(queue, rng.standard_normal((4, 8, 24)).astype(np.float32)))
+        leaves.append(cla.to_device(queue, rng.standard_normal((4, *shape)).astype(np.float32)))
         with count_launches() as c:
             tx.update(leaves, None)
         counts.append(c.launches)
-    assert counts == [2 + 6 * 3] * 2
+    assert counts == [launches] * 2
 
 
 def test_the_input_is_never_written(queue):
