@@ -158,12 +158,15 @@ def test_packed_separate_and_batch_position_give_the_same_bits(queue):
     assert alone[0].get().tobytes() == separate[1].get()[2].tobytes()
 
 
-@pytest.mark.parametrize("shape, launches", [((8, 12), 2 + 6 * 3), ((8, 24), 1 + 8 * 3)])
-def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue, shape, launches):
+@pytest.mark.parametrize(
+    "shape, steps, launches",
+    [((8, 12), 3, 2 + 6 * 3), ((8, 24), 3, 1 + 8 * 3), ((8, 24), 5, 1 + 8 * 5 - 1)],
+)
+def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue, shape, steps, launches):
     """``8 x 12``: the plain iteration, 2 + 6 per step; ``8 x 24`` (at least twice as wide as
-    tall): the Gram iteration, 1 + 8 per step."""
+    tall): the Gram iteration, 1 + 8 per step, 1 fewer per restart (5 steps: one)."""
     rng = np.random.default_rng(5)
-    tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=3)
+    tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=steps)
     counts = []
     for n in (1, 12):
         leaves = [cla.to_device(queue, rng.standard_normal(shape).astype(np.float32))

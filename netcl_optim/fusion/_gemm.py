@@ -105,18 +105,21 @@ def _header(real: str) -> str:
     return f"#pragma OPENCL FP_CONTRACT OFF\n{fp64}typedef {real} real;\n"
 
 
+@functools.lru_cache(maxsize=64)
+def _native_width(device: cl.Device, dtype: np.dtype) -> int:
+    """The device's native vector lanes for ``dtype`` (queried once per device)."""
+    if dtype == np.float64:
+        return device.native_vector_width_double
+    return device.native_vector_width_float
+
+
 def vector_width(device: cl.Device, dtype: np.dtype, tn: int) -> int:
     """The vector lanes of a ``TN``-wide tile on ``device``: twice :data:`_WIDTH` (512 bits)
     where the device's native vectors are that wide and ``TN`` is a multiple, else
     :data:`_WIDTH`."""
     dtype = np.dtype(dtype)
-    native = (
-        device.native_vector_width_double
-        if dtype == np.float64
-        else device.native_vector_width_float
-    )
     wide = 2 * _WIDTH[dtype]
-    return wide if native >= wide and tn % wide == 0 else _WIDTH[dtype]
+    return wide if _native_width(device, dtype) >= wide and tn % wide == 0 else _WIDTH[dtype]
 
 
 def default_tile(device: cl.Device, dtype: np.dtype) -> tuple[int, int]:

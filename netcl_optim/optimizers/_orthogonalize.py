@@ -141,8 +141,8 @@ def orthogonalize_by_newton_schulz(
 
     Device: per group of same-shaped matrices (any number of leaves and batch entries),
     ``2 + 6 * iterations`` launches (``+1`` aol or schatten, ``+2`` adaptive; matrices at
-    least twice as wide as tall iterate on their Gram matrices, ``1 + 8 * iterations`` and
-    3 per restart, see ``fusion/_newton_schulz.py``), no host read; the input is never
+    least twice as wide as tall iterate on their Gram matrices, ``1 + 8 * iterations``,
+    1 fewer per restart, see ``fusion/_newton_schulz.py``), no host read; the input is never
     written. Float16 and bfloat16 leaves iterate in float32.
     Under ZeRO, shards hold whole leaves (a matrix is never split across ranks).
     """
