@@ -32,7 +32,7 @@ constant number of launches:
    iteration's error at condition 1e6), so every :data:`GRAM_RESTART` steps ``X <- Q X`` and
    ``R = X X^T`` are recomputed, which brings the error back to the plain iteration's. Five
    steps on ``768 x 3072``: ``3 m^2 n + 7 m^3`` multiply-adds instead of
-   ``7.5 m^2 n + 2.5 m^3`` (0.60x), 1 + 8 launches per step, 1 fewer per restart.
+   ``7.5 m^2 n + 2.5 m^3`` (0.58x), 1 + 8 launches per step, 1 fewer per restart.
 3. **finish** (one launch): ``out = scale * X`` (``scale * <M, X> X`` with ``adaptive``, two
    small launches more for the dots) written through the inverse view into a fresh packed
    buffer of the leaves.
