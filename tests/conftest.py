@@ -7,8 +7,14 @@ test builds OpenCL kernels (0.4-0.6 s each on PoCL).
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 # tests/ on sys.path: `import reference`, `import cases` work under any import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +67,77 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
     )
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and CRASH_DIR not in os.environ:
+        # the controller: its workers (started after this) inherit the directory
+        os.environ[CRASH_DIR] = tempfile.mkdtemp(prefix="netcl-optim-crashes-")
+        config._netcl_crash_dir = os.environ[CRASH_DIR]
+
+
+# A worker that dies in native code (a segfault or an abort in a driver, say) is reported by
+# pytest-xdist only as "worker 'gwN' crashed while running <test>", and what faulthandler
+# printed scrolls away in the middle of the log. Each worker writes its fatal-error traceback
+# (every thread's) to a file of its own, and the controller prints those at the end.
+CRASH_DIR = "NETCL_OPTIM_TEST_CRASH_DIR"
+_HARNESS = re.compile(r"site-packages/(pluggy|_pytest|execnet|xdist)/")  # frames not shown
+_crash_files = []  # open for the worker's whole life: faulthandler writes into it on a crash
+
+
+def pytest_sessionstart(session):
+    worker, directory = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(CRASH_DIR)
+    if worker is not None and directory and os.path.isdir(directory):
+        path = os.path.join(directory, f"{worker}-pid{os.getpid()}.txt")
+        _crash_files.append(open(path, "w"))
+        faulthandler.enable(file=_crash_files[-1], all_threads=True)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    directory = getattr(config, "_netcl_crash_dir", None)
+    if directory is None:
+        return
+    crashed = [
+        r.nodeid
+        for r in terminalreporter.stats.get("failed", [])
+        if "crashed while running" in str(getattr(r, "longrepr", ""))
+    ]
+    reports = sorted(
+        (name, text)
+        for name in os.listdir(directory)
+        if (text := Path(directory, name).read_text(errors="replace").strip())
+    )
+    if not crashed and not reports:
+        return
+    terminalreporter.write_sep("=", "test workers that crashed")
+    for nodeid in crashed:
+        terminalreporter.write_line(f"crashed while running: {nodeid}")
+    for name, text in reports:
+        terminalreporter.write_line(f"--- {name}: what faulthandler wrote ---")
+        for line in [x for x in text.splitlines() if not _HARNESS.search(x)][:80]:
+            terminalreporter.write_line(line)
+    if crashed and not reports:
+        terminalreporter.write_line(
+            "no faulthandler output: the worker was killed by a signal it cannot catch "
+            "(SIGKILL: the kernel's OOM killer?)"
+        )
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        log = ""
+    oom = [
+        line
+        for line in log.splitlines()
+        if re.search(r"out of memory|oom-kill|oom_reaper|killed process", line, re.I)
+    ]
+    for line in oom[-10:]:
+        terminalreporter.write_line(f"dmesg: {line}")
+
+
+def pytest_unconfigure(config):
+    if _crash_files:
+        faulthandler.disable()
+        for f in _crash_files:
+            f.close()
+        _crash_files.clear()
+    directory = getattr(config, "_netcl_crash_dir", None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(CRASH_DIR, None)

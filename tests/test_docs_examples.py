@@ -1,19 +1,25 @@
 """Every ```python block of the docs runs (docs/**/*.md).
 
-The blocks of one page run in order, in one fresh namespace per page, in a temporary working
-directory (so the files a page writes, checkpoints say, go nowhere). Comment lines just above a
-block steer it:
+The blocks of one page run in order, as one script in a fresh Python process per page (as a
+reader would run them: nothing imported or configured by other tests, jax's x64 mode say, leaks
+in, and a crash in a page's native code is reported with its output), with warnings as errors,
+in a temporary working directory (so the files a page writes, checkpoints say, go nowhere).
+Comment lines just above a block steer it:
 
 * ``<!-- no-run -->``: the block is not run (an MPI launch, a sketch that needs your model);
-* ``<!-- needs: torch, optax -->``: the page's test skips unless these modules import
-  (``pytest.importorskip``, checked before the page's first block runs).
+* ``<!-- needs: torch, optax -->``: the page's test skips unless these modules are installed
+  (checked before the page runs).
 
 Only ``python`` fences run; ``bash``, ``text`` and the rest are shown, never executed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,19 +131,68 @@ def test_the_parser_finds_blocks_and_markers():
     ]
 
 
+def run_page(page: Path) -> None:
+    """Run a page's blocks in order in one namespace (this process: see :func:`main`), the
+    tracebacks giving the page's file and lines."""
+    namespace: dict = {"__name__": "__docs__"}
+    rel = page.relative_to(DOCS.parent) if page.is_relative_to(DOCS) else page.name
+    for block in python_blocks(_read(page)):
+        if block.run:
+            padded = "\n" * (block.line - 1) + block.source
+            exec(compile(padded, str(rel), "exec"), namespace)
+
+
+def main(page: str) -> None:
+    """A page as a script: warnings are errors, as in the test suite (pyproject.toml's
+    filterwarnings, less pytest's own entries)."""
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\.")
+    import pyopencl
+
+    warnings.filterwarnings("ignore", category=pyopencl.CompilerWarning)
+    run_page(Path(page))
+
+
 @pytest.mark.parametrize(
     "page", PAGES or [None], ids=[str(p.relative_to(DOCS)) for p in PAGES] or ["no-docs"]
 )
-def test_page_examples_run(page, tmp_path, monkeypatch):
+def test_page_examples_run(page, tmp_path):
     if page is None:
         pytest.skip("no docs page with a python block")
-    blocks = [b for b in python_blocks(_read(page)) if b.run]
-    for module in sorted({m for b in blocks for m in b.needs}):
-        pytest.importorskip(module)
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__docs__"}
-    rel = page.relative_to(DOCS.parent)
-    for block in blocks:
-        padded = "\n" * (block.line - 1) + block.source  # tracebacks give the page's lines
-        code = compile(padded, str(rel), "exec")
-        exec(code, namespace)
+    needs = {m for b in python_blocks(_read(page)) if b.run for m in b.needs}
+    for module in sorted(needs):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{page.name} needs {module}, which is not installed")
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", __file__, str(page)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (
+        f"{page.relative_to(DOCS.parent)} failed (exit code {done.returncode}):\n"
+        f"{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    )
+
+
+def test_a_failing_page_fails(tmp_path):
+    """The runner reports a block that raises, and a warning, as a failure with the page's
+    line (so that a broken example cannot pass)."""
+    cases = (
+        ("raise ValueError('boom')", "ValueError: boom"),
+        ("import warnings\nwarnings.warn('careful')", "UserWarning: careful"),
+    )
+    for i, (body, expected) in enumerate(cases):
+        page = tmp_path / f"probe{i}.md"
+        page.write_text(f"# probe\n\n```python\nx = 1\n{body}\n```\n", encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, __file__, str(page)], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert done.returncode != 0
+        assert expected in done.stderr, done.stderr
+        assert f'"{page.name}", line {4 + body.count(chr(10)) + 1}' in done.stderr, done.stderr
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
