@@ -51,13 +51,17 @@ def ns_flops(shape: tuple[int, int], steps: int = STEPS) -> float:
 class Ours(bs.Variant):
     label = "netcl_optim Muon"
 
-    def __init__(self, queue: cl.CommandQueue, params: list, grads: list) -> None:
+    def __init__(
+        self, queue: cl.CommandQueue, params: list, grads: list, ns_dtype: str | None = None
+    ) -> None:
         self.queue = queue
         packed = no.pack([no.to_device(p) for p in params])
         self.params = [no.Parameter(p) for p in packed]
         for p, g in zip(self.params, no.pack([no.to_device(g) for g in grads]), strict=True):
             p.grad = g
-        self.opt = no.Muon(self.params)
+        self.opt = no.Muon(self.params, ns_dtype=ns_dtype)
+        if ns_dtype is not None:
+            self.label = f"netcl_optim Muon, ns_dtype={ns_dtype!r}"
 
     def run(self) -> None:
         self.opt.step()
@@ -172,7 +176,11 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     queue = no.default_queue()
     params, grads = model(args.layers)
-    variants: list[Any] = [Ours(queue, params, grads), Numpy(params, grads)]
+    variants: list[Any] = [
+        Ours(queue, params, grads),
+        Ours(queue, params, grads, ns_dtype="bfloat16"),
+        Numpy(params, grads),
+    ]
     torch = bs.optional("torch")
     if torch is not None and hasattr(torch.optim, "Muon"):
         torch.set_num_threads(max(1, torch.get_num_threads()))

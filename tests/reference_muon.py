@@ -267,3 +267,51 @@ def muon_tx(
         return unflat(0), {"count": t, "mu": unflat(1), "nu": unflat(2)}
 
     return Transform(init, update)
+
+
+def bf16_pairs_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (``[..., M, K] @ [..., K, N]``, bfloat16 values) as our bfloat16 GEMM and
+    AVX-512's ``vdpbf16ps`` sum it: in float32, by pairs of ``k``, ``k + 1`` first, each
+    product exact and each sum rounded once. Returned as float32."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    acc = np.zeros((*a.shape[:-1], b.shape[-1]), np.float32)
+    for k in range(0, a.shape[-1], 2):
+        for kk in (k + 1, k):
+            if kk < a.shape[-1]:
+                term = a[..., :, kk, None] * b[..., None, kk, :]  # (exact: 8-bit mantissas)
+                acc = (acc.astype(np.float64) + term).astype(np.float32)
+    return acc
+
+
+def bf16_epilogue(acc: np.ndarray, alpha: float, beta: float, d: np.ndarray | None) -> np.ndarray:
+    """The GEMM's bfloat16 output: ``alpha * acc (+ beta * d)`` in float32, then rounded."""
+    y = np.float32(alpha) * acc
+    if beta != 0:
+        y = y + np.float32(beta) * np.asarray(d, np.float32)
+    return bf16_round(y).astype(np.float32)
+
+
+def newton_schulz_bf16(
+    stack: np.ndarray, schedule: Sequence[tuple[float, float, float]], eps: float, normalize: str
+) -> np.ndarray:
+    """Our ``ns_dtype="bfloat16"`` iteration, operation for operation (float32 arithmetic,
+    bfloat16 storage): ``M`` rounded, the norm of the rounded values (float64 sum) rounded,
+    ``X = bf16(M / bf16(denom))``, then per ``(a, b, c)``: ``A = bf16(X X^T)``, ``B =
+    bf16(c A A + b A)``, ``X = bf16(B X + a X)``, products by :func:`bf16_pairs_product`."""
+    x = bf16_round(stack).astype(np.float32)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    sumsq = np.sum(x.astype(np.float64) ** 2, axis=(-2, -1), keepdims=True)
+    norm = bf16_round(np.sqrt(sumsq).astype(np.float32)).astype(np.float32)
+    if normalize == "clamp":
+        denom = bf16_round(np.maximum(norm, np.float32(eps))).astype(np.float32)
+    else:
+        denom = bf16_round(norm + np.float32(eps)).astype(np.float32)
+    x = bf16_round(x / denom).astype(np.float32)
+    for a, b, c in schedule:
+        xt = np.swapaxes(x, -1, -2)
+        gram = bf16_epilogue(bf16_pairs_product(x, xt), 1.0, 0.0, None)
+        poly = bf16_epilogue(bf16_pairs_product(gram, gram), c, b, gram)
+        x = bf16_epilogue(bf16_pairs_product(poly, x), 1.0, a, x)
+    return np.swapaxes(x, -1, -2) if transposed else x

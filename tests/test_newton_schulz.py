@@ -160,11 +160,11 @@ def test_packed_separate_and_batch_position_give_the_same_bits(queue):
 
 @pytest.mark.parametrize(
     "shape, steps, launches",
-    [((8, 12), 3, 2 + 6 * 3), ((8, 24), 3, 1 + 8 * 3), ((8, 24), 5, 1 + 8 * 5 - 1)],
+    [((8, 12), 3, 3 + 6 * 3), ((8, 24), 3, 2 + 8 * 3), ((8, 24), 5, 2 + 8 * 5 - 1)],
 )
 def test_launches_per_group_do_not_grow_with_the_number_of_matrices(queue, shape, steps, launches):
-    """``8 x 12``: the plain iteration, 2 + 6 per step; ``8 x 24`` (at least twice as wide as
-    tall): the Gram iteration, 1 + 8 per step, 1 fewer per restart (5 steps: one)."""
+    """``8 x 12``: the plain iteration, 3 + 6 per step; ``8 x 24`` (at least twice as wide as
+    tall): the Gram iteration, 2 + 8 per step, 1 fewer per restart (5 steps: one)."""
     rng = np.random.default_rng(5)
     tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=steps)
     counts = []
@@ -302,3 +302,73 @@ def test_optax_preconditionings_match_optax(queue, preconditioning):
             np.testing.assert_allclose(o.get(), np.asarray(want), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="spectral"):
         orthogonalize_by_newton_schulz(preconditioning="spectral")
+
+
+# -- ns_dtype="bfloat16": torch's precision ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant, spec, shapes", [CASES[0], CASES[2], CASES[3]], ids=["torch", "reference", "optax"]
+)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "portable"])
+def test_bfloat16_iteration_matches_its_reference_bit_for_bit(
+    queue, variant, spec, shapes, native, monkeypatch
+):
+    """Every rounding of the bfloat16 iteration (input, norm, X, each product's operands and
+    result, float32 sums by pairs) reproduced in numpy: the same bits, natively (where the
+    device has AVX-512 BF16) or not, and for wide matrices too (no Gram iteration)."""
+    if not native:
+        monkeypatch.setenv("NETCL_OPTIM_NATIVE_BF16", "0")
+    rng = np.random.default_rng(21)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [*shapes, (6, 40)]]
+    eps = 1e-7
+    tx = orthogonalize_by_newton_schulz(
+        variant=variant, layout=spec, eps=eps, shape_scale=False, ns_dtype="bfloat16"
+    )
+    out, _ = tx.update([cla.to_device(queue, x) for x in xs], None)
+    normalize = "clamp" if variant == "torch" else "add"
+    for x, o in zip(xs, out, strict=True):
+        view = matrix_view(x.shape, spec)
+        stack = rm.to_matrices(x, view).astype(np.float32)
+        want = rm.from_matrices(rm.newton_schulz_bf16(stack, [COEFFS] * 5, eps, normalize), view)
+        assert o.dtype == np.float32
+        np.testing.assert_array_equal(o.get(), want.astype(np.float32))
+
+
+def test_bfloat16_iteration_is_torchs_to_bfloat16_rounding(queue):
+    """Against torch's algorithm in float64 with bfloat16 storage (``rm.newton_schulz``
+    rounding each stored value): the differences are those of float32 sums, a few bfloat16
+    steps at most, where the float32 iteration differs by torch's whole rounding."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((48, 80)).astype(np.float32)
+    torch_like = rm.newton_schulz(x.astype(np.float64), [COEFFS] * 5, 1e-7, "clamp", rm.bf16_round)
+    errors = {}
+    for ns_dtype in (None, "bfloat16"):
+        tx = orthogonalize_by_newton_schulz(
+            variant="torch", eps=1e-7, shape_scale=False, ns_dtype=ns_dtype
+        )
+        out, _ = tx.update([cla.to_device(queue, x)], None)
+        errors[ns_dtype] = np.abs(out[0].get() - torch_like).max()
+    assert errors["bfloat16"] < 0.02 and errors["bfloat16"] < errors[None] / 2, errors
+
+
+def test_bfloat16_launches(queue):
+    """3 + 7 per step, wide matrices included (the plain iteration: ``B`` is packed)."""
+    rng = np.random.default_rng(23)
+    for shape in ((8, 12), (8, 24)):
+        tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=3, ns_dtype="bfloat16")
+        leaves = [cla.to_device(queue, rng.standard_normal(shape).astype(np.float32))
+                  for _ in range(3)]  # fmt: skip
+        with count_launches() as c:
+            tx.update(leaves, None)
+        assert c.launches == 3 + 7 * 3
+
+
+def test_bfloat16_errors(queue):
+    with pytest.raises(ValueError, match="ns_dtype must be None"):
+        orthogonalize_by_newton_schulz(ns_dtype="float16")
+    with pytest.raises(ValueError, match="ns_dtype must be None"):
+        orthogonalize_by_newton_schulz(ns_dtype=np.float32)
+    tx = orthogonalize_by_newton_schulz(variant="torch", ns_dtype="bfloat16")
+    with pytest.raises(ValueError, match="not float64"):
+        tx.update([cla.zeros(queue, (4, 6), np.float64)], None)

@@ -85,10 +85,14 @@ from ._programs import build
 
 # (TM, TN) candidates per dtype; the first is the default, or the first of WIDE_TILES on a
 # device with 512-bit vectors
+# fmt: off
 TILES = {
-    np.dtype(np.float32): ((6, 16), (4, 16), (12, 8), (8, 16), (6, 64), (8, 32), (6, 32), (4, 64)),
+    np.dtype(np.float32): (
+        (6, 16), (4, 16), (12, 8), (8, 16), (6, 64), (8, 32), (6, 32), (4, 64), (8, 48),
+    ),
     np.dtype(np.float64): ((4, 8), (12, 4), (6, 8), (8, 8), (6, 32), (8, 16), (6, 16), (4, 32)),
 }
+# fmt: on
 _WIDTH = {np.dtype(np.float32): 8, np.dtype(np.float64): 4}  # vector lanes: 256 bits
 # On a device whose native vector is 512 bits (PoCL on an AVX-512 CPU: 16 floats), tiles whose
 # TN is a multiple of 16 floats (8 doubles) use vectors of that width: the same arithmetic per
@@ -103,6 +107,24 @@ tuned: dict[str, tuple[int, int] | str] = {}  # tile per tuning key (:func:`_tun
 def _header(real: str) -> str:
     fp64 = "#pragma OPENCL EXTENSION cl_khr_fp64 : enable\n" if real == "double" else ""
     return f"#pragma OPENCL FP_CONTRACT OFF\n{fp64}typedef {real} real;\n"
+
+
+# Rounding a float to the nearest bfloat16 (ties to even; NaN kept, overflow to inf), as a
+# float (``bf16_round``, and ``bf16_round_w`` for the kernel's vectors) or as its 16 bits
+BF16_ROUND = """inline float bf16_round(float y) {
+    const uint u = as_uint(y);
+    return isnan(y) ? y : as_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
+inline uint bf16_bits(float y) { return as_uint(bf16_round(y)) >> 16; }
+"""
+
+
+def _bf16_round_vector(w: int) -> str:
+    return f"""inline float{w} bf16_round_w(float{w} y) {{
+    const uint{w} u = as_uint{w}(y);
+    return select(as_float{w}((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u), y, isnan(y));
+}}
+"""
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,6 +152,78 @@ def default_tile(device: cl.Device, dtype: np.dtype) -> tuple[int, int]:
     return wide if vector_width(device, dtype, wide[1]) > _WIDTH[dtype] else TILES[dtype][0]
 
 
+BF16_WIDE_TILE = (8, 48)  # 16-lane vectors: TN a multiple of TM, so gram packs X once
+
+
+def bf16_tile(device: cl.Device) -> tuple[int, int]:
+    """The default tile of a bfloat16 product: :data:`BF16_WIDE_TILE` where the device's
+    vectors are 16 floats wide, else :func:`default_tile`'s. Measured (AMD Zen 5, 2 cores,
+    kernel alone, GFLOPS at 768x768x3072 / 768x3072x768 / 768^3): 8x48 1024 / 1014 / 978,
+    6x64 1020 / 1026 / 987."""
+    wide = BF16_WIDE_TILE
+    if vector_width(device, np.dtype(np.float32), wide[1]) == 16:
+        return wide
+    return default_tile(device, np.dtype(np.float32))
+
+
+NATIVE_BF16_ENV = "NETCL_OPTIM_NATIVE_BF16"  # "0": bfloat16 products never use vdpbf16ps
+
+
+def native_bf16(device: cl.Device) -> bool:
+    """Whether bfloat16 products on ``device`` use AVX-512's ``vdpbf16ps`` (:func:`gemm_source`,
+    the same bits as the portable kernel): a CPU device with 16-lane float vectors on a host
+    whose CPU has ``avx512_bf16`` (``/proc/cpuinfo``; without it the instruction would
+    fault), whose compiler takes the inline assembly and whose result matches the portable
+    rule on a probe. ``NETCL_OPTIM_NATIVE_BF16=0`` turns it off."""
+    return os.environ.get(NATIVE_BF16_ENV) != "0" and _probe_native_bf16(device)
+
+
+_PROBE_BF16 = r"""__kernel void netcl_probe_bf16(__global const float16 *a,
+                              __global const float16 *b, __global float16 *c) {
+    float16 acc = c[0];
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a[0]), "v"(b[0]));
+    c[0] = acc;
+}
+"""
+
+
+def _host_cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_native_bf16(device: cl.Device) -> bool:
+    if not device.type & cl.device_type.CPU or device.native_vector_width_float < 16:
+        return False
+    if "avx512_bf16" not in _host_cpu_flags():
+        return False
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(n).astype(np.float32) for n in (32, 32, 16))
+    bits = [(x.view(np.uint32) >> 16).astype(np.uint16) for x in (a, b)]  # (truncated: bf16)
+    av, bv = ((x.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for x in bits)
+    expected = (c.astype(np.float64) + av[1::2] * bv[1::2]).astype(np.float32)
+    expected = (expected.astype(np.float64) + av[0::2] * bv[0::2]).astype(np.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            context = cl.Context([device])
+            queue = cl.CommandQueue(context)
+            program = cl.Program(context, _PROBE_BF16).build()
+            a_d, b_d = (cla.to_device(queue, x.view(np.float32)) for x in bits)
+            c_d = cla.to_device(queue, c)
+            program.netcl_probe_bf16(queue, (1,), None, a_d.data, b_d.data, c_d.data)
+            return bool(np.array_equal(c_d.get(), expected))
+    except (cl.Error, RuntimeError, ValueError):
+        return False
+
+
 @functools.cache
 def gemm_source(
     dtype: np.dtype,
@@ -139,6 +233,9 @@ def gemm_source(
     sym: bool = False,
     a_rows: bool = False,
     width: int | None = None,
+    bf16: bool = False,
+    native: bool = False,
+    a_in_b: bool = False,
 ) -> tuple[str, str]:
     """The OpenCL source and kernel name of the ``TM x TN`` register-blocked kernel over
     packed panels (see :func:`pack_source`). ``sym``: the symmetric product of :func:`gram`
@@ -147,15 +244,36 @@ def gemm_source(
     ``a_rows``: ``op(a)`` read in place, row-major ``[M, K]`` at element offset ``a_off`` of
     the buffer given for the panels, each work-item streaming its ``TM`` rows (rows past
     ``M`` re-read row ``M - 1``; their outputs are not stored): no pack launch, the same
-    arithmetic, so the same bits."""
+    arithmetic, so the same bits.
+
+    ``bf16`` (float32 only): the panels hold bfloat16 pairs (:func:`pack_source`), each step
+    of the loop adds a pair of ``k``: ``acc + a[k+1] b[k+1]``, then ``+ a[k] b[k]``, each
+    product exact in float32 and each sum rounded once, as AVX-512's ``vdpbf16ps``, which
+    ``native`` uses (:func:`native_bf16`; 16-lane vectors): the same bits but where a
+    partial sum falls below 2^-126 (the instruction flushes it to zero); the stored values
+    are rounded to bfloat16. ``a_in_b`` (:func:`gram`, ``TN`` a multiple of ``TM``): the
+    rows of ``op(a)`` read from ``b``'s panels (the same matrix), so ``a`` needs no pack."""
     dtype = np.dtype(dtype)
     real = "double" if dtype == np.float64 else "float"
     w = width or _WIDTH[dtype]
     if tn % w:
         raise ValueError(f"tile width {tn} is not a multiple of the vector width {w}")
+    if bf16 and (dtype != np.float32 or a_rows or (native and w != 16)):
+        raise ValueError("bfloat16 products: float32, packed a, 16 lanes for the native form")
+    if a_in_b and (a_rows or tn % tm):
+        raise ValueError(f"a read from b's panels needs TN a multiple of TM, got {tm}x{tn}")
     nv = tn // w
-    name = f"netcl_{'gram' if sym else 'gemm'}_{real}_{tm}x{tn}w{w}{'_rows' if a_rows else ''}"
-    if a_rows:
+    kind = "_bf16n" if native else "_bf16" if bf16 else ""
+    a_kind = "_rows" if a_rows else "_ainb" if a_in_b else ""
+    name = f"netcl_{'gram' if sym else 'gemm'}_{real}{kind}_{tm}x{tn}w{w}{a_kind}"
+    panel = "uint" if bf16 else "real"
+    if a_in_b:
+        setup = (
+            f"    __global const {panel} *ap = b_panels + (z * nb + i0 / {tn}) * KP * {tn}"
+            f" + i0 % {tn};\n"
+        )
+        a_read, steps = "ap[{r}]", f", ap += {tn}, bp += {tn}"
+    elif a_rows:
         setup = "".join(
             f"    __global const real *ar{r} = a_panels + a_off + z * M * K"
             f" + min(i0 + {r}, M - 1) * K;\n"
@@ -163,19 +281,33 @@ def gemm_source(
         )
         a_read, steps = "ar{r}[k]", f", bp += {tn}"
     else:
-        setup = f"    __global const real *ap = a_panels + (z * mb + ib) * K * {tm};\n"
+        setup = f"    __global const {panel} *ap = a_panels + (z * mb + ib) * KP * {tm};\n"
         a_read, steps = "ap[{r}]", f", ap += {tm}, bp += {tn}"
-    setup += f"    __global const real *bp = b_panels + (z * nb + jb) * K * {tn};\n"
+    setup += f"    __global const {panel} *bp = b_panels + (z * nb + jb) * KP * {tn};\n"
     acc = ", ".join(f"acc{r}_{v} = (realw)(0)" for r in range(tm) for v in range(nv))
     # (direct vector reads: vload compiles to a call on PoCL, 3-5x slower; the panels come
     # from fresh buffers, aligned, and TN is a multiple of W)
+    vec = f"uint{w}" if bf16 else "realw"
     body = "".join(
-        f"        const realw b{v} = *(__global const realw *)(bp + {v * w});\n" for v in range(nv)
+        f"        const {vec} b{v} = *(__global const {vec} *)(bp + {v * w});\n" for v in range(nv)
     )
     for r in range(tm):
-        body += f"        const realw a{r} = (realw)({a_read.format(r=r)});\n"
-        body += "".join(f"        acc{r}_{v} = acc{r}_{v} + a{r} * b{v};\n" for v in range(nv))
-    fast, edge = _epilogue_sym(tm, nv, w) if sym else ("", _edge(tm, tn, nv, sym=False))
+        body += f"        const {vec} a{r} = ({vec})({a_read.format(r=r)});\n"
+        for v in range(nv):
+            if native:  # (odd k, then even k: exact products, one rounding per sum)
+                body += (
+                    f'        __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc{r}_{v}) '
+                    f': "v"(as_float{w}(a{r})), "v"(as_float{w}(b{v})));\n'
+                )
+            elif bf16:
+                for half in ("& 0xFFFF0000u", "<< 16"):  # (k + 1: the high half, first)
+                    body += (
+                        f"        acc{r}_{v} = acc{r}_{v}"
+                        f" + as_float{w}(a{r} {half}) * as_float{w}(b{v} {half});\n"
+                    )
+            else:
+                body += f"        acc{r}_{v} = acc{r}_{v} + a{r} * b{v};\n"
+    fast, edge = _epilogue_sym(tm, nv, w, bf16) if sym else ("", _edge(tm, tn, nv, False, bf16))
     for r in range(tm if not sym else 0):
         for v in range(nv):
             at = f"(i0 + {r}) * N + j0 + {v * w}"
@@ -184,12 +316,16 @@ def gemm_source(
             fast += (  # (lane by lane: vloadn/vstoren are calls on PoCL; c may be unaligned)
                 f"        {{ realw y = alpha * acc{r}_{v};\n"
                 f"          if (beta != 0) y = y + beta * (realw)({lanes});\n"
+                f"{'          y = bf16_round_w(y);' + chr(10) if bf16 else ''}"
                 f"          {stores} }}\n"
             )
     skip = f"\n    if (i0 > j0 + {tn - 1}) return;  /* wholly below the diagonal */" if sym else ""
+    helpers = BF16_ROUND + _bf16_round_vector(w) if bf16 else ""
+    k_pairs = "(K + 1) / 2" if bf16 else "K"
     src = f"""//CL// {name}: C = alpha A B + beta D over packed panels, {tm}x{tn} outputs per item
 {_header(real)}typedef {real}{w} realw;
-__kernel void {name}(__global const real *restrict a_panels, __global const real *restrict b_panels,
+{helpers}__kernel void {name}(__global const {panel} *restrict a_panels,
+                     __global const {panel} *restrict b_panels,
                      __global real *c_base, const long c_off,
                      __global const real *d_base, const long d_off,
                      const long M, const long N, const long K, const real alpha, const real beta,
@@ -199,10 +335,11 @@ __kernel void {name}(__global const real *restrict a_panels, __global const real
     const long j0 = jb * {tn}, i0 = ib * {tm};
     const long mb = (M + {tm - 1}) / {tm}, nb = (N + {tn - 1}) / {tn};
     if (ib >= mb || jb >= nb) return;  /* (the launch pads to whole work-groups) */{skip}
+    const long KP = {k_pairs};  /* panel steps: k, or pairs of k in bfloat16 */
 {setup}    __global real *c = c_base + c_off + z * M * N;
     __global const real *d = d_base + d_off + z * M * N;
     realw {acc};
-    for (long k = 0; k < K; k++{steps}) {{
+    for (long k = 0; k < KP; k++{steps}) {{
 {body}    }}
     if (i0 + {tm} <= M && j0 + {tn} <= N{" && i0 + " + str(tm - 1) + " < j0" if sym else ""}) {{
 {fast}    }} else {{
@@ -212,7 +349,7 @@ __kernel void {name}(__global const real *restrict a_panels, __global const real
     return src, name
 
 
-def _epilogue_sym(tm: int, nv: int, w: int) -> tuple[str, str]:
+def _epilogue_sym(tm: int, nv: int, w: int, bf16: bool = False) -> tuple[str, str]:
     """The stores of :func:`gemm_source`'s symmetric kernel: ``(fast, edge)``. ``fast`` (a
     whole block strictly above the diagonal): the rows as in the plain kernel, then each
     value again at its mirror ``(j, i)``. ``edge`` (:func:`_edge`): element by element, only
@@ -228,12 +365,13 @@ def _epilogue_sym(tm: int, nv: int, w: int) -> tuple[str, str]:
             fast += (
                 f"        {{ realw y = alpha * acc{r}_{v};\n"
                 f"          if (beta != 0) y = y + beta * (realw)({lanes});\n"
+                f"{'          y = bf16_round_w(y);' + chr(10) if bf16 else ''}"
                 f"          {stores}\n          {mirror} }}\n"
             )
-    return fast, _edge(tm, nv * w, nv, sym=True)
+    return fast, _edge(tm, nv * w, nv, True, bf16)
 
 
-def _edge(tm: int, tn: int, nv: int, sym: bool) -> str:
+def _edge(tm: int, tn: int, nv: int, sym: bool, bf16: bool = False) -> str:
     """The masked stores of a block at an edge (or, ``sym``, on the diagonal): per row, its
     accumulators copied to a private array, then a loop over the columns storing those in
     range (``sym``: on or above the diagonal, mirrored below). A loop, not unrolled code:
@@ -251,6 +389,7 @@ def _edge(tm: int, tn: int, nv: int, sym: bool) -> str:
             f"            if ({keep}) {{\n"
             f"                real y = alpha * row[e];\n"
             f"                if (beta != 0) y = y + beta * d[i * N + j];\n"
+            f"{'                y = bf16_round(y);' + chr(10) if bf16 else ''}"
             f"                c[i * N + j] = y;{mirror} }}\n"
             f"        }}\n"
         )
@@ -258,23 +397,35 @@ def _edge(tm: int, tn: int, nv: int, sym: bool) -> str:
 
 
 @functools.cache
-def pack_source(dtype: np.dtype, mode: str) -> tuple[str, str]:
+def pack_source(dtype: np.dtype, mode: str, bf16: bool = False) -> tuple[str, str]:
     """A kernel copying a ``[..., L, K]``-indexed operand into panels ``P[z, blk, k, t]`` of
     ``T`` lines each (line ``blk * T + t``, zero past ``L``), reading element ``(l, k)`` at
     ``off + z * step + l * s_l + k * s_k``: transposes are strides. ``mode`` picks the launch
     for the source's contiguous axis: ``"k"`` one element per item, ``k`` along dim 0;
-    ``"l"`` the same along ``l``; ``"t"`` one run of ``T`` lines per item (``s_l == 1``)."""
+    ``"l"`` the same along ``l``; ``"t"`` one run of ``T`` lines per item (``s_l == 1``).
+    ``bf16`` (float32): ``P[z, blk, p, t]`` holds the pair ``(k, k + 1) = (2p, 2p + 1)`` of
+    line ``t`` rounded to bfloat16, ``k`` in the low 16 bits (zero past ``K``, an extra last
+    argument): the launch runs over the pairs where it ran over ``k``."""
     real = "double" if np.dtype(dtype) == np.float64 else "float"
-    name = f"netcl_gemm_pack_{real}_{mode}"
+    name = f"netcl_gemm_pack_{real}{'_bf16' if bf16 else ''}_{mode}"
     at = "off + z * step + l * s_l + k * s_k"
+    if bf16:
+        k_at = at.replace("k * s_k", "2 * k * s_k")
+        value = (
+            f"(l < L ? bf16_bits(x_base[{k_at}]) "
+            f"| (2 * k + 1 < Kr ? bf16_bits(x_base[{k_at} + s_k]) << 16 : 0u) : 0u)"
+        )
+        panel, extra, helpers = "uint", ", const long Kr", BF16_ROUND
+    else:
+        value, panel, extra, helpers = f"(l < L ? x_base[{at}] : (real)0)", "real", "", ""
     if mode == "t":
         body = f"""    const long k = get_global_id(0), blk = get_global_id(1);
     const long z = get_global_id(2);
     const long K = get_global_size(0), blocks = get_global_size(1);
-    __global real *p = panels + ((z * blocks + blk) * K + k) * T;
+    __global {panel} *p = panels + ((z * blocks + blk) * K + k) * T;
     for (long t = 0; t < T; t++) {{
         const long l = blk * T + t;
-        p[t] = l < L ? x_base[{at}] : (real)0;
+        p[t] = {value};
     }}"""
     else:
         ids = ("k", "l") if mode == "k" else ("l", "k")
@@ -282,11 +433,11 @@ def pack_source(dtype: np.dtype, mode: str) -> tuple[str, str]:
     const long z = get_global_id(2);
     const long K = get_global_size({ids.index("k")}), padded = get_global_size({ids.index("l")});
     const long blk = l / T, t = l - blk * T;
-    panels[((z * (padded / T) + blk) * K + k) * T + t] = l < L ? x_base[{at}] : (real)0;"""
+    panels[((z * (padded / T) + blk) * K + k) * T + t] = {value};"""
     src = f"""//CL// {name}: panels of T lines, zero-padded past L
-{_header(real)}__kernel void {name}(__global const real *restrict x_base, const long off,
+{_header(real)}{helpers}__kernel void {name}(__global const real *restrict x_base, const long off,
                      const long step, const long s_l, const long s_k, const long L,
-                     __global real *restrict panels, const long T)
+                     __global {panel} *restrict panels, const long T{extra})
 {{
 {body}
 }}
@@ -584,18 +735,22 @@ def _clblast_gemm(queue, a, b, out, c, trans_a, trans_b, alpha, beta, nb, m, n, 
         _copy(queue, out, target)
 
 
-def _pack(queue, x, nb, step, lines, tile, s_l, s_k, k):
-    """Panels of ``tile`` lines of ``x`` (``lines`` long, zero-padded), from the pool."""
+def _pack(queue, x, nb, step, lines, tile, s_l, s_k, k, bf16=False):
+    """Panels of ``tile`` lines of ``x`` (``lines`` long, zero-padded), from the pool;
+    ``bf16``: of bfloat16 pairs along ``k`` (:func:`pack_source`)."""
     dtype = x.dtype
     mode = "t" if s_l == 1 else "k" if s_k == 1 else "l"
-    src, name = pack_source(dtype, mode)
-    kernel = build(queue.context, src, name, _PACK_ARGS)
+    src, name = pack_source(dtype, mode, bf16)
+    kernel = build(queue.context, src, name, _PACK_ARGS + [np.int64] * bf16)
     padded = -(-lines // tile) * tile
-    size = {"t": (k, padded // tile, nb), "k": (k, padded, nb), "l": (padded, k, nb)}[mode]
-    panels = cla.empty(queue, (nb * padded * k,), dtype, allocator=allocator(queue))
+    steps = -(-k // 2) if bf16 else k
+    size = {"t": (steps, padded // tile, nb), "k": (steps, padded, nb), "l": (padded, steps, nb)}
+    panels = cla.empty(queue, (nb * padded * steps,), np.uint32 if bf16 else dtype,
+                       allocator=allocator(queue))  # fmt: skip
     kernel(
-        queue, size, None,
+        queue, size[mode], None,
         x.base_data, element_offset(x), step, s_l, s_k, lines, panels.data, tile,  # pyright: ignore[reportArgumentType]
+        *([k] if bf16 else []),
     )  # fmt: skip
     note_launches(name)
     return panels
@@ -613,14 +768,26 @@ def _group(blocks: tuple[int, int], nb: int) -> tuple[int, int]:
 
 
 def _run_kernel(
-    queue, a_src, b_panels, out, c, alpha, beta, nb, m, n, k, tile, sym=False, a_off=None
-):
+    queue, a_src, b_panels, out, c, alpha, beta, nb, m, n, k, tile, sym=False, a_off=None,
+    bf16=False, a_in_b=False,
+):  # fmt: skip
     """One launch of the register-blocked kernel over the whole batch: ``a_src`` is the
     panels of ``op(a)``, or (``a_off`` given) the buffer of a row-major ``op(a)``."""
     dtype = out.dtype
     tm, tn = tile
     width = vector_width(queue.device, dtype, tn)
-    src, name = gemm_source(dtype, tm, tn, sym=sym, a_rows=a_off is not None, width=width)
+    native = bf16 and width == 16 and native_bf16(queue.device)
+    src, name = gemm_source(
+        dtype,
+        tm,
+        tn,
+        sym=sym,
+        a_rows=a_off is not None,
+        width=width,
+        bf16=bf16,
+        native=native,
+        a_in_b=a_in_b and tm != tn,
+    )
     kernel = build(queue.context, src, name, [*_GEMM_ARGS, dtype.type, dtype.type, *_OFFSET_ARGS])
     blocks = (-(-n // tn), -(-m // tm))
     group = _group(blocks, nb)
@@ -634,42 +801,44 @@ def _run_kernel(
 
 
 def _launch(
-    queue, a, b, out, c, trans_a, trans_b, alpha, beta, nb, m, n, k, tile, direct=None, sym=False
-):
+    queue, a, b, out, c, trans_a, trans_b, alpha, beta, nb, m, n, k, tile, direct=None, sym=False,
+    bf16=False,
+):  # fmt: skip
     """Pack ``op(b)`` (and ``op(a)`` unless it is read in place), then one launch of the
     kernel over the whole batch (``sym``: the symmetric kernel, upper blocks mirrored).
     ``op(a)`` is read in place (:data:`DIRECT`, or ``direct``) when it is ``a`` itself,
-    row-major, and does not overlap ``out`` (written while read)."""
+    row-major, and does not overlap ``out`` (written while read); never in bfloat16."""
     tm, tn = tile
-    in_place = (DIRECT if direct is None else direct) and not trans_a and not _overlaps(out, a)
+    direct = DIRECT if direct is None else direct
+    in_place = direct and not bf16 and not trans_a and not _overlaps(out, a)
     # op(a)[i, k] at i * s_i + k * s_k; op(b)[k, j] at j * s_j + k * s_k
-    b_panels = _pack(queue, b, nb, k * n, n, tn, *((k, 1) if trans_b else (1, n)), k)
+    b_panels = _pack(queue, b, nb, k * n, n, tn, *((k, 1) if trans_b else (1, n)), k, bf16)
     if in_place:
         a_src, a_off = a.base_data, element_offset(a)
     else:
-        a_src = _pack(queue, a, nb, m * k, m, tm, *((1, m) if trans_a else (k, 1)), k).data
+        a_src = _pack(queue, a, nb, m * k, m, tm, *((1, m) if trans_a else (k, 1)), k, bf16).data
         a_off = None
     args = (queue, a_src, b_panels.data, out, c, alpha, beta, nb, m, n, k, tile)
-    _run_kernel(*args, sym=sym, a_off=a_off)
+    _run_kernel(*args, sym=sym, a_off=a_off, bf16=bf16)
 
 
-def _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile):
+def _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile, bf16=False):
     """Pack ``op(x)`` once in panels of ``TN`` rows (``op(x)^T``'s panels of ``TN``
     columns), read ``op(x)`` in place as ``a`` where :func:`_launch` would (``trans=False``,
-    no overlap with ``out``), else from the same panels (``TM == TN``) or a second pack;
-    then the symmetric kernel."""
+    no overlap with ``out``, not bfloat16), else from the same panels (``TM == TN``) or a
+    second pack; then the symmetric kernel."""
     tm, tn = tile
     strides = (1, m) if trans else (k, 1)
-    b_panels = _pack(queue, x, nb, m * k, m, tn, *strides, k)
-    a_off = None
-    if DIRECT and not trans and not _overlaps(out, x):
+    b_panels = _pack(queue, x, nb, m * k, m, tn, *strides, k, bf16)
+    a_off, a_in_b = None, False
+    if DIRECT and not bf16 and not trans and not _overlaps(out, x):
         a_src, a_off = x.base_data, element_offset(x)
-    elif tm == tn:
-        a_src = b_panels.data
+    elif tn % tm == 0:  # a's rows read from b's panels
+        a_src, a_in_b = b_panels.data, True
     else:
-        a_src = _pack(queue, x, nb, m * k, m, tm, *strides, k).data
+        a_src = _pack(queue, x, nb, m * k, m, tm, *strides, k, bf16).data
     args = (queue, a_src, b_panels.data, out, c, alpha, beta, nb, m, m, k, tile)
-    _run_kernel(*args, sym=True, a_off=a_off)
+    _run_kernel(*args, sym=True, a_off=a_off, bf16=bf16, a_in_b=a_in_b)
 
 
 def _output(queue, out, c, shape, dtype, beta, who):
@@ -711,6 +880,7 @@ def gemm(
     tile: tuple[int, int] | str | None = None,
     tune: bool = False,
     symmetric: bool = False,
+    bfloat16: bool = False,
 ) -> cla.Array:
     """``out = alpha * op(a) @ op(b) + beta * c`` for ``[..., M, K] x [..., K, N]`` (``op``
     transposes the last two dims when ``trans_a`` / ``trans_b``), batched over the leading
@@ -732,11 +902,16 @@ def gemm(
     :func:`gram`, only the blocks on and above the diagonal are computed (about half the
     flops) and mirrored, so ``out`` is exactly symmetric (the upper triangle has the bits of
     the full product). Not checked; CLBlast computes the full product.
+    ``bfloat16`` (float32 arrays): torch's bfloat16 matmul, ``op(a)``, ``op(b)`` rounded to
+    bfloat16 (to nearest even), the products summed in float32 by pairs of ``k``, and ``out``
+    rounded to bfloat16 after the epilogue (see :func:`gemm_source`); natively where
+    :func:`native_bf16`, twice the float32 rate there. Not tuned: ``tile`` or the default.
     Enqueued on ``queue``, nothing is read back to the host. Bad input raises before anything
     is written."""
     _check(queue, a, "a", None)
     dtype = a.dtype
     _check_dtype(queue, dtype, "gemm")
+    _check_bf16(dtype, bfloat16, tile, "gemm")
     _check(queue, b, "b", dtype)
     batch, m, n, k = _shapes(a, b, trans_a, trans_b)
     if k == 0:
@@ -744,7 +919,9 @@ def gemm(
     if symmetric and m != n:
         raise ValueError(f"gemm: symmetric=True needs a square product, got {m}x{n}")
     out, c = _output(queue, out, c, (*batch, m, n), dtype, beta, "gemm")
-    if tile is None:
+    if tile is None and bfloat16:
+        tile = bf16_tile(queue.device)
+    elif tile is None:
         tile = tile_for(queue, dtype, trans_a, batch, m, n, k, tune, trans_b=trans_b)
     elif tile == CLBLAST:
         if _pyclblast() is None:
@@ -755,8 +932,18 @@ def gemm(
     if nb == 0 or m == 0 or n == 0:
         return out
     args = (queue, a, b, out, c, trans_a, trans_b, alpha, beta, nb, m, n, k)
-    _clblast_gemm(*args) if tile == CLBLAST else _launch(*args, tile, sym=symmetric)
+    if tile == CLBLAST:
+        _clblast_gemm(*args)
+    else:
+        _launch(*args, tile, sym=symmetric, bf16=bfloat16)
     return out
+
+
+def _check_bf16(dtype, bfloat16, tile, who) -> None:
+    if bfloat16 and dtype != np.float32:
+        raise ValueError(f"{who}: bfloat16=True takes float32 arrays, got {dtype}")
+    if bfloat16 and tile == CLBLAST:
+        raise ValueError(f"{who}: bfloat16=True is not available with CLBlast")
 
 
 def gram(
@@ -770,6 +957,7 @@ def gram(
     trans: bool = False,
     tile: tuple[int, int] | None = None,
     tune: bool = False,
+    bfloat16: bool = False,
 ) -> cla.Array:
     """``out = alpha * X X^T + beta * c`` for ``X`` of shape ``[..., M, K]`` (``trans``:
     ``X^T X`` for ``[..., K, M]``), batched over the leading dims; returns ``out`` (``[...,
@@ -780,17 +968,21 @@ def gram(
     symmetric and ``c``'s lower triangle is never read (give a symmetric ``c``, as Newton-Schulz's
     ``b A + c A A``, for the full product). ``X`` is packed once when the tile is square,
     twice otherwise; two launches or three whatever the batch. ``c`` (``out`` itself or
-    disjoint from it) is read only when ``beta != 0``; ``out`` may alias ``x``. Enqueued on
-    ``queue``, nothing read back. Bad input raises before anything is written."""
+    disjoint from it) is read only when ``beta != 0``; ``out`` may alias ``x``.
+    ``bfloat16``: as :func:`gemm`'s. Enqueued on ``queue``, nothing read back. Bad input
+    raises before anything is written."""
     _check(queue, x, "x", None)
     dtype = x.dtype
     _check_dtype(queue, dtype, "gram")
+    _check_bf16(dtype, bfloat16, tile, "gram")
     batch = x.shape[:-2]
     k, m = x.shape[-2:] if trans else x.shape[-2:][::-1]
     if k == 0:
         raise ValueError("gram: the inner dim K is 0")
     out, c = _output(queue, out, c, (*batch, m, m), dtype, beta, "gram")
-    if tile is None:
+    if tile is None and bfloat16:
+        tile = bf16_tile(queue.device)
+    elif tile is None:
         chosen = tile_for(queue, dtype, trans, batch, m, m, k, tune, trans_b=not trans, kind="gram")
         tile = chosen if isinstance(chosen, tuple) else default_tile(queue.device, dtype)
     elif tile not in TILES[dtype]:
@@ -798,5 +990,5 @@ def gram(
     nb = int(np.prod(batch, dtype=np.int64))
     if nb == 0 or m == 0:
         return out
-    _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile)
+    _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile, bf16=bfloat16)
     return out

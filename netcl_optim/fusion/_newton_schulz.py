@@ -7,14 +7,16 @@ Each leaf is seen as a batch of ``R x C`` matrices through a *view* (any object 
 form a *group*, orthogonalised together whatever the number of leaves they come from, in a
 constant number of launches:
 
-1. **prepare** (one work-group per matrix): the Frobenius norm (squares summed in the
-   reduction type, double where the device has fp64, in a fixed order, then one tree
-   reduction), the denominator ``max(norm, eps)`` (``"clamp"``, torch) or ``norm + eps``
-   (``"add"``, optax, Keller Jordan), and ``X = M / denom`` written to a scratch stack
-   ``[B, m, n]`` with ``m <= n`` (``X = M^T`` where ``R > C``, as every variant does). The
-   input is only read: the momentum is never normalised in place (pytorch#190597).
-   optax's ``"aol"`` and ``"schatten"`` preconditionings skip the norm and rescale ``X`` and
-   ``A`` after the first ``A = X X^T`` instead (one launch).
+1. **prepare** (two launches): the Frobenius norm's squares summed in the reduction type
+   (double where the device has fp64) in :data:`NORM_PARTS` parts per matrix, each a
+   work-group (strided sums, then a tree: a fixed order); then, :data:`PREPARE_ITEMS`
+   work-items per matrix, the parts added in order, the denominator ``max(norm, eps)``
+   (``"clamp"``, torch) or ``norm + eps`` (``"add"``, optax, Keller Jordan), and ``X = M /
+   denom`` written to a scratch stack ``[B, m, n]`` with ``m <= n`` (``X = M^T`` where ``R >
+   C``, as every variant does). The input is only read: the momentum is never normalised
+   in place (pytorch#190597). optax's ``"aol"`` and ``"schatten"`` preconditionings skip
+   the norm (one launch) and rescale ``X`` and ``A`` after the first ``A = X X^T`` instead
+   (one launch).
 2. **iterations**, per ``(a, b, c)``: ``A = X X^T``; ``B = c A A + b A``;
    ``X = B X + a X``: two symmetric products (:func:`._gemm.gram`: the blocks on and above
    the diagonal, mirrored; ``A A = A A^T`` as ``A`` is exactly symmetric) and one
@@ -32,14 +34,17 @@ constant number of launches:
    iteration's error at condition 1e6), so every :data:`GRAM_RESTART` steps ``X <- Q X`` and
    ``R = X X^T`` are recomputed, which brings the error back to the plain iteration's. Five
    steps on ``768 x 3072``: ``3 m^2 n + 7 m^3`` multiply-adds instead of
-   ``7.5 m^2 n + 2.5 m^3`` (0.58x), 1 + 8 launches per step, 1 fewer per restart.
+   ``7.5 m^2 n + 2.5 m^3`` (0.58x), 8 launches per step, 1 fewer per restart.
 3. **finish** (one launch): ``out = scale * X`` (``scale * <M, X> X`` with ``adaptive``, two
    small launches more for the dots) written through the inverse view into a fresh packed
    buffer of the leaves.
 
 Products accumulate in the compute dtype (float32 for float16, bfloat16 and float32 leaves,
-float64 for float64), not in bfloat16 as torch and Keller Jordan's reference do. Nothing is
-read back to the host.
+float64 for float64). With ``bf16`` (``ns_dtype="bfloat16"``) the iteration is torch's and
+Keller Jordan's, in bfloat16: ``M`` rounded first, then ``X``, every product's operands and
+results rounded to bfloat16, the sums in float32 (:func:`._gemm.gemm`'s ``bfloat16``), the
+plain iteration whatever the shape, 7 launches per step (``B`` is packed: 3 + 7 per step).
+Nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -58,12 +63,14 @@ from .._packing import element_offset, layout
 from ._codegen import POINTER, preamble, storage_of
 from ._codegen import load as load_expr
 from ._codegen import store as store_stmt
-from ._gemm import gemm, gram
+from ._gemm import BF16_ROUND, gemm, gram
 from ._launch import note_launches
 from ._programs import build
 
 NORMALIZE = ("clamp", "add", "aol", "schatten")
-_GROUP = 64  # work-items per matrix in the prepare and dot launches
+_GROUP = 64  # work-items per work-group of the norm and dot launches
+NORM_PARTS = 16  # work-groups per matrix summing its squares (then added in order)
+PREPARE_ITEMS = 4096  # work-items per matrix writing X (each sums the parts once)
 _PAD = 64
 GRAM_ASPECT = 2  # groups at least this many times wider than tall iterate on Gram matrices
 GRAM_RESTART = 3  # ... and recompute X and R = X X^T every this many iterations
@@ -97,44 +104,96 @@ def _index_lines(ndim: int, identity: bool, pos: str, z: str, out: str) -> str:
 
 
 @cache
+def norm_parts_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
+                      bf16: bool = False) -> tuple[str, str]:  # fmt: skip
+    """The squares of each matrix summed in :data:`NORM_PARTS` parts (one work-group each:
+    its items' strided sums, then a tree, in a fixed order), into ``parts[b * P + part]``;
+    ``bf16``: of the elements rounded to bfloat16."""
+    name = f"netcl_ns_norm_parts_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
+        "_bf16" if bf16 else ""
+    )
+    index = _index_lines(ndim, identity, "e", "z", "at")
+    load = load_expr(storage, "src", "base + at")
+    if bf16:
+        load = f"bf16_round((float)({load}))"
+    src = f"""//CL// {name}: sums of squares of each matrix, in {NORM_PARTS} parts
+{preamble(real, real == "double" or acc == "double", storage == "bf16")}
+{BF16_ROUND if bf16 else ""}typedef {acc} acc_t;
+__kernel void {name}(__global const {POINTER[storage]} *src, __global const long *table,
+                     __global const long *dims, __global const long *strides,
+                     const long R, const long C, __global acc_t *parts)
+{{
+    const long g = get_group_id(0), b = g / {NORM_PARTS}, piece = g % {NORM_PARTS};
+    const int lid = get_local_id(0);
+    const long base = table[2 * b], z = table[2 * b + 1], RC = R * C;
+    const long chunk = (RC + {NORM_PARTS - 1}) / {NORM_PARTS};
+    const long end = min(RC, (piece + 1) * chunk);
+    __local acc_t part[{_GROUP}];
+    acc_t sum = 0;
+    for (long e = piece * chunk + lid; e < end; e += {_GROUP}) {{
+{index}        const acc_t v = (acc_t)({load});
+        sum = sum + v * v;
+    }}
+{_GROUP_SUM}    if (lid == 0) parts[g] = part[0];
+}}
+"""
+    return src, name
+
+
+@cache
 def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
-                   transposed: bool, normalize: str) -> tuple[str, str]:  # fmt: skip
-    """``X[b] = M_b / denom_b`` (transposed where ``R > C``), one work-group per matrix."""
+                   transposed: bool, normalize: str,
+                   bf16: bool = False) -> tuple[str, str]:  # fmt: skip
+    """``X[b] = M_b / denom_b`` (transposed where ``R > C``), :data:`PREPARE_ITEMS` items per
+    matrix, the norm from :func:`norm_parts_source`'s parts (added in order by every item). ``bf16``
+    (``real`` float): as torch's bfloat16 iteration, ``M`` rounded to bfloat16 first, then
+    the norm, the denominator and ``X`` (the squares still summed in ``acc``)."""
     name = f"netcl_ns_prepare_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
-        f"{'t' if transposed else 'n'}_{normalize}"
+        f"{'t' if transposed else 'n'}_{normalize}{'_bf16' if bf16 else ''}"
     )
     ptr = POINTER[storage]
     index = _index_lines(ndim, identity, "e", "z", "at")
     load = load_expr(storage, "src", "base + at")
     denom = {"clamp": "(norm >= eps ? norm : eps)", "add": "(norm + eps)"}.get(normalize, "1")
-    dest = "(e % C) * R + e / C" if transposed else "e"
+    rounded = "bf16_round" if bf16 else ""
+    if bf16:
+        load = f"bf16_round((float)({load}))"
+    norm = ""
+    if normalize in ("clamp", "add"):
+        norm = (
+            f"    acc_t sum = 0;\n"
+            f"    for (int piece = 0; piece < {NORM_PARTS}; piece++) "
+            f"sum = sum + parts[b * {NORM_PARTS} + piece];\n"
+            f"    const real norm = {rounded}((real)SQRT(sum));\n"
+        )
+    if transposed:  # 16 x 16 tiles: the reads 16 rows, the writes 16 runs of 16
+        tile_index = _index_lines(ndim, identity, "e", "z", "at").replace("\n", "\n    ")
+        loop = f"""    const long tiles_c = (C + 15) / 16, tiles = (R + 15) / 16 * tiles_c;
+    for (long tile = get_global_id(0); tile < tiles; tile += {PREPARE_ITEMS}) {{
+        const long r0 = tile / tiles_c * 16, c0 = tile % tiles_c * 16;
+        for (long c = c0; c < min(C, c0 + 16); c++) {{
+            for (long r = r0; r < min(R, r0 + 16); r++) {{
+                const long e = r * C + c;
+    {tile_index}            x[b * RC + c * R + r] = {rounded}((real)({load}) / denom);
+            }}
+        }}
+    }}"""
+    else:
+        loop = f"""    for (long e = get_global_id(0); e < RC; e += {PREPARE_ITEMS}) {{
+{index}        x[b * RC + e] = {rounded}((real)({load}) / denom);
+    }}"""
     src = f"""//CL// {name}: X = M / {denom} per matrix ({"transposed" if transposed else "as is"})
 {preamble(real, real == "double" or acc == "double", storage == "bf16")}
-typedef {acc} acc_t;
+{BF16_ROUND if bf16 else ""}typedef {acc} acc_t;
 __kernel void {name}(__global const {ptr} *src, __global const long *table,
                      __global const long *dims, __global const long *strides,
-                     const long R, const long C, const real eps, __global real *x)
+                     const long R, const long C, const real eps, __global const acc_t *parts,
+                     __global real *x)
 {{
-    const long b = get_group_id(0);
-    const int lid = get_local_id(0);
+    const long b = get_global_id(1);
     const long base = table[2 * b], z = table[2 * b + 1], RC = R * C;
-    __local acc_t part[{_GROUP}];
-    __local real shared_denom;
-    acc_t sum = 0;
-    for (long e = lid; e < RC; e += {_GROUP}) {{
-{index}        const acc_t v = (acc_t)({load});
-        sum = sum + v * v;
-    }}
-{_GROUP_SUM}    if (lid == 0) {{
-        const real norm = (real)SQRT(part[0]);
-        shared_denom = {denom};
-    }}
-    barrier(CLK_LOCAL_MEM_FENCE);
-    const real denom = shared_denom;
-    __global real *xb = x + b * RC;
-    for (long e = lid; e < RC; e += {_GROUP}) {{
-{index}        xb[{dest}] = (real)({load}) / denom;
-    }}
+{norm}    const real denom = {rounded}({denom});
+{loop}
 }}
 """
     return src, name
@@ -359,17 +418,27 @@ def orthogonalize(
     normalize: str,
     scales: Sequence[float],
     adaptive: bool = False,
+    bf16: bool = False,
 ) -> list[cla.Array]:
     """``scales[i] * NS(leaves[i])`` per leaf (see the module doc), as views of one fresh
     packed buffer per dtype; ``adaptive``: ``scales[i] * <M, O> O`` with the dot over the
     whole leaf (optax). The leaves must be C-contiguous arrays of one context (float16,
     bfloat16, float32 or float64); each dtype's leaves are read from one buffer (copied into
     a packed scratch first when they lie in several). Launches per group of same-shaped
-    matrices: ``2 + 6 * len(schedule)`` (``+1`` aol or schatten, ``+2`` adaptive), whatever
-    their number; a group iterating on Gram matrices (:func:`uses_gram_iteration`) ``1 + 8 *
-    len(schedule)``, 1 fewer per restart."""
+    matrices: ``3 + 6 * len(schedule)`` (``+2`` adaptive; ``bf16``: ``3 + 7 *
+    len(schedule)``), whatever
+    their number; a group iterating on Gram matrices (:func:`uses_gram_iteration`) ``2 + 8 *
+    len(schedule)``, 1 fewer per restart.
+
+    ``bf16``: torch's bfloat16 iteration (float64 leaves raise): ``M`` rounded to bfloat16,
+    then ``X``, every product's operands and results (``gemm(..., bfloat16=True)``: float32
+    sums), always the plain iteration (the Gram one squares the condition number: not in 8
+    bits of mantissa)."""
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if bf16 and any(np.dtype(x.dtype) == np.float64 for x in leaves):
+        raise ValueError("a bfloat16 Newton-Schulz iteration takes float16, bfloat16 or "
+                         "float32 leaves, not float64")  # fmt: skip
     out: list[Any] = [None] * len(leaves)
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, x in enumerate(leaves):
@@ -377,7 +446,7 @@ def orthogonalize(
     for idx in by_dtype.values():
         results = _orthogonalize_dtype(
             queue, [leaves[i] for i in idx], [views[i] for i in idx], schedule, eps,
-            normalize, [float(scales[i]) for i in idx], adaptive,
+            normalize, [float(scales[i]) for i in idx], adaptive, bf16,
         )  # fmt: skip
         for i, r in zip(idx, results, strict=True):
             out[i] = r
@@ -399,7 +468,7 @@ def _one_buffer(queue: cl.CommandQueue, leaves: list[cla.Array]) -> tuple[Any, l
     return block.views[0].base_data, [element_offset(v) for v in block.views]
 
 
-def _orthogonalize_dtype(queue, leaves, views, schedule, eps, normalize, scales, adaptive):
+def _orthogonalize_dtype(queue, leaves, views, schedule, eps, normalize, scales, adaptive, bf16):
     dtype = np.dtype(leaves[0].dtype)
     real_dtype = _compute_dtype(dtype)
     real = "double" if real_dtype == np.float64 else "float"
@@ -426,13 +495,14 @@ def _orthogonalize_dtype(queue, leaves, views, schedule, eps, normalize, scales,
             tuple((src_offsets[i], n) for i, _, n, _ in group.entries),
             tuple((out_offsets[i], n) for i, _, n, _ in group.entries),
             tuple(s for _, _, _, s in group.entries),
-            storage, real, acc, real_dtype, schedule, eps, normalize, adaptive,
+            storage, real, acc, real_dtype, schedule, eps, normalize, adaptive, bf16,
         )  # fmt: skip
     return result.views
 
 
 def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entries, scales,
-               storage, real, acc, real_dtype, schedule, eps, normalize, adaptive):  # fmt: skip
+               storage, real, acc, real_dtype, schedule, eps, normalize, adaptive,
+               bf16):  # fmt: skip
     rows, cols = group.rows, group.cols
     t = _tables(queue, rows, cols, pattern, src_entries, out_entries, scales, real_dtype)
     ndim, identity = t["ndim"], pattern is None
@@ -444,28 +514,36 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
     real_t = real_dtype.type
     long_t = np.int64
 
-    src, name = prepare_source(storage, real, acc, ndim, identity, transposed, normalize)
+    acc_dtype = np.dtype(np.float64) if acc == "double" else np.dtype(np.float32)
+    parts = cla.empty(queue, (count * NORM_PARTS,), acc_dtype, allocator=pool)
+    tables = (src_base, t["src"].data, t["dims"].data, t["strides"].data, rows, cols)
+    if normalize in ("clamp", "add"):
+        src, name = norm_parts_source(storage, real, acc, ndim, identity, bf16)
+        kernel: Any = build(queue.context, src, name, [None, None, None, None, long_t, long_t,
+                                                       None])  # fmt: skip
+        kernel(queue, (count * NORM_PARTS * _GROUP,), (_GROUP,), *tables, parts.data)
+        note_launches(name)
+    src, name = prepare_source(storage, real, acc, ndim, identity, transposed, normalize, bf16)
     kernel: Any = build(queue.context, src, name,
-                   [None, None, None, None, long_t, long_t, real_t, None])  # fmt: skip
-    kernel(queue, (count * _GROUP,), (_GROUP,), src_base, t["src"].data, t["dims"].data,
-           t["strides"].data, rows, cols, real_t(eps), x.data)  # fmt: skip
+                   [None, None, None, None, long_t, long_t, real_t, None, None])  # fmt: skip
+    kernel(queue, (PREPARE_ITEMS, count), None, *tables, real_t(eps), parts.data, x.data)
     note_launches(name)
 
     gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
-    if uses_gram_iteration(m, n, len(schedule)):
+    if not bf16 and uses_gram_iteration(m, n, len(schedule)):
         _gram_iterations(queue, x, gram_a, poly_b, schedule, normalize, count, m, n, real, acc)
     else:
         for k, (a, b, c) in enumerate(schedule):
-            gram(queue, x, gram_a)
+            gram(queue, x, gram_a, bfloat16=bf16)
             if k == 0 and normalize in ("aol", "schatten"):
                 _rescale(queue, normalize, x, gram_a, poly_b, count, m, n, real, acc)
-            gram(queue, gram_a, poly_b, alpha=c, beta=b, c=gram_a)  # A symmetric: A A = A A^T
-            gemm(queue, poly_b, x, x, alpha=1.0, beta=a, c=x)
+            # A symmetric: A A = A A^T
+            gram(queue, gram_a, poly_b, alpha=c, beta=b, c=gram_a, bfloat16=bf16)
+            gemm(queue, poly_b, x, x, alpha=1.0, beta=a, c=x, bfloat16=bf16)
 
     leaf_dot = t["scale"]  # (unread unless adaptive)
     if adaptive:
-        acc_dtype = np.dtype(np.float64) if acc == "double" else np.dtype(np.float32)
         dots = cla.empty(queue, (count,), acc_dtype, allocator=pool)
         leaf_dot = cla.empty(queue, (count,), real_dtype, allocator=pool)
         src, name = dots_source(storage, real, acc, ndim, identity, transposed)
