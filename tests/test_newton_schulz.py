@@ -311,16 +311,22 @@ def test_optax_preconditionings_match_optax(queue, preconditioning):
     "variant, spec, shapes", [CASES[0], CASES[2], CASES[3]], ids=["torch", "reference", "optax"]
 )
 @pytest.mark.parametrize("native", [True, False], ids=["native", "portable"])
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "packed"])
 def test_bfloat16_iteration_matches_its_reference_bit_for_bit(
-    queue, variant, spec, shapes, native, monkeypatch
+    queue, variant, spec, shapes, native, panels, monkeypatch
 ):
     """Every rounding of the bfloat16 iteration (input, norm, X, each product's operands and
     result, float32 sums by pairs) reproduced in numpy: the same bits, natively (where the
-    device has AVX-512 BF16) or not, and for wide matrices too (no Gram iteration)."""
+    device has AVX-512 BF16) or not, with ``X`` kept in panels (``_ns_panels``, where the
+    device's tile allows) or packed from float32 every product, and for wide matrices too
+    (no Gram iteration)."""
     if not native:
         monkeypatch.setenv("NETCL_OPTIM_NATIVE_BF16", "0")
+    if not panels:
+        monkeypatch.setattr(_ns, "panel_tile", lambda device: None)
     rng = np.random.default_rng(21)
-    xs = [rng.standard_normal(s).astype(np.float32) for s in [*shapes, (6, 40)]]
+    # (6, 40): wide; (96, 48): tall, and multiples of the panels (their vector packs)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [*shapes, (6, 40), (96, 48)]]
     eps = 1e-7
     tx = orthogonalize_by_newton_schulz(
         variant=variant, layout=spec, eps=eps, shape_scale=False, ns_dtype="bfloat16"
@@ -352,8 +358,13 @@ def test_bfloat16_iteration_is_torchs_to_bfloat16_rounding(queue):
     assert errors["bfloat16"] < 0.02 and errors["bfloat16"] < errors[None] / 2, errors
 
 
-def test_bfloat16_launches(queue):
-    """3 + 7 per step, wide matrices included (the plain iteration: ``B`` is packed)."""
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "packed"])
+def test_bfloat16_launches(queue, panels, monkeypatch):
+    """Wide matrices included (the plain iteration): ``X`` in panels, 5 + 5 per step (``X``
+    packed once in each layout); else 3 + 7 (``X`` and ``B`` packed for every product)."""
+    if not panels:
+        monkeypatch.setattr(_ns, "panel_tile", lambda device: None)
+    launches = 5 + 5 * 3 if _ns.panel_tile(queue.device) else 3 + 7 * 3
     rng = np.random.default_rng(23)
     for shape in ((8, 12), (8, 24)):
         tx = orthogonalize_by_newton_schulz(variant="torch", ns_steps=3, ns_dtype="bfloat16")
@@ -361,7 +372,7 @@ def test_bfloat16_launches(queue):
                   for _ in range(3)]  # fmt: skip
         with count_launches() as c:
             tx.update(leaves, None)
-        assert c.launches == 3 + 7 * 3
+        assert c.launches == launches
 
 
 def test_bfloat16_errors(queue):

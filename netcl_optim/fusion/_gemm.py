@@ -402,7 +402,9 @@ def pack_source(dtype: np.dtype, mode: str, bf16: bool = False) -> tuple[str, st
     ``T`` lines each (line ``blk * T + t``, zero past ``L``), reading element ``(l, k)`` at
     ``off + z * step + l * s_l + k * s_k``: transposes are strides. ``mode`` picks the launch
     for the source's contiguous axis: ``"k"`` one element per item, ``k`` along dim 0;
-    ``"l"`` the same along ``l``; ``"t"`` one run of ``T`` lines per item (``s_l == 1``).
+    ``"l"`` the same along ``l``; ``"t"`` one run of ``T`` lines per item (``s_l == 1``);
+    ``"v"`` (``bf16``) as ``"t"`` with 8-float vectors (offsets, strides and ``T`` multiples
+    of 8, ``L`` of ``T``, ``K`` even: no padding).
     ``bf16`` (float32): ``P[z, blk, p, t]`` holds the pair ``(k, k + 1) = (2p, 2p + 1)`` of
     line ``t`` rounded to bfloat16, ``k`` in the low 16 bits (zero past ``K``, an extra last
     argument): the launch runs over the pairs where it ran over ``k``."""
@@ -418,7 +420,19 @@ def pack_source(dtype: np.dtype, mode: str, bf16: bool = False) -> tuple[str, st
         panel, extra, helpers = "uint", ", const long Kr", BF16_ROUND
     else:
         value, panel, extra, helpers = f"(l < L ? x_base[{at}] : (real)0)", "real", "", ""
-    if mode == "t":
+    if mode == "v":  # bf16, s_l == 1, 8-aligned and no padding: "t" with float8 vectors
+        helpers += _bf16_round_vector(8)
+        body = """    const long k = get_global_id(0), blk = get_global_id(1);
+    const long z = get_global_id(2);
+    const long K = get_global_size(0), blocks = get_global_size(1);
+    __global uint *p = panels + ((z * blocks + blk) * K + k) * T;
+    __global const float *x0 = x_base + off + z * step + blk * T + 2 * k * s_k;
+    for (long c = 0; c < T; c += 8) {
+        const uint8 lo = as_uint8(bf16_round_w(*(__global const float8 *)(x0 + c))) >> 16;
+        const uint8 hi = as_uint8(bf16_round_w(*(__global const float8 *)(x0 + s_k + c)));
+        *(__global uint8 *)(p + c) = lo | (hi & 0xFFFF0000u);
+    }"""
+    elif mode == "t":
         body = f"""    const long k = get_global_id(0), blk = get_global_id(1);
     const long z = get_global_id(2);
     const long K = get_global_size(0), blocks = get_global_size(1);
@@ -740,11 +754,15 @@ def _pack(queue, x, nb, step, lines, tile, s_l, s_k, k, bf16=False):
     ``bf16``: of bfloat16 pairs along ``k`` (:func:`pack_source`)."""
     dtype = x.dtype
     mode = "t" if s_l == 1 else "k" if s_k == 1 else "l"
+    aligned = all(v % 8 == 0 for v in (element_offset(x), step, s_k, tile))
+    if bf16 and mode == "t" and aligned and lines % tile == 0 and k % 2 == 0:
+        mode = "v"  # (3-4x "t" on Zen 5)
     src, name = pack_source(dtype, mode, bf16)
     kernel = build(queue.context, src, name, _PACK_ARGS + [np.int64] * bf16)
     padded = -(-lines // tile) * tile
     steps = -(-k // 2) if bf16 else k
     size = {"t": (steps, padded // tile, nb), "k": (steps, padded, nb), "l": (padded, steps, nb)}
+    size["v"] = size["t"]
     panels = cla.empty(queue, (nb * padded * steps,), np.uint32 if bf16 else dtype,
                        allocator=allocator(queue))  # fmt: skip
     kernel(

@@ -43,7 +43,10 @@ Products accumulate in the compute dtype (float32 for float16, bfloat16 and floa
 float64 for float64). With ``bf16`` (``ns_dtype="bfloat16"``) the iteration is torch's and
 Keller Jordan's, in bfloat16: ``M`` rounded first, then ``X``, every product's operands and
 results rounded to bfloat16, the sums in float32 (:func:`._gemm.gemm`'s ``bfloat16``), the
-plain iteration whatever the shape, 7 launches per step (``B`` is packed: 3 + 7 per step).
+plain iteration whatever the shape. Where the device's bfloat16 tile allows
+(:func:`._ns_panels.panel_tile`: 16-lane vectors) ``X`` stays in packed bfloat16 panels
+between products (``_ns_panels``: 5 + 5 launches per step, the same bits), else it is
+packed from float32 for every product (3 + 7).
 Nothing is read back to the host.
 """
 
@@ -65,6 +68,7 @@ from ._codegen import load as load_expr
 from ._codegen import store as store_stmt
 from ._gemm import BF16_ROUND, gemm, gram
 from ._launch import note_launches
+from ._ns_panels import panel_iterations, panel_tile
 from ._programs import build
 
 NORMALIZE = ("clamp", "add", "aol", "schatten")
@@ -313,17 +317,19 @@ __kernel void {name}_leaf(__global const acc_t *dots, __global const long *first
 
 @cache
 def finish_source(storage: str, real: str, ndim: int, identity: bool, transposed: bool,
-                  adaptive: bool) -> tuple[str, str]:  # fmt: skip
+                  adaptive: bool, exact: bool = False) -> tuple[str, str]:  # fmt: skip
     """``out = scale_b * X_b`` (``scale_b * (leaf_dot_b * X_b)`` with ``adaptive``) through
-    the inverse view, one work-item per element."""
+    the inverse view, one work-item per element; ``exact``: the launch has exactly ``R C``
+    items per matrix, and no bounds check (which stops PoCL's vectoriser)."""
     name = f"netcl_ns_finish_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
-        f"{'t' if transposed else 'n'}{'a' if adaptive else ''}"
+        f"{'t' if transposed else 'n'}{'a' if adaptive else ''}{'x' if exact else ''}"
     )
     ptr = POINTER[storage]
     index = _index_lines(ndim, identity, "e", "z", "at")
     dest = "(e % C) * R + e / C" if transposed else "e"
     value = "leaf_dot[b] * x[b * RC + src_e]" if adaptive else "x[b * RC + src_e]"
     store = store_stmt(storage, "out", "base + at", "y")
+    check = "" if exact else "\n    if (e >= RC) return;"
     src = f"""//CL// {name}: out = scale * X through the inverse view
 {preamble(real, real == "double", storage == "bf16")}
 __kernel void {name}(__global const real *x, __global const long *table,
@@ -331,8 +337,7 @@ __kernel void {name}(__global const real *x, __global const long *table,
                      const long R, const long C, __global const real *scale,
                      __global const real *leaf_dot, __global {ptr} *out)
 {{
-    const long e = get_global_id(0), b = get_global_id(1), RC = R * C;
-    if (e >= RC) return;
+    const long e = get_global_id(0), b = get_global_id(1), RC = R * C;{check}
     const long base = table[2 * b], z = table[2 * b + 1];
     const long src_e = {dest};
 {index}    const real y = scale[b] * ({value});
@@ -425,8 +430,8 @@ def orthogonalize(
     whole leaf (optax). The leaves must be C-contiguous arrays of one context (float16,
     bfloat16, float32 or float64); each dtype's leaves are read from one buffer (copied into
     a packed scratch first when they lie in several). Launches per group of same-shaped
-    matrices: ``3 + 6 * len(schedule)`` (``+2`` adaptive; ``bf16``: ``3 + 7 *
-    len(schedule)``), whatever
+    matrices: ``3 + 6 * len(schedule)`` (``+2`` adaptive; ``bf16``: ``5 + 5 *
+    len(schedule)``, or ``3 + 7 * len(schedule)`` without panels), whatever
     their number; a group iterating on Gram matrices (:func:`uses_gram_iteration`) ``2 + 8 *
     len(schedule)``, 1 fewer per restart.
 
@@ -531,7 +536,10 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
 
     gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
-    if not bf16 and uses_gram_iteration(m, n, len(schedule)):
+    tile = panel_tile(queue.device) if bf16 and normalize in ("clamp", "add") else None
+    if tile is not None and schedule:
+        panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile)
+    elif not bf16 and uses_gram_iteration(m, n, len(schedule)):
         _gram_iterations(queue, x, gram_a, poly_b, schedule, normalize, count, m, n, real, acc)
     else:
         for k, (a, b, c) in enumerate(schedule):
@@ -556,7 +564,8 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
              leaf_dot.data, count)  # fmt: skip
         note_launches(name, 2)
 
-    src, name = finish_source(storage, real, ndim, identity, transposed, adaptive)
+    exact = rows * cols % _PAD == 0
+    src, name = finish_source(storage, real, ndim, identity, transposed, adaptive, exact)
     kernel: Any = build(queue.context, src, name,
                    [None, None, None, None, long_t, long_t, None, None, None])  # fmt: skip
     size = (-(-(rows * cols) // _PAD) * _PAD, count)

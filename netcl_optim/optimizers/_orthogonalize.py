@@ -147,10 +147,10 @@ def orthogonalize_by_newton_schulz(
     bits as elsewhere.
 
     Device: per group of same-shaped matrices (any number of leaves and batch entries),
-    ``3 + 6 * iterations`` launches (``+2`` adaptive; 7 per iteration in bfloat16; matrices at
+    ``3 + 6 * iterations`` launches (``+2`` adaptive; 5 per iteration in bfloat16; matrices at
     least twice as wide as tall iterate on their Gram matrices, ``2 + 8 * iterations``,
     1 fewer per restart, see ``fusion/_newton_schulz.py``), no host read; the input is never
-    written. Float16 and bfloat16 leaves iterate in float32.
+    written. Float16 and bfloat16 leaves iterate in float32 (unless ``ns_dtype="bfloat16"``).
     Under ZeRO, shards hold whole leaves (a matrix is never split across ranks).
     """
     if variant not in VARIANTS:
