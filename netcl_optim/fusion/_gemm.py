@@ -72,6 +72,7 @@ import math
 import os
 import time
 import warnings
+from typing import Any
 
 import numpy as np
 import pyopencl as cl
@@ -218,7 +219,8 @@ def _probe_native_bf16(device: cl.Device) -> bool:
             program = cl.Program(context, _PROBE_BF16).build()
             a_d, b_d = (cla.to_device(queue, x.view(np.float32)) for x in bits)
             c_d = cla.to_device(queue, c)
-            program.netcl_probe_bf16(queue, (1,), None, a_d.data, b_d.data, c_d.data)
+            kernel: Any = program.netcl_probe_bf16
+            kernel(queue, (1,), None, a_d.data, b_d.data, c_d.data)
             return bool(np.array_equal(c_d.get(), expected))
     except (cl.Error, RuntimeError, ValueError):
         return False
