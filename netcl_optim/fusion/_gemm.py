@@ -295,20 +295,10 @@ def gemm_source(
     )
     for r in range(tm):
         body += f"        const {vec} a{r} = ({vec})({a_read.format(r=r)});\n"
-        for v in range(nv):
-            if native:  # (odd k, then even k: exact products, one rounding per sum)
-                body += (
-                    f'        __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc{r}_{v}) '
-                    f': "v"(as_float{w}(a{r})), "v"(as_float{w}(b{v})));\n'
-                )
-            elif bf16:
-                for half in ("& 0xFFFF0000u", "<< 16"):  # (k + 1: the high half, first)
-                    body += (
-                        f"        acc{r}_{v} = acc{r}_{v}"
-                        f" + as_float{w}(a{r} {half}) * as_float{w}(b{v} {half});\n"
-                    )
-            else:
-                body += f"        acc{r}_{v} = acc{r}_{v} + a{r} * b{v};\n"
+        if bf16:
+            body += bf16_steps(r, nv, w, native)
+        else:
+            body += "".join(f"        acc{r}_{v} = acc{r}_{v} + a{r} * b{v};\n" for v in range(nv))
     fast, edge = _epilogue_sym(tm, nv, w, bf16) if sym else ("", _edge(tm, tn, nv, False, bf16))
     for r in range(tm if not sym else 0):
         for v in range(nv):
@@ -349,6 +339,27 @@ def gemm_source(
 }}
 """
     return src, name
+
+
+def bf16_steps(r: int, nv: int, w: int, native: bool) -> str:
+    """The loop-body lines adding one pair of ``k`` to row ``r``'s accumulators
+    ``acc{r}_{v}`` from the bfloat16 pairs ``a{r}`` (broadcast) and ``b{v}`` (``uint{w}``):
+    ``k + 1`` (the high halves) first, then ``k``, each product exact in float32 and each sum
+    rounded once; ``native``: one ``vdpbf16ps`` per vector, which does exactly that."""
+    lines = ""
+    for v in range(nv):
+        if native:
+            lines += (
+                f'        __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc{r}_{v}) '
+                f': "v"(as_float{w}(a{r})), "v"(as_float{w}(b{v})));\n'
+            )
+            continue
+        for half in ("& 0xFFFF0000u", "<< 16"):
+            lines += (
+                f"        acc{r}_{v} = acc{r}_{v}"
+                f" + as_float{w}(a{r} {half}) * as_float{w}(b{v} {half});\n"
+            )
+    return lines
 
 
 def _epilogue_sym(tm: int, nv: int, w: int, bf16: bool = False) -> tuple[str, str]:

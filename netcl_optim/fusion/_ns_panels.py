@@ -29,6 +29,7 @@ from ._gemm import (
     _header,
     _pack,
     _run_kernel,
+    bf16_steps,
     bf16_tile,
     gram,
     native_bf16,
@@ -62,18 +63,7 @@ def panel_step_source(tm: int, tn: int, w: int, native: bool, last: bool) -> tup
     )
     for r in range(tm):
         body += f"        const uint{w} a{r} = (uint{w})(ap[{r}]);\n"
-        for v in range(nv):
-            if native:
-                body += (
-                    f'        __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc{r}_{v}) '
-                    f': "v"(as_float{w}(a{r})), "v"(as_float{w}(b{v})));\n'
-                )
-            else:
-                for half in ("& 0xFFFF0000u", "<< 16"):
-                    body += (
-                        f"        acc{r}_{v} = acc{r}_{v}"
-                        f" + as_float{w}(a{r} {half}) * as_float{w}(b{v} {half});\n"
-                    )
+        body += bf16_steps(r, nv, w, native)
     acc = ", ".join(f"acc{r}_{v} = (realw)(0)" for r in range(tm) for v in range(nv))
     store = ""
     for r in range(0, tm, 2):
