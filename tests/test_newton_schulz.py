@@ -383,3 +383,21 @@ def test_bfloat16_errors(queue):
     tx = orthogonalize_by_newton_schulz(variant="torch", ns_dtype="bfloat16")
     with pytest.raises(ValueError, match="not float64"):
         tx.update([cla.zeros(queue, (4, 6), np.float64)], None)
+
+
+def test_bfloat16_adaptive_reads_the_result_as_the_leaf_lies(queue):
+    """optax's ``adaptive`` (``<M, O> O``) after the bfloat16 iteration, on a tall leaf (the
+    iteration runs on its transpose; the panel loop writes ``O`` back untransposed) and a
+    wide one: the dot over the leaf, then the scale, against the emulated ``O``."""
+    rng = np.random.default_rng(24)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in ((96, 48), (16, 40))]
+    tx = orthogonalize_by_newton_schulz(
+        variant="optax", layout="in_out", adaptive=True, shape_scale=False, ns_dtype="bfloat16"
+    )
+    out, _ = tx.update([cla.to_device(queue, x) for x in xs], None)
+    for x, o in zip(xs, out, strict=True):
+        view = matrix_view(x.shape, "in_out")
+        stack = rm.to_matrices(x, view).astype(np.float32)
+        ortho = rm.from_matrices(rm.newton_schulz_bf16(stack, [COEFFS] * 5, 1e-8, "add"), view)
+        want = np.sum(x.astype(np.float64) * ortho) * ortho
+        np.testing.assert_allclose(o.get(), want, rtol=2e-6, atol=1e-6)

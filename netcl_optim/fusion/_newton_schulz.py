@@ -66,7 +66,7 @@ from .._packing import element_offset, layout
 from ._codegen import POINTER, preamble, storage_of
 from ._codegen import load as load_expr
 from ._codegen import store as store_stmt
-from ._gemm import BF16_ROUND, gemm, gram
+from ._gemm import BF16_ROUND, _bf16_round_vector, gemm, gram
 from ._launch import note_launches
 from ._ns_panels import panel_iterations, panel_tile
 from ._programs import build
@@ -146,14 +146,17 @@ __kernel void {name}(__global const {POINTER[storage]} *src, __global const long
 
 @cache
 def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
-                   transposed: bool, normalize: str,
-                   bf16: bool = False) -> tuple[str, str]:  # fmt: skip
+                   transposed: bool, normalize: str, bf16: bool = False,
+                   vec8: bool = False) -> tuple[str, str]:  # fmt: skip
     """``X[b] = M_b / denom_b`` (transposed where ``R > C``), :data:`PREPARE_ITEMS` items per
-    matrix, the norm from :func:`norm_parts_source`'s parts (added in order by every item). ``bf16``
-    (``real`` float): as torch's bfloat16 iteration, ``M`` rounded to bfloat16 first, then
-    the norm, the denominator and ``X`` (the squares still summed in ``acc``)."""
+    matrix, the norm from :func:`norm_parts_source`'s parts (added in order by every item).
+    ``bf16`` (``real`` float): as torch's bfloat16 iteration, ``M`` rounded to bfloat16
+    first, then the norm, the denominator and ``X`` (the squares still summed in ``acc``).
+    ``vec8`` (float32 leaves as plain matrices, offsets and ``R C`` multiples of 8): 8
+    elements per step as a ``float8``, the same arithmetic lane by lane (PoCL does not
+    vectorise the loop itself: 3-4x)."""
     name = f"netcl_ns_prepare_{storage}_{real}_{ndim}{'i' if identity else 'p'}" + (
-        f"{'t' if transposed else 'n'}_{normalize}{'_bf16' if bf16 else ''}"
+        f"{'t' if transposed else 'n'}_{normalize}{'_bf16' if bf16 else ''}{'_v8' if vec8 else ''}"
     )
     ptr = POINTER[storage]
     index = _index_lines(ndim, identity, "e", "z", "at")
@@ -182,13 +185,20 @@ def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
             }}
         }}
     }}"""
+    elif vec8:
+        rounded_w = "bf16_round_w" if bf16 else ""
+        loop = f"""    __global const float8 *s8 = (__global const float8 *)(src + base + z * RC);
+    __global float8 *x8 = (__global float8 *)(x + b * RC);
+    for (long e = get_global_id(0); e < RC / 8; e += {PREPARE_ITEMS})
+        x8[e] = {rounded_w}({rounded_w}(s8[e]) / denom);"""
     else:
         loop = f"""    for (long e = get_global_id(0); e < RC; e += {PREPARE_ITEMS}) {{
 {index}        x[b * RC + e] = {rounded}((real)({load}) / denom);
     }}"""
+    helpers = (BF16_ROUND + (_bf16_round_vector(8) if vec8 else "")) if bf16 else ""
     src = f"""//CL// {name}: X = M / {denom} per matrix ({"transposed" if transposed else "as is"})
 {preamble(real, real == "double" or acc == "double", storage == "bf16")}
-{BF16_ROUND if bf16 else ""}typedef {acc} acc_t;
+{helpers}typedef {acc} acc_t;
 __kernel void {name}(__global const {ptr} *src, __global const long *table,
                      __global const long *dims, __global const long *strides,
                      const long R, const long C, const real eps, __global const acc_t *parts,
@@ -528,7 +538,12 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
                                                        None])  # fmt: skip
         kernel(queue, (count * NORM_PARTS * _GROUP,), (_GROUP,), *tables, parts.data)
         note_launches(name)
-    src, name = prepare_source(storage, real, acc, ndim, identity, transposed, normalize, bf16)
+    vec8 = (
+        identity and not transposed and storage == "float" and real == "float"
+        and rows * cols % 8 == 0 and all(off % 8 == 0 for off, _ in src_entries)
+    )  # fmt: skip
+    src, name = prepare_source(storage, real, acc, ndim, identity, transposed, normalize, bf16,
+                               vec8)  # fmt: skip
     kernel: Any = build(queue.context, src, name,
                    [None, None, None, None, long_t, long_t, real_t, None, None])  # fmt: skip
     kernel(queue, (PREPARE_ITEMS, count), None, *tables, real_t(eps), parts.data, x.data)
@@ -537,8 +552,10 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
     gram_a = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     poly_b = cla.empty(queue, (count, m, m), real_dtype, allocator=pool)
     tile = panel_tile(queue.device) if bf16 and normalize in ("clamp", "add") else None
-    if tile is not None and schedule:
-        panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile)
+    x_transposed = transposed  # (X, as the finish reads it: the iteration's orientation)
+    if tile is not None and schedule:  # (the last product writes X back as the leaf lies)
+        panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile, transposed)
+        x_transposed = False
     elif not bf16 and uses_gram_iteration(m, n, len(schedule)):
         _gram_iterations(queue, x, gram_a, poly_b, schedule, normalize, count, m, n, real, acc)
     else:
@@ -554,7 +571,7 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
     if adaptive:
         dots = cla.empty(queue, (count,), acc_dtype, allocator=pool)
         leaf_dot = cla.empty(queue, (count,), real_dtype, allocator=pool)
-        src, name = dots_source(storage, real, acc, ndim, identity, transposed)
+        src, name = dots_source(storage, real, acc, ndim, identity, x_transposed)
         kernel: Any = build(queue.context, src, name,
                        [None, None, None, None, long_t, long_t, None, None])  # fmt: skip
         kernel(queue, (count * _GROUP,), (_GROUP,), src_base, t["src"].data, t["dims"].data,
@@ -565,7 +582,7 @@ def _run_group(queue, group, pattern, src_base, out_base, src_entries, out_entri
         note_launches(name, 2)
 
     exact = rows * cols % _PAD == 0
-    src, name = finish_source(storage, real, ndim, identity, transposed, adaptive, exact)
+    src, name = finish_source(storage, real, ndim, identity, x_transposed, adaptive, exact)
     kernel: Any = build(queue.context, src, name,
                    [None, None, None, None, long_t, long_t, None, None, None])  # fmt: skip
     size = (-(-(rows * cols) // _PAD) * _PAD, count)

@@ -48,15 +48,19 @@ def panel_tile(device: cl.Device) -> tuple[int, int] | None:
 
 
 @functools.cache
-def panel_step_source(tm: int, tn: int, w: int, native: bool, last: bool) -> tuple[str, str]:
+def panel_step_source(
+    tm: int, tn: int, w: int, native: bool, last: bool, transpose_out: bool = False
+) -> tuple[str, str]:
     """``Y = alpha B X + beta X`` over the packed ``B`` (``a``, ``TM``-line panels) and the
     *cols* panels of ``X`` (``b``: ``K = m`` rows, ``N = n`` columns), each item a ``TM x TN``
     block, the loop of :func:`._gemm.gemm_source`'s bfloat16 kernel; ``X`` for ``beta`` from
     the same *cols* panel. ``Y`` rounded to bfloat16 is stored in both layouts (*cols*: a
     vector per pair of rows; *rows*: a pair of columns per store), or (``last``) as float32
-    ``[M, N]`` for the finish."""
+    ``[M, N]`` for the finish (``transpose_out``: ``[N, M]``, the leaf's orientation where
+    the iteration ran on its transpose, so that the finish reads it in order)."""
     nv = tn // w
-    name = f"netcl_ns_panel_step_{tm}x{tn}w{w}{'n' if native else ''}{'_last' if last else ''}"
+    last_kind = ("_last_t" if transpose_out else "_last") if last else ""
+    name = f"netcl_ns_panel_step_{tm}x{tn}w{w}{'n' if native else ''}{last_kind}"
     body = "".join(
         f"        const uint{w} b{v} = *(__global const uint{w} *)(bp + {v * w});\n"
         for v in range(nv)
@@ -65,6 +69,10 @@ def panel_step_source(tm: int, tn: int, w: int, native: bool, last: bool) -> tup
         body += f"        const uint{w} a{r} = (uint{w})(ap[{r}]);\n"
         body += bf16_steps(r, nv, w, native)
     acc = ", ".join(f"acc{r}_{v} = (realw)(0)" for r in range(tm) for v in range(nv))
+    if transpose_out:
+        out_at = "(z * N + j0 + {col} + e) * M + i0 + {rr}"
+    else:
+        out_at = "(z * M + i0 + {rr}) * N + j0 + {col} + e"
     store = ""
     for r in range(0, tm, 2):
         store += f"    if (i0 / 2 + {r // 2} < KP) {{  /* rows i0 + {r}, i0 + {r + 1} */\n"
@@ -83,7 +91,7 @@ def panel_step_source(tm: int, tn: int, w: int, native: bool, last: bool) -> tup
                         f"          if (i0 + {rr} < M) {{ const real *ys = (const real *)&{yy};\n"
                         f"            for (int e = 0; e < {w}; e++)\n"
                         f"              if (j0 + {v * w} + e < N)"
-                        f" x_out[(z * M + i0 + {rr}) * N + j0 + {v * w} + e] = ys[e]; }}\n"
+                        f" x_out[{out_at.format(rr=rr, col=v * w)}] = ys[e]; }}\n"
                     )
             else:
                 store += (
@@ -128,11 +136,13 @@ def panel_step_source(tm: int, tn: int, w: int, native: bool, last: bool) -> tup
     return src, name
 
 
-def _step(queue, b_packed, cols_old, rows_new, cols_new, x_out, count, m, n, a, tile, last):
+def _step(queue, b_packed, cols_old, rows_new, cols_new, x_out, count, m, n, a, tile, last,
+          transpose_out):  # fmt: skip
     """One launch of :func:`panel_step_source` over the group: ``X <- B X + a X``."""
     tm, tn = tile
     w = vector_width(queue.device, np.dtype(np.float32), tn)
-    src, name = panel_step_source(tm, tn, w, w == 16 and native_bf16(queue.device), last)
+    native = w == 16 and native_bf16(queue.device)
+    src, name = panel_step_source(tm, tn, w, native, last, last and transpose_out)
     kernel: Any = build(queue.context, src, name, [None] * 5 + [np.int64] * 3 + [np.float32] * 2)
     blocks = (-(-n // tn), -(-m // tm))
     group = _group(blocks, count)
@@ -142,10 +152,12 @@ def _step(queue, b_packed, cols_old, rows_new, cols_new, x_out, count, m, n, a, 
     note_launches(name)
 
 
-def panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile) -> None:
+def panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile,
+                     transpose_out: bool = False) -> None:  # fmt: skip
     """``X`` (float32 ``[count, m, n]``, bfloat16 values) through the bfloat16 iteration,
-    the result written back into ``x``: the plain loop's products and bits (see the module
-    doc), ``X`` packed once. ``schedule`` must not be empty."""
+    the result written back into ``x`` (``transpose_out``: as ``[count, n, m]``): the plain
+    loop's products and bits (see the module doc), ``X`` packed once. ``schedule`` must not
+    be empty."""
     tm, tn = tile
     pool = allocator(queue)
     # rows: lines = rows of X (pairs along its columns); cols: lines = columns (pairs along rows)
@@ -162,4 +174,5 @@ def panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile) -> N
              tile=tile)  # fmt: skip
         b_packed = _pack(queue, poly_b, count, m * m, m, tm, 1, m, m, True)
         last = k == len(schedule) - 1
-        _step(queue, b_packed, cols[old], rows[new], cols[new], x, count, m, n, a, tile, last)
+        _step(queue, b_packed, cols[old], rows[new], cols[new], x, count, m, n, a, tile, last,
+              transpose_out)  # fmt: skip
