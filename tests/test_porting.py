@@ -353,8 +353,11 @@ def _torch_named_classes() -> list[str]:
 
 
 # keywords torch.optim gains after 2.13 (2.14's LBFGS maximize), and our keyword-only
-# extensions (Muon's Keller Jordan variant and the weight layout of its shape scale)
-NEWER_THAN_TORCH = {("LBFGS", "maximize"), ("Muon", "variant"), ("Muon", "layout")}
+# extensions (Muon's Keller Jordan variant, the weight layout of its shape scale and the
+# precision of its iteration)
+NEWER_THAN_TORCH = {
+    ("LBFGS", "maximize"), ("Muon", "variant"), ("Muon", "layout"), ("Muon", "ns_dtype"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("cls", _torch_named_classes())

@@ -313,9 +313,9 @@ def muon(
     muon_weight_dimension_numbers: Any = None,
     consistent_rms: float | None = None,
     layout: Any = None,
+    ns_dtype: str | None = None,
     state_dtype: Any = None,
     state_bits: int = 32,
-    ns_dtype: str | None = None,
 ) -> GradientTransformation:
     """Muon with AdamW for the other leaves (optax contrib 0.2.8's ``muon``: signature,
     defaults and rule), ``partition({"muon": ..., "adam": ...})``::
