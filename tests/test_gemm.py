@@ -437,8 +437,10 @@ def test_reading_a_in_place_gives_the_packed_paths_bits(cl_queue, monkeypatch, t
     """Row-major ``a`` (at an offset, batched, ``M`` not a multiple of ``TM``: the last rows
     re-read) is read in place unless ``out`` overlaps it; the bits are the packed path's."""
     calls = []
-    real_pack = _gemm._pack
-    monkeypatch.setattr(_gemm, "_pack", lambda *args: calls.append(args[5]) or real_pack(*args))
+    real_pack = _gemm.pack_operand
+    monkeypatch.setattr(
+        _gemm, "pack_operand", lambda *args: calls.append(args[5]) or real_pack(*args)
+    )
     m, n, k = 23, 35, 19
     a, b = _operands((2,), m, n, k, False, False, np.float32)
     c = RNG.standard_normal((2, m, n)).astype(np.float32)

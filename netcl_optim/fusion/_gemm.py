@@ -22,7 +22,7 @@ reads of the aligned panels: ``vloadn`` compiles to a function call on PoCL 3, w
 kernel 3-5x slower) and ``TM`` of ``a``, broadcast, and accumulates ``acc = acc + a * b``,
 with no masking in the loop (the padding is zero). There is no local memory (PoCL's CPU
 device runs work-groups as loops, where barriers are costly); each work-group is 2 column
-blocks by 8 to 32 row blocks (:func:`_group`), so its ``b`` panels stay in cache while the
+blocks by 8 to 32 row blocks (:func:`work_group`), so its ``b`` panels stay in cache while the
 ``a`` rows stream. Only the store is masked, at an edge.
 
 A row-major ``op(a)`` (``trans_a=False``) that does not overlap ``out`` is read in place
@@ -47,7 +47,7 @@ Rounding: ``FP_CONTRACT OFF`` and a separate multiply and add, as the rest of th
 Measured on this PoCL CPU device (960^3, same run): OFF 191 GFLOPS, ``FP_CONTRACT ON`` 221
 (the compiler then fuses into FMA instructions), an explicit ``fma()`` or ``mad()`` 24 (a
 library call). The 15% was not worth a second rounding convention; the switch is one line
-of :func:`_header` if a device needs it.
+of :func:`kernel_header` if a device needs it.
 Each output is a sequential sum over ``k`` in order (``K`` is never split), so the error bound
 is the classic ``|C - C_exact| <= (K + 3) u (|alpha| |A| |B| + |beta| |C|)`` (``u`` the unit
 roundoff), and results are bit for bit the same for every tile, work-group shape, batch
@@ -105,7 +105,7 @@ WIDE_TILES = {np.dtype(np.float32): (6, 64), np.dtype(np.float64): (6, 32)}
 tuned: dict[str, tuple[int, int] | str] = {}  # tile per tuning key (:func:`_tune_key`)
 
 
-def _header(real: str) -> str:
+def kernel_header(real: str) -> str:
     fp64 = "#pragma OPENCL EXTENSION cl_khr_fp64 : enable\n" if real == "double" else ""
     return f"#pragma OPENCL FP_CONTRACT OFF\n{fp64}typedef {real} real;\n"
 
@@ -120,7 +120,7 @@ inline uint bf16_bits(float y) { return as_uint(bf16_round(y)) >> 16; }
 """
 
 
-def _bf16_round_vector(w: int) -> str:
+def bf16_round_vector(w: int) -> str:
     return f"""inline float{w} bf16_round_w(float{w} y) {{
     const uint{w} u = as_uint{w}(y);
     return select(as_float{w}((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u), y, isnan(y));
@@ -312,10 +312,10 @@ def gemm_source(
                 f"          {stores} }}\n"
             )
     skip = f"\n    if (i0 > j0 + {tn - 1}) return;  /* wholly below the diagonal */" if sym else ""
-    helpers = BF16_ROUND + _bf16_round_vector(w) if bf16 else ""
+    helpers = BF16_ROUND + bf16_round_vector(w) if bf16 else ""
     k_pairs = "(K + 1) / 2" if bf16 else "K"
     src = f"""//CL// {name}: C = alpha A B + beta D over packed panels, {tm}x{tn} outputs per item
-{_header(real)}typedef {real}{w} realw;
+{kernel_header(real)}typedef {real}{w} realw;
 {helpers}__kernel void {name}(__global const {panel} *restrict a_panels,
                      __global const {panel} *restrict b_panels,
                      __global real *c_base, const long c_off,
@@ -434,7 +434,7 @@ def pack_source(dtype: np.dtype, mode: str, bf16: bool = False) -> tuple[str, st
     else:
         value, panel, extra, helpers = f"(l < L ? x_base[{at}] : (real)0)", "real", "", ""
     if mode == "v":  # bf16, s_l == 1, 8-aligned and no padding: "t" with float8 vectors
-        helpers += _bf16_round_vector(8)
+        helpers += bf16_round_vector(8)
         body = """    const long k = get_global_id(0), blk = get_global_id(1);
     const long z = get_global_id(2);
     const long K = get_global_size(0), blocks = get_global_size(1);
@@ -462,8 +462,8 @@ def pack_source(dtype: np.dtype, mode: str, bf16: bool = False) -> tuple[str, st
     const long blk = l / T, t = l - blk * T;
     panels[((z * (padded / T) + blk) * K + k) * T + t] = {value};"""
     src = f"""//CL// {name}: panels of T lines, zero-padded past L
-{_header(real)}{helpers}__kernel void {name}(__global const real *restrict x_base, const long off,
-                     const long step, const long s_l, const long s_k, const long L,
+{kernel_header(real)}{helpers}__kernel void {name}(__global const real *restrict x_base,
+                     const long off, const long step, const long s_l, const long s_k, const long L,
                      __global {panel} *restrict panels, const long T{extra})
 {{
 {body}
@@ -762,7 +762,7 @@ def _clblast_gemm(queue, a, b, out, c, trans_a, trans_b, alpha, beta, nb, m, n, 
         _copy(queue, out, target)
 
 
-def _pack(queue, x, nb, step, lines, tile, s_l, s_k, k, bf16=False):
+def pack_operand(queue, x, nb, step, lines, tile, s_l, s_k, k, bf16=False):
     """Panels of ``tile`` lines of ``x`` (``lines`` long, zero-padded), from the pool;
     ``bf16``: of bfloat16 pairs along ``k`` (:func:`pack_source`)."""
     dtype = x.dtype
@@ -787,7 +787,7 @@ def _pack(queue, x, nb, step, lines, tile, s_l, s_k, k, bf16=False):
     return panels
 
 
-def _group(blocks: tuple[int, int], nb: int) -> tuple[int, int]:
+def work_group(blocks: tuple[int, int], nb: int) -> tuple[int, int]:
     """The work-group (column blocks, row blocks): 2 by the most rows of :data:`_GROUP_ROWS`
     that still gives :data:`_MIN_GROUPS` groups over the batch (else the fewest rows)."""
     cols = min(_GROUP_COLS, blocks[0])
@@ -798,7 +798,7 @@ def _group(blocks: tuple[int, int], nb: int) -> tuple[int, int]:
     return cols, rows
 
 
-def _run_kernel(
+def run_kernel(
     queue, a_src, b_panels, out, c, alpha, beta, nb, m, n, k, tile, sym=False, a_off=None,
     bf16=False, a_in_b=False,
 ):  # fmt: skip
@@ -821,7 +821,7 @@ def _run_kernel(
     )
     kernel = build(queue.context, src, name, [*_GEMM_ARGS, dtype.type, dtype.type, *_OFFSET_ARGS])
     blocks = (-(-n // tn), -(-m // tm))
-    group = _group(blocks, nb)
+    group = work_group(blocks, nb)
     size = (*(-(-b // g) * g for b, g in zip(blocks, group, strict=True)), nb)
     kernel(
         queue, size, (*group, 1), a_src, b_panels,
@@ -843,14 +843,16 @@ def _launch(
     direct = DIRECT if direct is None else direct
     in_place = direct and not bf16 and not trans_a and not _overlaps(out, a)
     # op(a)[i, k] at i * s_i + k * s_k; op(b)[k, j] at j * s_j + k * s_k
-    b_panels = _pack(queue, b, nb, k * n, n, tn, *((k, 1) if trans_b else (1, n)), k, bf16)
+    b_panels = pack_operand(queue, b, nb, k * n, n, tn, *((k, 1) if trans_b else (1, n)), k, bf16)
     if in_place:
         a_src, a_off = a.base_data, element_offset(a)
     else:
-        a_src = _pack(queue, a, nb, m * k, m, tm, *((1, m) if trans_a else (k, 1)), k, bf16).data
+        a_src = pack_operand(
+            queue, a, nb, m * k, m, tm, *((1, m) if trans_a else (k, 1)), k, bf16
+        ).data
         a_off = None
     args = (queue, a_src, b_panels.data, out, c, alpha, beta, nb, m, n, k, tile)
-    _run_kernel(*args, sym=sym, a_off=a_off, bf16=bf16)
+    run_kernel(*args, sym=sym, a_off=a_off, bf16=bf16)
 
 
 def _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile, bf16=False):
@@ -860,16 +862,16 @@ def _launch_gram(queue, x, out, c, trans, alpha, beta, nb, m, k, tile, bf16=Fals
     second pack; then the symmetric kernel."""
     tm, tn = tile
     strides = (1, m) if trans else (k, 1)
-    b_panels = _pack(queue, x, nb, m * k, m, tn, *strides, k, bf16)
+    b_panels = pack_operand(queue, x, nb, m * k, m, tn, *strides, k, bf16)
     a_off, a_in_b = None, False
     if DIRECT and not bf16 and not trans and not _overlaps(out, x):
         a_src, a_off = x.base_data, element_offset(x)
     elif tn % tm == 0:  # a's rows read from b's panels
         a_src, a_in_b = b_panels.data, True
     else:
-        a_src = _pack(queue, x, nb, m * k, m, tm, *strides, k, bf16).data
+        a_src = pack_operand(queue, x, nb, m * k, m, tm, *strides, k, bf16).data
     args = (queue, a_src, b_panels.data, out, c, alpha, beta, nb, m, m, k, tile)
-    _run_kernel(*args, sym=True, a_off=a_off, bf16=bf16, a_in_b=a_in_b)
+    run_kernel(*args, sym=True, a_off=a_off, bf16=bf16, a_in_b=a_in_b)
 
 
 def _output(queue, out, c, shape, dtype, beta, who):

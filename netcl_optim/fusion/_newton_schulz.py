@@ -66,7 +66,7 @@ from .._packing import element_offset, layout
 from ._codegen import POINTER, preamble, storage_of
 from ._codegen import load as load_expr
 from ._codegen import store as store_stmt
-from ._gemm import BF16_ROUND, _bf16_round_vector, gemm, gram
+from ._gemm import BF16_ROUND, bf16_round_vector, gemm, gram
 from ._launch import note_launches
 from ._ns_panels import panel_iterations, panel_tile
 from ._programs import build
@@ -195,7 +195,7 @@ def prepare_source(storage: str, real: str, acc: str, ndim: int, identity: bool,
         loop = f"""    for (long e = get_global_id(0); e < RC; e += {PREPARE_ITEMS}) {{
 {index}        x[b * RC + e] = {rounded}((real)({load}) / denom);
     }}"""
-    helpers = (BF16_ROUND + (_bf16_round_vector(8) if vec8 else "")) if bf16 else ""
+    helpers = (BF16_ROUND + (bf16_round_vector(8) if vec8 else "")) if bf16 else ""
     src = f"""//CL// {name}: X = M / {denom} per matrix ({"transposed" if transposed else "as is"})
 {preamble(real, real == "double" or acc == "double", storage == "bf16")}
 {helpers}typedef {acc} acc_t;

@@ -24,16 +24,16 @@ import pyopencl.array as cla
 from .._device import allocator
 from ._gemm import (
     BF16_ROUND,
-    _bf16_round_vector,
-    _group,
-    _header,
-    _pack,
-    _run_kernel,
+    bf16_round_vector,
     bf16_steps,
     bf16_tile,
     gram,
+    kernel_header,
     native_bf16,
+    pack_operand,
+    run_kernel,
     vector_width,
+    work_group,
 )
 from ._launch import note_launches
 from ._programs import build
@@ -113,8 +113,8 @@ def panel_step_source(
             store += "        }\n"
         store += "    }\n"
     src = f"""//CL// {name}: Y = alpha B X + beta X, X in bfloat16 panels, Y into both layouts
-{_header("float")}typedef float{w} realw;
-{BF16_ROUND}{_bf16_round_vector(w)}__kernel void {name}(__global const uint *restrict a_panels,
+{kernel_header("float")}typedef float{w} realw;
+{BF16_ROUND}{bf16_round_vector(w)}__kernel void {name}(__global const uint *restrict a_panels,
                      __global const uint *restrict b_panels,
                      __global uint *restrict rows_new, __global uint *restrict cols_new,
                      __global float *restrict x_out,
@@ -145,7 +145,7 @@ def _step(queue, b_packed, cols_old, rows_new, cols_new, x_out, count, m, n, a, 
     src, name = panel_step_source(tm, tn, w, native, last, last and transpose_out)
     kernel: Any = build(queue.context, src, name, [None] * 5 + [np.int64] * 3 + [np.float32] * 2)
     blocks = (-(-n // tn), -(-m // tm))
-    group = _group(blocks, count)
+    group = work_group(blocks, count)
     size = (*(-(-b // g) * g for b, g in zip(blocks, group, strict=True)), count)
     kernel(queue, size, (*group, 1), b_packed.data, cols_old.data, rows_new.data, cols_new.data,
            x_out.data, m, n, m, np.float32(1.0), np.float32(a))  # fmt: skip
@@ -161,18 +161,18 @@ def panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile,
     tm, tn = tile
     pool = allocator(queue)
     # rows: lines = rows of X (pairs along its columns); cols: lines = columns (pairs along rows)
-    rows = [_pack(queue, x, count, m * n, m, tn, n, 1, n, True)]
+    rows = [pack_operand(queue, x, count, m * n, m, tn, n, 1, n, True)]
     rows.append(cla.zeros(queue, rows[0].shape, np.uint32, allocator=pool))  # (zero padding)
-    cols = [_pack(queue, x, count, m * n, n, tn, 1, n, m, True)]
+    cols = [pack_operand(queue, x, count, m * n, n, tn, 1, n, m, True)]
     cols.append(cla.empty(queue, cols[0].shape, np.uint32, allocator=pool))
     for k, (a, b, c) in enumerate(schedule):
         old, new = k % 2, 1 - k % 2
-        _run_kernel(queue, rows[old].data, rows[old].data, gram_a, gram_a, 1.0, 0.0, count, m,
+        run_kernel(queue, rows[old].data, rows[old].data, gram_a, gram_a, 1.0, 0.0, count, m,
                     m, n, tile, sym=True, bf16=True, a_in_b=tm != tn)  # fmt: skip
         # A and B are exactly symmetric: packed by columns (contiguous), the same panels
         gram(queue, gram_a, poly_b, alpha=c, beta=b, c=gram_a, trans=True, bfloat16=True,
              tile=tile)  # fmt: skip
-        b_packed = _pack(queue, poly_b, count, m * m, m, tm, 1, m, m, True)
+        b_packed = pack_operand(queue, poly_b, count, m * m, m, tm, 1, m, m, True)
         last = k == len(schedule) - 1
         _step(queue, b_packed, cols[old], rows[new], cols[new], x, count, m, n, a, tile, last,
               transpose_out)  # fmt: skip
