@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import warnings
@@ -227,6 +228,33 @@ def side_queue(queue: cl.CommandQueue) -> cl.CommandQueue | None:
             _side_queues[queue] = side
     return _side_queues[queue]
 
+
+def known_queues(context: cl.Context | None = None) -> list[cl.CommandQueue]:
+    """The queues the library has worked on in this process (the default queue, every
+    queue given a memory pool, their side queues), or those of ``context``."""
+    queues = [_default_queue, *_pools, *_side_queues.values()]
+    unique = {id(q): q for q in queues if q is not None}
+    return [q for q in unique.values() if context is None or q.context == context]
+
+
+def finish_known_queues(context: cl.Context | None = None) -> None:
+    """Wait for the work enqueued on :func:`known_queues` (of ``context``) to end.
+
+    PoCL's CPU device compiles a kernel for its work-group size on a worker thread when it
+    first runs it, with the process's LLVM; a program built on the host thread meanwhile
+    (``_programs.build``), or the process exiting under it (LLVM's static destructors run
+    while the thread compiles), crashed Debian's PoCL 3.1 now and then with a cold kernel
+    cache (a segfault in ``llvm::TargetPassConfig::addPass``, seen in CI and reproduced at
+    exit in 1 of 3 runs of a docs page). So the library waits here before it builds a
+    program, and at exit."""
+    for queue in known_queues(context):
+        try:
+            queue.finish()
+        except cl.Error:  # (a queue whose context is gone: nothing to wait for)
+            pass
+
+
+atexit.register(finish_known_queues)
 
 _fp64: dict[cl.Device, bool] = {}
 

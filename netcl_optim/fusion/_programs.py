@@ -10,6 +10,7 @@ import numpy as np
 import pyopencl as cl
 
 from .._base import Fragment
+from .._device import finish_known_queues
 from ._codegen import Arg, KernelSpec, fused_source, preamble, storage_of
 from ._quantized_codegen import blockwise_source
 
@@ -58,6 +59,7 @@ def build(context: cl.Context, source: str, name: str, dtypes: list) -> cl.Kerne
             if kernel is None:
                 program = _programs.get((context, source))
                 if program is None:
+                    finish_known_queues(context)  # (no kernel compiling on a device thread)
                     options = list(program_options(context))
                     program = cl.Program(context, source).build(options=options)
                     _programs[(context, source)] = program
