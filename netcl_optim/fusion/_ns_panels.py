@@ -162,7 +162,9 @@ def panel_iterations(queue, x, gram_a, poly_b, schedule, count, m, n, tile,
     pool = allocator(queue)
     # rows: lines = rows of X (pairs along its columns); cols: lines = columns (pairs along rows)
     rows = [pack_operand(queue, x, count, m * n, m, tn, n, 1, n, True)]
-    rows.append(cla.zeros(queue, rows[0].shape, np.uint32, allocator=pool))  # (zero padding)
+    rows.append(cla.empty(queue, rows[0].shape, np.uint32, allocator=pool))
+    if -(-m // tm) * tm < -(-m // tn) * tn:  # lines the step never writes: their zero padding
+        rows[1].fill(0)
     cols = [pack_operand(queue, x, count, m * n, n, tn, 1, n, m, True)]
     cols.append(cla.empty(queue, cols[0].shape, np.uint32, allocator=pool))
     for k, (a, b, c) in enumerate(schedule):
