@@ -232,7 +232,8 @@ def side_queue(queue: cl.CommandQueue) -> cl.CommandQueue | None:
 def known_queues(context: cl.Context | None = None) -> list[cl.CommandQueue]:
     """The queues the library has worked on in this process (the default queue, every
     queue given a memory pool, their side queues), or those of ``context``."""
-    queues = [_default_queue, *_pools, *_side_queues.values()]
+    with _lock:  # (a snapshot: another thread may add a pool meanwhile)
+        queues = [_default_queue, *_pools, *_side_queues.values()]
     unique = {id(q): q for q in queues if q is not None}
     return [q for q in unique.values() if context is None or q.context == context]
 
